@@ -1,0 +1,452 @@
+//! JSON-B items: the tag bytes, a writer into a caller's buffer and a borrowing reader.
+//!
+//! JSON-B (PROTOCOL.md §1) keeps JSON's brackets and replaces every other item
+//! by a tag byte whose low two bits give the width (1, 2, 4 or 8 bytes,
+//! big-endian) of the length or value that follows. The writer always picks
+//! the shortest width, which makes our output byte-identical to the reference
+//! writer; the reader accepts any width.
+//!
+//! Neither side allocates: the writer fills a `&mut [u8]`, the reader hands out
+//! slices of its input. Everything the reader returns has been bounds-checked;
+//! malformed input is a [`DecodeError`], never a panic.
+
+/// Tag of a field name (`0xB4` + width).
+pub const TAG_NAME: u8 = 0xB4;
+/// Tag of a UTF-8 string (`0x80` + width).
+pub const TAG_STRING: u8 = 0x80;
+/// Tag of a binary value (`0x88` + width).
+pub const TAG_BINARY: u8 = 0x88;
+/// Tag of a non-negative integer (`0xA0` + width).
+pub const TAG_POSITIVE: u8 = 0xA0;
+/// Tag of a negative integer (`0xA8` + width), followed by its magnitude.
+pub const TAG_NEGATIVE: u8 = 0xA8;
+/// `true`.
+pub const TAG_TRUE: u8 = 0xB0;
+/// `false`.
+pub const TAG_FALSE: u8 = 0xB1;
+/// `null`.
+pub const TAG_NULL: u8 = 0xB2;
+
+/// Deepest nesting of objects and arrays a reader accepts (PROTOCOL.md §1).
+pub const MAX_DEPTH: u8 = 8;
+
+/// Why a JSON-B input was refused. Each variant is fieldless or `Copy` so the
+/// hot path never allocates to report an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The input ended inside an item.
+    #[error("truncated: the input ends inside an item")]
+    Truncated,
+    /// A length prefix points past the end of the input.
+    #[error("a length runs past the end of the input")]
+    LengthPastEnd,
+    /// Objects or arrays are nested deeper than [`MAX_DEPTH`].
+    #[error("nesting deeper than {MAX_DEPTH}")]
+    TooDeep,
+    /// A known field appears twice in one object.
+    #[error("duplicate field")]
+    DuplicateField,
+    /// A known field holds a value of the wrong type (or out of its range).
+    #[error("a known field has the wrong type or an out-of-range value")]
+    WrongType,
+    /// Bytes follow the end of the message.
+    #[error("trailing bytes after the message")]
+    TrailingBytes,
+    /// A byte that starts no JSON-B item this protocol uses.
+    #[error("unknown tag byte 0x{0:02x}")]
+    UnknownTag(u8),
+    /// A string or field name is not valid UTF-8.
+    #[error("a string is not valid UTF-8")]
+    InvalidUtf8,
+    /// An integer does not fit in a signed 64-bit value.
+    #[error("an integer does not fit in 64 bits")]
+    IntegerOverflow,
+    /// The message name is not one of PROTOCOL.md §2.
+    #[error("unknown message type")]
+    UnknownMessage,
+    /// The input is not shaped as `{ name { fields } }`.
+    #[error("not a tagged message: expected {{ name {{ fields }} }}")]
+    NotAMessage,
+    /// A DateTime field is not `yyyy-MM-ddTHH:mm:ssZ`.
+    #[error("a DateTime is not of the form yyyy-MM-ddTHH:mm:ssZ")]
+    InvalidDateTime,
+    /// An endpoint's address is not 4 or 16 bytes, its port is out of range,
+    /// or one of them is missing.
+    #[error("an EndPoint needs a 4- or 16-byte IpAddress and a Port 0..=65535")]
+    InvalidEndpoint,
+}
+
+/// The output buffer was too small for the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("output buffer too small: {needed} bytes needed")]
+pub struct EncodeError {
+    /// Bytes the whole message needs.
+    pub needed: usize,
+}
+
+/// Width code (low two bits of a tag) of the shortest big-endian field holding `v`.
+#[inline]
+fn width_code(v: u64) -> u8 {
+    if v <= 0xFF {
+        0
+    } else if v <= 0xFFFF {
+        1
+    } else if v <= 0xFFFF_FFFF {
+        2
+    } else {
+        3
+    }
+}
+
+/// Writes JSON-B into a caller-provided buffer. Writing past the end is
+/// recorded, not a panic: [`Writer::finish`] then reports how much was needed.
+pub struct Writer<'b> {
+    buf: &'b mut [u8],
+    len: usize,
+}
+
+impl<'b> Writer<'b> {
+    /// A writer that starts at the beginning of `buf`.
+    pub fn new(buf: &'b mut [u8]) -> Self {
+        Writer { buf, len: 0 }
+    }
+
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.len + bytes.len();
+        if let Some(dst) = self.buf.get_mut(self.len..end) {
+            dst.copy_from_slice(bytes);
+        }
+        self.len = end;
+    }
+
+    #[inline]
+    fn tag_and_number(&mut self, base: u8, v: u64) {
+        let w = width_code(v);
+        let be = v.to_be_bytes();
+        let n = 1usize << w;
+        self.put(&[base + w]);
+        self.put(&be[8 - n..]);
+    }
+
+    /// `{`
+    pub fn begin_object(&mut self) {
+        self.put(b"{");
+    }
+
+    /// `}`
+    pub fn end_object(&mut self) {
+        self.put(b"}");
+    }
+
+    /// A field name (tag `0xB4`+w).
+    pub fn name(&mut self, name: &str) {
+        self.tag_and_number(TAG_NAME, name.len() as u64);
+        self.put(name.as_bytes());
+    }
+
+    /// An integer, positive or negative.
+    pub fn int(&mut self, v: i64) {
+        if v >= 0 {
+            self.tag_and_number(TAG_POSITIVE, v as u64);
+        } else {
+            self.tag_and_number(TAG_NEGATIVE, v.unsigned_abs());
+        }
+    }
+
+    /// A UTF-8 string.
+    pub fn string(&mut self, s: &str) {
+        self.tag_and_number(TAG_STRING, s.len() as u64);
+        self.put(s.as_bytes());
+    }
+
+    /// A binary value.
+    pub fn binary(&mut self, b: &[u8]) {
+        self.tag_and_number(TAG_BINARY, b.len() as u64);
+        self.put(b);
+    }
+
+    /// Bytes written so far (or that would have been, past the end).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before anything was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The number of bytes written, or an error if the buffer was too small.
+    pub fn finish(self) -> Result<usize, EncodeError> {
+        if self.len <= self.buf.len() {
+            Ok(self.len)
+        } else {
+            Err(EncodeError { needed: self.len })
+        }
+    }
+}
+
+/// Reads JSON-B items from a borrowed buffer.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    depth: u8,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader positioned at the start of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0, depth: 0 }
+    }
+
+    /// The next byte, not consumed.
+    #[inline]
+    pub fn peek(&self) -> Option<u8> {
+        self.buf.get(self.pos).copied()
+    }
+
+    /// True when every byte has been consumed.
+    pub fn at_end(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    #[inline]
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let b = self.peek().ok_or(DecodeError::Truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    #[inline]
+    fn take(&mut self, n: u64) -> Result<&'a [u8], DecodeError> {
+        let rest = self.buf.len() - self.pos;
+        if n > rest as u64 {
+            return Err(DecodeError::LengthPastEnd);
+        }
+        let s = &self.buf[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    /// Reads the big-endian number of width `1 << (tag & 3)` that follows a tag.
+    #[inline]
+    fn number(&mut self, tag: u8) -> Result<u64, DecodeError> {
+        let n = 1usize << (tag & 3);
+        let rest = self.buf.len() - self.pos;
+        if n > rest {
+            return Err(DecodeError::Truncated);
+        }
+        let v = self.buf[self.pos..self.pos + n]
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+        self.pos += n;
+        Ok(v)
+    }
+
+    /// Consumes `{`, counting depth.
+    pub fn begin_object(&mut self) -> Result<(), DecodeError> {
+        match self.byte()? {
+            b'{' => self.enter(),
+            _ => Err(DecodeError::WrongType),
+        }
+    }
+
+    fn enter(&mut self) -> Result<(), DecodeError> {
+        if self.depth >= MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        self.depth += 1;
+        Ok(())
+    }
+
+    /// Inside an object: the next field's name, or `None` after consuming the closing `}`.
+    pub fn next_name(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
+        let tag = self.byte()?;
+        match tag {
+            b'}' => {
+                self.depth -= 1;
+                Ok(None)
+            }
+            t if t & !3 == TAG_NAME => {
+                let len = self.number(t)?;
+                Ok(Some(self.take(len)?))
+            }
+            b']' => Err(DecodeError::NotAMessage),
+            t => Err(DecodeError::UnknownTag(t)),
+        }
+    }
+
+    /// An integer of any width and sign.
+    pub fn int(&mut self) -> Result<i64, DecodeError> {
+        let tag = self.peek().ok_or(DecodeError::Truncated)?;
+        match tag & !3 {
+            TAG_POSITIVE => {
+                self.pos += 1;
+                let v = self.number(tag)?;
+                i64::try_from(v).map_err(|_| DecodeError::IntegerOverflow)
+            }
+            TAG_NEGATIVE => {
+                self.pos += 1;
+                let m = self.number(tag)?;
+                if m > 1u64 << 63 {
+                    Err(DecodeError::IntegerOverflow)
+                } else {
+                    Ok((m as i64).wrapping_neg())
+                }
+            }
+            _ => self.wrong_type(),
+        }
+    }
+
+    /// A UTF-8 string.
+    pub fn string(&mut self) -> Result<&'a str, DecodeError> {
+        let bytes = self.length_prefixed(TAG_STRING)?;
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)
+    }
+
+    /// A binary value.
+    pub fn binary(&mut self) -> Result<&'a [u8], DecodeError> {
+        self.length_prefixed(TAG_BINARY)
+    }
+
+    fn length_prefixed(&mut self, base: u8) -> Result<&'a [u8], DecodeError> {
+        let tag = self.peek().ok_or(DecodeError::Truncated)?;
+        if tag & !3 != base {
+            return self.wrong_type();
+        }
+        self.pos += 1;
+        let len = self.number(tag)?;
+        self.take(len)
+    }
+
+    /// The value under a known field is not of its schema type. The item is
+    /// still checked first, so malformed input reports what is really wrong.
+    fn wrong_type<T>(&mut self) -> Result<T, DecodeError> {
+        self.skip_value()?;
+        Err(DecodeError::WrongType)
+    }
+
+    /// True (and consumed) if the next value is `null`.
+    pub fn null(&mut self) -> bool {
+        if self.peek() == Some(TAG_NULL) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Skips one value of any type, including nested objects and arrays
+    /// (bounded by [`MAX_DEPTH`]).
+    pub fn skip_value(&mut self) -> Result<(), DecodeError> {
+        let tag = self.byte()?;
+        match tag {
+            b'{' => {
+                self.enter()?;
+                while self.next_name()?.is_some() {
+                    self.skip_value()?;
+                }
+                Ok(())
+            }
+            b'[' => {
+                self.enter()?;
+                loop {
+                    if self.peek() == Some(b']') {
+                        self.pos += 1;
+                        self.depth -= 1;
+                        return Ok(());
+                    }
+                    self.skip_value()?;
+                }
+            }
+            TAG_TRUE | TAG_FALSE | TAG_NULL => Ok(()),
+            t => match t & !3 {
+                TAG_POSITIVE | TAG_NEGATIVE => self.number(t).map(drop),
+                TAG_STRING => {
+                    let len = self.number(t)?;
+                    let s = self.take(len)?;
+                    std::str::from_utf8(s).map(drop).map_err(|_| DecodeError::InvalidUtf8)
+                }
+                TAG_BINARY => {
+                    let len = self.number(t)?;
+                    self.take(len).map(drop)
+                }
+                _ => Err(DecodeError::UnknownTag(t)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(f: impl FnOnce(&mut Writer<'_>)) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        let mut w = Writer::new(&mut buf);
+        f(&mut w);
+        let n = w.finish().expect("fits");
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn integers_use_the_shortest_width() {
+        assert_eq!(written(|w| w.int(5)), [0xA0, 5]);
+        assert_eq!(written(|w| w.int(60000)), [0xA1, 0xEA, 0x60]);
+        assert_eq!(written(|w| w.int(0x1_0000)), [0xA2, 0, 1, 0, 0]);
+        assert_eq!(written(|w| w.int(1 << 40)), [0xA3, 0, 0, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(written(|w| w.int(-1)), [0xA8, 1]);
+        assert_eq!(
+            written(|w| w.int(i64::MIN)),
+            [0xAB, 0x80, 0, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn reader_accepts_any_width_and_sign() {
+        for (bytes, v) in [
+            (&[0xA0, 5][..], 5i64),
+            (&[0xA3, 0, 0, 0, 0, 0, 0, 0, 5], 5),
+            (&[0xA9, 0x01, 0x00], -256),
+            (&[0xAB, 0x80, 0, 0, 0, 0, 0, 0, 0], i64::MIN),
+        ] {
+            assert_eq!(Reader::new(bytes).int(), Ok(v));
+        }
+        assert_eq!(
+            Reader::new(&[0xA3, 0x80, 0, 0, 0, 0, 0, 0, 0]).int(),
+            Err(DecodeError::IntegerOverflow)
+        );
+        assert_eq!(
+            Reader::new(&[0xAB, 0x80, 0, 0, 0, 0, 0, 0, 1]).int(),
+            Err(DecodeError::IntegerOverflow)
+        );
+    }
+
+    #[test]
+    fn lengths_past_the_end_and_truncation() {
+        assert_eq!(Reader::new(&[0x80, 5, b'a']).string(), Err(DecodeError::LengthPastEnd));
+        assert_eq!(Reader::new(&[0x81, 0]).string(), Err(DecodeError::Truncated));
+        assert_eq!(
+            Reader::new(&[0x8B, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]).binary(),
+            Err(DecodeError::LengthPastEnd)
+        );
+        assert_eq!(Reader::new(&[0x80, 1, 0xFF]).string(), Err(DecodeError::InvalidUtf8));
+    }
+
+    #[test]
+    fn skip_bounds_depth() {
+        let deep = [b'['; 9];
+        assert_eq!(Reader::new(&deep).skip_value(), Err(DecodeError::TooDeep));
+        let mut ok = vec![b'['; 8];
+        ok.extend([b']'; 8]);
+        assert_eq!(Reader::new(&ok).skip_value(), Ok(()));
+    }
+
+    #[test]
+    fn writer_reports_overflow() {
+        let mut buf = [0u8; 3];
+        let mut w = Writer::new(&mut buf);
+        w.string("hello");
+        assert_eq!(w.finish(), Err(EncodeError { needed: 7 }));
+    }
+}

@@ -1,0 +1,192 @@
+//! The value types a message field can hold, in both forms.
+//!
+//! Each schema type (integer, string, binary, DateTime, UdpEndpoint) knows how
+//! to write itself as JSON-B, read itself from JSON-B (borrowing from the input
+//! where it can), and convert to and from the JSON text form (binary as
+//! unpadded base64url, PROTOCOL.md §1).
+
+use std::borrow::Cow;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde_json::Value as Json;
+
+use super::jsonb::{DecodeError, Reader, Writer};
+use crate::time::UnixSeconds;
+
+/// A JSON text input that does not describe a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TextError(pub String);
+
+/// A schema type: its JSON-B and JSON text forms.
+pub(crate) trait FieldValue<'a>: Sized {
+    fn write(&self, w: &mut Writer<'_>);
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError>;
+    fn to_json(&self) -> Json;
+    fn from_json(v: &Json) -> Result<Self, String>;
+}
+
+impl<'a> FieldValue<'a> for i64 {
+    fn write(&self, w: &mut Writer<'_>) {
+        w.int(*self);
+    }
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        r.int()
+    }
+    fn to_json(&self) -> Json {
+        Json::from(*self)
+    }
+    fn from_json(v: &Json) -> Result<Self, String> {
+        v.as_i64()
+            .ok_or_else(|| format!("expected an integer, found {v}"))
+    }
+}
+
+impl<'a> FieldValue<'a> for Cow<'a, str> {
+    fn write(&self, w: &mut Writer<'_>) {
+        w.string(self);
+    }
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        r.string().map(Cow::Borrowed)
+    }
+    fn to_json(&self) -> Json {
+        Json::from(self.as_ref())
+    }
+    fn from_json(v: &Json) -> Result<Self, String> {
+        v.as_str()
+            .map(|s| Cow::Owned(s.to_owned()))
+            .ok_or_else(|| format!("expected a string, found {v}"))
+    }
+}
+
+impl<'a> FieldValue<'a> for Cow<'a, [u8]> {
+    fn write(&self, w: &mut Writer<'_>) {
+        w.binary(self);
+    }
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        r.binary().map(Cow::Borrowed)
+    }
+    fn to_json(&self) -> Json {
+        Json::from(URL_SAFE_NO_PAD.encode(self))
+    }
+    fn from_json(v: &Json) -> Result<Self, String> {
+        let s = v
+            .as_str()
+            .ok_or_else(|| format!("expected base64url text, found {v}"))?;
+        URL_SAFE_NO_PAD
+            .decode(s.trim_end_matches('='))
+            .map(Cow::Owned)
+            .map_err(|e| format!("invalid base64url {s:?}: {e}"))
+    }
+}
+
+impl<'a> FieldValue<'a> for UnixSeconds {
+    fn write(&self, w: &mut Writer<'_>) {
+        let wire = self.to_wire();
+        // The wire form is ASCII digits and punctuation.
+        w.string(std::str::from_utf8(&wire).unwrap_or_default());
+    }
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        let s = r.string()?;
+        UnixSeconds::parse(s.as_bytes()).map_err(|_| DecodeError::InvalidDateTime)
+    }
+    fn to_json(&self) -> Json {
+        Json::from(self.to_string())
+    }
+    fn from_json(v: &Json) -> Result<Self, String> {
+        let s = v
+            .as_str()
+            .ok_or_else(|| format!("expected a DateTime string, found {v}"))?;
+        UnixSeconds::parse(s.as_bytes()).map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+
+const IP_ADDRESS: &str = "IpAddress";
+const PORT: &str = "Port";
+
+/// `UdpEndpoint { IpAddress: binary (4 or 16 bytes), Port: int }` (PROTOCOL.md §2).
+impl<'a> FieldValue<'a> for SocketAddr {
+    fn write(&self, w: &mut Writer<'_>) {
+        w.begin_object();
+        w.name(IP_ADDRESS);
+        match self.ip() {
+            IpAddr::V4(a) => w.binary(&a.octets()),
+            IpAddr::V6(a) => w.binary(&a.octets()),
+        }
+        w.name(PORT);
+        w.int(i64::from(self.port()));
+        w.end_object();
+    }
+
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        if r.peek() != Some(b'{') {
+            r.skip_value()?;
+            return Err(DecodeError::WrongType);
+        }
+        r.begin_object()?;
+        let (mut ip, mut port) = (None, None);
+        while let Some(name) = r.next_name()? {
+            match name {
+                b"IpAddress" => {
+                    if ip.is_some() {
+                        return Err(DecodeError::DuplicateField);
+                    }
+                    ip = Some(ip_from_bytes(r.binary()?).ok_or(DecodeError::InvalidEndpoint)?);
+                }
+                b"Port" => {
+                    if port.is_some() {
+                        return Err(DecodeError::DuplicateField);
+                    }
+                    port = Some(u16::try_from(r.int()?).map_err(|_| DecodeError::InvalidEndpoint)?);
+                }
+                _ => r.skip_value()?,
+            }
+        }
+        match (ip, port) {
+            (Some(ip), Some(port)) => Ok(SocketAddr::new(ip, port)),
+            _ => Err(DecodeError::InvalidEndpoint),
+        }
+    }
+
+    fn to_json(&self) -> Json {
+        let ip: Cow<'_, [u8]> = match self.ip() {
+            IpAddr::V4(a) => Cow::Owned(a.octets().to_vec()),
+            IpAddr::V6(a) => Cow::Owned(a.octets().to_vec()),
+        };
+        let mut m = serde_json::Map::new();
+        m.insert(IP_ADDRESS.into(), ip.to_json());
+        m.insert(PORT.into(), Json::from(self.port()));
+        Json::Object(m)
+    }
+
+    fn from_json(v: &Json) -> Result<Self, String> {
+        let m = v
+            .as_object()
+            .ok_or_else(|| format!("expected an EndPoint object, found {v}"))?;
+        if let Some(k) = m.keys().find(|k| *k != IP_ADDRESS && *k != PORT) {
+            return Err(format!("unknown EndPoint field {k:?}"));
+        }
+        let ip = m
+            .get(IP_ADDRESS)
+            .ok_or("EndPoint needs IpAddress")
+            .map_err(str::to_owned)
+            .and_then(<Cow<'_, [u8]>>::from_json)?;
+        let ip = ip_from_bytes(&ip).ok_or("IpAddress must be 4 or 16 bytes")?;
+        let port = m
+            .get(PORT)
+            .and_then(Json::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or("EndPoint needs a Port 0..=65535")?;
+        Ok(SocketAddr::new(ip, port))
+    }
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => <[u8; 4]>::try_from(b).ok().map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+        16 => <[u8; 16]>::try_from(b).ok().map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        _ => None,
+    }
+}

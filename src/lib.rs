@@ -1,0 +1,18 @@
+//! Mesh Presence Protocol (MPP): a UDP publish/subscribe service through which a
+//! person's devices learn at once that something in their Mesh account changed.
+//!
+//! The library is layered (see README.md, "Architecture"):
+//!
+//! * [`codec`] — JSON-B items and the protocol's messages;
+//! * [`packet`] — encrypted packet framing, key derivation, credentials, fragments;
+//! * [`table`] — the compact per-shard connection table;
+//! * [`proto`] — the sans-IO server shard and client state machines.
+//!
+//! No layer below the I/O layer touches a socket or reads the clock: time comes
+//! in as a [`time::UnixMillis`] argument.
+
+pub mod codec;
+pub mod packet;
+pub mod proto;
+pub mod table;
+pub mod time;
