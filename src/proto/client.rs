@@ -1,0 +1,542 @@
+//! The client's state machine (PROTOCOL.md §6), shared by the `mpp` CLI, the
+//! load generator and the tests.
+//!
+//! States follow the reference: `Connecting` (the connect is retried 3 times,
+//! 1 s apart) → `Connected` → `Unacknowledged` while a heartbeat waits for its
+//! answer (resent every 1 s, 3 tries) → back to `Connecting` when the node
+//! stops answering, or `Disconnected` (waiting `reconnect_ms`, 60 s, before
+//! the next round of connects). `Aborted` is final: the node refused the
+//! credential (401/403) or the application disconnected.
+//!
+//! A notify is reported once per Serial and acknowledged every time it
+//! arrives (the first acknowledgement may have been lost). The pending state
+//! carried by `PresenceConnectResponse` and `PresenceStatus` is treated the
+//! same way, which is how a notify lost five times is still recovered at the
+//! next heartbeat.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+use super::MAX_BITMASK;
+use crate::codec::{
+    ClientHeader, Message, PresenceAcknowledge, PresenceConnectRequest, PresenceDisconnectRequest,
+    PresenceEndpointRequest, PresenceHeartbeat, PresenceResolveRequest,
+};
+use crate::packet::{
+    open_in_place, seal_in_place, ConnId, Credential, Direction, PacketKey, Reassembler,
+    FRAGMENT_MARKER, HEADER_LEN, MAX_PACKET, MAX_PLAINTEXT,
+};
+use crate::time::{UnixMillis, UnixSeconds};
+
+/// Client timers and retry counts (PROTOCOL.md §6 defaults).
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Heartbeat period (ms); `None` uses the ConnectionTimeout the node announces.
+    pub heartbeat_ms: Option<u64>,
+    /// Delay before resending an unanswered connect or heartbeat (ms).
+    pub retry_ms: u64,
+    /// Connect attempts per round.
+    pub connect_tries: u8,
+    /// Heartbeat attempts before the connection is considered lost.
+    pub heartbeat_tries: u8,
+    /// Wait between rounds of connect attempts (ms).
+    pub reconnect_ms: u64,
+    /// Serial of the first packet; `None` starts at the current Unix time in
+    /// seconds, so a restarted device is above the Serials it used before.
+    pub first_serial: Option<i64>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            heartbeat_ms: None,
+            retry_ms: 1_000,
+            connect_tries: 3,
+            heartbeat_tries: 3,
+            reconnect_ms: 60_000,
+            first_serial: None,
+        }
+    }
+}
+
+/// Where the client is in its life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Sending connects, waiting for the answer.
+    Connecting,
+    /// Subscribed; heartbeats answered.
+    Connected,
+    /// A heartbeat is waiting for its answer.
+    Unacknowledged,
+    /// Connects went unanswered; waiting before the next round.
+    Disconnected,
+    /// Will not reconnect: refused credential or disconnected on request.
+    Aborted,
+}
+
+/// Why the client stopped being connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The application asked (and the node confirmed, or did not answer).
+    Requested,
+    /// The node stopped answering.
+    Timeout,
+    /// The node refused the connection.
+    Refused {
+        /// `Status` (401 invalid binding, 403 expired, 404 unknown, 503 full).
+        status: i64,
+        /// `StatusDescription`.
+        description: String,
+    },
+}
+
+/// What the application learns from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The node accepted the connect.
+    Connected {
+        /// The address the node sees.
+        endpoint: SocketAddr,
+    },
+    /// Stores of the account changed (reported once per Serial).
+    Notify {
+        /// The notify's Serial.
+        serial: i64,
+        /// Which stores changed (bit i = store i).
+        bitmask: Vec<u8>,
+    },
+    /// Answer to [`Client::request_endpoint`].
+    Endpoint(SocketAddr),
+    /// Answer to [`Client::resolve`]: the DNS response, or the Status of the failure.
+    Resolved(Result<Vec<u8>, i64>),
+    /// No longer connected.
+    Disconnected(DisconnectReason),
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Connect,
+    Heartbeat,
+    Acknowledge(i64),
+    Endpoint,
+    Resolve(Vec<u8>),
+    Disconnect,
+}
+
+/// Counters for tools and the load generator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Datagrams produced.
+    pub sent: u64,
+    /// Datagrams accepted (authenticated and decoded).
+    pub received: u64,
+    /// Datagrams dropped: failed authentication or decoding.
+    pub dropped: u64,
+    /// Notifies received, including repeats of one Serial.
+    pub notifies_received: u64,
+}
+
+/// A device's MPP client.
+pub struct Client {
+    config: ClientConfig,
+    conn_id: ConnId,
+    c2s: PacketKey,
+    s2c: PacketKey,
+    account: String,
+    device: String,
+    expires: UnixSeconds,
+    binding: [u8; 32],
+    rng: StdRng,
+    state: ClientState,
+    serial: i64,
+    tries: u8,
+    deadline: Option<UnixMillis>,
+    heartbeat_ms: u64,
+    disconnecting: bool,
+    last_notify: Option<i64>,
+    endpoint: Option<SocketAddr>,
+    outgoing: VecDeque<Outgoing>,
+    events: VecDeque<ClientEvent>,
+    reassembler: Reassembler,
+    scratch: Vec<u8>,
+    stats: ClientStats,
+}
+
+/// Bound on queued outgoing messages; beyond it the oldest acknowledgements
+/// are dropped (the node retransmits, and the next one acknowledges again).
+const MAX_OUTGOING: usize = 64;
+
+impl Client {
+    /// A client for `credential`, starting to connect at `now`. `seed` seeds
+    /// the nonce generator (OS randomness in production).
+    pub fn new(credential: &Credential, config: ClientConfig, now: UnixMillis, seed: [u8; 32]) -> Self {
+        let conn_id = credential.conn_id;
+        let first_serial = config
+            .first_serial
+            .unwrap_or(now.seconds().0)
+            .clamp(1, i64::from(u32::MAX));
+        let mut client = Client {
+            c2s: credential.secret.key(Direction::ClientToServer, conn_id),
+            s2c: credential.secret.key(Direction::ServerToClient, conn_id),
+            conn_id,
+            account: credential.account.clone(),
+            device: credential.device.clone(),
+            expires: credential.expires,
+            binding: credential.binding,
+            rng: StdRng::from_seed(seed),
+            heartbeat_ms: config.heartbeat_ms.unwrap_or(u64::from(super::CONNECTION_TIMEOUT_MS)),
+            config,
+            state: ClientState::Connecting,
+            serial: first_serial - 1,
+            tries: 0,
+            deadline: None,
+            disconnecting: false,
+            last_notify: None,
+            endpoint: None,
+            outgoing: VecDeque::new(),
+            events: VecDeque::new(),
+            reassembler: Reassembler::new(),
+            scratch: Vec::with_capacity(MAX_PACKET),
+            stats: ClientStats::default(),
+        };
+        client.start_connect(now);
+        client
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ClientState {
+        self.state
+    }
+
+    /// The address the node last reported seeing us at.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint
+    }
+
+    /// The connection id.
+    pub fn conn_id(&self) -> ConnId {
+        self.conn_id
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    fn push(&mut self, o: Outgoing) {
+        if self.outgoing.len() >= MAX_OUTGOING {
+            if let Some(i) = self.outgoing.iter().position(|o| matches!(o, Outgoing::Acknowledge(_))) {
+                self.outgoing.remove(i);
+            } else {
+                return;
+            }
+        }
+        self.outgoing.push_back(o);
+    }
+
+    fn start_connect(&mut self, now: UnixMillis) {
+        self.state = ClientState::Connecting;
+        self.tries = 1;
+        self.push(Outgoing::Connect);
+        self.deadline = Some(now.plus_millis(self.config.retry_ms));
+    }
+
+    /// Asks the node for the address it sees (answered by [`ClientEvent::Endpoint`]).
+    pub fn request_endpoint(&mut self) {
+        self.push(Outgoing::Endpoint);
+    }
+
+    /// Sends a DNS query through the node's proxy (answered by [`ClientEvent::Resolved`]).
+    pub fn resolve(&mut self, query: Vec<u8>) {
+        self.push(Outgoing::Resolve(query));
+    }
+
+    /// Unsubscribes; the client ends in `Aborted` with reason `Requested`.
+    pub fn disconnect(&mut self, now: UnixMillis) {
+        if self.state == ClientState::Aborted {
+            return;
+        }
+        self.disconnecting = true;
+        self.tries = 1;
+        self.push(Outgoing::Disconnect);
+        self.deadline = Some(now.plus_millis(self.config.retry_ms));
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Client::handle_timeout`] next needs calling.
+    pub fn poll_timeout(&self) -> Option<UnixMillis> {
+        match (self.deadline, self.reassembler.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Retries, heartbeats and reconnects that are due.
+    pub fn handle_timeout(&mut self, now: UnixMillis) {
+        self.reassembler.expire(now);
+        let Some(deadline) = self.deadline else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        let retry = now.plus_millis(self.config.retry_ms);
+        if self.disconnecting {
+            if self.tries < self.config.connect_tries {
+                self.tries += 1;
+                self.push(Outgoing::Disconnect);
+                self.deadline = Some(retry);
+            } else {
+                self.abort(DisconnectReason::Requested);
+            }
+            return;
+        }
+        match self.state {
+            ClientState::Connecting if self.tries < self.config.connect_tries => {
+                self.tries += 1;
+                self.push(Outgoing::Connect);
+                self.deadline = Some(retry);
+            }
+            ClientState::Connecting => {
+                self.state = ClientState::Disconnected;
+                self.events.push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
+                self.deadline = Some(now.plus_millis(self.config.reconnect_ms));
+            }
+            ClientState::Disconnected => {
+                // Connects of the last round may have reused Serials the node
+                // had seen (and so dropped as replays): jump past its window.
+                self.serial += 64;
+                self.start_connect(now);
+            }
+            ClientState::Connected => {
+                self.state = ClientState::Unacknowledged;
+                self.tries = 1;
+                self.push(Outgoing::Heartbeat);
+                self.deadline = Some(retry);
+            }
+            ClientState::Unacknowledged if self.tries < self.config.heartbeat_tries => {
+                self.tries += 1;
+                self.push(Outgoing::Heartbeat);
+                self.deadline = Some(retry);
+            }
+            ClientState::Unacknowledged => {
+                // PROTOCOL.md §6: heartbeats unanswered: reconnect.
+                self.events.push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
+                self.start_connect(now);
+            }
+            ClientState::Aborted => self.deadline = None,
+        }
+    }
+
+    fn abort(&mut self, reason: DisconnectReason) {
+        self.state = ClientState::Aborted;
+        self.deadline = None;
+        self.disconnecting = false;
+        self.outgoing.clear();
+        self.events.push_back(ClientEvent::Disconnected(reason));
+    }
+
+    /// Writes the next datagram for the node into `buf` (at least
+    /// [`MAX_PACKET`] bytes) and returns its length.
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<usize> {
+        if buf.len() < MAX_PACKET {
+            return None;
+        }
+        while let Some(o) = self.outgoing.pop_front() {
+            if self.state == ClientState::Aborted {
+                self.outgoing.clear();
+                return None;
+            }
+            self.serial += 1;
+            let header = ClientHeader {
+                serial: Some(self.serial),
+                ..ClientHeader::default()
+            };
+            let message = match o {
+                Outgoing::Connect => Message::ConnectRequest(PresenceConnectRequest {
+                    account: Some(self.account.as_str().into()),
+                    device: Some(self.device.as_str().into()),
+                    expires: Some(self.expires),
+                    binding: Some((&self.binding[..]).into()),
+                    header,
+                }),
+                Outgoing::Heartbeat => Message::Heartbeat(PresenceHeartbeat { header }),
+                Outgoing::Acknowledge(serial) => Message::Acknowledge(PresenceAcknowledge {
+                    header: ClientHeader {
+                        acknowledge: Some(serial),
+                        ..header
+                    },
+                }),
+                Outgoing::Endpoint => Message::EndpointRequest(PresenceEndpointRequest { header }),
+                Outgoing::Resolve(ref q) => Message::ResolveRequest(PresenceResolveRequest {
+                    dns_request: Some(q.as_slice().into()),
+                    header,
+                }),
+                Outgoing::Disconnect => {
+                    Message::DisconnectRequest(PresenceDisconnectRequest { header })
+                }
+            };
+            let Ok(n) = message.encode(&mut buf[HEADER_LEN..HEADER_LEN + MAX_PLAINTEXT]) else {
+                // Only an oversize DNS query can fail here; report it as a failed resolve.
+                self.events.push_back(ClientEvent::Resolved(Err(413)));
+                continue;
+            };
+            let mut nonce = [0u8; 12];
+            self.rng.fill_bytes(&mut nonce);
+            if let Ok(size) = seal_in_place(&self.c2s, self.conn_id, nonce, buf, n) {
+                self.stats.sent += 1;
+                return Some(size);
+            }
+        }
+        None
+    }
+
+    /// Handles a datagram from the node.
+    pub fn handle_datagram(&mut self, now: UnixMillis, datagram: &[u8]) {
+        if datagram.len() > MAX_PACKET || datagram.get(..8) != Some(&self.conn_id.0[..]) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(datagram);
+        match open_in_place(&self.s2c, &mut scratch) {
+            Ok(plain) if plain.first() == Some(&FRAGMENT_MARKER) => {
+                match self.reassembler.push(now, plain) {
+                    Ok(Some(whole)) => self.handle_plaintext(now, &whole),
+                    Ok(None) => {}
+                    Err(_) => self.stats.dropped += 1,
+                }
+            }
+            Ok(plain) => self.handle_plaintext(now, plain),
+            Err(_) => self.stats.dropped += 1,
+        }
+        self.scratch = scratch;
+    }
+
+    fn handle_plaintext(&mut self, now: UnixMillis, plain: &[u8]) {
+        let Ok(message) = Message::decode(plain) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(header) = message.service_header() else {
+            self.stats.dropped += 1;
+            return;
+        };
+        self.stats.received += 1;
+        if self.state == ClientState::Aborted {
+            return;
+        }
+        if let Some(e) = header.endpoint {
+            self.endpoint = Some(e);
+        }
+        let status = header.status;
+        let description = header.status_description.as_deref().unwrap_or("").to_owned();
+        match message {
+            Message::ConnectResponse(r) => {
+                if self.state != ClientState::Connecting || self.disconnecting {
+                    self.pending(r.serial, r.bitmask.as_deref());
+                    return;
+                }
+                self.state = ClientState::Connected;
+                if let Some(t) = r.connection_timeout.filter(|&t| t > 0) {
+                    if self.config.heartbeat_ms.is_none() {
+                        self.heartbeat_ms = t as u64;
+                    }
+                }
+                self.deadline = Some(now.plus_millis(self.heartbeat_ms));
+                // A new connection: Serials restart if the node lost our state.
+                self.last_notify = None;
+                let endpoint = r.header.endpoint.or(self.endpoint);
+                if let Some(endpoint) = endpoint {
+                    self.events.push_back(ClientEvent::Connected { endpoint });
+                }
+                self.pending(r.serial, r.bitmask.as_deref());
+            }
+            Message::Status(r) => {
+                if self.state == ClientState::Unacknowledged && !self.disconnecting {
+                    self.state = ClientState::Connected;
+                    self.deadline = Some(now.plus_millis(self.heartbeat_ms));
+                }
+                self.pending(r.serial, r.bitmask.as_deref());
+            }
+            Message::Notify(n) => {
+                self.stats.notifies_received += 1;
+                self.pending(n.serial, n.bitmask.as_deref());
+            }
+            Message::EndpointResponse(r) => {
+                if let Some(e) = r.header.endpoint {
+                    self.events.push_back(ClientEvent::Endpoint(e));
+                }
+            }
+            Message::ResolveResponse(r) => {
+                let result = match r.dns_response {
+                    Some(a) => Ok(a.into_owned()),
+                    None => Err(status.unwrap_or(502)),
+                };
+                self.events.push_back(ClientEvent::Resolved(result));
+            }
+            Message::ErrorInvalidSerial(e) => {
+                // PROTOCOL.md §6: resume above the highest Serial the node has seen.
+                if let Some(highest) = e.serial {
+                    self.serial = self.serial.max(highest);
+                }
+                if self.state == ClientState::Connecting {
+                    self.push(Outgoing::Connect);
+                }
+            }
+            Message::DisconnectResponse(_) => {
+                if self.disconnecting {
+                    self.abort(DisconnectReason::Requested);
+                }
+            }
+            Message::ErrorRefused(_) => {
+                let code = status.unwrap_or(0);
+                let reason = DisconnectReason::Refused {
+                    status: code,
+                    description,
+                };
+                match code {
+                    404 if !self.disconnecting => {
+                        // The node forgot us (restart or expiry): connect again now.
+                        self.events.push_back(ClientEvent::Disconnected(reason));
+                        self.start_connect(now);
+                    }
+                    503 => {
+                        self.state = ClientState::Disconnected;
+                        self.events.push_back(ClientEvent::Disconnected(reason));
+                        self.deadline = Some(now.plus_millis(self.config.reconnect_ms));
+                    }
+                    _ => self.abort(reason),
+                }
+            }
+            _ => self.stats.dropped += 1,
+        }
+    }
+
+    /// Pending notify state from a notify, status or connect response:
+    /// report it once per Serial, acknowledge it every time.
+    fn pending(&mut self, serial: Option<i64>, bitmask: Option<&[u8]>) {
+        let (Some(serial), Some(bitmask)) = (serial, bitmask) else {
+            return;
+        };
+        if bitmask.is_empty() || bitmask.len() > MAX_BITMASK {
+            return;
+        }
+        if self.last_notify != Some(serial) {
+            self.last_notify = Some(serial);
+            self.events.push_back(ClientEvent::Notify {
+                serial,
+                bitmask: bitmask.to_vec(),
+            });
+        }
+        self.push(Outgoing::Acknowledge(serial));
+    }
+}

@@ -1,0 +1,39 @@
+//! Sans-IO protocol state machines: the server shard and the client.
+//!
+//! Both follow quinn's shape. Input comes in through `handle_*` calls that
+//! take the current time as an argument; output comes out of `poll_*` calls:
+//! `poll_transmit` writes the next datagram into the caller's buffer,
+//! `poll_timeout` says when `handle_timeout` wants to be called, and
+//! `poll_event` hands out what the application must act on. Nothing here opens
+//! a socket, spawns a thread or reads a clock, which is what lets the
+//! simulated-network tests drive a client and a server through loss,
+//! reordering and corruption deterministically, and lets the node, the `mpp`
+//! CLI and the load generator share one implementation.
+
+pub mod client;
+mod replay;
+pub mod server;
+
+pub use client::{Client, ClientConfig, ClientEvent, ClientState, ClientStats, DisconnectReason};
+pub use replay::{Freshness, ReplayWindow};
+pub use server::{Server, ServerConfig, ServerEvent, ServerStats, ResolveToken, PublishError};
+
+use std::net::SocketAddr;
+
+/// A datagram written into the caller's buffer by a `poll_transmit` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub destination: SocketAddr,
+    /// Bytes of the caller's buffer that hold the datagram.
+    pub size: usize,
+}
+
+/// Default ConnectionTimeout announced to clients, in milliseconds (PROTOCOL.md §6).
+pub const CONNECTION_TIMEOUT_MS: u32 = 60_000;
+/// First retransmission delay of an unacknowledged notify (PROTOCOL.md §6).
+pub const RETRANSMIT_INITIAL_MS: u64 = 1_000;
+/// Retransmissions of one notify before waiting for the next heartbeat (PROTOCOL.md §6).
+pub const RETRANSMIT_TRIES: u8 = 5;
+/// Largest notify bitmask in bytes (PROTOCOL.md §2).
+pub const MAX_BITMASK: usize = 32;

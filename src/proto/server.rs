@@ -1,0 +1,887 @@
+//! The server shard's state machine (PROTOCOL.md §3–§7).
+//!
+//! One [`Server`] owns the connections of the accounts its shard owns. It
+//! opens every datagram with keys derived from the master key and the
+//! datagram's conn id (nothing per connection is stored to do so), decodes
+//! the message, applies the replay window, and queues the answer; it turns a
+//! publish into notifies for every device of the account and retransmits them
+//! with backoff until they are acknowledged. Anything that fails to parse or
+//! authenticate is counted and otherwise ignored: no answer, no state change.
+//!
+//! Answers are queued as *intents* (who, which conn id, what kind) and only
+//! encoded and sealed in [`Server::poll_transmit`], straight into the I/O
+//! layer's buffer, so the hot path neither allocates nor copies twice. Queues
+//! are bounded: a reply that does not fit is dropped and counted (the client
+//! retries), a notify is never dropped because each connection is queued at
+//! most once and its state lives in its record until acknowledged.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+use super::{
+    Transmit, ReplayWindow, Freshness, CONNECTION_TIMEOUT_MS, MAX_BITMASK, RETRANSMIT_INITIAL_MS,
+    RETRANSMIT_TRIES,
+};
+use crate::codec::{
+    Message, PresenceConnectResponse, PresenceDisconnectResponse, PresenceEndpointResponse,
+    PresenceErrorInvalidSerial, PresenceErrorRefused, PresenceNotify, PresenceResolveResponse,
+    PresenceStatus, ServiceHeader,
+};
+use crate::packet::{
+    open_in_place, seal_in_place, write_fragment, BindingError, BindingKey, ConnId, Direction,
+    MasterKey, FRAGMENT_HEADER_LEN, HEADER_LEN, MAX_FRAGMENT_DATA, MAX_PACKET, MAX_PLAINTEXT,
+    fragment_count,
+};
+use crate::table::{AccountKey, Connection, Slot, Table, TimerWheel};
+use crate::time::{UnixMillis, UnixSeconds};
+
+/// Tunables of one shard.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// ConnectionTimeout announced to clients (ms); idle connections are
+    /// dropped after twice this.
+    pub connection_timeout_ms: u32,
+    /// Connections this shard holds at most; connects beyond get 503.
+    pub max_connections: usize,
+    /// First notify retransmission delay (ms), doubled each time.
+    pub retransmit_initial_ms: u64,
+    /// Notify retransmissions before waiting for the next heartbeat.
+    pub retransmit_tries: u8,
+    /// Replies that may wait for `poll_transmit`; more are dropped and counted.
+    pub max_queued_replies: usize,
+    /// DNS queries that may wait for the upstream at once.
+    pub max_pending_resolves: usize,
+    /// How long a DNS query may wait for the upstream (ms) before a 504.
+    pub resolve_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            connection_timeout_ms: CONNECTION_TIMEOUT_MS,
+            max_connections: 10_000_000,
+            retransmit_initial_ms: RETRANSMIT_INITIAL_MS,
+            retransmit_tries: RETRANSMIT_TRIES,
+            max_queued_replies: 65_536,
+            max_pending_resolves: 1024,
+            resolve_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Counters of one shard; the node sums them across shards for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Datagrams handed to `handle_datagram`.
+    pub datagrams_in: u64,
+    /// Datagrams produced by `poll_transmit`.
+    pub datagrams_out: u64,
+    /// Dropped: too short, reserved conn id, or not a message after decryption.
+    pub dropped_malformed: u64,
+    /// Dropped: failed authentication (AEAD).
+    pub dropped_auth: u64,
+    /// Dropped: Serial already seen or below the window.
+    pub dropped_replay: u64,
+    /// Dropped: a service → client message sent to the service.
+    pub dropped_unexpected: u64,
+    /// Replies dropped because the reply queue was full.
+    pub dropped_queue_full: u64,
+    /// Connections accepted (new or replaced).
+    pub connects: u64,
+    /// Connects refused (invalid binding, expired, node full).
+    pub refused: u64,
+    /// Connections removed by a disconnect request.
+    pub disconnects: u64,
+    /// Connections removed for idleness or credential expiry.
+    pub expired: u64,
+    /// Endpoint moves on authenticated fresh packets.
+    pub migrations: u64,
+    /// Publishes handled.
+    pub publishes: u64,
+    /// Notifies sent for the first time.
+    pub notifies_sent: u64,
+    /// Notify retransmissions.
+    pub notifies_retransmitted: u64,
+    /// Notifies acknowledged.
+    pub notifies_acked: u64,
+    /// DNS queries handed to the upstream.
+    pub resolves: u64,
+    /// Heartbeats answered.
+    pub heartbeats: u64,
+}
+
+/// Identifies one DNS query waiting for the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResolveToken(pub u64);
+
+/// Something the I/O layer must do for the state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// Send `query` (DNS wire format) to the upstream resolver and hand the
+    /// answer back with [`Server::handle_resolve_answer`].
+    ResolveUpstream {
+        /// Quote this with the answer.
+        token: ResolveToken,
+        /// The DNS query.
+        query: Vec<u8>,
+    },
+}
+
+/// Why a publish was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The bitmask is empty or longer than 32 bytes.
+    #[error("bitmask must be 1 to {MAX_BITMASK} bytes")]
+    BadBitmask,
+}
+
+/// `Status` codes of refusals (PROTOCOL.md §2).
+mod status {
+    pub(super) const UNAUTHORIZED: u16 = 401;
+    pub(super) const FORBIDDEN: u16 = 403;
+    pub(super) const NOT_FOUND: u16 = 404;
+    pub(super) const BAD_GATEWAY: u16 = 502;
+    pub(super) const UNAVAILABLE: u16 = 503;
+    pub(super) const GATEWAY_TIMEOUT: u16 = 504;
+}
+
+#[derive(Debug)]
+enum ReplyKind {
+    Connected,
+    Status,
+    Endpoint,
+    InvalidSerial(u32),
+    Refused(u16, &'static str),
+    Disconnected,
+    Resolved(Result<Box<[u8]>, u16>),
+}
+
+#[derive(Debug)]
+struct Reply {
+    to: SocketAddr,
+    conn_id: ConnId,
+    ack: i64,
+    kind: ReplyKind,
+}
+
+struct PendingResolve {
+    token: ResolveToken,
+    to: SocketAddr,
+    conn_id: ConnId,
+    ack: i64,
+    deadline: UnixMillis,
+}
+
+/// A message too large for one packet, being sent chunk by chunk (PROTOCOL.md §5).
+struct FragmentedSend {
+    to: SocketAddr,
+    conn_id: ConnId,
+    message: Vec<u8>,
+    id: u16,
+    next: usize,
+    count: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RetransmitTimer {
+    slot: u32,
+    serial: u32,
+    tries: u8,
+}
+
+/// Sweep the whole table for idle connections once per this many ms.
+const SWEEP_PERIOD_MS: u64 = 10_000;
+/// … in this many steps.
+const SWEEP_STEPS: u64 = 10;
+
+/// The state of one server shard.
+pub struct Server {
+    config: ServerConfig,
+    master: MasterKey,
+    binder: BindingKey,
+    table: Table,
+    rng: StdRng,
+    epoch: UnixMillis,
+    replies: VecDeque<Reply>,
+    notifies: VecDeque<u32>,
+    fragmented: Option<FragmentedSend>,
+    next_fragment_id: u16,
+    timers: TimerWheel<RetransmitTimer>,
+    due: Vec<RetransmitTimer>,
+    resolves: Vec<PendingResolve>,
+    next_resolve: u64,
+    events: VecDeque<ServerEvent>,
+    next_sweep: UnixMillis,
+    sweep_cursor: u32,
+    scratch: Vec<u8>,
+    stats: ServerStats,
+}
+
+impl Server {
+    /// A shard with no connections. `seed` seeds the nonce generator: pass
+    /// fresh OS randomness in production, a constant in tests.
+    pub fn new(config: ServerConfig, master: MasterKey, seed: [u8; 32], now: UnixMillis) -> Self {
+        Server {
+            binder: BindingKey::from_master(&master),
+            table: Table::new(config.max_connections),
+            master,
+            rng: StdRng::from_seed(seed),
+            epoch: now,
+            replies: VecDeque::new(),
+            notifies: VecDeque::new(),
+            fragmented: None,
+            next_fragment_id: 0,
+            timers: TimerWheel::new(4, 8192),
+            due: Vec::new(),
+            resolves: Vec::new(),
+            next_resolve: 1,
+            events: VecDeque::new(),
+            next_sweep: now.plus_millis(SWEEP_PERIOD_MS / SWEEP_STEPS),
+            sweep_cursor: 0,
+            scratch: Vec::with_capacity(MAX_PACKET),
+            stats: ServerStats::default(),
+            config,
+        }
+    }
+
+    /// The shard's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Connections held.
+    pub fn connections(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The connection table (read-only), for metrics and tests.
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    fn seconds_since_epoch(&self, now: UnixMillis) -> u32 {
+        (now.millis_since(self.epoch) / 1000).min(u64::from(u32::MAX)) as u32
+    }
+
+    fn queue_reply(&mut self, reply: Reply) {
+        if self.replies.len() >= self.config.max_queued_replies {
+            self.stats.dropped_queue_full += 1;
+        } else {
+            self.replies.push_back(reply);
+        }
+    }
+
+    /// Handles one received datagram from `from`.
+    pub fn handle_datagram(&mut self, now: UnixMillis, from: SocketAddr, datagram: &[u8]) {
+        self.stats.datagrams_in += 1;
+        let Some(conn_id) = crate::packet::peek_conn_id(datagram) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        if datagram.len() > MAX_PACKET {
+            self.stats.dropped_malformed += 1;
+            return;
+        }
+        // PROTOCOL.md §3: keys derived per packet from the master key.
+        let key = self.master.packet_key(conn_id, Direction::ClientToServer);
+        // Decrypt in a reused buffer (its capacity is kept, so no allocation).
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(datagram);
+        match open_in_place(&key, &mut scratch) {
+            Ok(plaintext) => match Message::decode(plaintext) {
+                Ok(message) => self.handle_message(now, from, conn_id, message),
+                Err(_) => self.stats.dropped_malformed += 1,
+            },
+            Err(_) => self.stats.dropped_auth += 1,
+        }
+        self.scratch = scratch;
+    }
+
+    fn handle_message(&mut self, now: UnixMillis, from: SocketAddr, conn_id: ConnId, message: Message<'_>) {
+        let Some(header) = message.client_header() else {
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        // Serials are kept in 32 bits; anything else is not a valid request.
+        let Some(serial) = header.serial.and_then(|s| u32::try_from(s).ok()) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        let ack = header.acknowledge;
+        let reply = |kind| Reply {
+            to: from,
+            conn_id,
+            ack: i64::from(serial),
+            kind,
+        };
+
+        if let Message::ConnectRequest(req) = &message {
+            self.handle_connect(now, from, conn_id, serial, req);
+            return;
+        }
+
+        let Some(slot) = self.table.find(&conn_id) else {
+            // Authenticated, but the node holds no such connection (it
+            // expired, or the node restarted): tell the client to connect.
+            self.stats.refused += 1;
+            self.queue_reply(reply(ReplyKind::Refused(
+                status::NOT_FOUND,
+                "no such connection: connect again",
+            )));
+            return;
+        };
+        if !self.accept_fresh(now, slot, from, serial) {
+            return;
+        }
+        if let Some(ack) = ack {
+            self.acknowledge(slot, ack);
+        }
+        let Some(rec) = self.table.get(slot) else {
+            return;
+        };
+        if UnixSeconds(i64::from(rec.expires)) <= now.seconds() {
+            self.stats.expired += 1;
+            self.table.remove(slot);
+            self.queue_reply(reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")));
+            return;
+        }
+        match message {
+            Message::Heartbeat(_) => {
+                self.stats.heartbeats += 1;
+                self.queue_reply(reply(ReplyKind::Status));
+            }
+            Message::EndpointRequest(_) => self.queue_reply(reply(ReplyKind::Endpoint)),
+            Message::Acknowledge(_) => {}
+            Message::DisconnectRequest(_) => {
+                self.stats.disconnects += 1;
+                self.table.remove(slot);
+                self.queue_reply(reply(ReplyKind::Disconnected));
+            }
+            Message::ResolveRequest(req) => {
+                let query = req.dns_request.as_deref().unwrap_or_default();
+                if query.is_empty() || self.resolves.len() >= self.config.max_pending_resolves {
+                    let code = if query.is_empty() { status::BAD_GATEWAY } else { status::UNAVAILABLE };
+                    self.queue_reply(reply(ReplyKind::Resolved(Err(code))));
+                    return;
+                }
+                let token = ResolveToken(self.next_resolve);
+                self.next_resolve += 1;
+                self.stats.resolves += 1;
+                self.resolves.push(PendingResolve {
+                    token,
+                    to: from,
+                    conn_id,
+                    ack: i64::from(serial),
+                    deadline: now.plus_millis(self.config.resolve_timeout_ms),
+                });
+                self.events.push_back(ServerEvent::ResolveUpstream {
+                    token,
+                    query: query.to_vec(),
+                });
+            }
+            // ConnectRequest was handled above; service messages have no client header.
+            _ => self.stats.dropped_unexpected += 1,
+        }
+    }
+
+    /// PROTOCOL.md §7: records `serial` if fresh and moves the endpoint; false
+    /// (and nothing changed) for a replay.
+    fn accept_fresh(&mut self, now: UnixMillis, slot: Slot, from: SocketAddr, serial: u32) -> bool {
+        let seconds = self.seconds_since_epoch(now);
+        let Some(rec) = self.table.get_mut(slot) else {
+            return false;
+        };
+        let mut window = ReplayWindow {
+            highest: rec.highest_serial,
+            bits: rec.window(),
+        };
+        if !window.accept(serial) {
+            self.stats.dropped_replay += 1;
+            return false;
+        }
+        rec.highest_serial = window.highest;
+        rec.set_window(window.bits);
+        rec.last_seen = seconds;
+        // Endpoint migration only on an authenticated, fresh packet.
+        if rec.endpoint() != from {
+            rec.set_endpoint(from);
+            self.stats.migrations += 1;
+        }
+        true
+    }
+
+    fn acknowledge(&mut self, slot: Slot, ack: i64) {
+        let Some(rec) = self.table.get(slot) else {
+            return;
+        };
+        // Only an acknowledgement of the latest Serial clears the pending bits (§6).
+        if rec.mask_len > 0 && ack == i64::from(rec.notify_serial) {
+            self.table.clear_pending(slot);
+            self.stats.notifies_acked += 1;
+        }
+    }
+
+    fn handle_connect(
+        &mut self,
+        now: UnixMillis,
+        from: SocketAddr,
+        conn_id: ConnId,
+        serial: u32,
+        req: &crate::codec::PresenceConnectRequest<'_>,
+    ) {
+        let reply = |kind| Reply {
+            to: from,
+            conn_id,
+            ack: i64::from(serial),
+            kind,
+        };
+        let (Some(account), Some(device), Some(expires), Some(binding)) =
+            (&req.account, &req.device, req.expires, &req.binding)
+        else {
+            self.stats.refused += 1;
+            self.queue_reply(reply(ReplyKind::Refused(
+                status::UNAUTHORIZED,
+                "connect needs Account, Device, Expires and Binding",
+            )));
+            return;
+        };
+        match self
+            .binder
+            .verify(conn_id, expires, account, device, binding, now.seconds())
+        {
+            Ok(()) => {}
+            Err(BindingError::Expired) => {
+                self.stats.refused += 1;
+                self.queue_reply(reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")));
+                return;
+            }
+            Err(_) => {
+                self.stats.refused += 1;
+                self.queue_reply(reply(ReplyKind::Refused(status::UNAUTHORIZED, "invalid binding")));
+                return;
+            }
+        }
+        let key = AccountKey::of(account);
+        let seconds = self.seconds_since_epoch(now);
+        let expires_u32 = expires.0.clamp(0, i64::from(u32::MAX)) as u32;
+        if let Some(slot) = self.table.find(&conn_id) {
+            // PROTOCOL.md §6/§7: an existing connection is replaced only by a fresh Connect.
+            let Some(rec) = self.table.get(slot) else {
+                return;
+            };
+            let window = ReplayWindow {
+                highest: rec.highest_serial,
+                bits: rec.window(),
+            };
+            match window.check(serial) {
+                Freshness::Newest => {}
+                Freshness::Replayed => {
+                    self.stats.dropped_replay += 1;
+                    return;
+                }
+                Freshness::InWindow | Freshness::Stale => {
+                    self.stats.dropped_replay += 1;
+                    let highest = window.highest;
+                    self.queue_reply(reply(ReplyKind::InvalidSerial(highest)));
+                    return;
+                }
+            }
+            if rec.account_key() == key {
+                self.accept_fresh(now, slot, from, serial);
+                if let Some(rec) = self.table.get_mut(slot) {
+                    rec.expires = expires_u32;
+                }
+                if let Some(ack) = req.header.acknowledge {
+                    self.acknowledge(slot, ack);
+                }
+                self.stats.connects += 1;
+                self.queue_reply(reply(ReplyKind::Connected));
+                return;
+            }
+            // Same conn id bound to another account: start afresh.
+            self.table.remove(slot);
+        }
+        let mut rec = Connection {
+            conn_id: conn_id.0,
+            account_low: key.low,
+            highest_serial: serial,
+            last_seen: seconds,
+            expires: expires_u32,
+            ..Connection::default()
+        };
+        rec.set_window(1);
+        rec.set_endpoint(from);
+        match self.table.insert(rec) {
+            Ok(_) => {
+                self.stats.connects += 1;
+                self.queue_reply(reply(ReplyKind::Connected));
+            }
+            Err(_) => {
+                self.stats.refused += 1;
+                self.queue_reply(reply(ReplyKind::Refused(status::UNAVAILABLE, "node full")));
+            }
+        }
+    }
+
+    /// Publishes `bitmask` to every device of `account` held by this shard
+    /// (PROTOCOL.md §6). Returns the number of devices notified.
+    pub fn handle_publish(
+        &mut self,
+        now: UnixMillis,
+        account: &str,
+        bitmask: &[u8],
+    ) -> Result<usize, PublishError> {
+        if bitmask.is_empty() || bitmask.len() > MAX_BITMASK {
+            return Err(PublishError::BadBitmask);
+        }
+        self.stats.publishes += 1;
+        let key = AccountKey::of(account);
+        let Some(head) = self.table.account_head(key) else {
+            return Ok(0);
+        };
+        let serial = match self.table.get(head).map(|r| r.notify_serial.wrapping_add(1)) {
+            Some(0) => 1,
+            Some(s) => s,
+            None => return Ok(0),
+        };
+        let deadline = now.plus_millis(self.config.retransmit_initial_ms);
+        let mut count = 0;
+        let mut cursor = Some(head);
+        while let Some(slot) = cursor {
+            cursor = self.table.next_in_account(slot);
+            self.table.or_pending(slot, bitmask);
+            let Some(rec) = self.table.get_mut(slot) else {
+                continue;
+            };
+            rec.notify_serial = serial;
+            rec.set_tries(0);
+            if !rec.queued() {
+                rec.set_queued(true);
+                self.notifies.push_back(slot.0);
+            }
+            self.timers.insert(
+                now,
+                deadline,
+                RetransmitTimer {
+                    slot: slot.0,
+                    serial,
+                    tries: 0,
+                },
+            );
+            self.stats.notifies_sent += 1;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Hands the upstream's answer (or failure status 502/504) to a waiting
+    /// resolve. Unknown or timed-out tokens are ignored.
+    pub fn handle_resolve_answer(&mut self, token: ResolveToken, answer: Result<&[u8], u16>) {
+        let Some(i) = self.resolves.iter().position(|r| r.token == token) else {
+            return;
+        };
+        let r = self.resolves.swap_remove(i);
+        let result = answer.map(|a| a.to_vec().into_boxed_slice());
+        self.queue_reply(Reply {
+            to: r.to,
+            conn_id: r.conn_id,
+            ack: r.ack,
+            kind: ReplyKind::Resolved(result),
+        });
+    }
+
+    /// The next thing the I/O layer must do.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] next needs calling.
+    pub fn poll_timeout(&self) -> Option<UnixMillis> {
+        let mut next = self.timers.next_deadline();
+        let mut consider = |t: UnixMillis| next = Some(next.map_or(t, |n: UnixMillis| n.min(t)));
+        if !self.table.is_empty() {
+            consider(self.next_sweep);
+        }
+        for r in &self.resolves {
+            consider(r.deadline);
+        }
+        next
+    }
+
+    /// Fires due retransmissions, expires idle connections and late resolves.
+    pub fn handle_timeout(&mut self, now: UnixMillis) {
+        let mut due = std::mem::take(&mut self.due);
+        self.timers.expire(now, |t| due.push(t));
+        for t in due.drain(..) {
+            self.retransmit(now, t);
+        }
+        self.due = due;
+
+        if now >= self.next_sweep {
+            self.sweep(now);
+            self.next_sweep = now.plus_millis(SWEEP_PERIOD_MS / SWEEP_STEPS);
+        }
+
+        let mut i = 0;
+        while i < self.resolves.len() {
+            if self.resolves[i].deadline <= now {
+                let r = self.resolves.swap_remove(i);
+                self.queue_reply(Reply {
+                    to: r.to,
+                    conn_id: r.conn_id,
+                    ack: r.ack,
+                    kind: ReplyKind::Resolved(Err(status::GATEWAY_TIMEOUT)),
+                });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn retransmit(&mut self, now: UnixMillis, t: RetransmitTimer) {
+        let Some(rec) = self.table.get_mut(Slot(t.slot)) else {
+            return;
+        };
+        // A stale timer: acknowledged, superseded by a newer publish, or the slot was reused.
+        if !rec.in_use() || rec.mask_len == 0 || rec.notify_serial != t.serial || rec.tries() != t.tries
+        {
+            return;
+        }
+        if t.tries >= self.config.retransmit_tries {
+            // PROTOCOL.md §6: now the pending state waits for the next heartbeat.
+            return;
+        }
+        let tries = t.tries + 1;
+        rec.set_tries(tries);
+        if !rec.queued() {
+            rec.set_queued(true);
+            self.notifies.push_back(t.slot);
+        }
+        self.stats.notifies_retransmitted += 1;
+        let delay = self.config.retransmit_initial_ms << tries.min(16);
+        self.timers.insert(
+            now,
+            now.plus_millis(delay),
+            RetransmitTimer {
+                slot: t.slot,
+                serial: t.serial,
+                tries,
+            },
+        );
+    }
+
+    /// Removes connections silent for 2 × ConnectionTimeout or past their
+    /// credential's expiry, a slice of the table per call.
+    fn sweep(&mut self, now: UnixMillis) {
+        let bound = self.table.slot_bound();
+        if bound == 0 {
+            return;
+        }
+        let chunk = bound.div_ceil(SWEEP_STEPS as u32).max(1);
+        let idle_limit = (2 * u64::from(self.config.connection_timeout_ms)).div_ceil(1000);
+        let seconds = u64::from(self.seconds_since_epoch(now));
+        let unix = now.seconds().0;
+        let end = self.sweep_cursor.saturating_add(chunk).min(bound);
+        for s in self.sweep_cursor..end {
+            let Some(rec) = self.table.get(Slot(s)) else {
+                continue;
+            };
+            if rec.in_use()
+                && (seconds.saturating_sub(u64::from(rec.last_seen)) > idle_limit
+                    || i64::from(rec.expires) <= unix)
+            {
+                self.table.remove(Slot(s));
+                self.stats.expired += 1;
+            }
+        }
+        self.sweep_cursor = if end >= bound { 0 } else { end };
+    }
+
+    /// Writes the next datagram to send into `buf` (at least
+    /// [`MAX_PACKET`] bytes) and says where it goes.
+    pub fn poll_transmit(&mut self, now: UnixMillis, buf: &mut [u8]) -> Option<Transmit> {
+        if buf.len() < MAX_PACKET {
+            return None;
+        }
+        let t = self.next_transmit(now, buf)?;
+        self.stats.datagrams_out += 1;
+        Some(t)
+    }
+
+    fn next_transmit(&mut self, now: UnixMillis, buf: &mut [u8]) -> Option<Transmit> {
+        loop {
+            if let Some(t) = self.next_fragment(buf) {
+                return Some(t);
+            }
+            if let Some(reply) = self.replies.pop_front() {
+                if let Some(t) = self.encode_reply(now, reply, buf) {
+                    return Some(t);
+                }
+                continue;
+            }
+            let slot = self.notifies.pop_front()?;
+            if let Some(t) = self.encode_notify(now, Slot(slot), buf) {
+                return Some(t);
+            }
+        }
+    }
+
+    fn encode_notify(&mut self, now: UnixMillis, slot: Slot, buf: &mut [u8]) -> Option<Transmit> {
+        let rec = self.table.get_mut(slot)?;
+        if !rec.queued() {
+            return None; // the slot was freed (and maybe reused) since it was queued
+        }
+        rec.set_queued(false);
+        if !rec.in_use() || rec.mask_len == 0 {
+            return None; // acknowledged meanwhile
+        }
+        let rec = *rec;
+        let mut mask = [0u8; MAX_BITMASK];
+        let pending = self.table.pending_mask(slot);
+        let mask_len = pending.len().min(MAX_BITMASK);
+        mask[..mask_len].copy_from_slice(&pending[..mask_len]);
+        let message = Message::Notify(PresenceNotify {
+            bitmask: Some((&mask[..mask_len]).into()),
+            serial: Some(i64::from(rec.notify_serial)),
+            header: ServiceHeader {
+                endpoint: Some(rec.endpoint()),
+                now: Some(now.seconds()),
+                acknowledge: Some(i64::from(rec.highest_serial)),
+                ..ServiceHeader::default()
+            },
+        });
+        let to = rec.endpoint();
+        self.seal_message(ConnId(rec.conn_id), to, &message, buf)
+    }
+
+    /// The pending notify state of a connection: its Serial and mask, copied
+    /// into `mask` (no allocation); `None` when nothing is pending.
+    fn pending_state(&self, conn_id: &ConnId, mask: &mut [u8; MAX_BITMASK]) -> Option<(i64, usize)> {
+        let slot = self.table.find(conn_id)?;
+        let pending = self.table.pending_mask(slot);
+        if pending.is_empty() {
+            return None;
+        }
+        let n = pending.len().min(MAX_BITMASK);
+        mask[..n].copy_from_slice(&pending[..n]);
+        let serial = self.table.get(slot)?.notify_serial;
+        Some((i64::from(serial), n))
+    }
+
+    fn encode_reply(&mut self, now: UnixMillis, reply: Reply, buf: &mut [u8]) -> Option<Transmit> {
+        let header = ServiceHeader {
+            endpoint: Some(reply.to),
+            now: Some(now.seconds()),
+            acknowledge: Some(reply.ack),
+            ..ServiceHeader::default()
+        };
+        let mut mask_buf = [0u8; MAX_BITMASK];
+        let (serial, bitmask) = match reply.kind {
+            ReplyKind::Connected | ReplyKind::Status => {
+                match self.pending_state(&reply.conn_id, &mut mask_buf) {
+                    Some((serial, n)) => (Some(serial), Some(&mask_buf[..n])),
+                    None => (None, None),
+                }
+            }
+            _ => (None, None),
+        };
+        let message = match reply.kind {
+            ReplyKind::Connected => Message::ConnectResponse(PresenceConnectResponse {
+                connection_timeout: Some(i64::from(self.config.connection_timeout_ms)),
+                serial,
+                bitmask: bitmask.map(Into::into),
+                header,
+            }),
+            ReplyKind::Status => Message::Status(PresenceStatus {
+                serial,
+                bitmask: bitmask.map(Into::into),
+                header,
+            }),
+            ReplyKind::Endpoint => Message::EndpointResponse(PresenceEndpointResponse { header }),
+            ReplyKind::InvalidSerial(highest) => {
+                Message::ErrorInvalidSerial(PresenceErrorInvalidSerial {
+                    serial: Some(i64::from(highest)),
+                    header,
+                })
+            }
+            ReplyKind::Refused(code, why) => Message::ErrorRefused(PresenceErrorRefused {
+                header: ServiceHeader {
+                    status: Some(i64::from(code)),
+                    status_description: Some(why.into()),
+                    ..header
+                },
+            }),
+            ReplyKind::Disconnected => {
+                Message::DisconnectResponse(PresenceDisconnectResponse { header })
+            }
+            ReplyKind::Resolved(ref result) => Message::ResolveResponse(PresenceResolveResponse {
+                dns_response: result.as_ref().ok().map(|a| (&a[..]).into()),
+                header: ServiceHeader {
+                    status: result.as_ref().err().map(|&c| i64::from(c)),
+                    ..header
+                },
+            }),
+        };
+        self.seal_message(reply.conn_id, reply.to, &message, buf)
+    }
+
+    /// Encodes `message` into `buf` and seals it; a message larger than one
+    /// packet becomes fragments (PROTOCOL.md §5), sent by later polls.
+    fn seal_message(
+        &mut self,
+        conn_id: ConnId,
+        to: SocketAddr,
+        message: &Message<'_>,
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
+        let plain_room = (buf.len() - HEADER_LEN).min(MAX_PLAINTEXT);
+        match message.encode(&mut buf[HEADER_LEN..HEADER_LEN + plain_room]) {
+            Ok(n) => self.seal(conn_id, to, buf, n),
+            Err(_) => {
+                let bytes = message.to_vec();
+                let count = fragment_count(bytes.len())?;
+                let id = self.next_fragment_id;
+                self.next_fragment_id = self.next_fragment_id.wrapping_add(1);
+                self.fragmented = Some(FragmentedSend {
+                    to,
+                    conn_id,
+                    message: bytes,
+                    id,
+                    next: 0,
+                    count,
+                });
+                self.next_fragment(buf)
+            }
+        }
+    }
+
+    fn next_fragment(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        let mut f = self.fragmented.take()?;
+        if f.next >= f.count {
+            return None;
+        }
+        let n = write_fragment(&f.message, f.id, f.next, &mut buf[HEADER_LEN..]).ok()?;
+        debug_assert!(n <= MAX_FRAGMENT_DATA + FRAGMENT_HEADER_LEN);
+        f.next += 1;
+        let (conn_id, to) = (f.conn_id, f.to);
+        if f.next < f.count {
+            self.fragmented = Some(f);
+        }
+        self.seal(conn_id, to, buf, n)
+    }
+
+    fn seal(&mut self, conn_id: ConnId, to: SocketAddr, buf: &mut [u8], n: usize) -> Option<Transmit> {
+        let key = self.master.packet_key(conn_id, Direction::ServerToClient);
+        let mut nonce = [0u8; 12];
+        self.rng.fill_bytes(&mut nonce);
+        let size = seal_in_place(&key, conn_id, nonce, buf, n).ok()?;
+        Some(Transmit {
+            destination: to,
+            size,
+        })
+    }
+}

@@ -1,0 +1,261 @@
+//! A deterministic in-memory network with a virtual clock, driving the
+//! sans-IO server and clients (s2n-quic style knobs: loss, delay jitter,
+//! reordering, duplication, corruption; fixed seeds).
+//!
+//! Addresses are plain values here: no packet leaves the process.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use mpp::packet::{Credential, MasterKey};
+use mpp::proto::{Client, ClientConfig, ClientEvent, Server, ServerConfig, Transmit};
+use mpp::time::{UnixMillis, UnixSeconds};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Network impairments.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Knobs {
+    /// Probability a datagram is lost.
+    pub(crate) loss: f64,
+    /// Probability a datagram is delivered twice.
+    pub(crate) duplicate: f64,
+    /// Probability one byte of a datagram is flipped.
+    pub(crate) corrupt: f64,
+    /// Base one-way delay (ms).
+    pub(crate) delay_ms: u64,
+    /// Extra random delay up to this (ms): reorders datagrams.
+    pub(crate) jitter_ms: u64,
+}
+
+pub(crate) const SERVER_ADDR: &str = "127.0.0.1:15099";
+pub(crate) const START: UnixMillis = UnixMillis(1_795_262_400_000); // 2026-11-21T12:00:00Z
+
+pub(crate) struct Device {
+    pub(crate) client: Client,
+    pub(crate) addr: SocketAddr,
+    pub(crate) events: Vec<ClientEvent>,
+    /// When false the device neither sends nor receives (powered off).
+    pub(crate) online: bool,
+}
+
+struct InFlight {
+    at: UnixMillis,
+    seq: u64,
+    to_server: bool,
+    device: usize,
+    from: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+pub(crate) struct Sim {
+    pub(crate) now: UnixMillis,
+    pub(crate) knobs: Knobs,
+    pub(crate) rng: StdRng,
+    pub(crate) master: MasterKey,
+    pub(crate) server: Server,
+    pub(crate) devices: Vec<Device>,
+    flight: Vec<InFlight>,
+    seq: u64,
+    /// Every datagram the server received, with its source: for replay attacks.
+    pub(crate) captured_to_server: Vec<(SocketAddr, Vec<u8>)>,
+    pub(crate) capture: bool,
+}
+
+impl Sim {
+    pub(crate) fn new(seed: u64, knobs: Knobs, config: ServerConfig) -> Self {
+        let master = MasterKey::new([7; 32]);
+        let server = Server::new(config, MasterKey::new([7; 32]), [seed as u8; 32], START);
+        Sim {
+            now: START,
+            knobs,
+            rng: StdRng::seed_from_u64(seed),
+            master,
+            server,
+            devices: Vec::new(),
+            flight: Vec::new(),
+            seq: 0,
+            captured_to_server: Vec::new(),
+            capture: false,
+        }
+    }
+
+    pub(crate) fn credential(&mut self, account: &str, device: &str, ttl_secs: i64) -> Credential {
+        let expires = UnixSeconds(self.now.seconds().0 + ttl_secs);
+        Credential::issue(
+            &self.master,
+            account,
+            device,
+            expires,
+            vec![SERVER_ADDR.into()],
+            &mut self.rng,
+        )
+        .expect("valid credential")
+    }
+
+    /// Adds a device for `account`; returns its index.
+    pub(crate) fn add_device(&mut self, account: &str, config: ClientConfig) -> usize {
+        let i = self.devices.len();
+        let cred = self.credential(account, &format!("device{i}"), 86_400);
+        self.add_device_with(&cred, config)
+    }
+
+    pub(crate) fn add_device_with(&mut self, cred: &Credential, config: ClientConfig) -> usize {
+        let i = self.devices.len();
+        let seed: [u8; 32] = self.rng.gen();
+        self.devices.push(Device {
+            client: Client::new(cred, config, self.now, seed),
+            addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
+            events: Vec::new(),
+            online: true,
+        });
+        i
+    }
+
+    fn send(&mut self, to_server: bool, device: usize, from: SocketAddr, bytes: Vec<u8>) {
+        let k = self.knobs;
+        if self.rng.gen_bool(k.loss) {
+            return;
+        }
+        let copies = if self.rng.gen_bool(k.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            let mut b = bytes.clone();
+            if self.rng.gen_bool(k.corrupt) && !b.is_empty() {
+                let i = self.rng.gen_range(0..b.len());
+                b[i] ^= 1 << self.rng.gen_range(0..8);
+            }
+            let jitter = if k.jitter_ms > 0 { self.rng.gen_range(0..=k.jitter_ms) } else { 0 };
+            self.seq += 1;
+            self.flight.push(InFlight {
+                at: self.now.plus_millis(k.delay_ms + jitter),
+                seq: self.seq,
+                to_server,
+                device,
+                from,
+                bytes: b,
+            });
+        }
+    }
+
+    /// Moves every queued datagram onto the network.
+    pub(crate) fn flush(&mut self) {
+        let mut buf = vec![0u8; 2048];
+        for i in 0..self.devices.len() {
+            while let Some(n) = self.devices[i].client.poll_transmit(&mut buf) {
+                if self.devices[i].online {
+                    let from = self.devices[i].addr;
+                    self.send(true, i, from, buf[..n].to_vec());
+                }
+            }
+            while let Some(e) = self.devices[i].client.poll_event() {
+                self.devices[i].events.push(e);
+            }
+        }
+        let server_addr: SocketAddr = SERVER_ADDR.parse().expect("addr");
+        while let Some(Transmit { destination, size }) = self.server.poll_transmit(self.now, &mut buf)
+        {
+            let device = self.devices.iter().position(|d| d.addr == destination);
+            if let Some(d) = device {
+                self.send(false, d, server_addr, buf[..size].to_vec());
+            }
+        }
+    }
+
+    fn next_time(&self) -> Option<UnixMillis> {
+        let mut t = self.server.poll_timeout();
+        let mut consider = |x: Option<UnixMillis>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        for d in &self.devices {
+            consider(d.client.poll_timeout());
+        }
+        consider(self.flight.iter().map(|p| p.at).min());
+        t
+    }
+
+    /// Runs the simulation until `until` (virtual time).
+    pub(crate) fn run_until(&mut self, until: UnixMillis) {
+        self.flush();
+        let mut steps = 0u64;
+        while let Some(t) = self.next_time() {
+            if t > until {
+                break;
+            }
+            steps += 1;
+            assert!(steps < 5_000_000, "simulation did not settle");
+            self.now = self.now.max(t);
+            self.step();
+        }
+        self.now = self.now.max(until);
+        self.step();
+    }
+
+    pub(crate) fn run_for(&mut self, ms: u64) {
+        let until = self.now.plus_millis(ms);
+        self.run_until(until);
+    }
+
+    fn step(&mut self) {
+        let now = self.now;
+        // Deliver due datagrams in (time, sequence) order.
+        let mut due: Vec<InFlight> = Vec::new();
+        let mut i = 0;
+        while i < self.flight.len() {
+            if self.flight[i].at <= now {
+                due.push(self.flight.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        due.sort_by_key(|p| (p.at, p.seq));
+        for p in due {
+            if p.to_server {
+                if self.capture {
+                    self.captured_to_server.push((p.from, p.bytes.clone()));
+                }
+                self.server.handle_datagram(now, p.from, &p.bytes);
+            } else if self.devices[p.device].online {
+                self.devices[p.device].client.handle_datagram(now, &p.bytes);
+            }
+        }
+        if self.server.poll_timeout().is_some_and(|t| t <= now) {
+            self.server.handle_timeout(now);
+        }
+        for d in &mut self.devices {
+            if d.client.poll_timeout().is_some_and(|t| t <= now) {
+                d.client.handle_timeout(now);
+            }
+        }
+        self.flush();
+    }
+
+    pub(crate) fn publish(&mut self, account: &str, mask: &[u8]) -> usize {
+        let n = self.server.handle_publish(self.now, account, mask).expect("valid mask");
+        self.flush();
+        n
+    }
+
+    /// Notify events a device has seen: (serial, mask).
+    pub(crate) fn notifies(&self, device: usize) -> Vec<(i64, Vec<u8>)> {
+        self.devices[device]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                ClientEvent::Notify { serial, bitmask } => Some((*serial, bitmask.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// True when no connection has unacknowledged notify state.
+    pub(crate) fn all_acknowledged(&self) -> bool {
+        let t = self.server.table();
+        (0..t.slot_bound()).all(|s| {
+            let slot = mpp::table::Slot(s);
+            t.get(slot).is_none_or(|r| !r.in_use()) || t.pending_mask(slot).is_empty()
+        })
+    }
+}

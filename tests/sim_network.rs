@@ -1,0 +1,367 @@
+//! Client and server state machines over a simulated network with a virtual
+//! clock: delivery, loss, reordering, duplication, corruption, replay,
+//! forgery, expiry and reconnection (PROTOCOL.md §6, §7).
+
+mod sim;
+
+use mpp::proto::{ClientConfig, ClientEvent, ClientState, DisconnectReason, ServerConfig};
+use sim::{Knobs, Sim};
+
+fn connected(sim: &Sim, d: usize) -> bool {
+    sim.devices[d].client.state() == ClientState::Connected
+}
+
+#[test]
+fn clean_network_delivers_and_acknowledges() {
+    let mut sim = Sim::new(1, Knobs::default(), ServerConfig::default());
+    let a = sim.add_device("alice@example.com", ClientConfig::default());
+    let b = sim.add_device("alice@example.com", ClientConfig::default());
+    let c = sim.add_device("bob@example.com", ClientConfig::default());
+    sim.run_for(100);
+    assert!((0..3).all(|d| connected(&sim, d)));
+    assert_eq!(sim.server.connections(), 3);
+
+    assert_eq!(sim.publish("alice@example.com", &[0b0001]), 2);
+    sim.run_for(100);
+    assert_eq!(sim.notifies(a), vec![(1, vec![1])]);
+    assert_eq!(sim.notifies(b), vec![(1, vec![1])]);
+    assert!(sim.notifies(c).is_empty());
+    assert!(sim.all_acknowledged());
+    assert_eq!(sim.server.stats().notifies_acked, 2);
+    assert_eq!(sim.server.stats().notifies_retransmitted, 0);
+
+    // A second publish: a new Serial, only the new bits (the old ones were acknowledged).
+    sim.publish("alice@example.com", &[0b0100]);
+    sim.run_for(100);
+    assert_eq!(sim.notifies(a), vec![(1, vec![1]), (2, vec![4])]);
+    assert!(sim.all_acknowledged());
+}
+
+#[test]
+fn heartbeats_keep_connections_alive_for_hours() {
+    let mut sim = Sim::new(2, Knobs::default(), ServerConfig::default());
+    sim.add_device("alice", ClientConfig::default());
+    sim.run_for(3 * 3600 * 1000);
+    assert!(connected(&sim, 0));
+    assert_eq!(sim.server.connections(), 1);
+    assert_eq!(sim.server.stats().expired, 0);
+    assert!(sim.server.stats().heartbeats >= 3 * 60 - 1);
+}
+
+/// Every publish is acknowledged in the end, whatever the network does.
+#[test]
+fn impaired_networks_lose_no_notification() {
+    let knob_sets = [
+        Knobs { loss: 0.10, ..Knobs::default() },
+        Knobs { loss: 0.30, delay_ms: 20, jitter_ms: 200, ..Knobs::default() },
+        Knobs { duplicate: 0.3, jitter_ms: 500, ..Knobs::default() },
+        Knobs { corrupt: 0.2, loss: 0.1, jitter_ms: 50, ..Knobs::default() },
+        Knobs { loss: 0.2, duplicate: 0.2, corrupt: 0.05, delay_ms: 5, jitter_ms: 1500 },
+    ];
+    for (k, knobs) in knob_sets.iter().enumerate() {
+        for seed in 0..6u64 {
+            let mut sim = Sim::new(100 + seed * 10 + k as u64, *knobs, ServerConfig::default());
+            let accounts = ["a@x", "b@x", "c@x"];
+            for i in 0..9 {
+                sim.add_device(accounts[i % 3], ClientConfig::default());
+            }
+            // A publish reaches the devices connected at that moment: wait for all.
+            for _ in 0..600 {
+                if (0..9).all(|d| connected(&sim, d)) {
+                    break;
+                }
+                sim.run_for(1_000);
+            }
+            assert_eq!(
+                sim.server.connections(),
+                9,
+                "not all devices connected: {knobs:?} seed {seed}: {:?}",
+                (0..9)
+                    .map(|d| (sim.devices[d].client.state(), sim.devices[d].events.clone()))
+                    .collect::<Vec<_>>()
+            );
+            let mut published = [0u8; 3];
+            for round in 0..6u8 {
+                for (i, account) in accounts.iter().enumerate() {
+                    let bit = 1u8 << ((round + i as u8) % 8);
+                    published[i] |= bit;
+                    sim.publish(account, &[bit]);
+                }
+                sim.run_for(700);
+            }
+            // Long enough for retransmissions, then heartbeats, then reconnects.
+            sim.run_for(15 * 60 * 1000);
+            let ctx = format!("knobs {knobs:?} seed {seed}");
+            assert!(sim.all_acknowledged(), "unacknowledged state left: {ctx}");
+            for d in 0..9 {
+                let seen = sim
+                    .notifies(d)
+                    .iter()
+                    .fold(0u8, |acc, (_, m)| acc | m.first().copied().unwrap_or(0));
+                assert_eq!(
+                    seen,
+                    published[d % 3],
+                    "device {d} missed bits: {ctx}; state {:?}, events {:?}",
+                    sim.devices[d].client.state(),
+                    sim.devices[d].events
+                );
+            }
+            assert!(
+                (0..9).all(|d| sim.devices[d].client.state() != ClientState::Aborted),
+                "{ctx}"
+            );
+        }
+    }
+}
+
+#[test]
+fn notify_lost_five_times_is_recovered_by_the_next_heartbeat() {
+    let mut sim = Sim::new(3, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    // The device goes deaf while the node retransmits (1+2+4+8+16 s).
+    sim.devices[d].online = false;
+    sim.publish("alice", &[0x80]);
+    sim.run_for(40_000);
+    assert_eq!(sim.server.stats().notifies_retransmitted, 5);
+    assert!(sim.notifies(d).is_empty());
+    sim.devices[d].online = true;
+    sim.run_for(61_000);
+    assert_eq!(sim.notifies(d), vec![(1, vec![0x80])]);
+    assert!(sim.all_acknowledged());
+}
+
+#[test]
+fn replayed_packets_change_nothing_and_get_no_reply() {
+    let mut sim = Sim::new(4, Knobs::default(), ServerConfig::default());
+    sim.capture = true;
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    sim.publish("alice", &[1]);
+    sim.run_for(100);
+    sim.run_for(61_000); // a heartbeat too
+    let captured = std::mem::take(&mut sim.captured_to_server);
+    assert!(captured.len() >= 3, "connect, ack, heartbeat captured");
+    let endpoint_before = sim.devices[d].addr;
+    let stats_before = sim.server.stats().clone();
+    let attacker: std::net::SocketAddr = "127.0.0.99:4444".parse().expect("addr");
+    let mut buf = vec![0u8; 2048];
+    for (_, bytes) in &captured {
+        sim.server.handle_datagram(sim.now, attacker, bytes);
+        assert!(
+            sim.server.poll_transmit(sim.now, &mut buf).is_none(),
+            "a replayed packet was answered"
+        );
+    }
+    let stats = sim.server.stats();
+    assert_eq!(stats.dropped_replay, stats_before.dropped_replay + captured.len() as u64);
+    assert_eq!(stats.migrations, stats_before.migrations);
+    assert_eq!(stats.connects, stats_before.connects);
+    // The device's endpoint did not move: a publish still reaches it.
+    sim.publish("alice", &[2]);
+    sim.run_for(100);
+    assert_eq!(sim.notifies(d).last(), Some(&(2, vec![2])));
+    assert_eq!(sim.devices[d].addr, endpoint_before);
+}
+
+#[test]
+fn forged_packets_change_nothing() {
+    let mut sim = Sim::new(5, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    let conn_id = sim.devices[d].client.conn_id();
+    let before = sim.server.stats().clone();
+    let attacker: std::net::SocketAddr = "127.0.0.99:4444".parse().expect("addr");
+    let mut buf = vec![0u8; 2048];
+    for len in [0usize, 1, 7, 8, 20, 36, 37, 100, 1232, 1233, 3000] {
+        let mut forged: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+        if len >= 8 {
+            forged[..8].copy_from_slice(&conn_id.0);
+        }
+        sim.server.handle_datagram(sim.now, attacker, &forged);
+        assert!(sim.server.poll_transmit(sim.now, &mut buf).is_none());
+    }
+    let after = sim.server.stats();
+    assert_eq!(after.connects, before.connects);
+    assert_eq!(after.migrations, before.migrations);
+    assert_eq!(
+        after.dropped_auth + after.dropped_malformed,
+        before.dropped_auth + before.dropped_malformed + 11
+    );
+    sim.publish("alice", &[1]);
+    sim.run_for(100);
+    assert_eq!(sim.notifies(d), vec![(1, vec![1])]);
+}
+
+#[test]
+fn nat_rebinding_moves_the_endpoint() {
+    let mut sim = Sim::new(6, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    sim.devices[d].addr = "127.0.0.1:31000".parse().expect("addr");
+    sim.run_for(61_000); // the next heartbeat comes from the new port
+    assert_eq!(sim.server.stats().migrations, 1);
+    sim.publish("alice", &[1]);
+    sim.run_for(100);
+    assert_eq!(sim.notifies(d), vec![(1, vec![1])]);
+    assert_eq!(sim.devices[d].client.endpoint(), Some(sim.devices[d].addr));
+}
+
+#[test]
+fn silent_devices_expire_and_reconnect_when_back() {
+    let mut sim = Sim::new(7, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    sim.devices[d].online = false;
+    sim.run_for(2 * 60_000 + 11_000);
+    assert_eq!(sim.server.connections(), 0, "dropped after 2 x ConnectionTimeout");
+    assert_eq!(sim.server.stats().expired, 1);
+    sim.devices[d].online = true;
+    // The client noticed its heartbeats failing and is reconnecting; within a
+    // reconnect period it is connected again.
+    sim.run_for(61_000);
+    sim.run_for(1_000);
+    assert!(connected(&sim, d), "state {:?}", sim.devices[d].client.state());
+    assert_eq!(sim.server.connections(), 1);
+    assert!(sim.devices[d]
+        .events
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Disconnected(DisconnectReason::Timeout))));
+}
+
+#[test]
+fn node_forgetting_a_connection_makes_the_client_reconnect() {
+    let mut sim = Sim::new(8, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    // A restarted node: same master key, empty table.
+    let fresh = mpp::proto::Server::new(
+        ServerConfig::default(),
+        mpp::packet::MasterKey::new([7; 32]),
+        [9; 32],
+        sim.now,
+    );
+    sim.server = fresh;
+    sim.run_for(61_000);
+    assert!(connected(&sim, d));
+    assert_eq!(sim.server.connections(), 1);
+    assert!(sim.devices[d].events.iter().any(|e| matches!(
+        e,
+        ClientEvent::Disconnected(DisconnectReason::Refused { status: 404, .. })
+    )));
+}
+
+#[test]
+fn restarted_client_resumes_above_the_highest_serial() {
+    let mut sim = Sim::new(9, Knobs::default(), ServerConfig::default());
+    let cred = sim.credential("alice", "phone", 86_400);
+    let d = sim.add_device_with(&cred, ClientConfig::default());
+    sim.run_for(100);
+    for _ in 0..3 {
+        sim.run_for(61_000);
+    }
+    // Burn Serials so that 1 falls below the replay window.
+    for _ in 0..70 {
+        sim.devices[d].client.request_endpoint();
+    }
+    sim.run_for(100);
+    // The device reboots: same credential, Serials from 1 again.
+    sim.devices[d].online = false;
+    let old_addr = sim.devices[d].addr;
+    sim.devices[d].addr = "127.0.0.2:1".parse().expect("addr");
+    let from_one = ClientConfig {
+        first_serial: Some(1),
+        ..ClientConfig::default()
+    };
+    let e = sim.add_device_with(&cred, from_one);
+    sim.devices[e].addr = old_addr;
+    sim.run_for(500);
+    assert!(connected(&sim, e), "state {:?}", sim.devices[e].client.state());
+    sim.publish("alice", &[3]);
+    sim.run_for(100);
+    assert_eq!(sim.notifies(e), vec![(1, vec![3])]);
+    assert!(sim.server.stats().dropped_replay >= 1, "the stale connect was refused first");
+}
+
+#[test]
+fn expired_or_invalid_credentials_are_refused() {
+    let mut sim = Sim::new(10, Knobs::default(), ServerConfig::default());
+    let expired = sim.credential("alice", "old", -10);
+    let d = sim.add_device_with(&expired, ClientConfig::default());
+    let mut forged = sim.credential("alice", "phone", 3600);
+    forged.device = "laptop".into(); // binding no longer matches
+    let f = sim.add_device_with(&forged, ClientConfig::default());
+    sim.run_for(100);
+    assert_eq!(sim.devices[d].client.state(), ClientState::Aborted);
+    assert_eq!(sim.devices[f].client.state(), ClientState::Aborted);
+    assert!(sim.devices[d].events.iter().any(|e| matches!(
+        e,
+        ClientEvent::Disconnected(DisconnectReason::Refused { status: 403, .. })
+    )));
+    assert!(sim.devices[f].events.iter().any(|e| matches!(
+        e,
+        ClientEvent::Disconnected(DisconnectReason::Refused { status: 401, .. })
+    )));
+    assert_eq!(sim.server.connections(), 0);
+}
+
+#[test]
+fn credential_expiry_ends_a_live_connection() {
+    let mut sim = Sim::new(11, Knobs::default(), ServerConfig::default());
+    let cred = sim.credential("alice", "phone", 90);
+    let d = sim.add_device_with(&cred, ClientConfig::default());
+    sim.run_for(100);
+    assert!(connected(&sim, d));
+    sim.run_for(130_000);
+    assert_eq!(sim.server.connections(), 0);
+    assert_eq!(sim.devices[d].client.state(), ClientState::Aborted);
+}
+
+#[test]
+fn connection_limit_refuses_with_503() {
+    let config = ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    };
+    let mut sim = Sim::new(12, Knobs::default(), config);
+    for _ in 0..3 {
+        sim.add_device("alice", ClientConfig::default());
+    }
+    sim.run_for(100);
+    assert_eq!(sim.server.connections(), 2);
+    assert!(sim.devices[2].events.iter().any(|e| matches!(
+        e,
+        ClientEvent::Disconnected(DisconnectReason::Refused { status: 503, .. })
+    )));
+    assert_eq!(sim.devices[2].client.state(), ClientState::Disconnected);
+    // When a place frees up, the refused device gets in at its next attempt.
+    sim.devices[0].client.disconnect(sim.now);
+    sim.run_for(61_000);
+    assert_eq!(sim.devices[0].client.state(), ClientState::Aborted);
+    assert!(connected(&sim, 2));
+}
+
+#[test]
+fn endpoint_and_resolve() {
+    let mut sim = Sim::new(13, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    sim.devices[d].client.request_endpoint();
+    sim.devices[d].client.resolve(vec![0xAB; 40]);
+    sim.run_for(100);
+    let addr = sim.devices[d].addr;
+    assert!(sim.devices[d].events.contains(&ClientEvent::Endpoint(addr)));
+    let Some(mpp::proto::ServerEvent::ResolveUpstream { token, query }) = sim.server.poll_event() else {
+        panic!("no upstream query");
+    };
+    assert_eq!(query, vec![0xAB; 40]);
+    // A large answer travels as fragments (PROTOCOL.md §5).
+    let answer: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    sim.server.handle_resolve_answer(token, Ok(&answer));
+    sim.run_for(100);
+    assert!(sim.devices[d].events.contains(&ClientEvent::Resolved(Ok(answer))));
+    // An upstream that never answers: 504 after the timeout.
+    sim.devices[d].client.resolve(vec![1; 20]);
+    sim.run_for(6_000);
+    assert!(sim.devices[d].events.contains(&ClientEvent::Resolved(Err(504))));
+}
