@@ -92,11 +92,18 @@ impl UnixSeconds {
         let hh = digits(&text[11..13])?;
         let mm = digits(&text[14..16])?;
         let ss = digits(&text[17..19])?;
-        if !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) || hh > 23 || mm > 59 || ss > 59
+        if !(1..=12).contains(&m)
+            || d < 1
+            || d > days_in_month(y, m)
+            || hh > 23
+            || mm > 59
+            || ss > 59
         {
             return Err(DateTimeError);
         }
-        Ok(UnixSeconds(days_from_civil(y, m, d) * 86_400 + hh * 3600 + mm * 60 + ss))
+        Ok(UnixSeconds(
+            days_from_civil(y, m, d) * 86_400 + hh * 3600 + mm * 60 + ss,
+        ))
     }
 }
 
@@ -192,7 +199,11 @@ mod tests {
             ("2027-01-01T00:00:00Z", 1_798_761_600),
             ("2000-02-29T23:59:59Z", 951_868_799),
         ] {
-            assert_eq!(UnixSeconds::parse(text.as_bytes()), Ok(UnixSeconds(secs)), "{text}");
+            assert_eq!(
+                UnixSeconds::parse(text.as_bytes()),
+                Ok(UnixSeconds(secs)),
+                "{text}"
+            );
             assert_eq!(&UnixSeconds(secs).to_wire(), text.as_bytes());
         }
     }
@@ -208,7 +219,11 @@ mod tests {
             "2026-11-21T12:00:0xZ",
             "+026-11-21T12:00:00Z",
         ] {
-            assert_eq!(UnixSeconds::parse(bad.as_bytes()), Err(DateTimeError), "{bad}");
+            assert_eq!(
+                UnixSeconds::parse(bad.as_bytes()),
+                Err(DateTimeError),
+                "{bad}"
+            );
         }
     }
 

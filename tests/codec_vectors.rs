@@ -26,7 +26,8 @@ fn hex_decodes_to_the_json_text() {
 #[test]
 fn json_encodes_to_the_hex_bytes() {
     for name in NAMES {
-        let message = Message::from_json_str(&vector(name, "json")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let message =
+            Message::from_json_str(&vector(name, "json")).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(
             hex::encode(message.to_vec()),
             vector(name, "hex").trim(),

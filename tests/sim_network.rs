@@ -52,11 +52,34 @@ fn heartbeats_keep_connections_alive_for_hours() {
 #[test]
 fn impaired_networks_lose_no_notification() {
     let knob_sets = [
-        Knobs { loss: 0.10, ..Knobs::default() },
-        Knobs { loss: 0.30, delay_ms: 20, jitter_ms: 200, ..Knobs::default() },
-        Knobs { duplicate: 0.3, jitter_ms: 500, ..Knobs::default() },
-        Knobs { corrupt: 0.2, loss: 0.1, jitter_ms: 50, ..Knobs::default() },
-        Knobs { loss: 0.2, duplicate: 0.2, corrupt: 0.05, delay_ms: 5, jitter_ms: 1500 },
+        Knobs {
+            loss: 0.10,
+            ..Knobs::default()
+        },
+        Knobs {
+            loss: 0.30,
+            delay_ms: 20,
+            jitter_ms: 200,
+            ..Knobs::default()
+        },
+        Knobs {
+            duplicate: 0.3,
+            jitter_ms: 500,
+            ..Knobs::default()
+        },
+        Knobs {
+            corrupt: 0.2,
+            loss: 0.1,
+            jitter_ms: 50,
+            ..Knobs::default()
+        },
+        Knobs {
+            loss: 0.2,
+            duplicate: 0.2,
+            corrupt: 0.05,
+            delay_ms: 5,
+            jitter_ms: 1500,
+        },
     ];
     for (k, knobs) in knob_sets.iter().enumerate() {
         for seed in 0..6u64 {
@@ -154,7 +177,10 @@ fn replayed_packets_change_nothing_and_get_no_reply() {
         );
     }
     let stats = sim.server.stats();
-    assert_eq!(stats.dropped_replay, stats_before.dropped_replay + captured.len() as u64);
+    assert_eq!(
+        stats.dropped_replay,
+        stats_before.dropped_replay + captured.len() as u64
+    );
     assert_eq!(stats.migrations, stats_before.migrations);
     assert_eq!(stats.connects, stats_before.connects);
     // The device's endpoint did not move: a publish still reaches it.
@@ -214,14 +240,22 @@ fn silent_devices_expire_and_reconnect_when_back() {
     sim.run_for(100);
     sim.devices[d].online = false;
     sim.run_for(2 * 60_000 + 11_000);
-    assert_eq!(sim.server.connections(), 0, "dropped after 2 x ConnectionTimeout");
+    assert_eq!(
+        sim.server.connections(),
+        0,
+        "dropped after 2 x ConnectionTimeout"
+    );
     assert_eq!(sim.server.stats().expired, 1);
     sim.devices[d].online = true;
     // The client noticed its heartbeats failing and is reconnecting; within a
     // reconnect period it is connected again.
     sim.run_for(61_000);
     sim.run_for(1_000);
-    assert!(connected(&sim, d), "state {:?}", sim.devices[d].client.state());
+    assert!(
+        connected(&sim, d),
+        "state {:?}",
+        sim.devices[d].client.state()
+    );
     assert_eq!(sim.server.connections(), 1);
     assert!(sim.devices[d]
         .events
@@ -276,11 +310,18 @@ fn restarted_client_resumes_above_the_highest_serial() {
     let e = sim.add_device_with(&cred, from_one);
     sim.devices[e].addr = old_addr;
     sim.run_for(500);
-    assert!(connected(&sim, e), "state {:?}", sim.devices[e].client.state());
+    assert!(
+        connected(&sim, e),
+        "state {:?}",
+        sim.devices[e].client.state()
+    );
     sim.publish("alice", &[3]);
     sim.run_for(100);
     assert_eq!(sim.notifies(e), vec![(1, vec![3])]);
-    assert!(sim.server.stats().dropped_replay >= 1, "the stale connect was refused first");
+    assert!(
+        sim.server.stats().dropped_replay >= 1,
+        "the stale connect was refused first"
+    );
 }
 
 #[test]
@@ -351,7 +392,8 @@ fn endpoint_and_resolve() {
     sim.run_for(100);
     let addr = sim.devices[d].addr;
     assert!(sim.devices[d].events.contains(&ClientEvent::Endpoint(addr)));
-    let Some(mpp::proto::ServerEvent::ResolveUpstream { token, query }) = sim.server.poll_event() else {
+    let Some(mpp::proto::ServerEvent::ResolveUpstream { token, query }) = sim.server.poll_event()
+    else {
         panic!("no upstream query");
     };
     assert_eq!(query, vec![0xAB; 40]);
@@ -359,9 +401,13 @@ fn endpoint_and_resolve() {
     let answer: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
     sim.server.handle_resolve_answer(token, Ok(&answer));
     sim.run_for(100);
-    assert!(sim.devices[d].events.contains(&ClientEvent::Resolved(Ok(answer))));
+    assert!(sim.devices[d]
+        .events
+        .contains(&ClientEvent::Resolved(Ok(answer))));
     // An upstream that never answers: 504 after the timeout.
     sim.devices[d].client.resolve(vec![1; 20]);
     sim.run_for(6_000);
-    assert!(sim.devices[d].events.contains(&ClientEvent::Resolved(Err(504))));
+    assert!(sim.devices[d]
+        .events
+        .contains(&ClientEvent::Resolved(Err(504))));
 }

@@ -55,7 +55,7 @@ pub enum DecodeError {
     /// A byte that starts no JSON-B item this protocol uses.
     #[error("unknown tag byte 0x{0:02x}")]
     UnknownTag(u8),
-    /// A string or field name is not valid UTF-8.
+    /// A string value is not valid UTF-8 (field names are compared as bytes).
     #[error("a string is not valid UTF-8")]
     InvalidUtf8,
     /// An integer does not fit in a signed 64-bit value.
@@ -196,7 +196,11 @@ pub struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// A reader positioned at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0, depth: 0 }
+        Reader {
+            buf,
+            pos: 0,
+            depth: 0,
+        }
     }
 
     /// The next byte, not consumed.
@@ -264,7 +268,7 @@ impl<'a> Reader<'a> {
         let tag = self.byte()?;
         match tag {
             b'}' => {
-                self.depth -= 1;
+                self.depth = self.depth.saturating_sub(1);
                 Ok(None)
             }
             t if t & !3 == TAG_NAME => {
@@ -353,7 +357,7 @@ impl<'a> Reader<'a> {
                 loop {
                     if self.peek() == Some(b']') {
                         self.pos += 1;
-                        self.depth -= 1;
+                        self.depth = self.depth.saturating_sub(1);
                         return Ok(());
                     }
                     self.skip_value()?;
@@ -365,7 +369,9 @@ impl<'a> Reader<'a> {
                 TAG_STRING => {
                     let len = self.number(t)?;
                     let s = self.take(len)?;
-                    std::str::from_utf8(s).map(drop).map_err(|_| DecodeError::InvalidUtf8)
+                    std::str::from_utf8(s)
+                        .map(drop)
+                        .map_err(|_| DecodeError::InvalidUtf8)
                 }
                 TAG_BINARY => {
                     let len = self.number(t)?;
@@ -424,13 +430,22 @@ mod tests {
 
     #[test]
     fn lengths_past_the_end_and_truncation() {
-        assert_eq!(Reader::new(&[0x80, 5, b'a']).string(), Err(DecodeError::LengthPastEnd));
-        assert_eq!(Reader::new(&[0x81, 0]).string(), Err(DecodeError::Truncated));
+        assert_eq!(
+            Reader::new(&[0x80, 5, b'a']).string(),
+            Err(DecodeError::LengthPastEnd)
+        );
+        assert_eq!(
+            Reader::new(&[0x81, 0]).string(),
+            Err(DecodeError::Truncated)
+        );
         assert_eq!(
             Reader::new(&[0x8B, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]).binary(),
             Err(DecodeError::LengthPastEnd)
         );
-        assert_eq!(Reader::new(&[0x80, 1, 0xFF]).string(), Err(DecodeError::InvalidUtf8));
+        assert_eq!(
+            Reader::new(&[0x80, 1, 0xFF]).string(),
+            Err(DecodeError::InvalidUtf8)
+        );
     }
 
     #[test]

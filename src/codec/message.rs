@@ -475,7 +475,8 @@ impl<'a> Message<'a> {
 
     /// Parses JSON text.
     pub fn from_json_str(text: &str) -> Result<Message<'static>, TextError> {
-        let v: Json = serde_json::from_str(text).map_err(|e| TextError(format!("invalid JSON: {e}")))?;
+        let v: Json =
+            serde_json::from_str(text).map_err(|e| TextError(format!("invalid JSON: {e}")))?;
         Self::from_json(&v)
     }
 

@@ -185,8 +185,12 @@ impl<'a> FieldValue<'a> for SocketAddr {
 
 fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
     match b.len() {
-        4 => <[u8; 4]>::try_from(b).ok().map(|a| IpAddr::V4(Ipv4Addr::from(a))),
-        16 => <[u8; 16]>::try_from(b).ok().map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        4 => <[u8; 4]>::try_from(b)
+            .ok()
+            .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+        16 => <[u8; 16]>::try_from(b)
+            .ok()
+            .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
         _ => None,
     }
 }

@@ -172,7 +172,12 @@ const MAX_OUTGOING: usize = 64;
 impl Client {
     /// A client for `credential`, starting to connect at `now`. `seed` seeds
     /// the nonce generator (OS randomness in production).
-    pub fn new(credential: &Credential, config: ClientConfig, now: UnixMillis, seed: [u8; 32]) -> Self {
+    pub fn new(
+        credential: &Credential,
+        config: ClientConfig,
+        now: UnixMillis,
+        seed: [u8; 32],
+    ) -> Self {
         let conn_id = credential.conn_id;
         let first_serial = config
             .first_serial
@@ -187,7 +192,9 @@ impl Client {
             expires: credential.expires,
             binding: credential.binding,
             rng: StdRng::from_seed(seed),
-            heartbeat_ms: config.heartbeat_ms.unwrap_or(u64::from(super::CONNECTION_TIMEOUT_MS)),
+            heartbeat_ms: config
+                .heartbeat_ms
+                .unwrap_or(u64::from(super::CONNECTION_TIMEOUT_MS)),
             config,
             state: ClientState::Connecting,
             serial: first_serial - 1,
@@ -228,7 +235,11 @@ impl Client {
 
     fn push(&mut self, o: Outgoing) {
         if self.outgoing.len() >= MAX_OUTGOING {
-            if let Some(i) = self.outgoing.iter().position(|o| matches!(o, Outgoing::Acknowledge(_))) {
+            if let Some(i) = self
+                .outgoing
+                .iter()
+                .position(|o| matches!(o, Outgoing::Acknowledge(_)))
+            {
                 self.outgoing.remove(i);
             } else {
                 return;
@@ -306,7 +317,8 @@ impl Client {
             }
             ClientState::Connecting => {
                 self.state = ClientState::Disconnected;
-                self.events.push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
+                self.events
+                    .push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
                 self.deadline = Some(now.plus_millis(self.config.reconnect_ms));
             }
             ClientState::Disconnected => {
@@ -328,7 +340,8 @@ impl Client {
             }
             ClientState::Unacknowledged => {
                 // PROTOCOL.md §6: heartbeats unanswered: reconnect.
-                self.events.push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
+                self.events
+                    .push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
                 self.start_connect(now);
             }
             ClientState::Aborted => self.deadline = None,
@@ -438,7 +451,11 @@ impl Client {
             self.endpoint = Some(e);
         }
         let status = header.status;
-        let description = header.status_description.as_deref().unwrap_or("").to_owned();
+        let description = header
+            .status_description
+            .as_deref()
+            .unwrap_or("")
+            .to_owned();
         match message {
             Message::ConnectResponse(r) => {
                 if self.state != ClientState::Connecting || self.disconnecting {

@@ -13,10 +13,11 @@
 pub mod client;
 mod replay;
 pub mod server;
+pub mod stun;
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientState, ClientStats, DisconnectReason};
 pub use replay::{Freshness, ReplayWindow};
-pub use server::{Server, ServerConfig, ServerEvent, ServerStats, ResolveToken, PublishError};
+pub use server::{PublishError, ResolveToken, Server, ServerConfig, ServerEvent, ServerStats};
 
 use std::net::SocketAddr;
 

@@ -22,8 +22,8 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 use super::{
-    Transmit, ReplayWindow, Freshness, CONNECTION_TIMEOUT_MS, MAX_BITMASK, RETRANSMIT_INITIAL_MS,
-    RETRANSMIT_TRIES,
+    stun, Freshness, ReplayWindow, Transmit, CONNECTION_TIMEOUT_MS, MAX_BITMASK,
+    RETRANSMIT_INITIAL_MS, RETRANSMIT_TRIES,
 };
 use crate::codec::{
     Message, PresenceConnectResponse, PresenceDisconnectResponse, PresenceEndpointResponse,
@@ -31,9 +31,9 @@ use crate::codec::{
     PresenceStatus, ServiceHeader,
 };
 use crate::packet::{
-    open_in_place, seal_in_place, write_fragment, BindingError, BindingKey, ConnId, Direction,
-    MasterKey, FRAGMENT_HEADER_LEN, HEADER_LEN, MAX_FRAGMENT_DATA, MAX_PACKET, MAX_PLAINTEXT,
-    fragment_count,
+    fragment_count, open_in_place, seal_in_place, write_fragment, BindingError, BindingKey, ConnId,
+    Direction, MasterKey, FRAGMENT_HEADER_LEN, HEADER_LEN, MAX_FRAGMENT_DATA, MAX_PACKET,
+    MAX_PLAINTEXT,
 };
 use crate::table::{AccountKey, Connection, Slot, Table, TimerWheel};
 use crate::time::{UnixMillis, UnixSeconds};
@@ -56,6 +56,11 @@ pub struct ServerConfig {
     pub max_pending_resolves: usize,
     /// How long a DNS query may wait for the upstream (ms) before a 504.
     pub resolve_timeout_ms: u64,
+    /// STUN Binding requests answered per second per source address
+    /// (PROTOCOL.md §7); 0 = unlimited, for benchmarks only.
+    pub stun_rate_per_sec: u32,
+    /// Burst of STUN requests allowed per source address.
+    pub stun_burst: u32,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +73,8 @@ impl Default for ServerConfig {
             max_queued_replies: 65_536,
             max_pending_resolves: 1024,
             resolve_timeout_ms: 5_000,
+            stun_rate_per_sec: 100,
+            stun_burst: 200,
         }
     }
 }
@@ -111,6 +118,10 @@ pub struct ServerStats {
     pub resolves: u64,
     /// Heartbeats answered.
     pub heartbeats: u64,
+    /// STUN Binding requests answered.
+    pub stun_answered: u64,
+    /// STUN datagrams refused: malformed, unsupported or over the rate limit.
+    pub stun_dropped: u64,
 }
 
 /// Identifies one DNS query waiting for the upstream.
@@ -206,6 +217,8 @@ pub struct Server {
     rng: StdRng,
     epoch: UnixMillis,
     replies: VecDeque<Reply>,
+    stun_replies: VecDeque<(SocketAddr, [u8; stun::MAX_RESPONSE_LEN], u8)>,
+    stun_limiter: stun::SourceRateLimiter,
     notifies: VecDeque<u32>,
     fragmented: Option<FragmentedSend>,
     next_fragment_id: u16,
@@ -231,6 +244,12 @@ impl Server {
             rng: StdRng::from_seed(seed),
             epoch: now,
             replies: VecDeque::new(),
+            stun_replies: VecDeque::new(),
+            stun_limiter: stun::SourceRateLimiter::new(
+                config.stun_rate_per_sec,
+                config.stun_burst,
+                stun::DEFAULT_BUCKETS,
+            ),
             notifies: VecDeque::new(),
             fragmented: None,
             next_fragment_id: 0,
@@ -277,6 +296,11 @@ impl Server {
     /// Handles one received datagram from `from`.
     pub fn handle_datagram(&mut self, now: UnixMillis, from: SocketAddr, datagram: &[u8]) {
         self.stats.datagrams_in += 1;
+        // PROTOCOL.md §8: STUN shares the port; its first bits and cookie tell it apart.
+        if stun::is_stun(datagram) {
+            self.handle_stun(now, from, datagram);
+            return;
+        }
         let Some(conn_id) = crate::packet::peek_conn_id(datagram) else {
             self.stats.dropped_malformed += 1;
             return;
@@ -301,7 +325,32 @@ impl Server {
         self.scratch = scratch;
     }
 
-    fn handle_message(&mut self, now: UnixMillis, from: SocketAddr, conn_id: ConnId, message: Message<'_>) {
+    /// PROTOCOL.md §7: the one unauthenticated answer, ≤ 64 bytes, one per
+    /// request, rate-limited per source address.
+    fn handle_stun(&mut self, now: UnixMillis, from: SocketAddr, datagram: &[u8]) {
+        if self.stun_replies.len() >= self.config.max_queued_replies
+            || !self.stun_limiter.allow(now, from.ip())
+        {
+            self.stats.stun_dropped += 1;
+            return;
+        }
+        let mut out = [0u8; stun::MAX_RESPONSE_LEN];
+        match stun::binding_response(datagram, from, &mut out) {
+            Ok(n) => {
+                self.stats.stun_answered += 1;
+                self.stun_replies.push_back((from, out, n as u8));
+            }
+            Err(_) => self.stats.stun_dropped += 1,
+        }
+    }
+
+    fn handle_message(
+        &mut self,
+        now: UnixMillis,
+        from: SocketAddr,
+        conn_id: ConnId,
+        message: Message<'_>,
+    ) {
         let Some(header) = message.client_header() else {
             self.stats.dropped_unexpected += 1;
             return;
@@ -346,7 +395,10 @@ impl Server {
         if UnixSeconds(i64::from(rec.expires)) <= now.seconds() {
             self.stats.expired += 1;
             self.table.remove(slot);
-            self.queue_reply(reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")));
+            self.queue_reply(reply(ReplyKind::Refused(
+                status::FORBIDDEN,
+                "credential expired",
+            )));
             return;
         }
         match message {
@@ -364,7 +416,11 @@ impl Server {
             Message::ResolveRequest(req) => {
                 let query = req.dns_request.as_deref().unwrap_or_default();
                 if query.is_empty() || self.resolves.len() >= self.config.max_pending_resolves {
-                    let code = if query.is_empty() { status::BAD_GATEWAY } else { status::UNAVAILABLE };
+                    let code = if query.is_empty() {
+                        status::BAD_GATEWAY
+                    } else {
+                        status::UNAVAILABLE
+                    };
                     self.queue_reply(reply(ReplyKind::Resolved(Err(code))));
                     return;
                 }
@@ -456,12 +512,18 @@ impl Server {
             Ok(()) => {}
             Err(BindingError::Expired) => {
                 self.stats.refused += 1;
-                self.queue_reply(reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")));
+                self.queue_reply(reply(ReplyKind::Refused(
+                    status::FORBIDDEN,
+                    "credential expired",
+                )));
                 return;
             }
             Err(_) => {
                 self.stats.refused += 1;
-                self.queue_reply(reply(ReplyKind::Refused(status::UNAUTHORIZED, "invalid binding")));
+                self.queue_reply(reply(ReplyKind::Refused(
+                    status::UNAUTHORIZED,
+                    "invalid binding",
+                )));
                 return;
             }
         }
@@ -543,7 +605,11 @@ impl Server {
         let Some(head) = self.table.account_head(key) else {
             return Ok(0);
         };
-        let serial = match self.table.get(head).map(|r| r.notify_serial.wrapping_add(1)) {
+        let serial = match self
+            .table
+            .get(head)
+            .map(|r| r.notify_serial.wrapping_add(1))
+        {
             Some(0) => 1,
             Some(s) => s,
             None => return Ok(0),
@@ -647,7 +713,10 @@ impl Server {
             return;
         };
         // A stale timer: acknowledged, superseded by a newer publish, or the slot was reused.
-        if !rec.in_use() || rec.mask_len == 0 || rec.notify_serial != t.serial || rec.tries() != t.tries
+        if !rec.in_use()
+            || rec.mask_len == 0
+            || rec.notify_serial != t.serial
+            || rec.tries() != t.tries
         {
             return;
         }
@@ -713,6 +782,14 @@ impl Server {
     }
 
     fn next_transmit(&mut self, now: UnixMillis, buf: &mut [u8]) -> Option<Transmit> {
+        if let Some((to, bytes, n)) = self.stun_replies.pop_front() {
+            let n = usize::from(n);
+            buf[..n].copy_from_slice(&bytes[..n]);
+            return Some(Transmit {
+                destination: to,
+                size: n,
+            });
+        }
         loop {
             if let Some(t) = self.next_fragment(buf) {
                 return Some(t);
@@ -760,7 +837,11 @@ impl Server {
 
     /// The pending notify state of a connection: its Serial and mask, copied
     /// into `mask` (no allocation); `None` when nothing is pending.
-    fn pending_state(&self, conn_id: &ConnId, mask: &mut [u8; MAX_BITMASK]) -> Option<(i64, usize)> {
+    fn pending_state(
+        &self,
+        conn_id: &ConnId,
+        mask: &mut [u8; MAX_BITMASK],
+    ) -> Option<(i64, usize)> {
         let slot = self.table.find(conn_id)?;
         let pending = self.table.pending_mask(slot);
         if pending.is_empty() {
@@ -874,7 +955,13 @@ impl Server {
         self.seal(conn_id, to, buf, n)
     }
 
-    fn seal(&mut self, conn_id: ConnId, to: SocketAddr, buf: &mut [u8], n: usize) -> Option<Transmit> {
+    fn seal(
+        &mut self,
+        conn_id: ConnId,
+        to: SocketAddr,
+        buf: &mut [u8],
+        n: usize,
+    ) -> Option<Transmit> {
         let key = self.master.packet_key(conn_id, Direction::ServerToClient);
         let mut nonce = [0u8; 12];
         self.rng.fill_bytes(&mut nonce);

@@ -194,10 +194,9 @@ impl Table {
         // Point the account at its new head.
         let pages = &self.pages;
         let hasher = &self.hasher;
-        match self
-            .by_account
-            .find_mut(ah, |&s| pages[s as usize / PAGE][s as usize % PAGE].account_key() == key)
-        {
+        match self.by_account.find_mut(ah, |&s| {
+            pages[s as usize / PAGE][s as usize % PAGE].account_key() == key
+        }) {
             Some(entry) => *entry = slot,
             None => {
                 self.by_account.insert_unique(ah, slot, |&s| {
@@ -250,7 +249,9 @@ impl Table {
         let pages = &self.pages;
         let head = self
             .by_account
-            .find(ah, |&x| pages[x as usize / PAGE][x as usize % PAGE].account_key() == key)
+            .find(ah, |&x| {
+                pages[x as usize / PAGE][x as usize % PAGE].account_key() == key
+            })
             .copied();
         if head == Some(s) {
             if rec.next_in_account == 0 {

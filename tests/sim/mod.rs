@@ -125,7 +125,11 @@ impl Sim {
                 let i = self.rng.gen_range(0..b.len());
                 b[i] ^= 1 << self.rng.gen_range(0..8);
             }
-            let jitter = if k.jitter_ms > 0 { self.rng.gen_range(0..=k.jitter_ms) } else { 0 };
+            let jitter = if k.jitter_ms > 0 {
+                self.rng.gen_range(0..=k.jitter_ms)
+            } else {
+                0
+            };
             self.seq += 1;
             self.flight.push(InFlight {
                 at: self.now.plus_millis(k.delay_ms + jitter),
@@ -153,7 +157,8 @@ impl Sim {
             }
         }
         let server_addr: SocketAddr = SERVER_ADDR.parse().expect("addr");
-        while let Some(Transmit { destination, size }) = self.server.poll_transmit(self.now, &mut buf)
+        while let Some(Transmit { destination, size }) =
+            self.server.poll_transmit(self.now, &mut buf)
         {
             let device = self.devices.iter().position(|d| d.addr == destination);
             if let Some(d) = device {
@@ -233,7 +238,10 @@ impl Sim {
     }
 
     pub(crate) fn publish(&mut self, account: &str, mask: &[u8]) -> usize {
-        let n = self.server.handle_publish(self.now, account, mask).expect("valid mask");
+        let n = self
+            .server
+            .handle_publish(self.now, account, mask)
+            .expect("valid mask");
         self.flush();
         n
     }

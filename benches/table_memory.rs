@@ -1,0 +1,129 @@
+//! Memory per held connection: connects N devices (default 1,000,000, or the
+//! first argument) to one server shard through real ConnectRequest packets,
+//! one device per account (the worst case for the account index), and prints
+//! the heap bytes and RSS growth per connection.
+//!
+//! `cargo bench --bench table_memory [-- N]`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use mpp::codec::{ClientHeader, Message, PresenceConnectRequest};
+use mpp::packet::{seal, BindingKey, ConnId, Direction, MasterKey};
+use mpp::proto::{Server, ServerConfig};
+use mpp::time::{UnixMillis, UnixSeconds};
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator, only counting sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let now = UnixMillis(1_795_262_400_000);
+    let master = MasterKey::new([7; 32]);
+    let binder = BindingKey::from_master(&master);
+    let expires = UnixSeconds(1_900_000_000);
+    let mut server = Server::new(
+        ServerConfig::default(),
+        MasterKey::new([7; 32]),
+        [3; 32],
+        now,
+    );
+    let mut out = vec![0u8; 1232];
+    let mut packet = Vec::with_capacity(512);
+
+    let heap_before = LIVE.load(Ordering::Relaxed);
+    let rss_before = rss_bytes();
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let account = format!("account{i}@example.com");
+        let mut id = [0u8; 8];
+        id[..4].copy_from_slice(&(i as u32 | 0x4000_0000).to_be_bytes());
+        id[4..].copy_from_slice(&mpp::packet::account_affinity(&account).to_be_bytes());
+        let conn_id = ConnId(id);
+        let binding = binder
+            .binding(conn_id, expires, &account, "phone")
+            .expect("binding");
+        let m = Message::ConnectRequest(PresenceConnectRequest {
+            account: Some(account.as_str().into()),
+            device: Some("phone".into()),
+            expires: Some(expires),
+            binding: Some((&binding[..]).into()),
+            header: ClientHeader {
+                serial: Some(1),
+                ..ClientHeader::default()
+            },
+        });
+        packet.clear();
+        packet.extend_from_slice(&m.to_vec());
+        let key = master
+            .secret(conn_id)
+            .key(Direction::ClientToServer, conn_id);
+        let sealed = seal(&key, conn_id, [1; 12], &packet).expect("seal");
+        let from = SocketAddr::from((
+            [127, 0, (i >> 16) as u8, (i >> 8) as u8],
+            1024 + (i & 0xff) as u16,
+        ));
+        server.handle_datagram(now, from, &sealed);
+        while server.poll_transmit(now, &mut out).is_some() {}
+    }
+    let elapsed = started.elapsed();
+    let held = server.connections();
+    let heap = LIVE.load(Ordering::Relaxed) - heap_before;
+    let rss = rss_bytes().saturating_sub(rss_before);
+    assert_eq!(held, n, "every connect accepted");
+    println!("connections held:           {held}");
+    println!("heap growth:                {heap} bytes");
+    println!(
+        "heap bytes per connection:  {:.1}",
+        heap as f64 / held as f64
+    );
+    println!(
+        "RSS growth per connection:  {:.1}",
+        rss as f64 / held as f64
+    );
+    println!(
+        "connects/s (1 thread):      {:.0}",
+        held as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "record size:                {} bytes",
+        std::mem::size_of::<mpp::table::Connection>()
+    );
+}
