@@ -411,3 +411,35 @@ fn endpoint_and_resolve() {
         .events
         .contains(&ClientEvent::Resolved(Err(504))));
 }
+
+#[test]
+fn web_transport_answers_without_moving_the_endpoint() {
+    let mut sim = Sim::new(14, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    // The device sends an endpoint request over HTTPS instead of UDP.
+    sim.devices[d].client.request_endpoint();
+    let mut buf = vec![0u8; 2048];
+    let n = sim.devices[d]
+        .client
+        .poll_transmit(&mut buf)
+        .expect("a packet");
+    let peer: std::net::SocketAddr = "127.0.0.5:443".parse().expect("addr");
+    let id = mpp::proto::WebRequestId(77);
+    sim.server.handle_web_request(sim.now, peer, &buf[..n], id);
+    let mut out = vec![0u8; 2048];
+    let t = sim
+        .server
+        .poll_transmit(sim.now, &mut out)
+        .expect("a reply");
+    assert_eq!(t.web, Some(id));
+    sim.devices[d]
+        .client
+        .handle_datagram(sim.now, &out[..t.size]);
+    assert!(sim.devices[d].client.poll_event() == Some(ClientEvent::Endpoint(peer)));
+    assert_eq!(sim.server.stats().migrations, 0);
+    // Notifies still go to the UDP endpoint.
+    sim.publish("alice", &[9]);
+    sim.run_for(100);
+    assert_eq!(sim.notifies(d), vec![(1, vec![9])]);
+}

@@ -17,7 +17,9 @@ pub mod stun;
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientState, ClientStats, DisconnectReason};
 pub use replay::{Freshness, ReplayWindow};
-pub use server::{PublishError, ResolveToken, Server, ServerConfig, ServerEvent, ServerStats};
+pub use server::{
+    PublishError, ResolveToken, Server, ServerConfig, ServerEvent, ServerStats, WebRequestId,
+};
 
 use std::net::SocketAddr;
 
@@ -28,6 +30,9 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// Bytes of the caller's buffer that hold the datagram.
     pub size: usize,
+    /// Set when this answers a web-service transport request: hand the bytes
+    /// to that HTTP request instead of sending them by UDP.
+    pub web: Option<WebRequestId>,
 }
 
 /// Default ConnectionTimeout announced to clients, in milliseconds (PROTOCOL.md §6).

@@ -170,16 +170,30 @@ enum ReplyKind {
     Resolved(Result<Box<[u8]>, u16>),
 }
 
+/// Identifies a request that came over the web-service transport
+/// (PROTOCOL.md §9) rather than UDP; its replies are handed back with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WebRequestId(pub u64);
+
+/// How a request reached the node, and so how its replies leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Udp,
+    Web(WebRequestId),
+}
+
 #[derive(Debug)]
 struct Reply {
     to: SocketAddr,
     conn_id: ConnId,
     ack: i64,
+    via: Via,
     kind: ReplyKind,
 }
 
 struct PendingResolve {
     token: ResolveToken,
+    via: Via,
     to: SocketAddr,
     conn_id: ConnId,
     ack: i64,
@@ -189,6 +203,7 @@ struct PendingResolve {
 /// A message too large for one packet, being sent chunk by chunk (PROTOCOL.md §5).
 struct FragmentedSend {
     to: SocketAddr,
+    via: Via,
     conn_id: ConnId,
     message: Vec<u8>,
     id: u16,
@@ -301,6 +316,25 @@ impl Server {
             self.handle_stun(now, from, datagram);
             return;
         }
+        self.handle_packet(now, from, datagram, Via::Udp);
+    }
+
+    /// Handles one client packet that arrived over the web-service transport
+    /// (PROTOCOL.md §9) from `peer`. Its replies come out of
+    /// [`Server::poll_transmit`] with [`Transmit::web`] set to `id`. Such a
+    /// request never moves a connection's UDP endpoint: notifies are UDP only.
+    pub fn handle_web_request(
+        &mut self,
+        now: UnixMillis,
+        peer: SocketAddr,
+        packet: &[u8],
+        id: WebRequestId,
+    ) {
+        self.stats.datagrams_in += 1;
+        self.handle_packet(now, peer, packet, Via::Web(id));
+    }
+
+    fn handle_packet(&mut self, now: UnixMillis, from: SocketAddr, datagram: &[u8], via: Via) {
         let Some(conn_id) = crate::packet::peek_conn_id(datagram) else {
             self.stats.dropped_malformed += 1;
             return;
@@ -317,7 +351,7 @@ impl Server {
         scratch.extend_from_slice(datagram);
         match open_in_place(&key, &mut scratch) {
             Ok(plaintext) => match Message::decode(plaintext) {
-                Ok(message) => self.handle_message(now, from, conn_id, message),
+                Ok(message) => self.handle_message(now, from, conn_id, message, via),
                 Err(_) => self.stats.dropped_malformed += 1,
             },
             Err(_) => self.stats.dropped_auth += 1,
@@ -350,6 +384,7 @@ impl Server {
         from: SocketAddr,
         conn_id: ConnId,
         message: Message<'_>,
+        via: Via,
     ) {
         let Some(header) = message.client_header() else {
             self.stats.dropped_unexpected += 1;
@@ -365,11 +400,12 @@ impl Server {
             to: from,
             conn_id,
             ack: i64::from(serial),
+            via,
             kind,
         };
 
         if let Message::ConnectRequest(req) = &message {
-            self.handle_connect(now, from, conn_id, serial, req);
+            self.handle_connect(now, from, conn_id, serial, req, via);
             return;
         }
 
@@ -383,7 +419,7 @@ impl Server {
             )));
             return;
         };
-        if !self.accept_fresh(now, slot, from, serial) {
+        if !self.accept_fresh(now, slot, from, serial, via) {
             return;
         }
         if let Some(ack) = ack {
@@ -429,6 +465,7 @@ impl Server {
                 self.stats.resolves += 1;
                 self.resolves.push(PendingResolve {
                     token,
+                    via,
                     to: from,
                     conn_id,
                     ack: i64::from(serial),
@@ -446,7 +483,14 @@ impl Server {
 
     /// PROTOCOL.md §7: records `serial` if fresh and moves the endpoint; false
     /// (and nothing changed) for a replay.
-    fn accept_fresh(&mut self, now: UnixMillis, slot: Slot, from: SocketAddr, serial: u32) -> bool {
+    fn accept_fresh(
+        &mut self,
+        now: UnixMillis,
+        slot: Slot,
+        from: SocketAddr,
+        serial: u32,
+        via: Via,
+    ) -> bool {
         let seconds = self.seconds_since_epoch(now);
         let Some(rec) = self.table.get_mut(slot) else {
             return false;
@@ -462,8 +506,8 @@ impl Server {
         rec.highest_serial = window.highest;
         rec.set_window(window.bits);
         rec.last_seen = seconds;
-        // Endpoint migration only on an authenticated, fresh packet.
-        if rec.endpoint() != from {
+        // Endpoint migration only on an authenticated, fresh UDP packet.
+        if via == Via::Udp && rec.endpoint() != from {
             rec.set_endpoint(from);
             self.stats.migrations += 1;
         }
@@ -488,11 +532,13 @@ impl Server {
         conn_id: ConnId,
         serial: u32,
         req: &crate::codec::PresenceConnectRequest<'_>,
+        via: Via,
     ) {
         let reply = |kind| Reply {
             to: from,
             conn_id,
             ack: i64::from(serial),
+            via,
             kind,
         };
         let (Some(account), Some(device), Some(expires), Some(binding)) =
@@ -553,7 +599,7 @@ impl Server {
                 }
             }
             if rec.account_key() == key {
-                self.accept_fresh(now, slot, from, serial);
+                self.accept_fresh(now, slot, from, serial, via);
                 if let Some(rec) = self.table.get_mut(slot) {
                     rec.expires = expires_u32;
                 }
@@ -656,6 +702,7 @@ impl Server {
             to: r.to,
             conn_id: r.conn_id,
             ack: r.ack,
+            via: r.via,
             kind: ReplyKind::Resolved(result),
         });
     }
@@ -700,6 +747,7 @@ impl Server {
                     to: r.to,
                     conn_id: r.conn_id,
                     ack: r.ack,
+                    via: r.via,
                     kind: ReplyKind::Resolved(Err(status::GATEWAY_TIMEOUT)),
                 });
             } else {
@@ -788,6 +836,7 @@ impl Server {
             return Some(Transmit {
                 destination: to,
                 size: n,
+                web: None,
             });
         }
         loop {
@@ -832,7 +881,7 @@ impl Server {
             },
         });
         let to = rec.endpoint();
-        self.seal_message(ConnId(rec.conn_id), to, &message, buf)
+        self.seal_message(ConnId(rec.conn_id), to, Via::Udp, &message, buf)
     }
 
     /// The pending notify state of a connection: its Serial and mask, copied
@@ -907,7 +956,7 @@ impl Server {
                 },
             }),
         };
-        self.seal_message(reply.conn_id, reply.to, &message, buf)
+        self.seal_message(reply.conn_id, reply.to, reply.via, &message, buf)
     }
 
     /// Encodes `message` into `buf` and seals it; a message larger than one
@@ -916,12 +965,13 @@ impl Server {
         &mut self,
         conn_id: ConnId,
         to: SocketAddr,
+        via: Via,
         message: &Message<'_>,
         buf: &mut [u8],
     ) -> Option<Transmit> {
         let plain_room = (buf.len() - HEADER_LEN).min(MAX_PLAINTEXT);
         match message.encode(&mut buf[HEADER_LEN..HEADER_LEN + plain_room]) {
-            Ok(n) => self.seal(conn_id, to, buf, n),
+            Ok(n) => self.seal(conn_id, to, via, buf, n),
             Err(_) => {
                 let bytes = message.to_vec();
                 let count = fragment_count(bytes.len())?;
@@ -929,6 +979,7 @@ impl Server {
                 self.next_fragment_id = self.next_fragment_id.wrapping_add(1);
                 self.fragmented = Some(FragmentedSend {
                     to,
+                    via,
                     conn_id,
                     message: bytes,
                     id,
@@ -948,17 +999,18 @@ impl Server {
         let n = write_fragment(&f.message, f.id, f.next, &mut buf[HEADER_LEN..]).ok()?;
         debug_assert!(n <= MAX_FRAGMENT_DATA + FRAGMENT_HEADER_LEN);
         f.next += 1;
-        let (conn_id, to) = (f.conn_id, f.to);
+        let (conn_id, to, via) = (f.conn_id, f.to, f.via);
         if f.next < f.count {
             self.fragmented = Some(f);
         }
-        self.seal(conn_id, to, buf, n)
+        self.seal(conn_id, to, via, buf, n)
     }
 
     fn seal(
         &mut self,
         conn_id: ConnId,
         to: SocketAddr,
+        via: Via,
         buf: &mut [u8],
         n: usize,
     ) -> Option<Transmit> {
@@ -969,6 +1021,10 @@ impl Server {
         Some(Transmit {
             destination: to,
             size,
+            web: match via {
+                Via::Udp => None,
+                Via::Web(id) => Some(id),
+            },
         })
     }
 }

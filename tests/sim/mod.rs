@@ -157,8 +157,9 @@ impl Sim {
             }
         }
         let server_addr: SocketAddr = SERVER_ADDR.parse().expect("addr");
-        while let Some(Transmit { destination, size }) =
-            self.server.poll_transmit(self.now, &mut buf)
+        while let Some(Transmit {
+            destination, size, ..
+        }) = self.server.poll_transmit(self.now, &mut buf)
         {
             let device = self.devices.iter().position(|d| d.addr == destination);
             if let Some(d) = device {
