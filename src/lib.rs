@@ -6,13 +6,23 @@
 //! * [`codec`] — JSON-B items and the protocol's messages;
 //! * [`packet`] — encrypted packet framing, key derivation, credentials, fragments;
 //! * [`table`] — the compact per-shard connection table;
-//! * [`proto`] — the sans-IO server shard and client state machines.
+//! * [`proto`] — the sans-IO server shard and client state machines;
+//! * [`net`] — sockets, cBPF steering, the io_uring and recvmmsg drivers;
+//! * [`shard`], [`router`], [`server`] — threads, inboxes, start and stop;
+//! * [`control`] — the HTTP control plane (publish, credentials, metrics).
 //!
 //! No layer below the I/O layer touches a socket or reads the clock: time comes
 //! in as a [`time::UnixMillis`] argument.
 
 pub mod codec;
+pub mod config;
+pub mod control;
+pub mod dns;
+pub mod net;
 pub mod packet;
 pub mod proto;
+pub mod router;
+pub mod server;
+pub mod shard;
 pub mod table;
 pub mod time;

@@ -32,8 +32,8 @@ use crate::codec::{
 };
 use crate::packet::{
     fragment_count, open_in_place, seal_in_place, write_fragment, BindingError, BindingKey, ConnId,
-    Direction, MasterKey, FRAGMENT_HEADER_LEN, HEADER_LEN, MAX_FRAGMENT_DATA, MAX_PACKET,
-    MAX_PLAINTEXT,
+    Direction, MasterKey, PacketKey, FRAGMENT_HEADER_LEN, HEADER_LEN, MAX_FRAGMENT_DATA,
+    MAX_PACKET, MAX_PLAINTEXT,
 };
 use crate::table::{AccountKey, Connection, Slot, Table, TimerWheel};
 use crate::time::{UnixMillis, UnixSeconds};
@@ -188,23 +188,59 @@ struct Reply {
     conn_id: ConnId,
     ack: i64,
     via: Via,
+    /// `k_s2c`, derived while opening the request, so the reply does not
+    /// derive the connection secret a second time.
+    key: [u8; 32],
     kind: ReplyKind,
 }
 
 struct PendingResolve {
     token: ResolveToken,
     via: Via,
+    key: [u8; 32],
     to: SocketAddr,
     conn_id: ConnId,
     ack: i64,
     deadline: UnixMillis,
 }
 
-/// A message too large for one packet, being sent chunk by chunk (PROTOCOL.md §5).
-struct FragmentedSend {
+/// Who sent an authenticated request, and what its replies need.
+#[derive(Clone, Copy)]
+struct Origin {
+    from: SocketAddr,
+    conn_id: ConnId,
+    serial: u32,
+    via: Via,
+    /// `k_s2c`, derived while opening the request.
+    key: [u8; 32],
+}
+
+impl Origin {
+    fn reply(&self, kind: ReplyKind) -> Reply {
+        Reply {
+            to: self.from,
+            conn_id: self.conn_id,
+            ack: i64::from(self.serial),
+            via: self.via,
+            key: self.key,
+            kind,
+        }
+    }
+}
+
+/// Where a sealed message goes, and the key it is sealed with.
+#[derive(Clone, Copy)]
+struct Destination {
+    conn_id: ConnId,
     to: SocketAddr,
     via: Via,
-    conn_id: ConnId,
+    /// `k_s2c` of the connection.
+    key: [u8; 32],
+}
+
+/// A message too large for one packet, being sent chunk by chunk (PROTOCOL.md §5).
+struct FragmentedSend {
+    dest: Destination,
     message: Vec<u8>,
     id: u16,
     next: usize,
@@ -344,14 +380,16 @@ impl Server {
             return;
         }
         // PROTOCOL.md §3: keys derived per packet from the master key.
-        let key = self.master.packet_key(conn_id, Direction::ClientToServer);
+        let secret = self.master.expanded_secret(conn_id);
+        let key = secret.key(Direction::ClientToServer);
+        let reply_key = secret.key_bytes(Direction::ServerToClient);
         // Decrypt in a reused buffer (its capacity is kept, so no allocation).
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         scratch.extend_from_slice(datagram);
         match open_in_place(&key, &mut scratch) {
             Ok(plaintext) => match Message::decode(plaintext) {
-                Ok(message) => self.handle_message(now, from, conn_id, message, via),
+                Ok(message) => self.handle_message(now, from, conn_id, message, via, reply_key),
                 Err(_) => self.stats.dropped_malformed += 1,
             },
             Err(_) => self.stats.dropped_auth += 1,
@@ -385,6 +423,7 @@ impl Server {
         conn_id: ConnId,
         message: Message<'_>,
         via: Via,
+        key: [u8; 32],
     ) {
         let Some(header) = message.client_header() else {
             self.stats.dropped_unexpected += 1;
@@ -396,16 +435,17 @@ impl Server {
             return;
         };
         let ack = header.acknowledge;
-        let reply = |kind| Reply {
-            to: from,
+        let origin = Origin {
+            from,
             conn_id,
-            ack: i64::from(serial),
+            serial,
             via,
-            kind,
+            key,
         };
+        let reply = |kind| origin.reply(kind);
 
         if let Message::ConnectRequest(req) = &message {
-            self.handle_connect(now, from, conn_id, serial, req, via);
+            self.handle_connect(now, origin, req);
             return;
         }
 
@@ -466,6 +506,7 @@ impl Server {
                 self.resolves.push(PendingResolve {
                     token,
                     via,
+                    key,
                     to: from,
                     conn_id,
                     ack: i64::from(serial),
@@ -528,19 +569,17 @@ impl Server {
     fn handle_connect(
         &mut self,
         now: UnixMillis,
-        from: SocketAddr,
-        conn_id: ConnId,
-        serial: u32,
+        origin: Origin,
         req: &crate::codec::PresenceConnectRequest<'_>,
-        via: Via,
     ) {
-        let reply = |kind| Reply {
-            to: from,
+        let Origin {
+            from,
             conn_id,
-            ack: i64::from(serial),
+            serial,
             via,
-            kind,
-        };
+            ..
+        } = origin;
+        let reply = |kind| origin.reply(kind);
         let (Some(account), Some(device), Some(expires), Some(binding)) =
             (&req.account, &req.device, req.expires, &req.binding)
         else {
@@ -703,6 +742,7 @@ impl Server {
             conn_id: r.conn_id,
             ack: r.ack,
             via: r.via,
+            key: r.key,
             kind: ReplyKind::Resolved(result),
         });
     }
@@ -748,6 +788,7 @@ impl Server {
                     conn_id: r.conn_id,
                     ack: r.ack,
                     via: r.via,
+                    key: r.key,
                     kind: ReplyKind::Resolved(Err(status::GATEWAY_TIMEOUT)),
                 });
             } else {
@@ -881,7 +922,17 @@ impl Server {
             },
         });
         let to = rec.endpoint();
-        self.seal_message(ConnId(rec.conn_id), to, Via::Udp, &message, buf)
+        let conn_id = ConnId(rec.conn_id);
+        let dest = Destination {
+            conn_id,
+            to,
+            via: Via::Udp,
+            key: self
+                .master
+                .expanded_secret(conn_id)
+                .key_bytes(Direction::ServerToClient),
+        };
+        self.seal_message(dest, &message, buf)
     }
 
     /// The pending notify state of a connection: its Serial and mask, copied
@@ -956,31 +1007,33 @@ impl Server {
                 },
             }),
         };
-        self.seal_message(reply.conn_id, reply.to, reply.via, &message, buf)
+        let dest = Destination {
+            conn_id: reply.conn_id,
+            to: reply.to,
+            via: reply.via,
+            key: reply.key,
+        };
+        self.seal_message(dest, &message, buf)
     }
 
     /// Encodes `message` into `buf` and seals it; a message larger than one
     /// packet becomes fragments (PROTOCOL.md §5), sent by later polls.
     fn seal_message(
         &mut self,
-        conn_id: ConnId,
-        to: SocketAddr,
-        via: Via,
+        dest: Destination,
         message: &Message<'_>,
         buf: &mut [u8],
     ) -> Option<Transmit> {
         let plain_room = (buf.len() - HEADER_LEN).min(MAX_PLAINTEXT);
         match message.encode(&mut buf[HEADER_LEN..HEADER_LEN + plain_room]) {
-            Ok(n) => self.seal(conn_id, to, via, buf, n),
+            Ok(n) => self.seal(dest, buf, n),
             Err(_) => {
                 let bytes = message.to_vec();
                 let count = fragment_count(bytes.len())?;
                 let id = self.next_fragment_id;
                 self.next_fragment_id = self.next_fragment_id.wrapping_add(1);
                 self.fragmented = Some(FragmentedSend {
-                    to,
-                    via,
-                    conn_id,
+                    dest,
                     message: bytes,
                     id,
                     next: 0,
@@ -999,29 +1052,22 @@ impl Server {
         let n = write_fragment(&f.message, f.id, f.next, &mut buf[HEADER_LEN..]).ok()?;
         debug_assert!(n <= MAX_FRAGMENT_DATA + FRAGMENT_HEADER_LEN);
         f.next += 1;
-        let (conn_id, to, via) = (f.conn_id, f.to, f.via);
+        let dest = f.dest;
         if f.next < f.count {
             self.fragmented = Some(f);
         }
-        self.seal(conn_id, to, via, buf, n)
+        self.seal(dest, buf, n)
     }
 
-    fn seal(
-        &mut self,
-        conn_id: ConnId,
-        to: SocketAddr,
-        via: Via,
-        buf: &mut [u8],
-        n: usize,
-    ) -> Option<Transmit> {
-        let key = self.master.packet_key(conn_id, Direction::ServerToClient);
+    fn seal(&mut self, dest: Destination, buf: &mut [u8], n: usize) -> Option<Transmit> {
+        let key = PacketKey::new(&dest.key);
         let mut nonce = [0u8; 12];
         self.rng.fill_bytes(&mut nonce);
-        let size = seal_in_place(&key, conn_id, nonce, buf, n).ok()?;
+        let size = seal_in_place(&key, dest.conn_id, nonce, buf, n).ok()?;
         Some(Transmit {
-            destination: to,
+            destination: dest.to,
             size,
-            web: match via {
+            web: match dest.via {
                 Via::Udp => None,
                 Via::Web(id) => Some(id),
             },

@@ -1,10 +1,10 @@
 //! `mpp`: the Mesh Presence Protocol client tool.
 //!
-//! For now it converts single messages between their two forms (PROTOCOL.md §1):
-//! the JSON-B wire bytes and the JSON text form people read and type. Each
-//! subcommand is one variant of [`Command`] with its own argument struct and
-//! `run` method, so the network commands (subscribe, endpoint, notify) slot in
-//! beside these.
+//! It subscribes to a node and prints what arrives (`subscribe`), asks for the
+//! address the node sees (`endpoint`), publishes (`notify`), and converts
+//! single messages between their two forms (PROTOCOL.md §1): the JSON-B wire
+//! bytes and the JSON text form people read and type. Each subcommand is one
+//! variant of [`Command`] with its own argument struct and `run` method.
 //!
 //! Errors are one line on stderr, `mpp: <reason>`. Invalid input exits with
 //! status 2, like clap's own usage errors; any other failure (such as stdout
@@ -17,6 +17,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use mpp::codec::Message;
+
+mod http;
+mod live;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -53,6 +56,21 @@ Examples:
   mpp encode - < tests/vectors/notify.json
   mpp encode '{\"PresenceStatus\":{\"Bitmask\":\"BQ\",\"EndPoint\":{\"IpAddress\":\"fwAAAQ\",\"Port\":15099}}}'";
 
+const SUBSCRIBE_EXAMPLES: &str = "\
+Examples:
+  mpp subscribe --credential phone.json
+  mpp subscribe --credential phone.json --node 127.0.0.1:15099 --duration 60s
+
+Output, one JSON object per line:
+  {\"event\":\"connected\",\"endpoint\":\"127.0.0.1:40000\"}
+  {\"event\":\"notify\",\"serial\":1,\"bitmask\":\"05\"}
+  {\"event\":\"disconnected\",\"reason\":\"requested\",...}";
+
+const NOTIFY_EXAMPLES: &str = "\
+Examples:
+  mpp notify --account alice@example.com --bitmask 01
+  mpp notify --account alice@example.com --bitmask 0500 --control http://127.0.0.1:15099 --data-dir ./mppd-data";
+
 /// Mesh Presence Protocol client tool.
 #[derive(Parser)]
 #[command(
@@ -60,8 +78,10 @@ Examples:
     version,
     about = "Mesh Presence Protocol client tool",
     long_about = "Mesh Presence Protocol client tool.\n\n\
-        Converts protocol messages between their JSON-B wire form (shown as hex) \
-        and their JSON text form, e.g. {\"PresenceHeartbeat\":{\"Serial\":5,\"Acknowledge\":3}}. \
+        Subscribes to a node and prints notifications, asks for the public \
+        endpoint, publishes through the control plane, and converts protocol \
+        messages between their JSON-B wire form (shown as hex) and their JSON \
+        text form, e.g. {\"PresenceHeartbeat\":{\"Serial\":5,\"Acknowledge\":3}}. \
         Binary fields are unpadded base64url in the text form and DateTimes are \
         yyyy-MM-ddTHH:mm:ssZ (PROTOCOL.md §1).",
     after_help = EXAMPLES
@@ -92,6 +112,14 @@ enum Command {
         after_help = ENCODE_EXAMPLES
     )]
     Encode(EncodeArgs),
+    /// Connect to a node and print one JSON line per event until interrupted
+    #[command(after_help = SUBSCRIBE_EXAMPLES)]
+    Subscribe(live::SubscribeArgs),
+    /// Print the address (IP:port) the node sees this device at
+    Endpoint(live::EndpointArgs),
+    /// Publish a notification to every device of an account (control plane)
+    #[command(after_help = NOTIFY_EXAMPLES)]
+    Notify(live::NotifyArgs),
 }
 
 impl Command {
@@ -99,6 +127,9 @@ impl Command {
         match self {
             Command::Decode(args) => args.run(out),
             Command::Encode(args) => args.run(out),
+            Command::Subscribe(args) => args.run(out),
+            Command::Endpoint(args) => args.run(out),
+            Command::Notify(args) => args.run(out),
         }
     }
 }
@@ -180,7 +211,7 @@ fn parse_hex(text: &str) -> Result<Vec<u8>, InvalidInput> {
 
 /// The user's input is not valid: exit with [`EXIT_INVALID_INPUT`].
 #[derive(Debug)]
-struct InvalidInput(String);
+pub(crate) struct InvalidInput(pub(crate) String);
 
 impl fmt::Display for InvalidInput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

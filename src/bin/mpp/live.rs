@@ -1,0 +1,329 @@
+//! The network subcommands: `subscribe`, `endpoint` and `notify`.
+//!
+//! `subscribe` and `endpoint` drive the library's sans-IO client
+//! ([`mpp::proto::Client`]) over a plain blocking UDP socket: the same state
+//! machine the node's tests and the load generator use, so this tool cannot
+//! drift from the protocol. `notify` posts to the node's control plane.
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use mpp::packet::{Credential, MAX_PACKET};
+use mpp::proto::{Client, ClientConfig, ClientEvent, ClientState, DisconnectReason};
+use mpp::time::UnixMillis;
+
+use crate::http;
+use crate::InvalidInput;
+
+/// Set by SIGINT/SIGTERM.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Arguments shared by the commands that talk to a node over UDP.
+#[derive(Args)]
+pub(crate) struct NodeArgs {
+    /// The device credential (JSON, as printed by `mppd credential issue`).
+    #[arg(long)]
+    credential: PathBuf,
+    /// The node's UDP address; default: the credential's first endpoint.
+    #[arg(long)]
+    node: Option<String>,
+}
+
+impl NodeArgs {
+    fn open(&self) -> anyhow::Result<(Credential, SocketAddr, UdpSocket)> {
+        let text = std::fs::read_to_string(&self.credential).map_err(|e| {
+            InvalidInput(format!(
+                "cannot read credential {}: {e}",
+                self.credential.display()
+            ))
+        })?;
+        let credential = Credential::from_json(&text).map_err(|e| {
+            InvalidInput(format!(
+                "invalid credential {}: {e}",
+                self.credential.display()
+            ))
+        })?;
+        let node_text = match &self.node {
+            Some(n) => n.clone(),
+            None => credential.endpoints.first().cloned().ok_or_else(|| {
+                InvalidInput("the credential lists no endpoint: give --node HOST:PORT".into())
+            })?,
+        };
+        let node = node_text
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                InvalidInput(format!(
+                    "invalid node address {node_text:?}: expected HOST:PORT"
+                ))
+            })?;
+        let local: SocketAddr = match node {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let socket = UdpSocket::bind(local).context("cannot open a UDP socket")?;
+        socket
+            .connect(node)
+            .with_context(|| format!("cannot reach {node}"))?;
+        Ok((credential, node, socket))
+    }
+}
+
+/// A client and its socket, stepped until an event or a deadline.
+struct Session {
+    client: Client,
+    socket: UdpSocket,
+    buf: Vec<u8>,
+}
+
+impl Session {
+    fn new(credential: &Credential, socket: UdpSocket) -> Self {
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        let client = Client::new(credential, ClientConfig::default(), now(), seed);
+        Session {
+            client,
+            socket,
+            buf: vec![0u8; MAX_PACKET.max(2048)],
+        }
+    }
+
+    /// Sends what is queued, waits for one datagram or timer (at most
+    /// `max_wait`), and returns the events that produced.
+    fn step(&mut self, max_wait: Duration) -> anyhow::Result<Vec<ClientEvent>> {
+        while let Some(n) = self.client.poll_transmit(&mut self.buf) {
+            // A send error (no route, refused) is like a lost datagram: the
+            // client's timers retry.
+            let _ = self.socket.send(&self.buf[..n]);
+        }
+        let t = now();
+        let wait = self
+            .client
+            .poll_timeout()
+            .map_or(max_wait, |d| {
+                Duration::from_millis(d.millis_since(t)).min(max_wait)
+            })
+            .max(Duration::from_millis(1));
+        self.socket.set_read_timeout(Some(wait)).context("socket")?;
+        match self.socket.recv(&mut self.buf) {
+            Ok(n) => self.client.handle_datagram(now(), &self.buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => return Err(e).context("cannot receive"),
+        }
+        let t = now();
+        if self.client.poll_timeout().is_some_and(|d| d <= t) {
+            self.client.handle_timeout(t);
+        }
+        let mut events = Vec::new();
+        while let Some(e) = self.client.poll_event() {
+            events.push(e);
+        }
+        while let Some(n) = self.client.poll_transmit(&mut self.buf) {
+            let _ = self.socket.send(&self.buf[..n]);
+        }
+        Ok(events)
+    }
+}
+
+fn now() -> UnixMillis {
+    UnixMillis::from_system_clock()
+}
+
+fn event_json(event: &ClientEvent) -> serde_json::Value {
+    use serde_json::json;
+    match event {
+        ClientEvent::Connected { endpoint } => {
+            json!({"event": "connected", "endpoint": endpoint.to_string()})
+        }
+        ClientEvent::Notify { serial, bitmask } => {
+            json!({"event": "notify", "serial": serial, "bitmask": hex::encode(bitmask)})
+        }
+        ClientEvent::Endpoint(a) => json!({"event": "endpoint", "endpoint": a.to_string()}),
+        ClientEvent::Resolved(Ok(a)) => json!({"event": "resolved", "response": hex::encode(a)}),
+        ClientEvent::Resolved(Err(s)) => json!({"event": "resolved", "status": s}),
+        ClientEvent::Disconnected(reason) => {
+            let (why, status, description) = match reason {
+                DisconnectReason::Requested => ("requested", None, None),
+                DisconnectReason::Timeout => ("timeout", None, None),
+                DisconnectReason::Refused {
+                    status,
+                    description,
+                } => ("refused", Some(*status), Some(description.clone())),
+            };
+            json!({"event": "disconnected", "reason": why, "status": status, "description": description})
+        }
+    }
+}
+
+/// Arguments of `mpp subscribe`.
+#[derive(Args)]
+pub(crate) struct SubscribeArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Stop after this long (e.g. 30s, 5m); default: until interrupted.
+    #[arg(long, value_parser = mpp::time::parse_duration_secs)]
+    duration: Option<u64>,
+    /// Stop after this many notifications.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+impl SubscribeArgs {
+    pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
+        let (credential, _node, socket) = self.node.open()?;
+        install_signal_handlers();
+        let mut session = Session::new(&credential, socket);
+        let deadline = self
+            .duration
+            .map(|s| Instant::now() + Duration::from_secs(s));
+        let mut notifies = 0u64;
+        loop {
+            let stop = INTERRUPTED.load(Ordering::Relaxed)
+                || deadline.is_some_and(|d| Instant::now() >= d)
+                || self.count.is_some_and(|c| notifies >= c);
+            if stop {
+                break;
+            }
+            for event in session.step(Duration::from_millis(200))? {
+                if matches!(event, ClientEvent::Notify { .. }) {
+                    notifies += 1;
+                }
+                writeln!(out, "{}", event_json(&event)).context("cannot write standard output")?;
+                out.flush().context("cannot write standard output")?;
+            }
+            if session.client.state() == ClientState::Aborted {
+                anyhow::bail!("the node refused the connection");
+            }
+        }
+        // Unsubscribe politely; give the node a second to confirm.
+        session.client.disconnect(now());
+        let until = Instant::now() + Duration::from_secs(2);
+        while session.client.state() != ClientState::Aborted && Instant::now() < until {
+            for event in session.step(Duration::from_millis(100))? {
+                writeln!(out, "{}", event_json(&event)).context("cannot write standard output")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Arguments of `mpp endpoint`.
+#[derive(Args)]
+pub(crate) struct EndpointArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+impl EndpointArgs {
+    pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
+        let (credential, node, socket) = self.node.open()?;
+        let mut session = Session::new(&credential, socket);
+        let until = Instant::now() + Duration::from_secs(self.timeout);
+        let mut asked = false;
+        while Instant::now() < until {
+            for event in session.step(Duration::from_millis(200))? {
+                match event {
+                    ClientEvent::Connected { .. } if !asked => {
+                        session.client.request_endpoint();
+                        asked = true;
+                    }
+                    ClientEvent::Endpoint(a) => {
+                        writeln!(out, "{a}").context("cannot write standard output")?;
+                        session.client.disconnect(now());
+                        let _ = session.step(Duration::from_millis(50));
+                        return Ok(());
+                    }
+                    ClientEvent::Disconnected(DisconnectReason::Refused {
+                        status,
+                        description,
+                    }) => {
+                        anyhow::bail!("the node refused the connection: {status} {description}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        anyhow::bail!("no answer from {node} within {} s", self.timeout)
+    }
+}
+
+/// Arguments of `mpp notify`.
+#[derive(Args)]
+pub(crate) struct NotifyArgs {
+    /// The account to notify.
+    #[arg(long)]
+    account: String,
+    /// Which stores changed, as hex (bit i = store i), 1 to 32 bytes.
+    #[arg(long)]
+    bitmask: String,
+    /// The node's control URL.
+    #[arg(long, default_value = "http://127.0.0.1:15099")]
+    control: String,
+    /// File holding the admin token.
+    #[arg(long, conflicts_with = "data_dir")]
+    admin_token: Option<PathBuf>,
+    /// The node's data directory (its admin.token is used).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl NotifyArgs {
+    pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
+        let mask = hex::decode(self.bitmask.trim())
+            .map_err(|e| InvalidInput(format!("invalid bitmask {:?}: {e}", self.bitmask)))?;
+        if mask.is_empty() || mask.len() > 32 {
+            return Err(InvalidInput("the bitmask must be 1 to 32 bytes of hex".into()).into());
+        }
+        let token_file = match (self.admin_token, self.data_dir) {
+            (Some(f), _) => f,
+            (None, Some(d)) => d.join("admin.token"),
+            (None, None) => PathBuf::from("./mppd-data/admin.token"),
+        };
+        let token = std::fs::read_to_string(&token_file).map_err(|e| {
+            InvalidInput(format!(
+                "cannot read admin token {}: {e}",
+                token_file.display()
+            ))
+        })?;
+        let body =
+            serde_json::json!({"account": self.account, "bitmask": hex::encode(&mask)}).to_string();
+        let response = http::post(&self.control, "/v1/notify", token.trim(), &body)?;
+        if !(200..300).contains(&response.status) {
+            anyhow::bail!(
+                "the node answered {}: {}",
+                response.status,
+                response.body.trim()
+            );
+        }
+        writeln!(out, "{}", response.body.trim()).context("cannot write standard output")
+    }
+}

@@ -1,0 +1,496 @@
+//! The routes of the control port and their request checks (PROTOCOL.md §9).
+//!
+//! Each handler validates its whole request before it asks anything of the
+//! node, answers every refusal as `{"error": "<reason>"}` with a status that
+//! says whose fault it is, and reaches the node only through [`NodeApi`]. It
+//! must not block: the node's calls are non-blocking hand-offs, and the one
+//! wait (the web-service transport's replies) is bounded by
+//! [`WEB_REPLY_TIMEOUT`]. Nothing here logs request bodies, tokens or
+//! credentials.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth::{require_admin, AdminToken};
+use super::metrics::{render_prometheus, CONTENT_TYPE as METRICS_CONTENT_TYPE};
+use super::{
+    NodeApi, DEFAULT_CREDENTIAL_TTL_SECS, MAX_CREDENTIAL_TTL_SECS, MAX_NOTIFY_BATCH,
+    MAX_REQUEST_BODY, MIN_CREDENTIAL_TTL_SECS, WEB_REPLY_TIMEOUT,
+};
+use crate::packet::{CredentialError, MAX_ACCOUNT_LEN, MAX_PACKET};
+use crate::proto::MAX_BITMASK;
+
+/// A refusal: its status and the reason sent as `{"error": reason}`.
+#[derive(Debug)]
+pub(super) struct ApiError {
+    status: StatusCode,
+    reason: String,
+}
+
+impl ApiError {
+    /// A refusal with `status` and `reason`.
+    pub(super) fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    fn bad_request(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, reason)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.reason }))).into_response()
+    }
+}
+
+/// The handlers' shared state.
+#[derive(Clone)]
+struct App {
+    node: Arc<dyn NodeApi>,
+}
+
+/// The control API's routes, without the listener: `/v1/notify` and
+/// `/v1/credentials` (admin token required), `/.well-known/mmmpresence/`,
+/// `/metrics` and `/healthz`.
+///
+/// The web-service transport reads the peer address from
+/// `ConnectInfo<SocketAddr>`, so serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` as
+/// [`serve`](super::serve) does. An empty `admin_token` refuses every write.
+pub fn router(node: Arc<dyn NodeApi>, admin_token: String) -> Router {
+    let token = Arc::new(AdminToken::new(&admin_token));
+    let admin = || middleware::from_fn_with_state(Arc::clone(&token), require_admin);
+    Router::new()
+        // The admin check is a route layer on the POST handler only, so a
+        // wrong method is still 405 and an unauthorized body is never read.
+        .route("/v1/notify", post(notify).route_layer(admin()))
+        .route("/v1/credentials", post(credentials).route_layer(admin()))
+        .route(
+            "/.well-known/mmmpresence/",
+            post(web_transport).layer(DefaultBodyLimit::max(MAX_PACKET)),
+        )
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        // After every route: it is installed on the routes present.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
+        .layer(middleware::from_fn(log_request))
+        .with_state(App { node })
+}
+
+/// Logs method, path and status at debug level; never headers or bodies.
+async fn log_request(request: Request, next: Next) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(request).await;
+    }
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    tracing::debug!(%method, %path, status = response.status().as_u16(), "control request");
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let text = render_prometheus(&app.node.metrics());
+    ([(CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
+}
+
+/// A body that could not be read: 413 over the limit, else axum's reason.
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        let reason = format!("request body larger than {MAX_REQUEST_BODY} bytes");
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, reason)
+    } else {
+        ApiError::new(rejection.status(), rejection.body_text())
+    }
+}
+
+/// Parses a JSON body, telling bad syntax from a wrong shape.
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => format!("invalid request: {e}"),
+        _ => format!("malformed JSON: {e}"),
+    })
+}
+
+/// `POST /v1/notify`: one notification or a batch.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotifyBody {
+    account: Option<String>,
+    bitmask: Option<String>,
+    notifications: Option<Vec<NotificationBody>>,
+}
+
+/// One entry of a batch.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotificationBody {
+    account: String,
+    bitmask: String,
+}
+
+/// A checked notification, ready to publish.
+#[derive(Debug, PartialEq, Eq)]
+struct Notification {
+    account: String,
+    bitmask: Vec<u8>,
+}
+
+/// Checks a whole notify request; on any bad entry nothing is returned.
+fn parse_notify(body: &[u8]) -> Result<Vec<Notification>, String> {
+    let request: NotifyBody = parse_json(body)?;
+    match (request.account, request.bitmask, request.notifications) {
+        (Some(account), Some(bitmask), None) => Ok(vec![notification(account, &bitmask)?]),
+        (None, None, Some(list)) => {
+            if list.is_empty() {
+                return Err("notifications is empty".into());
+            }
+            if list.len() > MAX_NOTIFY_BATCH {
+                return Err(format!(
+                    "notifications has {} entries, at most {MAX_NOTIFY_BATCH} allowed",
+                    list.len()
+                ));
+            }
+            list.into_iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    notification(n.account, &n.bitmask)
+                        .map_err(|e| format!("notifications[{i}]: {e}"))
+                })
+                .collect()
+        }
+        (None, None, None) => Err("expected either account and bitmask, or notifications".into()),
+        (_, _, Some(_)) => {
+            Err("give either account and bitmask, or notifications, not both".into())
+        }
+        (None, Some(_), None) => Err("missing field `account`".into()),
+        (Some(_), None, None) => Err("missing field `bitmask`".into()),
+    }
+}
+
+/// Checks one notification (PROTOCOL.md §2: a bitmask of 1 to 32 bytes).
+fn notification(account: String, bitmask: &str) -> Result<Notification, String> {
+    if account.is_empty() {
+        return Err("account is empty".into());
+    }
+    if account.len() > MAX_ACCOUNT_LEN {
+        return Err(format!("account is longer than {MAX_ACCOUNT_LEN} bytes"));
+    }
+    if bitmask.is_empty() {
+        return Err("bitmask is empty".into());
+    }
+    let bitmask = hex::decode(bitmask).map_err(|_| "bitmask is not hex".to_owned())?;
+    if bitmask.len() > MAX_BITMASK {
+        return Err(format!("bitmask is longer than {MAX_BITMASK} bytes"));
+    }
+    Ok(Notification { account, bitmask })
+}
+
+async fn notify(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_error(rejection).into_response(),
+    };
+    let batch = match parse_notify(&body) {
+        Ok(batch) => batch,
+        Err(reason) => return ApiError::bad_request(reason).into_response(),
+    };
+    // Publish in order and stop at the first full inbox, so the caller knows
+    // that exactly the first `accepted` entries went out.
+    for (accepted, n) in batch.iter().enumerate() {
+        if let Err(overloaded) = app.node.publish(&n.account, &n.bitmask) {
+            let error =
+                format!("{overloaded}; entries from index {accepted} on were not published");
+            let body = Json(json!({ "accepted": accepted, "error": error }));
+            return (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], body).into_response();
+        }
+    }
+    let body = Json(json!({ "accepted": batch.len() }));
+    (StatusCode::ACCEPTED, body).into_response()
+}
+
+/// `POST /v1/credentials`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialBody {
+    account: String,
+    device: String,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+/// A checked credential request.
+#[derive(Debug, PartialEq, Eq)]
+struct CredentialRequest {
+    account: String,
+    device: String,
+    ttl_secs: u64,
+}
+
+/// Checks a credential request's shape and lifetime; names are checked by
+/// the issuer.
+fn parse_credential_request(body: &[u8]) -> Result<CredentialRequest, String> {
+    let request: CredentialBody = parse_json(body)?;
+    let ttl_secs = request.ttl_secs.unwrap_or(DEFAULT_CREDENTIAL_TTL_SECS);
+    if ttl_secs < MIN_CREDENTIAL_TTL_SECS {
+        return Err(format!(
+            "ttl_secs must be at least {MIN_CREDENTIAL_TTL_SECS}"
+        ));
+    }
+    if ttl_secs > MAX_CREDENTIAL_TTL_SECS {
+        return Err(format!(
+            "ttl_secs must be at most {MAX_CREDENTIAL_TTL_SECS} (366 days)"
+        ));
+    }
+    Ok(CredentialRequest {
+        account: request.account,
+        device: request.device,
+        ttl_secs,
+    })
+}
+
+async fn credentials(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_error(rejection).into_response(),
+    };
+    let request = match parse_credential_request(&body) {
+        Ok(request) => request,
+        Err(reason) => return ApiError::bad_request(reason).into_response(),
+    };
+    match app
+        .node
+        .issue_credential(&request.account, &request.device, request.ttl_secs)
+    {
+        Ok(credential) => {
+            let headers = [
+                (CONTENT_TYPE, "application/json"),
+                (CACHE_CONTROL, "no-store"),
+            ];
+            (StatusCode::OK, headers, credential.to_json()).into_response()
+        }
+        Err(e @ (CredentialError::InvalidName { .. } | CredentialError::Binding(_))) => {
+            ApiError::bad_request(e.to_string()).into_response()
+        }
+        // The node's own endpoints are wrong: not the caller's fault.
+        Err(e) => {
+            tracing::error!(error = %e, "cannot issue credentials");
+            let reason = format!("node cannot issue credentials: {e}");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, reason).into_response()
+        }
+    }
+}
+
+/// The replies as one body: each prefixed by its u16be length
+/// (PROTOCOL.md §9). `None` if one is too long to frame.
+fn frame_replies(replies: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut body = Vec::with_capacity(replies.iter().map(|r| r.len() + 2).sum());
+    for reply in replies {
+        let len = u16::try_from(reply.len()).ok()?;
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(reply);
+    }
+    Some(body)
+}
+
+/// `POST /.well-known/mmmpresence/`: no admin token, the packet
+/// authenticates itself.
+async fn web_transport(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let too_long = || ApiError::bad_request(format!("packet longer than {MAX_PACKET} bytes"));
+    let packet = match body {
+        Ok(packet) if packet.is_empty() => {
+            return ApiError::bad_request("empty packet").into_response()
+        }
+        Ok(packet) if packet.len() > MAX_PACKET => return too_long().into_response(),
+        Ok(packet) => packet,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_long().into_response(),
+        Err(r) => return body_error(r).into_response(),
+    };
+    let replies = match app.node.web_request(peer, packet.to_vec()) {
+        Ok(replies) => replies,
+        Err(overloaded) => {
+            let error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, overloaded.to_string());
+            return ([(RETRY_AFTER, "1")], error).into_response();
+        }
+    };
+    let replies = match tokio::time::timeout(WEB_REPLY_TIMEOUT, replies).await {
+        Ok(Ok(replies)) => replies,
+        Ok(Err(_dropped)) => {
+            let reason = "the shard dropped the request";
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason).into_response();
+        }
+        Err(_elapsed) => {
+            let reason = format!("no reply from the shard within {WEB_REPLY_TIMEOUT:?}");
+            return ApiError::new(StatusCode::GATEWAY_TIMEOUT, reason).into_response();
+        }
+    };
+    match frame_replies(&replies) {
+        Some(body) => {
+            let headers = [(CONTENT_TYPE, "application/octet-stream")];
+            (StatusCode::OK, headers, body).into_response()
+        }
+        None => {
+            let reason = "a reply packet is too long to frame";
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, reason).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notify_err(body: &str) -> String {
+        parse_notify(body.as_bytes()).expect_err(body)
+    }
+
+    #[test]
+    fn notify_single_and_batch() {
+        let one = parse_notify(br#"{"account":"a@b","bitmask":"0102"}"#).expect("valid");
+        assert_eq!(
+            one,
+            [Notification {
+                account: "a@b".into(),
+                bitmask: vec![1, 2]
+            }]
+        );
+        let batch = parse_notify(
+            br#"{"notifications":[{"account":"a","bitmask":"FF"},{"account":"b","bitmask":"00"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0].bitmask, [0xff]);
+        let max = format!(
+            r#"{{"account":"{}","bitmask":"{}"}}"#,
+            "a".repeat(255),
+            "ab".repeat(32)
+        );
+        assert!(parse_notify(max.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn notify_reasons_name_the_problem() {
+        let long_account = format!(r#"{{"account":"{}","bitmask":"01"}}"#, "a".repeat(256));
+        let long_mask = format!(r#"{{"account":"a","bitmask":"{}"}}"#, "01".repeat(33));
+        let entries = vec![r#"{"account":"a","bitmask":"01"}"#; MAX_NOTIFY_BATCH + 1].join(",");
+        let big_batch = format!(r#"{{"notifications":[{entries}]}}"#);
+        let cases: [(&str, &str); 14] = [
+            ("{", "malformed JSON"),
+            ("", "malformed JSON"),
+            ("[]", "invalid request"),
+            (
+                r#"{"account":"a","bitmask":"01","x":1}"#,
+                "unknown field `x`",
+            ),
+            (
+                r#"{"notifications":[{"account":"a","bitmask":"01","y":2}]}"#,
+                "unknown field `y`",
+            ),
+            ("{}", "expected either"),
+            (
+                r#"{"account":"a","bitmask":"01","notifications":[]}"#,
+                "not both",
+            ),
+            (r#"{"account":"a"}"#, "missing field `bitmask`"),
+            (r#"{"account":"","bitmask":"01"}"#, "account is empty"),
+            (&long_account, "account is longer than 255 bytes"),
+            (r#"{"account":"a","bitmask":"0g"}"#, "bitmask is not hex"),
+            (r#"{"account":"a","bitmask":""}"#, "bitmask is empty"),
+            (&long_mask, "bitmask is longer than 32 bytes"),
+            (r#"{"notifications":[]}"#, "notifications is empty"),
+        ];
+        for (body, reason) in cases {
+            let err = notify_err(body);
+            assert!(err.contains(reason), "{body}: {err}");
+        }
+        assert!(notify_err(&big_batch).contains("10001 entries, at most 10000"));
+        assert!(notify_err(r#"{"account":"a","bitmask":"abc"}"#).contains("not hex"));
+        let err = notify_err(
+            r#"{"notifications":[{"account":"a","bitmask":"01"},{"account":"b","bitmask":"zz"}]}"#,
+        );
+        assert_eq!(err, "notifications[1]: bitmask is not hex");
+    }
+
+    #[test]
+    fn credential_request_defaults_and_bounds() {
+        let r = parse_credential_request(br#"{"account":"a","device":"d"}"#).expect("valid");
+        assert_eq!(r.ttl_secs, DEFAULT_CREDENTIAL_TTL_SECS);
+        let r = parse_credential_request(br#"{"account":"a","device":"d","ttl_secs":60}"#)
+            .expect("valid");
+        assert_eq!(r.ttl_secs, 60);
+        let max = format!(r#"{{"account":"a","device":"d","ttl_secs":{MAX_CREDENTIAL_TTL_SECS}}}"#);
+        assert!(parse_credential_request(max.as_bytes()).is_ok());
+        let over = format!(
+            r#"{{"account":"a","device":"d","ttl_secs":{}}}"#,
+            MAX_CREDENTIAL_TTL_SECS + 1
+        );
+        let err = parse_credential_request(over.as_bytes()).expect_err("too long");
+        assert!(err.contains("at most"), "{err}");
+        for (body, reason) in [
+            (
+                r#"{"account":"a","device":"d","ttl_secs":59}"#,
+                "at least 60",
+            ),
+            (
+                r#"{"account":"a","device":"d","ttl_secs":-1}"#,
+                "invalid request",
+            ),
+            (r#"{"account":"a"}"#, "missing field `device`"),
+            (
+                r#"{"account":"a","device":"d","secret":"x"}"#,
+                "unknown field `secret`",
+            ),
+            ("{", "malformed JSON"),
+        ] {
+            let err = parse_credential_request(body.as_bytes()).expect_err(body);
+            assert!(err.contains(reason), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn replies_are_length_prefixed() {
+        assert_eq!(frame_replies(&[]), Some(vec![]));
+        assert_eq!(
+            frame_replies(&[vec![0xaa; 3], vec![], vec![0xbb]]),
+            Some(vec![0, 3, 0xaa, 0xaa, 0xaa, 0, 0, 0, 1, 0xbb])
+        );
+        let long = vec![0; 300];
+        let framed = frame_replies(std::slice::from_ref(&long)).expect("fits");
+        assert_eq!(&framed[..2], &[1, 44]);
+        assert_eq!(frame_replies(&[vec![0; 65_536]]), None);
+    }
+}

@@ -1,0 +1,65 @@
+//! The DNS proxy's upstream side (PROTOCOL.md §2 `PresenceResolveRequest`):
+//! runs on the control-plane runtime, never on a shard thread.
+//!
+//! Each query a shard hands over is sent to the configured upstream from a
+//! fresh ephemeral socket (so answers cannot be confused between queries),
+//! and the answer — or 504 on timeout, 502 on any other failure — goes back
+//! to the shard through the router. At most `MAX_IN_FLIGHT` queries wait at
+//! once; the shard-side channel is bounded too.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::router::{Router, ShardMessage};
+use crate::shard::DnsQuery;
+
+const MAX_IN_FLIGHT: usize = 256;
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Forwards queries to `upstream` until the channel closes.
+pub async fn forward(
+    upstream: SocketAddr,
+    mut queries: tokio::sync::mpsc::Receiver<DnsQuery>,
+    router: Arc<Router>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    while let Some((shard, token, query)) = queries.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let answer = ask(upstream, &query).await;
+            if let Err(code) = &answer {
+                tracing::debug!(%upstream, code, "DNS upstream failed");
+            }
+            let _ = router.send(shard, ShardMessage::ResolveAnswer { token, answer });
+            drop(permit);
+        });
+    }
+}
+
+async fn ask(upstream: SocketAddr, query: &[u8]) -> Result<Vec<u8>, u16> {
+    let local: SocketAddr = match upstream {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    let socket = tokio::net::UdpSocket::bind(local)
+        .await
+        .map_err(|_| 502u16)?;
+    socket.connect(upstream).await.map_err(|_| 502u16)?;
+    socket.send(query).await.map_err(|_| 502u16)?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(UPSTREAM_TIMEOUT, socket.recv(&mut buf))
+            .await
+            .map_err(|_| 504u16)?
+            .map_err(|_| 502u16)?;
+        // The DNS id (first two bytes) must match the query's.
+        if n >= 2 && query.len() >= 2 && buf[..2] == query[..2] {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The shard sockets: one SO_REUSEPORT group of UDP sockets bound to the node's
+//! address, one socket per shard, and the `sockaddr` conversions both drivers
+//! share.
+//!
+//! It exists so that every platform detail of opening the port (reuse flags,
+//! dual stack, forced buffer sizes, resolving port 0 once for the whole group,
+//! naming the address in bind errors) lives in one place. It must not choose
+//! which shard a datagram goes to (that is [`super::steer`]) nor read or write
+//! datagrams (that is the drivers).
+
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A bind that failed, with the address it was for; carried inside the
+/// [`io::Error`] returned by [`bind_group`] (reach it with
+/// `io::Error::get_ref` and `downcast_ref`).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind UDP socket {index} of {count} to {addr}: {source}")]
+pub struct BindError {
+    /// The address the socket was being bound to.
+    pub addr: SocketAddr,
+    /// Which socket of the group (0-based).
+    pub index: usize,
+    /// The size of the group.
+    pub count: usize,
+    /// The kernel's error (`EADDRINUSE` when the port is taken).
+    #[source]
+    pub source: io::Error,
+}
+
+/// Opens `count` UDP sockets in one SO_REUSEPORT group, all bound to `addr`.
+///
+/// Each socket has SO_REUSEPORT and SO_REUSEADDR, is non-blocking and
+/// close-on-exec, and has receive and send buffers of `buffer_bytes`
+/// (SO_RCVBUFFORCE / SO_SNDBUFFORCE when the process may exceed the sysctl
+/// limits, the capped SO_RCVBUF / SO_SNDBUF otherwise; 0 keeps the kernel's
+/// defaults). An IPv6 unspecified address (`[::]`) is dual-stack (IPV6_V6ONLY
+/// off), as is a v4-mapped one (`[::ffff:127.0.0.1]`), which takes IPv4
+/// traffic on an IPv6 socket. When the port is 0 the first socket gets a port from the kernel and
+/// the others join it, so the group shares one real port.
+///
+/// The order of the returned sockets is the order of the group, which is the
+/// index the steering program of [`super::steer::attach_steering`] selects.
+///
+/// Errors: `InvalidInput` for `count == 0`; a failed bind keeps the kernel's
+/// error kind (`AddrInUse` for a taken port) and its message names the
+/// address (the payload is a [`BindError`]).
+pub fn bind_group(
+    addr: SocketAddr,
+    count: usize,
+    buffer_bytes: usize,
+) -> io::Result<Vec<UdpSocket>> {
+    if count == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a socket group needs at least one socket",
+        ));
+    }
+    let mut sockets = Vec::with_capacity(count);
+    let mut bind_addr = addr;
+    for index in 0..count {
+        let socket = open_member(bind_addr, buffer_bytes)?;
+        if let Err(source) = socket.bind(&bind_addr.into()) {
+            return Err(io::Error::new(
+                source.kind(),
+                BindError {
+                    addr: bind_addr,
+                    index,
+                    count,
+                    source,
+                },
+            ));
+        }
+        let socket: UdpSocket = socket.into();
+        if index == 0 && bind_addr.port() == 0 {
+            bind_addr.set_port(local_port(&socket)?);
+        }
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+/// The port a bound socket is bound to.
+pub fn local_port(socket: &UdpSocket) -> io::Result<u16> {
+    Ok(socket.local_addr()?.port())
+}
+
+/// The receive and send buffer sizes the kernel reports for `socket` (twice
+/// the requested size on Linux, which keeps half for bookkeeping); handy to
+/// check that [`bind_group`]'s request was not capped by `net.core.rmem_max`.
+pub fn buffer_sizes(socket: &UdpSocket) -> io::Result<(usize, usize)> {
+    let socket = socket2::SockRef::from(socket);
+    Ok((socket.recv_buffer_size()?, socket.send_buffer_size()?))
+}
+
+/// A configured, unbound member of the group.
+fn open_member(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if let SocketAddr::V6(v6) = addr {
+        // Dual stack for `[::]`; a v4-mapped address needs it to bind at all.
+        if v6.ip().is_unspecified() || v6.ip().to_ipv4_mapped().is_some() {
+            socket.set_only_v6(false)?;
+        }
+    }
+    if buffer_bytes > 0 {
+        set_buffer(&socket, libc::SO_RCVBUFFORCE, buffer_bytes, |s, n| {
+            s.set_recv_buffer_size(n)
+        })?;
+        set_buffer(&socket, libc::SO_SNDBUFFORCE, buffer_bytes, |s, n| {
+            s.set_send_buffer_size(n)
+        })?;
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Sets a buffer size with the `*FORCE` option (needs CAP_NET_ADMIN, ignores
+/// `net.core.*mem_max`), falling back silently to the capped option.
+fn set_buffer(
+    socket: &Socket,
+    force_option: libc::c_int,
+    bytes: usize,
+    capped: impl Fn(&Socket, usize) -> io::Result<()>,
+) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: passes a pointer to a live c_int and its exact size to
+    // setsockopt on a socket we own; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            force_option,
+            (&value as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    capped(socket, bytes)
+}
+
+/// Writes `to` into `out` in the form a socket of the given family takes:
+/// an IPv4 destination on an IPv6 socket becomes `::ffff:a.b.c.d`, a
+/// v4-mapped destination on an IPv4 socket becomes plain IPv4. Returns the
+/// address length, or `None` when the socket cannot reach `to` (a real IPv6
+/// address on an IPv4 socket).
+pub(crate) fn encode_sockaddr(
+    to: SocketAddr,
+    socket_is_v6: bool,
+    out: &mut libc::sockaddr_storage,
+) -> Option<libc::socklen_t> {
+    let to = match (to, socket_is_v6) {
+        (SocketAddr::V4(v4), true) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        (SocketAddr::V6(v6), false) => {
+            let v4 = v6.ip().to_ipv4_mapped()?;
+            SocketAddr::V4(SocketAddrV4::new(v4, v6.port()))
+        }
+        (to, _) => to,
+    };
+    match to {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and at least as aligned
+            // as sockaddr_in (that is its purpose); `out` is a valid &mut.
+            unsafe {
+                (out as *mut libc::sockaddr_storage)
+                    .cast::<libc::sockaddr_in>()
+                    .write(sin)
+            };
+            Some(mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo().to_be(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6 (28 bytes, 4-byte aligned).
+            unsafe {
+                (out as *mut libc::sockaddr_storage)
+                    .cast::<libc::sockaddr_in6>()
+                    .write(sin6)
+            };
+            Some(mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
+}
+
+/// Reads a `sockaddr_in` / `sockaddr_in6` from raw bytes as the kernel wrote
+/// them (any alignment). A v4-mapped IPv6 source (a dual-stack socket
+/// receiving from an IPv4 peer) is returned as IPv4, so a peer has one
+/// address whatever the socket's family. `None` for anything else.
+pub(crate) fn decode_sockaddr(name: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes([*name.first()?, *name.get(1)?]);
+    let port = u16::from_be_bytes([*name.get(2)?, *name.get(3)?]);
+    if libc::c_int::from(family) == libc::AF_INET {
+        let ip: [u8; 4] = name.get(4..8)?.try_into().ok()?;
+        Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port))
+    } else if libc::c_int::from(family) == libc::AF_INET6 {
+        let flowinfo = u32::from_be_bytes(name.get(4..8)?.try_into().ok()?);
+        let ip: [u8; 16] = name.get(8..24)?.try_into().ok()?;
+        let scope_id = u32::from_ne_bytes(name.get(24..28)?.try_into().ok()?);
+        let ip = Ipv6Addr::from(ip);
+        Some(match ip.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), port),
+            None => SocketAddr::V6(SocketAddrV6::new(ip, port, flowinfo, scope_id)),
+        })
+    } else {
+        None
+    }
+}
+
+/// The bytes of a `sockaddr_storage` the kernel filled, `len` of them.
+pub(crate) fn storage_bytes(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> &[u8] {
+    let len = (len as usize).min(mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: sockaddr_storage is plain old data, fully initialised (every
+    // driver zeroes it at construction), and `len` is clamped to its size.
+    unsafe {
+        std::slice::from_raw_parts((storage as *const libc::sockaddr_storage).cast::<u8>(), len)
+    }
+}
+
+/// An all-zero `sockaddr_storage`.
+pub(crate) fn zeroed_storage() -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    unsafe { mem::zeroed() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(to: SocketAddr, v6: bool) -> Option<SocketAddr> {
+        let mut storage = zeroed_storage();
+        let len = encode_sockaddr(to, v6, &mut storage)?;
+        decode_sockaddr(storage_bytes(&storage, len))
+    }
+
+    #[test]
+    fn v4_and_v6_roundtrip() {
+        let v4: SocketAddr = "192.0.2.7:15099".parse().expect("v4");
+        let v6: SocketAddr = "[2001:db8::5]:443".parse().expect("v6");
+        assert_eq!(roundtrip(v4, false), Some(v4));
+        assert_eq!(roundtrip(v6, true), Some(v6));
+    }
+
+    #[test]
+    fn v4_on_a_v6_socket_is_mapped_and_reads_back_as_v4() {
+        let v4: SocketAddr = "127.0.0.1:9".parse().expect("v4");
+        let mut storage = zeroed_storage();
+        let len = encode_sockaddr(v4, true, &mut storage).expect("encodable");
+        assert_eq!(len as usize, mem::size_of::<libc::sockaddr_in6>());
+        assert_eq!(storage.ss_family as libc::c_int, libc::AF_INET6);
+        assert_eq!(decode_sockaddr(storage_bytes(&storage, len)), Some(v4));
+    }
+
+    #[test]
+    fn real_v6_on_a_v4_socket_is_refused_mapped_is_not() {
+        let v6: SocketAddr = "[2001:db8::5]:443".parse().expect("v6");
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:7".parse().expect("mapped");
+        let mut storage = zeroed_storage();
+        assert_eq!(encode_sockaddr(v6, false, &mut storage), None);
+        assert_eq!(
+            roundtrip(mapped, false),
+            Some("10.0.0.1:7".parse().expect("v4"))
+        );
+    }
+
+    #[test]
+    fn garbage_names_decode_to_none() {
+        assert_eq!(decode_sockaddr(&[]), None);
+        assert_eq!(decode_sockaddr(&[2, 0, 0]), None);
+        let unix_family = (libc::AF_UNIX as u16).to_ne_bytes();
+        assert_eq!(
+            decode_sockaddr(&[unix_family[0], unix_family[1], 0, 0, 0, 0, 0, 0]),
+            None
+        );
+    }
+
+    #[test]
+    fn empty_group_is_invalid_input() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let err = bind_group(addr, 0, 0).expect_err("count 0");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+}

@@ -1,0 +1,272 @@
+//! One shard: a pinned thread that owns a socket, a driver, a server state
+//! machine and an inbox, and runs the loop that connects them.
+//!
+//! The loop, per turn: wait for datagrams, the inbox's eventfd or the next
+//! timer; feed every received datagram to the state machine (or forward one
+//! that belongs to another shard); drain the inbox (publishes, forwarded
+//! datagrams, web-transport requests, DNS answers); fire due timers; then
+//! write every resulting datagram into the driver's send slots and submit the
+//! whole batch at once. The shard parses nothing itself beyond the conn id
+//! that says which shard owns a datagram.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::control::ShardMetrics;
+use crate::net::{self, Driver, IoBackend, Waker};
+use crate::packet::{peek_conn_id, MasterKey};
+use crate::proto::{stun, Server, ServerConfig, ServerEvent, WebRequestId};
+use crate::router::{Router, ShardId, ShardMessage};
+use crate::time::UnixMillis;
+
+/// Inbox messages handled per loop turn at most, so receiving stays fair.
+const INBOX_PER_TURN: usize = 4096;
+/// How often a shard publishes its counters for `/metrics`.
+const METRICS_PERIOD: Duration = Duration::from_millis(200);
+
+/// A query for the DNS forwarder: which shard asked, which resolve, the query.
+pub type DnsQuery = (ShardId, crate::proto::ResolveToken, Vec<u8>);
+
+/// Everything a shard thread needs.
+pub struct ShardSetup {
+    /// This shard's index.
+    pub id: ShardId,
+    /// CPU to pin to, if any.
+    pub cpu: Option<usize>,
+    /// I/O backend.
+    pub backend: IoBackend,
+    /// Datagrams per batch.
+    pub batch: usize,
+    /// The shard's socket of the SO_REUSEPORT group.
+    pub socket: UdpSocket,
+    /// The shard's inbox.
+    pub inbox: Receiver<ShardMessage>,
+    /// The eventfd that wakes this shard.
+    pub waker: Arc<Waker>,
+    /// The router, to forward misrouted datagrams.
+    pub router: Arc<Router>,
+    /// State machine settings.
+    pub server: ServerConfig,
+    /// The node's master key.
+    pub master: [u8; 32],
+    /// Where DNS queries go (None: resolves answer 502 at once).
+    pub dns: Option<tokio::sync::mpsc::Sender<DnsQuery>>,
+    /// Where the shard publishes its counters.
+    pub metrics: Arc<Mutex<ShardMetrics>>,
+    /// Wall-clock anchor shared by all shards.
+    pub clock: Clock,
+}
+
+/// A monotonic clock reporting Unix milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    start_unix: UnixMillis,
+}
+
+impl Clock {
+    /// Anchors the clock now.
+    pub fn new() -> Self {
+        Clock {
+            start: Instant::now(),
+            start_unix: UnixMillis::from_system_clock(),
+        }
+    }
+
+    /// The current time.
+    pub fn now(&self) -> UnixMillis {
+        self.start_unix
+            .plus_millis(self.start.elapsed().as_millis() as u64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Runs a shard until it is told to shut down. Errors only at set-up.
+pub fn run(setup: ShardSetup) -> std::io::Result<()> {
+    if let Some(cpu) = setup.cpu {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+            tracing::warn!(shard = setup.id, cpu, "could not pin the shard thread");
+        }
+    }
+    let mut driver = net::open_driver(setup.backend, setup.socket, setup.waker.fd(), setup.batch)?;
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+    let now = setup.clock.now();
+    let mut shard = Shard {
+        id: setup.id,
+        server: Server::new(setup.server, MasterKey::new(setup.master), seed, now),
+        router: setup.router,
+        dns: setup.dns,
+        web: HashMap::new(),
+        next_web: 0,
+        stopping: false,
+    };
+    tracing::info!(shard = shard.id, cpu = ?setup.cpu, io = driver.backend().name(), "shard started");
+    let mut last_metrics = Instant::now();
+    loop {
+        let now = setup.clock.now();
+        let timeout = shard
+            .server
+            .poll_timeout()
+            .map(|t| Duration::from_millis(t.millis_since(now)))
+            .map_or(METRICS_PERIOD, |t| t.min(METRICS_PERIOD));
+        driver.wait(Some(timeout))?;
+        let now = setup.clock.now();
+        driver.recv(&mut |from, bytes| shard.on_datagram(now, from, bytes))?;
+        for message in setup.inbox.try_iter().take(INBOX_PER_TURN) {
+            shard.on_message(now, message);
+        }
+        if shard.server.poll_timeout().is_some_and(|t| t <= now) {
+            shard.server.handle_timeout(now);
+        }
+        shard.handle_events();
+        shard.transmit(now, driver.as_mut())?;
+        if last_metrics.elapsed() >= METRICS_PERIOD || shard.stopping {
+            last_metrics = Instant::now();
+            shard.publish_metrics(driver.as_ref(), &setup.metrics, setup.cpu);
+        }
+        if shard.stopping {
+            tracing::info!(shard = shard.id, "shard stopped");
+            return Ok(());
+        }
+    }
+}
+
+/// A web-transport request's reply channel and the packets gathered for it.
+type WebReplies = (tokio::sync::oneshot::Sender<Vec<Vec<u8>>>, Vec<Vec<u8>>);
+
+struct Shard {
+    id: ShardId,
+    server: Server,
+    router: Arc<Router>,
+    dns: Option<tokio::sync::mpsc::Sender<DnsQuery>>,
+    /// Web-transport requests answered in this turn: their replies so far.
+    web: HashMap<u64, WebReplies>,
+    next_web: u64,
+    stopping: bool,
+}
+
+impl Shard {
+    fn on_datagram(&mut self, now: UnixMillis, from: SocketAddr, bytes: &[u8]) {
+        // PROTOCOL.md §8: a datagram on the wrong socket (fallback mode) goes
+        // to its owner through the router. STUN is answered by any shard.
+        if self.router.shards() > 1 && !stun::is_stun(bytes) {
+            if let Some(id) = peek_conn_id(bytes) {
+                let owner = self.router.shard_of_affinity(id.affinity());
+                if owner != self.id {
+                    let message = ShardMessage::Forward {
+                        from,
+                        datagram: bytes.into(),
+                    };
+                    // A full inbox drops it (counted by the router); the client resends.
+                    let _ = self.router.send(owner, message);
+                    return;
+                }
+            }
+        }
+        self.server.handle_datagram(now, from, bytes);
+    }
+
+    fn on_message(&mut self, now: UnixMillis, message: ShardMessage) {
+        match message {
+            ShardMessage::Publish { account, bitmask } => {
+                if let Err(e) = self.server.handle_publish(now, &account, &bitmask) {
+                    tracing::warn!(shard = self.id, %e, "publish refused");
+                }
+            }
+            ShardMessage::Forward { from, datagram } => {
+                self.server.handle_datagram(now, from, &datagram);
+            }
+            ShardMessage::Web {
+                peer,
+                packet,
+                reply,
+            } => {
+                self.next_web += 1;
+                let id = self.next_web;
+                self.web.insert(id, (reply, Vec::new()));
+                self.server
+                    .handle_web_request(now, peer, &packet, WebRequestId(id));
+            }
+            ShardMessage::ResolveAnswer { token, answer } => {
+                self.server
+                    .handle_resolve_answer(token, answer.as_deref().map_err(|&c| c));
+            }
+            ShardMessage::Shutdown => self.stopping = true,
+        }
+    }
+
+    fn handle_events(&mut self) {
+        while let Some(event) = self.server.poll_event() {
+            match event {
+                ServerEvent::ResolveUpstream { token, query } => {
+                    let sent = self
+                        .dns
+                        .as_ref()
+                        .is_some_and(|dns| dns.try_send((self.id, token, query)).is_ok());
+                    if !sent {
+                        // No upstream configured, or the forwarder is overloaded.
+                        self.server.handle_resolve_answer(token, Err(502));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves every pending datagram into the driver and submits the batch(es).
+    fn transmit(&mut self, now: UnixMillis, driver: &mut dyn Driver) -> std::io::Result<()> {
+        loop {
+            let Some(slot) = driver.send_slot() else {
+                driver.flush()?;
+                continue;
+            };
+            let Some(t) = self.server.poll_transmit(now, slot) else {
+                break;
+            };
+            match t.web {
+                None => driver.commit_send(t.destination, t.size),
+                Some(WebRequestId(id)) => {
+                    if let Some((_, replies)) = self.web.get_mut(&id) {
+                        replies.push(slot[..t.size].to_vec());
+                    }
+                }
+            }
+        }
+        driver.flush()?;
+        // Web requests get what their turn produced (a resolve answered later
+        // by the upstream is not waited for).
+        for (_, (reply, packets)) in self.web.drain() {
+            let _ = reply.send(packets);
+        }
+        Ok(())
+    }
+
+    fn publish_metrics(&self, driver: &dyn Driver, sink: &Mutex<ShardMetrics>, cpu: Option<usize>) {
+        let d = driver.stats();
+        let m = ShardMetrics {
+            shard: self.id,
+            cpu,
+            connections: self.server.connections() as u64,
+            server: self.server.stats().clone(),
+            datagrams_received: d.received,
+            datagrams_sent: d.sent,
+            send_errors: d.send_errors,
+            receive_drops: d.receive_drops,
+            send_batches: d.send_batches,
+            router_forwarded: self.router.forwarded(self.id),
+            router_overflows: self.router.overflows(self.id),
+        };
+        if let Ok(mut guard) = sink.lock() {
+            *guard = m;
+        }
+    }
+}
