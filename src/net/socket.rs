@@ -60,6 +60,23 @@ pub fn bind_group(
             "a socket group needs at least one socket",
         ));
     }
+    // SO_REUSEPORT lets a second process of the same user join our group
+    // silently and take a share of the traffic. A plain bind first (without
+    // SO_REUSEPORT) fails if anything holds the port, which is what an
+    // operator means by "port taken".
+    if addr.port() != 0 {
+        if let Err(source) = UdpSocket::bind(addr) {
+            return Err(io::Error::new(
+                source.kind(),
+                BindError {
+                    addr,
+                    index: 0,
+                    count,
+                    source,
+                },
+            ));
+        }
+    }
     let mut sockets = Vec::with_capacity(count);
     let mut bind_addr = addr;
     for index in 0..count {
