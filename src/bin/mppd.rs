@@ -23,7 +23,7 @@ Examples:
 
 /// The Mesh Presence Protocol node.
 #[derive(Parser, Debug)]
-#[command(name = "mppd", version, about, after_help = EXAMPLES)]
+#[command(name = "mppd", version, about = "The Mesh Presence Protocol node", after_help = EXAMPLES)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -1,0 +1,348 @@
+//! The `mppd` and `mpp` binaries end to end: the README walk-through (node,
+//! credential, subscribe, notify, SIGTERM) on both I/O drivers, `mpp
+//! endpoint`, and the one-line start-up errors.
+//!
+//! Children are read through pipes with bounded waits and killed if a test
+//! fails; every node listens on loopback port 0 with its own data directory.
+
+#[macro_use]
+mod node;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::Path;
+
+use mpp::config::IoChoice;
+use serde_json::Value;
+
+use node::{command, io_name, run, Proc, TempDir, TestNode};
+
+const MPPD: &str = env!("CARGO_BIN_EXE_mppd");
+const MPP: &str = env!("CARGO_BIN_EXE_mpp");
+
+on_both_drivers!(walk_through, endpoint_prints_the_clients_address);
+
+/// The value of `key=` in a start-up line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+/// A JSON line of `mpp subscribe`, or Null.
+fn event(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or(Value::Null)
+}
+
+/// Case 10: the README walk-through with the two binaries.
+fn walk_through(io: IoChoice) {
+    let dir = TempDir::new(&format!("cli-{}", io_name(io)));
+    let data = dir.join("data");
+    let mut mppd = command(MPPD);
+    mppd.args([
+        "--udp",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(&data)
+    .args(["--threads", "2", "--no-pin", "--io", io_name(io)]);
+    let mut mppd = Proc::spawn("mppd", mppd);
+    let listening = mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+    let udp: SocketAddr = field(&listening, "udp=").parse().expect("udp address");
+    let http: SocketAddr = field(&listening, "http=").parse().expect("http address");
+    assert_eq!(field(&listening, "shards="), "2");
+    assert_eq!(field(&listening, "io="), io_name(io));
+    assert!(udp.ip().is_loopback() && udp.port() != 0, "{listening}");
+    assert!(http.ip().is_loopback() && http.port() != 0, "{listening}");
+
+    // The credential, issued offline from the data directory.
+    let mut issue = command(MPPD);
+    issue
+        .args(["credential", "issue", "--data-dir"])
+        .arg(&data)
+        .args(["--account", "a@x", "--device", "phone", "--endpoint"])
+        .arg(udp.to_string());
+    let (status, credential, stderr) = run("mppd credential issue", issue);
+    assert!(status.success(), "credential issue: {status:?} {stderr}");
+    let parsed = mpp::packet::Credential::from_json(&credential).expect("a valid credential");
+    assert_eq!(parsed.endpoints, [udp.to_string()]);
+    let file = dir.join("phone.json");
+    std::fs::write(&file, &credential).expect("write credential");
+
+    let mut subscribe = command(MPP);
+    subscribe
+        .args(["subscribe", "--credential"])
+        .arg(&file)
+        .args(["--count", "1", "--duration", "20s"]);
+    let mut subscribe = Proc::spawn("mpp subscribe", subscribe);
+    let connected = subscribe.wait_line("a connected event", |l| event(l)["event"] == "connected");
+    let endpoint: SocketAddr = event(&connected)["endpoint"]
+        .as_str()
+        .expect("endpoint")
+        .parse()
+        .expect("endpoint address");
+    assert_eq!(endpoint.ip(), udp.ip());
+
+    let mut notify = command(MPP);
+    notify
+        .args(["notify", "--account", "a@x", "--bitmask", "05", "--control"])
+        .arg(format!("http://{http}"))
+        .arg("--data-dir")
+        .arg(&data);
+    let (status, out, stderr) = run("mpp notify", notify);
+    assert!(status.success(), "mpp notify: {status:?} {stderr}");
+    assert_eq!(
+        serde_json::from_str::<Value>(out.trim()).expect("JSON"),
+        serde_json::json!({"accepted": 1})
+    );
+
+    let line = subscribe.wait_line("a notify event", |l| event(l)["event"] == "notify");
+    assert_eq!(event(&line)["bitmask"], "05", "{line}");
+    let status = subscribe.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "mpp subscribe --count 1 ends after the notify; stderr: {}",
+        subscribe.stderr_now()
+    );
+
+    mppd.signal(libc::SIGTERM);
+    let status = mppd.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "mppd exits 0 on SIGTERM; stderr: {}",
+        mppd.stderr_now()
+    );
+    assert!(
+        mppd.stdout.iter().any(|l| l == "mppd: stopped"),
+        "stdout: {:?}",
+        mppd.stdout
+    );
+}
+
+/// Case 11: `mpp endpoint` prints the address the node sees.
+fn endpoint_prints_the_clients_address(io: IoChoice) {
+    let node = TestNode::start(io);
+    let credential = node.credential("b@x", "laptop");
+    let file = node.dir.join("laptop.json");
+    std::fs::write(&file, credential.to_json()).expect("write credential");
+    let mut cmd = command(MPP);
+    cmd.args(["endpoint", "--timeout", "8", "--credential"])
+        .arg(&file);
+    let (status, out, stderr) = run("mpp endpoint", cmd);
+    assert!(status.success(), "mpp endpoint: {status:?} {stderr}");
+    let addr: SocketAddr = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not an address: {out:?}"));
+    assert_eq!(addr.ip().to_string(), "127.0.0.1", "{out}");
+    assert_ne!(addr.port(), 0);
+    assert_ne!(
+        addr.port(),
+        node.udp.port(),
+        "the client's port, not the node's"
+    );
+}
+
+/// Runs `mppd` with `args` (a data dir of its own is added unless given) and
+/// checks the failure: non-zero `code`, one stderr line starting `mppd:`
+/// that contains `reason`.
+fn assert_startup_error(args: &[&str], data_dir: Option<&Path>, code: i32, reason: &str) {
+    let dir = TempDir::new("startup");
+    let mut cmd = command(MPPD);
+    let default = dir.join("data");
+    cmd.args(args)
+        .arg("--data-dir")
+        .arg(data_dir.unwrap_or(&default));
+    let (status, out, stderr) = run("mppd", cmd);
+    assert_eq!(status.code(), Some(code), "{args:?}: stderr {stderr:?}");
+    assert!(!out.contains("listening"), "{args:?} started: {out}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one stderr line, got {stderr:?}");
+    assert!(lines[0].starts_with("mppd: "), "{args:?}: {stderr:?}");
+    assert!(
+        lines[0].contains(reason),
+        "{args:?}: {reason:?} not in {stderr:?}"
+    );
+}
+
+/// The arguments of a node that would start, but for what a case changes.
+const NODE: [&str; 7] = [
+    "--threads",
+    "2",
+    "--no-pin",
+    "--io",
+    "mmsg",
+    "--http",
+    "127.0.0.1:0",
+];
+
+/// Case 12: the UDP port is taken by a plain socket.
+#[test]
+fn startup_error_udp_port_taken() {
+    let taken = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let udp = taken.local_addr().expect("addr").to_string();
+    let mut args = NODE.to_vec();
+    args.extend(["--udp", &udp]);
+    assert_startup_error(&args, None, 1, &format!("cannot bind UDP {udp}"));
+}
+
+/// Case 12: the HTTP port is taken.
+#[test]
+fn startup_error_http_port_taken() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let http = taken.local_addr().expect("addr").to_string();
+    let args = [
+        "--threads",
+        "2",
+        "--no-pin",
+        "--io",
+        "mmsg",
+        "--udp",
+        "127.0.0.1:0",
+        "--http",
+        &http,
+    ];
+    assert_startup_error(&args, None, 1, &format!("cannot bind HTTP {http}"));
+}
+
+/// Case 12: an invalid master key.
+#[test]
+fn startup_error_invalid_master_key() {
+    let dir = TempDir::new("badkey");
+    std::fs::write(dir.join("master.key"), "not hex\n").expect("write");
+    let mut args = NODE.to_vec();
+    args.extend(["--udp", "127.0.0.1:0"]);
+    assert_startup_error(&args, Some(dir.path()), 1, "master.key");
+}
+
+/// Case 12: a config file that is not TOML, and one with an unknown key.
+#[test]
+fn startup_error_bad_config_files() {
+    let dir = TempDir::new("config");
+    for (name, text, reason) in [
+        ("broken.toml", "udp = [\n", "invalid config file"),
+        (
+            "unknown.toml",
+            "bogus_key = 1\n",
+            "unknown field `bogus_key`",
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        let path = path.to_str().expect("utf-8 path").to_owned();
+        let mut args = NODE.to_vec();
+        args.extend(["--udp", "127.0.0.1:0", "--config", &path]);
+        assert_startup_error(&args, None, 2, reason);
+    }
+}
+
+/// Case 12: an inverted CPU range.
+#[test]
+fn startup_error_bad_cpu_list() {
+    let mut args = NODE.to_vec();
+    args.extend(["--udp", "127.0.0.1:0", "--cpus", "5-2"]);
+    assert_startup_error(&args, None, 2, "invalid CPU list");
+}
+
+/// Case 12: `--io bogus` is a usage error (clap's): exit 2, nothing started,
+/// and the reason names the accepted values.
+#[test]
+fn startup_error_unknown_io_backend() {
+    let dir = TempDir::new("io");
+    let mut cmd = command(MPPD);
+    cmd.args([
+        "--io",
+        "bogus",
+        "--udp",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(dir.join("data"));
+    let (status, out, stderr) = run("mppd --io bogus", cmd);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(out, "");
+    assert!(
+        stderr.contains("bogus") && stderr.contains("expected uring, mmsg or auto"),
+        "{stderr:?}"
+    );
+    assert!(!dir.join("data").exists(), "nothing was created");
+}
+
+/// Case 13: `mppd credential issue` without a master key, and with a bad ttl.
+#[test]
+fn credential_issue_errors() {
+    let dir = TempDir::new("issue");
+    let empty = dir.join("empty");
+    let mut cmd = command(MPPD);
+    cmd.args([
+        "credential",
+        "issue",
+        "--account",
+        "a@x",
+        "--device",
+        "d",
+        "--data-dir",
+    ])
+    .arg(&empty);
+    let (status, out, stderr) = run("mppd credential issue", cmd);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(out, "");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr:?}");
+    assert!(lines[0].starts_with("mppd: no master key in"), "{stderr:?}");
+    assert!(!empty.exists(), "no data directory is created");
+
+    let mut cmd = command(MPPD);
+    cmd.args([
+        "credential",
+        "issue",
+        "--account",
+        "a@x",
+        "--device",
+        "d",
+        "--ttl",
+        "3w",
+        "--data-dir",
+    ])
+    .arg(&empty);
+    let (status, out, stderr) = run("mppd credential issue --ttl 3w", cmd);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(out, "");
+    assert!(stderr.contains("3w"), "{stderr:?}");
+}
+
+/// SIGTERM sent as soon as the start-up line appears stops the node cleanly
+/// (exit 0, `mppd: stopped`), as it does later on. Repeated because the
+/// window between the line and the signal handler's installation is short.
+#[test]
+fn sigterm_right_after_the_startup_line_stops_cleanly() {
+    for round in 0..10 {
+        let dir = TempDir::new("sigterm");
+        let mut cmd = command(MPPD);
+        cmd.args(NODE)
+            .args(["--udp", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"));
+        let mut mppd = Proc::spawn("mppd", cmd);
+        mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+        mppd.signal(libc::SIGTERM);
+        let status = mppd.wait_exit();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: mppd did not stop cleanly ({status:?}): a SIGTERM that arrives \
+             after `mppd: listening` but before the control thread installed its handler \
+             kills the process; stdout {:?}",
+            mppd.stdout
+        );
+        assert!(
+            mppd.stdout.iter().any(|l| l == "mppd: stopped"),
+            "round {round}: {:?}",
+            mppd.stdout
+        );
+    }
+}

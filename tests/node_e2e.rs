@@ -1,0 +1,610 @@
+//! The node end to end, in-process (`mpp::server::start`): real sockets on
+//! loopback, the HTTP control plane spoken to with raw HTTP/1.1, devices that
+//! are the library's sans-IO `Client` over std UDP sockets.
+//!
+//! Every case that touches the data path runs once per I/O driver (`uring::*`
+//! and `mmsg::*`). Each test starts its own node (UDP and HTTP on port 0, two
+//! unpinned shards, its own data directory). Waits are bounded: read
+//! timeouts, and loops with an iteration cap and a 10 s deadline that only a
+//! failure reaches.
+
+#[macro_use]
+mod node;
+
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mpp::config::IoChoice;
+use mpp::control::ShardMetrics;
+use mpp::net::socket::bind_group;
+use mpp::net::{IoBackend, Waker};
+use mpp::packet::{account_affinity, Credential, MasterKey, MAX_PACKET};
+use mpp::proto::{ClientConfig, ClientEvent, ServerConfig};
+use mpp::router::{Router, ShardMessage};
+use mpp::shard::{Clock, ShardSetup};
+use mpp::time::UnixSeconds;
+
+use node::{deadline, notifies, pump_all, receives_within, Device, Metrics, TestNode, POLL, WAIT};
+
+on_both_drivers!(
+    publish_is_notified_and_acknowledged,
+    every_device_of_the_account_is_notified_and_no_other,
+    connections_are_steered_to_their_accounts_shard,
+    misrouted_datagrams_are_forwarded_through_the_router,
+    nat_rebinding_moves_the_endpoint,
+    forged_and_replayed_packets_get_no_reply,
+    stun_binding_request_gets_the_mapped_address,
+    stun_binding_request_over_ipv6,
+    web_transport_answers_an_endpoint_request,
+    shutdown_stops_every_thread_and_frees_the_ports,
+);
+
+/// A client that never resends a connect within a test's deadline, so
+/// counters of connects are exact even on a slow machine.
+fn patient() -> ClientConfig {
+    ClientConfig {
+        retry_ms: 30_000,
+        ..ClientConfig::default()
+    }
+}
+
+/// Case 1: subscribe, publish over HTTP, the device gets the bitmask and
+/// acknowledges it.
+fn publish_is_notified_and_acknowledged(io: IoChoice) {
+    let node = TestNode::start(io);
+    let mut phone = node.device("alice@example.com", "phone");
+
+    node.publish("alice@example.com", "05");
+    let got = phone.wait_notify();
+    assert_eq!(got.len(), 1, "one notify event per Serial: {got:?}");
+    assert_eq!(got[0].1, [0x05], "the published bitmask");
+
+    let m = node.wait_metrics("mpp_notifies_acked_total summing to 1", |m| {
+        m.sum("mpp_notifies_acked_total", &[]) >= 1
+    });
+    assert_eq!(m.sum("mpp_notifies_acked_total", &[]), 1);
+    assert_eq!(m.sum("mpp_notifies_sent_total", &[]), 1);
+    assert_eq!(m.sum("mpp_publishes_total", &[]), 1);
+    assert_eq!(m.sum("mpp_connections", &[]), 1);
+    let samples = m.samples("mpp_notifies_acked_total");
+    assert_eq!(
+        samples.len(),
+        node.shards,
+        "one sample per shard: {samples:?}"
+    );
+    assert_eq!(phone.strays, 0);
+}
+
+/// Case 2: three devices of one account (three source ports) are notified by
+/// one publish; a device of another account is not.
+fn every_device_of_the_account_is_notified_and_no_other(io: IoChoice) {
+    let node = TestNode::start(io);
+    let mut family: Vec<Device> = ["phone", "laptop", "watch"]
+        .iter()
+        .map(|d| node.device("carol@example.com", d))
+        .collect();
+    let ports: std::collections::BTreeSet<u16> =
+        family.iter().map(|d| d.local_addr().port()).collect();
+    assert_eq!(ports.len(), 3, "three distinct source ports");
+    let mut stranger = node.device("dave@example.com", "phone");
+
+    node.publish("carol@example.com", "0102");
+    assert!(
+        pump_all(
+            &mut family,
+            |ds| ds.iter().all(|d| !notifies(&d.events).is_empty()),
+            deadline()
+        ),
+        "not every device was notified: {:?}",
+        family.iter().map(|d| &d.events).collect::<Vec<_>>()
+    );
+    let serials: Vec<i64> = family
+        .iter()
+        .map(|d| {
+            let n = notifies(&d.events);
+            assert_eq!(n.len(), 1, "{n:?}");
+            assert_eq!(n[0].1, [0x01, 0x02], "the published bitmask");
+            n[0].0
+        })
+        .collect();
+    assert!(
+        serials.windows(2).all(|w| w[0] == w[1]),
+        "one account Serial: {serials:?}"
+    );
+
+    // Exactly three notifies went out and all three were acknowledged, so
+    // the other account's device was not notified; its socket stays quiet.
+    let m = node.wait_metrics("three notifies acknowledged", |m| {
+        m.sum("mpp_notifies_acked_total", &[]) >= 3
+    });
+    assert_eq!(m.sum("mpp_notifies_sent_total", &[]), 3);
+    assert_eq!(m.sum("mpp_notifies_acked_total", &[]), 3);
+    stranger.pump_for(Duration::from_millis(300));
+    assert!(
+        notifies(&stranger.events).is_empty(),
+        "{:?}",
+        stranger.events
+    );
+    assert_eq!(stranger.strays, 0);
+}
+
+/// `n` accounts whose affinity is `shard` mod 2.
+fn accounts_on(shard: u32, n: usize, tag: &str) -> Vec<String> {
+    (0..10_000)
+        .map(|i| format!("{tag}{i}@example.com"))
+        .filter(|a| account_affinity(a) % 2 == shard)
+        .take(n)
+        .collect()
+}
+
+/// Case 3: with two shards, the cBPF program delivers each connection's
+/// datagrams to the socket of the shard that owns its account
+/// (affinity mod 2), so nothing needs the router.
+fn connections_are_steered_to_their_accounts_shard(io: IoChoice) {
+    let node = TestNode::start(io);
+    assert_eq!(node.shards, 2);
+    let even = accounts_on(0, 2, "even");
+    let odd = accounts_on(1, 3, "odd");
+    let mut devices = Vec::new();
+    for account in even.iter().chain(&odd) {
+        let mut d = Device::with_config(&node.credential(account, "phone"), node.udp, patient());
+        d.connect();
+        assert_eq!(d.client.conn_id().affinity(), account_affinity(account));
+        devices.push(d);
+    }
+    let m = node.wait_metrics("2 connects on shard 0 and 3 on shard 1", |m| {
+        m.sum("mpp_connects_total", &[]) >= 5
+    });
+    assert_eq!(m.shard("mpp_connects_total", 0), 2, "{}", m.samples_text());
+    assert_eq!(m.shard("mpp_connects_total", 1), 3, "{}", m.samples_text());
+    assert_eq!(m.shard("mpp_connections", 0), 2);
+    assert_eq!(m.shard("mpp_connections", 1), 3);
+    assert_eq!(m.sum("mpp_threads", &[]), 2);
+    // Nothing was published and no web request was made, so any message in a
+    // shard's inbox would be a datagram forwarded from the wrong socket.
+    assert_eq!(
+        m.sum("mpp_router_forwarded_total", &[]),
+        0,
+        "a datagram reached the wrong shard's socket: the steering program is not attached \
+         or selects another socket than affinity mod N"
+    );
+}
+
+/// Case 4: the router's forward path. The node always attaches the steering
+/// program, so from outside a datagram cannot be made to reach the wrong
+/// socket. The shard layer is public, though: this runs two real shard loops
+/// (`mpp::shard::run`) over a SO_REUSEPORT group *without* the program, the
+/// fallback mode of PROTOCOL.md §8, where the kernel spreads flows by hash.
+/// Devices of one account connect from new source ports until one lands on
+/// the other shard's socket; every one must still be served by the owner.
+fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
+    let backend = match io {
+        IoChoice::Uring => IoBackend::Uring,
+        _ => IoBackend::Mmsg,
+    };
+    let sockets = bind_group("127.0.0.1:0".parse().expect("addr"), 2, 1 << 20).expect("bind");
+    let addr = sockets[0].local_addr().expect("addr");
+    let wakers: Vec<Arc<Waker>> = (0..2)
+        .map(|_| Arc::new(Waker::new().expect("eventfd")))
+        .collect();
+    let (router, inboxes) = Router::new(wakers.clone(), 1024);
+    let master: [u8; 32] = rand::random();
+    let clock = Clock::new();
+    let metrics: Vec<Arc<Mutex<ShardMetrics>>> = (0..2)
+        .map(|i| {
+            Arc::new(Mutex::new(ShardMetrics {
+                shard: i,
+                ..ShardMetrics::default()
+            }))
+        })
+        .collect();
+    let mut threads = Vec::new();
+    for (i, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
+        let setup = ShardSetup {
+            id: i,
+            cpu: None,
+            backend,
+            batch: 64,
+            socket,
+            inbox,
+            waker: wakers[i].clone(),
+            router: router.clone(),
+            server: ServerConfig::default(),
+            master,
+            dns: None,
+            metrics: metrics[i].clone(),
+            clock,
+        };
+        threads.push(std::thread::spawn(move || mpp::shard::run(setup)));
+    }
+    /// Stops the shards even when an assertion fails.
+    struct StopShards(Arc<Router>);
+    impl Drop for StopShards {
+        fn drop(&mut self) {
+            self.0.shutdown_all();
+        }
+    }
+    let stop = StopShards(router.clone());
+
+    let account = "router@example.com";
+    let owner = router.shard_of_account(account);
+    let other = 1 - owner;
+    let master_key = MasterKey::new(master);
+    let expires = UnixSeconds(node::now().seconds().0 + 3600);
+    let mut devices = Vec::new();
+    for i in 0..32 {
+        let credential = Credential::issue(
+            &master_key,
+            account,
+            &format!("device{i}"),
+            expires,
+            vec![addr.to_string()],
+            &mut rand::rngs::OsRng,
+        )
+        .expect("issue");
+        let mut d = Device::with_config(&credential, addr, patient());
+        d.connect();
+        devices.push(d);
+        // Only misrouted datagrams enter an inbox before the publish.
+        if devices.len() >= 4 && router.forwarded(owner) > 0 {
+            break;
+        }
+    }
+    let forwarded = router.forwarded(owner);
+    assert!(
+        forwarded > 0,
+        "none of {} flows was hashed to shard {other}'s socket (odds 2^-32): \
+         is a steering program attached to a fresh group?",
+        devices.len()
+    );
+    assert_eq!(router.forwarded(other), 0);
+
+    assert!(router
+        .send(
+            owner,
+            ShardMessage::Publish {
+                account: account.into(),
+                bitmask: vec![0x09],
+            },
+        )
+        .is_ok());
+    assert!(
+        pump_all(
+            &mut devices,
+            |ds| ds.iter().all(|d| !notifies(&d.events).is_empty()),
+            deadline()
+        ),
+        "a device behind a misrouted flow was not notified"
+    );
+    for d in &devices {
+        assert_eq!(notifies(&d.events)[0].1, [0x09]);
+    }
+
+    let n = devices.len() as u64;
+    let snapshot = |i: usize| metrics[i].lock().expect("metrics").clone();
+    let until = deadline();
+    // Each shard publishes its counters every 200 ms: wait for both to show
+    // the (monotonic) counts checked below.
+    for _ in 0..10_000 {
+        let done =
+            snapshot(owner).server.notifies_acked >= n && snapshot(other).datagrams_received > 0;
+        if done || Instant::now() >= until {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    let (own, oth) = (snapshot(owner), snapshot(other));
+    assert_eq!(own.server.notifies_acked, n, "{own:?}");
+    assert_eq!(own.server.connects, n, "every connect handled by the owner");
+    assert_eq!(own.connections, n);
+    assert_eq!(oth.server.connects, 0, "{oth:?}");
+    assert_eq!(
+        oth.server.datagrams_in, 0,
+        "the other shard handed nothing to its state machine"
+    );
+    assert!(
+        oth.datagrams_received > 0,
+        "datagrams did reach the other shard's socket: {oth:?}"
+    );
+
+    drop(stop);
+    let until = deadline();
+    for t in threads {
+        while !t.is_finished() {
+            assert!(Instant::now() < until, "a shard did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        t.join().expect("shard thread").expect("shard loop");
+    }
+}
+
+/// Case 5: NAT rebinding. The same client continues from a new source port;
+/// its next heartbeat moves the endpoint, and the notify goes there.
+fn nat_rebinding_moves_the_endpoint(io: IoChoice) {
+    let node = TestNode::start(io);
+    let config = ClientConfig {
+        heartbeat_ms: Some(300),
+        ..ClientConfig::default()
+    };
+    let mut d = Device::with_config(
+        &node.credential("erin@example.com", "phone"),
+        node.udp,
+        config,
+    );
+    let first = d.connect();
+    let old = d.rebind();
+    let moved_to = d.local_addr();
+    assert_ne!(first, moved_to);
+    assert!(
+        d.pump_until(|d| d.client.endpoint() == Some(moved_to), deadline()),
+        "the node never reported the new address {moved_to} (still {:?}); events {:?}",
+        d.client.endpoint(),
+        d.events
+    );
+    // Whatever reached the old port before the move is history.
+    old.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 2048];
+    while old.recv_from(&mut buf).is_ok() {}
+
+    node.publish("erin@example.com", "80");
+    let got = d.wait_notify();
+    assert_eq!(got[0].1, [0x80]);
+    assert!(
+        old.recv_from(&mut buf).is_err(),
+        "nothing goes to the old address after the move"
+    );
+    node.wait_metrics("mpp_migrations_total >= 1", |m| {
+        m.sum("mpp_migrations_total", &[]) >= 1
+    });
+}
+
+/// Case 6: a replayed datagram (a real sealed connect and endpoint request)
+/// and a forged one (the device's conn id, random bytes) from another port
+/// get no reply, are counted, and do not move the connection.
+fn forged_and_replayed_packets_get_no_reply(io: IoChoice) {
+    let node = TestNode::start(io);
+    let mut d = Device::with_config(
+        &node.credential("frank@example.com", "phone"),
+        node.udp,
+        patient(),
+    );
+    d.connect();
+    assert_eq!(
+        d.sent.len(),
+        1,
+        "one connect sent, the one the node accepted"
+    );
+    let connect = d.sent[0].clone();
+    d.client.request_endpoint();
+    d.flush();
+    let endpoint_request = d.sent.last().expect("sent").clone();
+    assert!(
+        d.pump(
+            |e| e.iter().any(|e| matches!(e, ClientEvent::Endpoint(_))),
+            deadline()
+        ),
+        "no endpoint answer: {:?}",
+        d.events
+    );
+
+    let before = node.metrics();
+    let (replay0, auth0) = (before.drops("replay"), before.drops("auth"));
+    let attacker = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mut forged = d.client.conn_id().0.to_vec();
+    forged.extend((0..60).map(|_| rand::random::<u8>()));
+    for datagram in [&connect, &endpoint_request, &forged] {
+        attacker.send_to(datagram, node.udp).expect("send");
+    }
+    assert_eq!(
+        receives_within(&attacker, Duration::from_secs(1)),
+        None,
+        "the node answered a replayed or forged datagram"
+    );
+    let m = node.wait_metrics("two replay drops and one auth drop", |m| {
+        m.drops("replay") >= replay0 + 2 && m.drops("auth") > auth0
+    });
+    assert_eq!(m.drops("replay"), replay0 + 2, "{}", m.samples_text());
+    assert_eq!(m.drops("auth"), auth0 + 1, "{}", m.samples_text());
+    assert_eq!(
+        m.sum("mpp_migrations_total", &[]),
+        0,
+        "the endpoint did not move"
+    );
+    assert_eq!(
+        m.sum("mpp_connects_total", &[]),
+        1,
+        "the replayed connect changed nothing"
+    );
+
+    // The connection still belongs to the device's own socket.
+    node.publish("frank@example.com", "01");
+    assert_eq!(d.wait_notify()[0].1, [0x01]);
+}
+
+/// A STUN Binding request (RFC 8489) with a random transaction id.
+fn binding_request() -> ([u8; 12], Vec<u8>) {
+    let txid: [u8; 12] = rand::random();
+    let mut r = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    r.extend_from_slice(&txid);
+    (txid, r)
+}
+
+/// Checks a Binding success response and returns its XOR-MAPPED-ADDRESS.
+fn mapped_address(txid: &[u8; 12], resp: &[u8]) -> SocketAddr {
+    assert!(resp.len() >= 20 && resp.len() <= 64, "{} bytes", resp.len());
+    assert_eq!(&resp[0..2], &[0x01, 0x01], "Binding success response");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([resp[2], resp[3]])),
+        resp.len() - 20
+    );
+    assert_eq!(&resp[4..8], &[0x21, 0x12, 0xA4, 0x42], "magic cookie");
+    assert_eq!(&resp[8..20], txid, "the request's transaction id");
+    let key: Vec<u8> = [0x21, 0x12, 0xA4, 0x42]
+        .iter()
+        .chain(txid.iter())
+        .copied()
+        .collect();
+    let mut at = 20;
+    while at + 4 <= resp.len() {
+        let kind = u16::from_be_bytes([resp[at], resp[at + 1]]);
+        let len = usize::from(u16::from_be_bytes([resp[at + 2], resp[at + 3]]));
+        let value = &resp[at + 4..at + 4 + len];
+        if kind == 0x0020 {
+            let port = u16::from_be_bytes([value[2], value[3]]) ^ 0x2112;
+            let ip: IpAddr = match value[1] {
+                0x01 => {
+                    let b: [u8; 4] = std::array::from_fn(|i| value[4 + i] ^ key[i]);
+                    b.into()
+                }
+                0x02 => {
+                    let b: [u8; 16] = std::array::from_fn(|i| value[4 + i] ^ key[i]);
+                    b.into()
+                }
+                f => panic!("unknown address family {f}"),
+            };
+            return SocketAddr::new(ip, port);
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    panic!("no XOR-MAPPED-ADDRESS in {resp:02x?}");
+}
+
+fn stun_round_trip(node: &TestNode, local: &str) {
+    let socket = UdpSocket::bind(local).expect("bind");
+    let (txid, request) = binding_request();
+    socket.send_to(&request, node.udp).expect("send");
+    let mut buf = [0u8; 2048];
+    let (n, from) = node::recv_from(&socket, &mut buf).expect("a STUN answer");
+    assert_eq!(from, node.udp, "answered from the node's port");
+    assert_eq!(
+        mapped_address(&txid, &buf[..n]),
+        socket.local_addr().expect("addr"),
+        "XOR-MAPPED-ADDRESS is the request's source"
+    );
+    node.wait_metrics("mpp_stun_answered_total >= 1", |m| {
+        m.sum("mpp_stun_answered_total", &[]) >= 1
+    });
+}
+
+/// Case 7: STUN on the MPP port.
+fn stun_binding_request_gets_the_mapped_address(io: IoChoice) {
+    let node = TestNode::start(io);
+    stun_round_trip(&node, "127.0.0.1:0");
+}
+
+/// Case 7, on an IPv6 node (`[::1]`): the mapped address is IPv6.
+fn stun_binding_request_over_ipv6(io: IoChoice) {
+    let node = TestNode::start_with(io, |c| c.udp = "[::1]:0".parse().expect("addr"));
+    assert!(node.udp.is_ipv6());
+    stun_round_trip(&node, "[::1]:0");
+    // An MPP device works over IPv6 too.
+    let mut d = node.device("gina@example.com", "phone");
+    node.publish("gina@example.com", "02");
+    assert_eq!(d.wait_notify()[0].1, [0x02]);
+}
+
+/// Splits a web-transport body into its u16be-length-prefixed packets.
+fn split_replies(body: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        assert!(rest.len() >= 2, "truncated length prefix");
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        assert!(rest.len() >= 2 + len, "truncated reply packet");
+        out.push(rest[2..2 + len].to_vec());
+        rest = &rest[2 + len..];
+    }
+    out
+}
+
+fn post_packet(node: &TestNode, packet: &[u8]) -> node::HttpResponse {
+    node::http(
+        node.http,
+        "POST",
+        "/.well-known/mmmpresence/",
+        None,
+        "application/octet-stream",
+        packet,
+    )
+}
+
+/// Case 8: the web-service transport answers a sealed EndpointRequest with
+/// the HTTP peer's address; it never moves the UDP endpoint, where notifies
+/// keep going.
+fn web_transport_answers_an_endpoint_request(io: IoChoice) {
+    let node = TestNode::start(io);
+    let mut d = node.device("hank@example.com", "laptop");
+    d.client.request_endpoint();
+    let mut buf = vec![0u8; MAX_PACKET];
+    let n = d
+        .client
+        .poll_transmit(&mut buf)
+        .expect("an endpoint request");
+    assert!(
+        d.client.poll_transmit(&mut buf).is_none(),
+        "one packet queued"
+    );
+
+    let r = post_packet(&node, &buf[..n]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    let replies = split_replies(&r.body);
+    assert!(!replies.is_empty(), "no reply packet");
+    for p in &replies {
+        d.client.handle_datagram(node::now(), p);
+    }
+    let mut events = Vec::new();
+    while let Some(e) = d.client.poll_event() {
+        events.push(e);
+    }
+    assert_eq!(
+        events,
+        [ClientEvent::Endpoint(r.local)],
+        "the endpoint is the HTTP peer's address"
+    );
+
+    // A forged packet over the web gets an empty answer.
+    let mut forged = d.client.conn_id().0.to_vec();
+    forged.extend((0..60).map(|_| rand::random::<u8>()));
+    let r = post_packet(&node, &forged);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.body.is_empty(),
+        "a forged packet got replies: {:02x?}",
+        r.body
+    );
+
+    node.publish("hank@example.com", "03");
+    assert_eq!(d.wait_notify()[0].1, [0x03], "notifies stay on UDP");
+    let m = node.metrics();
+    assert_eq!(m.sum("mpp_migrations_total", &[]), 0);
+}
+
+/// Case 9: `Node::shutdown` then `Node::wait` returns Ok promptly, and the
+/// ports are released.
+fn shutdown_stops_every_thread_and_frees_the_ports(io: IoChoice) {
+    let mut node = TestNode::start(io);
+    let _d = node.device("ivan@example.com", "phone");
+    node.publish("ivan@example.com", "01");
+    let (udp, http) = (node.udp, node.http);
+    let (result, took) = node.stop();
+    assert!(result.is_ok(), "Node::wait: {result:?}");
+    assert!(took < WAIT, "shutdown took {took:?}");
+    assert!(
+        TcpStream::connect_timeout(&http, Duration::from_secs(2)).is_err(),
+        "the HTTP port still accepts connections"
+    );
+    UdpSocket::bind(udp).expect("the UDP port is free again");
+}
+
+#[test]
+fn metrics_parser_reads_labels() {
+    let m = Metrics(
+        "# HELP x y\nmpp_drops_total{shard=\"0\",reason=\"auth\"} 3\n\
+         mpp_drops_total{shard=\"1\",reason=\"auth\"} 4\nmpp_threads 2\n"
+            .into(),
+    );
+    assert_eq!(m.drops("auth"), 7);
+    assert_eq!(m.sum("mpp_threads", &[]), 2);
+}
