@@ -112,6 +112,7 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
     };
     tracing::info!(shard = shard.id, cpu = ?setup.cpu, io = driver.backend().name(), "shard started");
     let mut last_metrics = Instant::now();
+    let mut errors = IoErrors::default();
     loop {
         let now = setup.clock.now();
         let timeout = shard
@@ -119,9 +120,10 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
             .poll_timeout()
             .map(|t| Duration::from_millis(t.millis_since(now)))
             .map_or(METRICS_PERIOD, |t| t.min(METRICS_PERIOD));
-        driver.wait(Some(timeout))?;
+        errors.check(shard.id, "wait", driver.wait(Some(timeout)))?;
         let now = setup.clock.now();
-        driver.recv(&mut |from, bytes| shard.on_datagram(now, from, bytes))?;
+        let received = driver.recv(&mut |from, bytes| shard.on_datagram(now, from, bytes));
+        errors.check(shard.id, "receive", received.map(drop))?;
         for message in setup.inbox.try_iter().take(INBOX_PER_TURN) {
             shard.on_message(now, message);
         }
@@ -129,7 +131,7 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
             shard.server.handle_timeout(now);
         }
         shard.handle_events();
-        shard.transmit(now, driver.as_mut())?;
+        errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
         if last_metrics.elapsed() >= METRICS_PERIOD || shard.stopping {
             last_metrics = Instant::now();
             shard.publish_metrics(driver.as_ref(), &setup.metrics, setup.cpu);
@@ -137,6 +139,39 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         if shard.stopping {
             tracing::info!(shard = shard.id, "shard stopped");
             return Ok(());
+        }
+    }
+}
+
+/// Consecutive I/O errors: each is logged and survived (the datagrams of
+/// that turn are lost, as on a lossy network); only a long unbroken run —
+/// a socket or ring that is really broken — stops the shard.
+#[derive(Default)]
+struct IoErrors {
+    consecutive: u32,
+}
+
+impl IoErrors {
+    const FATAL_AFTER: u32 = 1000;
+
+    fn check(&mut self, shard: ShardId, what: &str, r: std::io::Result<()>) -> std::io::Result<()> {
+        match r {
+            Ok(()) => {
+                self.consecutive = 0;
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => {
+                self.consecutive += 1;
+                if self.consecutive == 1 || self.consecutive.is_power_of_two() {
+                    tracing::warn!(shard, %e, count = self.consecutive, "{what} failed");
+                }
+                if self.consecutive >= Self::FATAL_AFTER {
+                    tracing::error!(shard, %e, "{what} keeps failing: stopping the shard");
+                    return Err(e);
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -226,7 +261,12 @@ impl Shard {
     fn transmit(&mut self, now: UnixMillis, driver: &mut dyn Driver) -> std::io::Result<()> {
         loop {
             let Some(slot) = driver.send_slot() else {
+                // Full batch: submit it. If that fails, the rest waits in the
+                // state machine's queues for the next turn.
                 driver.flush()?;
+                if driver.send_slot().is_none() {
+                    break;
+                }
                 continue;
             };
             let Some(t) = self.server.poll_transmit(now, slot) else {
