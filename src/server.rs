@@ -220,6 +220,15 @@ impl Node {
     }
 }
 
+/// Probes io_uring on a short-lived thread: tearing the probe ring down can
+/// interrupt the calling thread's next blocking call (EINTR), and the caller
+/// here is the thread that embeds the node.
+fn probe_uring() -> io::Result<()> {
+    std::thread::spawn(net::uring::probe)
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the io_uring probe panicked")))
+}
+
 fn choose_backend(choice: IoChoice) -> Result<IoBackend, String> {
     match choice {
         IoChoice::Mmsg => Ok(IoBackend::Mmsg),
@@ -227,7 +236,11 @@ fn choose_backend(choice: IoChoice) -> Result<IoBackend, String> {
             format!("io_uring is not available here ({e}); use --io mmsg or --io auto")
         }),
         IoChoice::Auto => {
-            let b = net::detect_backend();
+            let b = if probe_uring().is_ok() {
+                IoBackend::Uring
+            } else {
+                IoBackend::Mmsg
+            };
             if b == IoBackend::Mmsg {
                 tracing::warn!("io_uring unavailable: using recvmmsg/sendmmsg");
             }
@@ -370,6 +383,11 @@ fn spawn_control(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the control runtime: {e}"))?;
+    let signals = if stop_on_signals {
+        Some(Signals::install(&runtime)?)
+    } else {
+        None
+    };
     std::thread::Builder::new()
         .name("mpp-control".into())
         .spawn(move || {
@@ -388,7 +406,7 @@ fn spawn_control(
                 let shutdown = {
                     let router = router.clone();
                     async move {
-                        wait_for_stop(stop, stop_on_signals).await;
+                        wait_for_stop(stop, signals).await;
                         tracing::info!("shutting down");
                         router.shutdown_all();
                     }
@@ -403,22 +421,34 @@ fn spawn_control(
         .map_err(|e| format!("cannot start the control thread: {e}"))
 }
 
-async fn wait_for_stop(stop: Arc<tokio::sync::Notify>, signals: bool) {
-    if !signals {
-        stop.notified().await;
-        return;
+/// SIGINT and SIGTERM streams. Created before `start` returns, so a signal
+/// that arrives right after the start-up line is caught, not fatal.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install(runtime: &tokio::runtime::Runtime) -> Result<Self, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _guard = runtime.enter();
+        let term =
+            signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        let int =
+            signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+        Ok(Signals { term, int })
     }
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        stop.notified().await;
-        return;
-    };
-    tokio::select! {
-        _ = stop.notified() => {}
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+}
+
+async fn wait_for_stop(stop: Arc<tokio::sync::Notify>, signals: Option<Signals>) {
+    match signals {
+        None => stop.notified().await,
+        Some(mut s) => {
+            tokio::select! {
+                _ = stop.notified() => {}
+                _ = s.term.recv() => {}
+                _ = s.int.recv() => {}
+            }
+        }
     }
 }

@@ -129,7 +129,7 @@ const PROTOCOL_FAMILIES: &[ShardFamily] = &[
     ),
     counter(
         "mpp_router_forwarded_total",
-        "Publishes forwarded to another shard's inbox.",
+        "Messages the router delivered to this shard's inbox (publishes, web requests, misrouted datagrams, DNS answers).",
         |s| s.router_forwarded,
     ),
     counter(
