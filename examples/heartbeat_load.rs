@@ -150,8 +150,8 @@ struct Batch {
 }
 
 impl Batch {
-    fn new(n: usize) -> Box<Batch> {
-        let mut b = Box::new(Batch {
+    fn new(n: usize) -> Batch {
+        let mut b = Batch {
             bufs: vec![[0u8; MAX_PACKET]; n],
             // SAFETY: iovec and mmsghdr are plain C structs; all-zero is valid.
             iovs: vec![unsafe { std::mem::zeroed() }; n],
@@ -159,7 +159,7 @@ impl Batch {
             lens: vec![0; n],
             devs: vec![0; n],
             len: 0,
-        });
+        };
         for i in 0..n {
             b.iovs[i].iov_base = b.bufs[i].as_mut_ptr().cast();
             b.iovs[i].iov_len = MAX_PACKET;
@@ -235,8 +235,8 @@ struct Load {
     ids: IdMap,
     socks: Vec<Socket>,
     fds: Vec<i32>,
-    out: Vec<Box<Batch>>,
-    inb: Box<Batch>,
+    out: Vec<Batch>,
+    inb: Batch,
     /// (device, serial, sent at) in send order; answered entries are skipped.
     pending: VecDeque<(u32, u32, Instant)>,
     inflight: usize,
@@ -497,33 +497,67 @@ fn pin(cpu: usize) -> Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+            bail!(
+                "sched_setaffinity({cpu}): {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
 }
 
-/// This process's user + system CPU time.
-fn cpu_time() -> Duration {
+/// CPU seconds, user and system.
+#[derive(Clone, Copy)]
+struct Cpu {
+    user: f64,
+    sys: f64,
+}
+
+impl Cpu {
+    fn since(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - earlier.user,
+            sys: self.sys - earlier.sys,
+        }
+    }
+
+    fn report(self, who: &str, wall: f64) -> String {
+        let total = self.user + self.sys;
+        format!(
+            "{who}_s={total:.2} {who}_pct={:.0} {who}_user_s={:.2} {who}_sys_s={:.2}",
+            total / wall * 100.0,
+            self.user,
+            self.sys
+        )
+    }
+}
+
+/// This process's CPU time (getrusage).
+fn cpu_time() -> Cpu {
     // SAFETY: getrusage fills the zeroed struct.
     let ru = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
         libc::getrusage(libc::RUSAGE_SELF, &mut ru);
         ru
     };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Cpu {
+        user: tv(ru.ru_utime),
+        sys: tv(ru.ru_stime),
+    }
 }
 
-/// utime + stime of a process, from /proc/PID/stat.
-fn proc_cpu_time(pid: u32) -> Option<Duration> {
+/// A process's utime and stime, from /proc/PID/stat.
+fn proc_cpu_time(pid: u32) -> Option<Cpu> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(Cpu {
+        user: f.get(11)?.parse::<u64>().ok()? as f64 / hz,
+        sys: f.get(12)?.parse::<u64>().ok()? as f64 / hz,
+    })
 }
 
 fn main() -> Result<()> {
@@ -660,10 +694,10 @@ fn main() -> Result<()> {
         Some(start + Duration::from_secs(args.duration)),
     );
     let wall = start.elapsed().as_secs_f64();
-    let cpu = (cpu_time() - cpu0).as_secs_f64();
+    let cpu = cpu_time().since(cpu0);
     let node_cpu = args
         .node_pid
-        .and_then(|p| Some((proc_cpu_time(p)? - node_cpu0?).as_secs_f64()));
+        .and_then(|p| Some(proc_cpu_time(p)?.since(node_cpu0?)));
     let s = load.stats;
 
     println!(
@@ -694,13 +728,13 @@ fn main() -> Result<()> {
     if let Some(r) = &load.refused_reason {
         println!("heartbeat: first refusal: {r}");
     }
-    print!(
-        "cpu: loadgen_s={cpu:.2} loadgen_pct={:.0}",
-        cpu / wall * 100.0
-    );
     match node_cpu {
-        Some(c) => println!(" node_s={c:.2} node_pct={:.0}", c / wall * 100.0),
-        None => println!(),
+        Some(c) => println!(
+            "cpu: {} {}",
+            cpu.report("loadgen", wall),
+            c.report("node", wall)
+        ),
+        None => println!("cpu: {}", cpu.report("loadgen", wall)),
     }
     drop(load.socks);
     Ok(())

@@ -167,17 +167,19 @@ fn event_json(event: &ClientEvent) -> serde_json::Value {
         ClientEvent::Endpoint(a) => json!({"event": "endpoint", "endpoint": a.to_string()}),
         ClientEvent::Resolved(Ok(a)) => json!({"event": "resolved", "response": hex::encode(a)}),
         ClientEvent::Resolved(Err(s)) => json!({"event": "resolved", "status": s}),
-        ClientEvent::Disconnected(reason) => {
-            let (why, status, description) = match reason {
-                DisconnectReason::Requested => ("requested", None, None),
-                DisconnectReason::Timeout => ("timeout", None, None),
-                DisconnectReason::Refused {
-                    status,
-                    description,
-                } => ("refused", Some(*status), Some(description.clone())),
-            };
-            json!({"event": "disconnected", "reason": why, "status": status, "description": description})
-        }
+        ClientEvent::Disconnected(reason) => match reason {
+            DisconnectReason::Requested => json!({"event": "disconnected", "reason": "requested"}),
+            DisconnectReason::Timeout => json!({"event": "disconnected", "reason": "timeout"}),
+            DisconnectReason::Refused {
+                status,
+                description,
+            } => json!({
+                "event": "disconnected",
+                "reason": "refused",
+                "status": status,
+                "description": description,
+            }),
+        },
     }
 }
 
