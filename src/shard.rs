@@ -112,18 +112,28 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
     };
     tracing::info!(shard = shard.id, cpu = ?setup.cpu, io = driver.backend().name(), "shard started");
     let mut last_metrics = Instant::now();
-    let mut errors = IoErrors::default();
+    let (mut wait_errors, mut recv_errors, mut send_errors) = (
+        IoErrors::default(),
+        IoErrors::default(),
+        IoErrors::default(),
+    );
     loop {
         let now = setup.clock.now();
-        let timeout = shard
-            .server
-            .poll_timeout()
-            .map(|t| Duration::from_millis(t.millis_since(now)))
-            .map_or(METRICS_PERIOD, |t| t.min(METRICS_PERIOD));
-        errors.check(shard.id, "wait", driver.wait(Some(timeout)))?;
+        // Messages left in the inbox (more than one turn takes) have already
+        // used up their wake-up: do not sleep on them.
+        let timeout = if setup.inbox.is_empty() {
+            shard
+                .server
+                .poll_timeout()
+                .map(|t| Duration::from_millis(t.millis_since(now)))
+                .map_or(METRICS_PERIOD, |t| t.min(METRICS_PERIOD))
+        } else {
+            Duration::ZERO
+        };
+        wait_errors.check(shard.id, "wait", driver.wait(Some(timeout)))?;
         let now = setup.clock.now();
         let received = driver.recv(&mut |from, bytes| shard.on_datagram(now, from, bytes));
-        errors.check(shard.id, "receive", received.map(drop))?;
+        recv_errors.check(shard.id, "receive", received.map(drop))?;
         for message in setup.inbox.try_iter().take(INBOX_PER_TURN) {
             shard.on_message(now, message);
         }
@@ -131,7 +141,7 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
             shard.server.handle_timeout(now);
         }
         shard.handle_events();
-        errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
+        send_errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
         if last_metrics.elapsed() >= METRICS_PERIOD || shard.stopping {
             last_metrics = Instant::now();
             shard.publish_metrics(driver.as_ref(), &setup.metrics, setup.cpu);
@@ -143,9 +153,9 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
     }
 }
 
-/// Consecutive I/O errors: each is logged and survived (the datagrams of
-/// that turn are lost, as on a lossy network); only a long unbroken run —
-/// a socket or ring that is really broken — stops the shard.
+/// Consecutive errors of one kind of I/O call: each is logged and survived
+/// (the datagrams of that turn are lost, as on a lossy network); only a long
+/// unbroken run — a socket or ring that is really broken — stops the shard.
 #[derive(Default)]
 struct IoErrors {
     consecutive: u32,
@@ -257,8 +267,19 @@ impl Shard {
         }
     }
 
-    /// Moves every pending datagram into the driver and submits the batch(es).
+    /// Moves every pending datagram into the driver and submits the batch(es);
+    /// then answers this turn's web-transport requests, whatever happened.
     fn transmit(&mut self, now: UnixMillis, driver: &mut dyn Driver) -> std::io::Result<()> {
+        let result = self.fill_and_flush(now, driver);
+        // Web requests get what their turn produced (a resolve answered later
+        // by the upstream is not waited for; its late packets are dropped).
+        for (_, (reply, packets)) in self.web.drain() {
+            let _ = reply.send(packets);
+        }
+        result
+    }
+
+    fn fill_and_flush(&mut self, now: UnixMillis, driver: &mut dyn Driver) -> std::io::Result<()> {
         loop {
             let Some(slot) = driver.send_slot() else {
                 // Full batch: submit it. If that fails, the rest waits in the
@@ -281,13 +302,7 @@ impl Shard {
                 }
             }
         }
-        driver.flush()?;
-        // Web requests get what their turn produced (a resolve answered later
-        // by the upstream is not waited for).
-        for (_, (reply, packets)) in self.web.drain() {
-            let _ = reply.send(packets);
-        }
-        Ok(())
+        driver.flush()
     }
 
     fn publish_metrics(&self, driver: &dyn Driver, sink: &Mutex<ShardMetrics>, cpu: Option<usize>) {

@@ -57,7 +57,26 @@ pub struct DateTimeError;
 
 impl UnixSeconds {
     /// The wire form, `yyyy-MM-ddTHH:mm:ssZ`. Years outside 0..=9999 are clamped.
+    ///
+    /// Every reply carries `Now`, so the last second formatted is remembered
+    /// per thread and reused.
     pub fn to_wire(self) -> [u8; DATETIME_LEN] {
+        thread_local! {
+            static LAST: std::cell::Cell<(i64, [u8; DATETIME_LEN])> =
+                const { std::cell::Cell::new((0, *b"1970-01-01T00:00:00Z")) };
+        }
+        LAST.with(|last| {
+            let (secs, wire) = last.get();
+            if secs == self.0 {
+                return wire;
+            }
+            let wire = self.format();
+            last.set((self.0, wire));
+            wire
+        })
+    }
+
+    fn format(self) -> [u8; DATETIME_LEN] {
         let secs = self.0.clamp(MIN_SECONDS, MAX_SECONDS);
         let days = secs.div_euclid(86_400);
         let rem = secs.rem_euclid(86_400);

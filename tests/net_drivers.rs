@@ -533,3 +533,36 @@ fn binding_a_taken_port_names_the_address() {
         .expect("a BindError inside");
     assert_eq!(inner.addr, taken);
 }
+
+/// A wake-up that lands while the shard is flushing sends (the driver reaps
+/// completions then) must still end the next wait at once.
+#[test]
+fn a_wake_during_flush_is_not_lost() {
+    for backend in backends() {
+        let Node {
+            mut driver, waker, ..
+        } = Node::new(backend, "127.0.0.1:0", 8);
+        let peer = client("127.0.0.1:0");
+        let to = peer.local_addr().expect("addr");
+        let slot = driver.send_slot().expect("a free slot");
+        slot[..3].copy_from_slice(b"abc");
+        driver.commit_send(to, 3);
+        waker.wake();
+        driver.flush().expect("flush");
+        let t = Instant::now();
+        driver.wait(Some(Duration::from_secs(10))).expect("wait");
+        let waited = t.elapsed();
+        assert!(
+            waited < Duration::from_secs(5),
+            "{backend:?}: a wake during flush was lost (waited {waited:?})"
+        );
+        // It is consumed: the next wait sleeps its timeout.
+        let t = Instant::now();
+        driver.wait(Some(Duration::from_millis(50))).expect("wait");
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "{backend:?}: the wake was not cleared"
+        );
+        drop(driver);
+    }
+}

@@ -50,11 +50,11 @@ const NAME_LEN: usize = mem::size_of::<libc::sockaddr_in6>();
 const BUF_SIZE: usize = MAX_DATAGRAM + 64;
 
 /// How long one bounded wait for send or cancel completions lasts.
-const REAP_WAIT: Duration = Duration::from_millis(100);
+const REAP_WAIT: Duration = Duration::from_millis(5);
 
 /// How many [`REAP_WAIT`]s a flush waits for its sends before cancelling
 /// them, and a drop waits for its cancellations before leaking the buffers.
-const REAP_ROUNDS: usize = 20;
+const REAP_ROUNDS: usize = 4;
 
 /// `user_data` of the multishot receive.
 const UD_RECV: u64 = 1;
@@ -262,6 +262,9 @@ pub struct UringDriver {
     waker_armed: bool,
     /// The waker poll failed with this errno; reported by `wait`.
     waker_error: Option<i32>,
+    /// The waker fired during a reap that was not part of `wait` (e.g. in
+    /// `flush`); the next `wait` must return at once instead of sleeping.
+    woken: bool,
     /// Receive completions reaped during `wait` or `flush`, for `recv`.
     pending: Vec<RecvCompletion>,
     /// Send slots committed since the last flush.
@@ -336,6 +339,7 @@ impl UringDriver {
             recv_armed: false,
             waker_armed: false,
             waker_error: None,
+            woken: false,
             pending: Vec::with_capacity(usize::from(BUF_COUNT) * 2),
             queued: 0,
             in_flight: 0,
@@ -445,6 +449,7 @@ impl UringDriver {
         }
         if woken {
             clear_eventfd(self.waker_fd);
+            self.woken = true;
         }
         woken
     }
@@ -536,7 +541,10 @@ impl Driver for UringDriver {
             ));
         }
         self.arm()?;
-        if !self.pending.is_empty() || self.reap() || !self.pending.is_empty() {
+        let woken_earlier = std::mem::take(&mut self.woken);
+        if woken_earlier || !self.pending.is_empty() || self.reap() || !self.pending.is_empty() {
+            // This turn handles the wake-up; do not carry it to the next one.
+            self.woken = false;
             // Work is already here: just submit any re-arm.
             if !self.ring.submission().is_empty() {
                 self.ring.submit()?;
@@ -545,6 +553,7 @@ impl Driver for UringDriver {
         }
         self.enter(1, timeout)?;
         self.reap();
+        self.woken = false;
         Ok(())
     }
 
