@@ -29,7 +29,7 @@ fn connect(cred: &Credential) -> Vec<u8> {
         expires: Some(cred.expires),
         binding: Some((&cred.binding[..]).into()),
         header: ClientHeader {
-            serial: Some(1),
+            serial: Some(NOW.0 as i64 / 1000),
             ..ClientHeader::default()
         },
     });
@@ -80,7 +80,7 @@ fn server_with(devices: usize) -> (Server, Vec<Credential>) {
 fn bench(c: &mut Criterion) {
     for devices in [1usize, 100_000] {
         let (mut server, creds) = server_with(devices);
-        let mut serial = 1i64;
+        let mut serial = NOW.0 as i64 / 1000;
         let mut buf = vec![0u8; 1232];
         let mut which = 0usize;
         c.bench_function(

@@ -86,7 +86,7 @@ fn main() {
             expires: Some(expires),
             binding: Some((&binding[..]).into()),
             header: ClientHeader {
-                serial: Some(1),
+                serial: Some(now.0 as i64 / 1000),
                 ..ClientHeader::default()
             },
         });

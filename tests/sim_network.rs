@@ -23,8 +23,10 @@ fn clean_network_delivers_and_acknowledges() {
 
     assert_eq!(sim.publish("alice@example.com", &[0b0001]), 2);
     sim.run_for(100);
-    assert_eq!(sim.notifies(a), vec![(1, vec![1])]);
-    assert_eq!(sim.notifies(b), vec![(1, vec![1])]);
+    assert_eq!(sim.masks(a), vec![vec![1]]);
+    assert_eq!(sim.masks(b), vec![vec![1]]);
+    // Both devices of the account got the same Serial.
+    assert_eq!(sim.notifies(a)[0].0, sim.notifies(b)[0].0);
     assert!(sim.notifies(c).is_empty());
     assert!(sim.all_acknowledged());
     assert_eq!(sim.server.stats().notifies_acked, 2);
@@ -33,7 +35,13 @@ fn clean_network_delivers_and_acknowledges() {
     // A second publish: a new Serial, only the new bits (the old ones were acknowledged).
     sim.publish("alice@example.com", &[0b0100]);
     sim.run_for(100);
-    assert_eq!(sim.notifies(a), vec![(1, vec![1]), (2, vec![4])]);
+    assert_eq!(sim.masks(a), vec![vec![1], vec![4]]);
+    let serials: Vec<i64> = sim.notifies(a).iter().map(|n| n.0).collect();
+    assert_eq!(
+        serials[1],
+        serials[0] + 1,
+        "the account's Serial is bumped per publish"
+    );
     assert!(sim.all_acknowledged());
 }
 
@@ -150,7 +158,7 @@ fn notify_lost_five_times_is_recovered_by_the_next_heartbeat() {
     assert!(sim.notifies(d).is_empty());
     sim.devices[d].online = true;
     sim.run_for(61_000);
-    assert_eq!(sim.notifies(d), vec![(1, vec![0x80])]);
+    assert_eq!(sim.masks(d), vec![vec![0x80]]);
     assert!(sim.all_acknowledged());
 }
 
@@ -186,7 +194,7 @@ fn replayed_packets_change_nothing_and_get_no_reply() {
     // The device's endpoint did not move: a publish still reaches it.
     sim.publish("alice", &[2]);
     sim.run_for(100);
-    assert_eq!(sim.notifies(d).last(), Some(&(2, vec![2])));
+    assert_eq!(sim.masks(d).last(), Some(&vec![2]));
     assert_eq!(sim.devices[d].addr, endpoint_before);
 }
 
@@ -216,7 +224,7 @@ fn forged_packets_change_nothing() {
     );
     sim.publish("alice", &[1]);
     sim.run_for(100);
-    assert_eq!(sim.notifies(d), vec![(1, vec![1])]);
+    assert_eq!(sim.masks(d), vec![vec![1]]);
 }
 
 #[test]
@@ -229,7 +237,7 @@ fn nat_rebinding_moves_the_endpoint() {
     assert_eq!(sim.server.stats().migrations, 1);
     sim.publish("alice", &[1]);
     sim.run_for(100);
-    assert_eq!(sim.notifies(d), vec![(1, vec![1])]);
+    assert_eq!(sim.masks(d), vec![vec![1]]);
     assert_eq!(sim.devices[d].client.endpoint(), Some(sim.devices[d].addr));
 }
 
@@ -317,7 +325,7 @@ fn restarted_client_resumes_above_the_highest_serial() {
     );
     sim.publish("alice", &[3]);
     sim.run_for(100);
-    assert_eq!(sim.notifies(e), vec![(1, vec![3])]);
+    assert_eq!(sim.masks(e), vec![vec![3]]);
     assert!(
         sim.server.stats().dropped_replay >= 1,
         "the stale connect was refused first"
@@ -441,5 +449,121 @@ fn web_transport_answers_without_moving_the_endpoint() {
     // Notifies still go to the UDP endpoint.
     sim.publish("alice", &[9]);
     sim.run_for(100);
-    assert_eq!(sim.notifies(d), vec![(1, vec![9])]);
+    assert_eq!(sim.masks(d), vec![vec![9]]);
+}
+
+#[test]
+fn notifies_after_a_node_restart_are_not_taken_for_duplicates() {
+    let mut sim = Sim::new(15, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    sim.publish("alice", &[1]);
+    sim.run_for(100);
+    // The node restarts (same master key, empty table) a little later.
+    sim.run_for(5_000);
+    sim.server = mpp::proto::Server::new(
+        ServerConfig::default(),
+        mpp::packet::MasterKey::new([7; 32]),
+        [8; 32],
+        sim.now,
+    );
+    sim.run_for(61_000); // the heartbeat gets 404, the client reconnects
+    assert!(connected(&sim, d));
+    sim.publish("alice", &[0x80]);
+    sim.run_for(100);
+    assert_eq!(sim.masks(d), vec![vec![1], vec![0x80]]);
+    let serials: Vec<i64> = sim.notifies(d).iter().map(|n| n.0).collect();
+    assert_ne!(
+        serials[0], serials[1],
+        "the account's Serials did not restart"
+    );
+}
+
+#[test]
+fn an_old_connect_replayed_from_a_forged_source_creates_nothing() {
+    let mut sim = Sim::new(16, Knobs::default(), ServerConfig::default());
+    sim.capture = true;
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    let (_, connect) = sim.captured_to_server[0].clone();
+    sim.devices[d].client.disconnect(sim.now);
+    sim.run_for(100);
+    assert_eq!(sim.server.connections(), 0);
+    // Long after (beyond 2 x ConnectionTimeout), an attacker replays the
+    // Connect with the victim's address as source.
+    sim.run_for(130_000);
+    let victim: std::net::SocketAddr = "127.0.0.77:5000".parse().expect("addr");
+    let mut buf = vec![0u8; 2048];
+    let mut answered = 0;
+    for _ in 0..100 {
+        sim.server.handle_datagram(sim.now, victim, &connect);
+        while let Some(t) = sim.server.poll_transmit(sim.now, &mut buf) {
+            assert!(t.size <= connect.len(), "an answer larger than the replay");
+            answered += 1;
+        }
+    }
+    assert_eq!(
+        sim.server.connections(),
+        0,
+        "the replay recreated the connection"
+    );
+    assert!(answered <= 20, "{answered} refusals: not rate-limited");
+    assert!(sim.server.stats().refusals_rate_limited >= 80);
+}
+
+#[test]
+fn replayed_packets_of_a_gone_connection_get_rate_limited_refusals() {
+    let mut sim = Sim::new(17, Knobs::default(), ServerConfig::default());
+    sim.capture = true;
+    sim.add_device("alice", ClientConfig::default());
+    sim.run_for(61_000); // connect + a heartbeat
+    let (_, heartbeat) = sim.captured_to_server.last().cloned().expect("captured");
+    sim.devices[0].online = false;
+    sim.run_for(200_000); // the connection expires
+    assert_eq!(sim.server.connections(), 0);
+    let victim: std::net::SocketAddr = "127.0.0.77:5000".parse().expect("addr");
+    let mut buf = vec![0u8; 2048];
+    let mut answered = 0;
+    for _ in 0..100 {
+        sim.server.handle_datagram(sim.now, victim, &heartbeat);
+        while sim.server.poll_transmit(sim.now, &mut buf).is_some() {
+            answered += 1;
+        }
+    }
+    assert!(answered <= 20, "{answered} 404s to a forged source");
+}
+
+#[test]
+fn a_connect_over_the_web_transport_waits_for_udp_before_notifying() {
+    let mut sim = Sim::new(18, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    // The connect goes over HTTPS instead of UDP.
+    let mut buf = vec![0u8; 2048];
+    let n = sim.devices[d]
+        .client
+        .poll_transmit(&mut buf)
+        .expect("the connect");
+    let peer: std::net::SocketAddr = "127.0.0.5:443".parse().expect("addr");
+    sim.server
+        .handle_web_request(sim.now, peer, &buf[..n], mpp::proto::WebRequestId(1));
+    let mut out = vec![0u8; 2048];
+    let t = sim
+        .server
+        .poll_transmit(sim.now, &mut out)
+        .expect("connect response");
+    assert!(t.web.is_some());
+    sim.devices[d]
+        .client
+        .handle_datagram(sim.now, &out[..t.size]);
+    assert_eq!(sim.server.connections(), 1);
+    // A publish now has no UDP endpoint to go to: nothing is sent…
+    sim.server
+        .handle_publish(sim.now, "alice", &[4])
+        .expect("valid");
+    assert!(sim.server.poll_transmit(sim.now, &mut out).is_none());
+    assert!(!sim.all_acknowledged());
+    // …and the pending state reaches the device with its first UDP heartbeat.
+    sim.run_for(61_000);
+    assert_eq!(sim.masks(d), vec![vec![4]]);
+    assert!(sim.all_acknowledged());
 }

@@ -73,6 +73,7 @@ const DROP_REASONS: &[(&str, ShardValue)] = &[
     ("unexpected", |s| s.server.dropped_unexpected),
     ("queue_full", |s| s.server.dropped_queue_full),
     ("stun", |s| s.server.stun_dropped),
+    ("refusal_rate_limited", |s| s.server.refusals_rate_limited),
 ];
 
 /// Families after `mpp_drops_total`, in output order.

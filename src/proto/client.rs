@@ -249,6 +249,17 @@ impl Client {
     }
 
     fn start_connect(&mut self, now: UnixMillis) {
+        // A new connection may start a new series of notify Serials: report
+        // the next notify whatever its Serial (a duplicate beats a loss).
+        self.last_notify = None;
+        // Keep Serials at or above the Unix time: the node only creates a
+        // connection from a recent Connect (replay defence). An explicit
+        // `first_serial` is honoured for the very first packet.
+        if self.serial > 0 || self.config.first_serial.is_none() {
+            self.serial = self
+                .serial
+                .max(now.seconds().0.min(i64::from(u32::MAX)) - 1);
+        }
         self.state = ClientState::Connecting;
         self.tries = 1;
         self.push(Outgoing::Connect);
@@ -521,7 +532,8 @@ impl Client {
                     description,
                 };
                 match code {
-                    404 if !self.disconnecting => {
+                    404 if self.disconnecting => self.abort(DisconnectReason::Requested),
+                    404 => {
                         // The node forgot us (restart or expiry): connect again now.
                         self.events.push_back(ClientEvent::Disconnected(reason));
                         self.start_connect(now);

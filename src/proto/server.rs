@@ -122,6 +122,8 @@ pub struct ServerStats {
     pub stun_answered: u64,
     /// STUN datagrams refused: malformed, unsupported or over the rate limit.
     pub stun_dropped: u64,
+    /// Refusals not sent because their source exceeded its rate.
+    pub refusals_rate_limited: u64,
 }
 
 /// Identifies one DNS query waiting for the upstream.
@@ -254,6 +256,11 @@ struct RetransmitTimer {
     tries: u8,
 }
 
+/// Refusals answered per second per source address (PROTOCOL.md §7).
+const REFUSALS_PER_SEC: u32 = 10;
+/// Burst of refusals per source address.
+const REFUSAL_BURST: u32 = 20;
+
 /// Sweep the whole table for idle connections once per this many ms.
 const SWEEP_PERIOD_MS: u64 = 10_000;
 /// … in this many steps.
@@ -270,6 +277,10 @@ pub struct Server {
     replies: VecDeque<Reply>,
     stun_replies: VecDeque<(SocketAddr, [u8; stun::MAX_RESPONSE_LEN], u8)>,
     stun_limiter: stun::SourceRateLimiter,
+    /// Refusals (404, 403, InvalidSerial, ...) answer packets that are
+    /// authenticated but may be replays with a forged source: rate-limited
+    /// per source address like every other answer a replay could trigger.
+    refusal_limiter: stun::SourceRateLimiter,
     notifies: VecDeque<u32>,
     fragmented: Option<FragmentedSend>,
     next_fragment_id: u16,
@@ -296,6 +307,11 @@ impl Server {
             epoch: now,
             replies: VecDeque::new(),
             stun_replies: VecDeque::new(),
+            refusal_limiter: stun::SourceRateLimiter::new(
+                REFUSALS_PER_SEC,
+                REFUSAL_BURST,
+                stun::DEFAULT_BUCKETS,
+            ),
             stun_limiter: stun::SourceRateLimiter::new(
                 config.stun_rate_per_sec,
                 config.stun_burst,
@@ -341,6 +357,17 @@ impl Server {
             self.stats.dropped_queue_full += 1;
         } else {
             self.replies.push_back(reply);
+        }
+    }
+
+    /// Queues a refusal, unless its source had its share (PROTOCOL.md §7:
+    /// an attacker replaying captured packets with a forged source must not
+    /// turn the node into an amplifier).
+    fn queue_refusal(&mut self, now: UnixMillis, reply: Reply) {
+        if self.refusal_limiter.allow(now, reply.to.ip()) {
+            self.queue_reply(reply);
+        } else {
+            self.stats.refusals_rate_limited += 1;
         }
     }
 
@@ -430,7 +457,11 @@ impl Server {
             return;
         };
         // Serials are kept in 32 bits; anything else is not a valid request.
-        let Some(serial) = header.serial.and_then(|s| u32::try_from(s).ok()) else {
+        let Some(serial) = header
+            .serial
+            .and_then(|s| u32::try_from(s).ok())
+            .filter(|&s| s > 0)
+        else {
             self.stats.dropped_malformed += 1;
             return;
         };
@@ -453,10 +484,13 @@ impl Server {
             // Authenticated, but the node holds no such connection (it
             // expired, or the node restarted): tell the client to connect.
             self.stats.refused += 1;
-            self.queue_reply(reply(ReplyKind::Refused(
-                status::NOT_FOUND,
-                "no such connection: connect again",
-            )));
+            self.queue_refusal(
+                now,
+                reply(ReplyKind::Refused(
+                    status::NOT_FOUND,
+                    "no such connection: connect again",
+                )),
+            );
             return;
         };
         if !self.accept_fresh(now, slot, from, serial, via) {
@@ -471,10 +505,10 @@ impl Server {
         if UnixSeconds(i64::from(rec.expires)) <= now.seconds() {
             self.stats.expired += 1;
             self.table.remove(slot);
-            self.queue_reply(reply(ReplyKind::Refused(
-                status::FORBIDDEN,
-                "credential expired",
-            )));
+            self.queue_refusal(
+                now,
+                reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")),
+            );
             return;
         }
         match message {
@@ -584,10 +618,13 @@ impl Server {
             (&req.account, &req.device, req.expires, &req.binding)
         else {
             self.stats.refused += 1;
-            self.queue_reply(reply(ReplyKind::Refused(
-                status::UNAUTHORIZED,
-                "connect needs Account, Device, Expires and Binding",
-            )));
+            self.queue_refusal(
+                now,
+                reply(ReplyKind::Refused(
+                    status::UNAUTHORIZED,
+                    "connect needs Account, Device, Expires and Binding",
+                )),
+            );
             return;
         };
         match self
@@ -597,18 +634,18 @@ impl Server {
             Ok(()) => {}
             Err(BindingError::Expired) => {
                 self.stats.refused += 1;
-                self.queue_reply(reply(ReplyKind::Refused(
-                    status::FORBIDDEN,
-                    "credential expired",
-                )));
+                self.queue_refusal(
+                    now,
+                    reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")),
+                );
                 return;
             }
             Err(_) => {
                 self.stats.refused += 1;
-                self.queue_reply(reply(ReplyKind::Refused(
-                    status::UNAUTHORIZED,
-                    "invalid binding",
-                )));
+                self.queue_refusal(
+                    now,
+                    reply(ReplyKind::Refused(status::UNAUTHORIZED, "invalid binding")),
+                );
                 return;
             }
         }
@@ -633,7 +670,7 @@ impl Server {
                 Freshness::InWindow | Freshness::Stale => {
                     self.stats.dropped_replay += 1;
                     let highest = window.highest;
-                    self.queue_reply(reply(ReplyKind::InvalidSerial(highest)));
+                    self.queue_refusal(now, reply(ReplyKind::InvalidSerial(highest)));
                     return;
                 }
             }
@@ -652,16 +689,36 @@ impl Server {
             // Same conn id bound to another account: start afresh.
             self.table.remove(slot);
         }
+        // A new connection only from a recent Connect: clients keep their
+        // Serials at or above the Unix time (README, "Where we decided"), so
+        // an older Connect is a replay, or a device whose clock or Serial
+        // lags — told to resume above now, which a real device does at once.
+        let now_serial = now.seconds().0.clamp(1, i64::from(u32::MAX)) as u32;
+        let oldest = now_serial.saturating_sub(2 * self.config.connection_timeout_ms / 1000);
+        if serial < oldest {
+            self.stats.dropped_replay += 1;
+            self.queue_refusal(now, reply(ReplyKind::InvalidSerial(now_serial)));
+            return;
+        }
         let mut rec = Connection {
             conn_id: conn_id.0,
             account_low: key.low,
             highest_serial: serial,
             last_seen: seconds,
             expires: expires_u32,
+            // The first device of an account starts the account's notify
+            // Serials at the Unix time, so they never repeat the Serials of an
+            // earlier life of the account (node restart, all devices gone),
+            // which a client would take for duplicates.
+            notify_serial: now_serial,
             ..Connection::default()
         };
         rec.set_window(1);
-        rec.set_endpoint(from);
+        // Notifies are UDP only: a connection made over the web transport has
+        // no UDP endpoint until its first authenticated UDP packet.
+        if via == Via::Udp {
+            rec.set_endpoint(from);
+        }
         match self.table.insert(rec) {
             Ok(_) => {
                 self.stats.connects += 1;
@@ -669,7 +726,10 @@ impl Server {
             }
             Err(_) => {
                 self.stats.refused += 1;
-                self.queue_reply(reply(ReplyKind::Refused(status::UNAVAILABLE, "node full")));
+                self.queue_refusal(
+                    now,
+                    reply(ReplyKind::Refused(status::UNAVAILABLE, "node full")),
+                );
             }
         }
     }
@@ -905,6 +965,9 @@ impl Server {
         rec.set_queued(false);
         if !rec.in_use() || rec.mask_len == 0 {
             return None; // acknowledged meanwhile
+        }
+        if rec.endpoint().port() == 0 {
+            return None; // no UDP endpoint yet: the next heartbeat's Status carries it
         }
         let rec = *rec;
         let mut mask = [0u8; MAX_BITMASK];

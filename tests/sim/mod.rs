@@ -259,6 +259,11 @@ impl Sim {
             .collect()
     }
 
+    /// The bitmasks of the notify events a device has seen, in order.
+    pub(crate) fn masks(&self, device: usize) -> Vec<Vec<u8>> {
+        self.notifies(device).into_iter().map(|(_, m)| m).collect()
+    }
+
     /// True when no connection has unacknowledged notify state.
     pub(crate) fn all_acknowledged(&self) -> bool {
         let t = self.server.table();
