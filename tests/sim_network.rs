@@ -567,3 +567,27 @@ fn a_connect_over_the_web_transport_waits_for_udp_before_notifying() {
     assert_eq!(sim.masks(d), vec![vec![4]]);
     assert!(sim.all_acknowledged());
 }
+
+#[test]
+fn a_source_failing_authentication_is_throttled_before_decryption() {
+    let mut sim = Sim::new(19, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    let conn_id = sim.devices[d].client.conn_id();
+    let attacker: std::net::SocketAddr = "127.0.0.99:4444".parse().expect("addr");
+    let mut forged = vec![0x5au8; 80];
+    forged[..8].copy_from_slice(&conn_id.0);
+    for _ in 0..1_000 {
+        sim.server.handle_datagram(sim.now, attacker, &forged);
+    }
+    let stats = sim.server.stats();
+    assert_eq!(
+        stats.dropped_auth, 200,
+        "the burst is decrypted, then no more"
+    );
+    assert_eq!(stats.dropped_auth_limited, 800);
+    // Other sources are not affected.
+    sim.publish("alice", &[1]);
+    sim.run_for(100);
+    assert_eq!(sim.masks(d), vec![vec![1]]);
+}

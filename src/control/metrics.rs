@@ -74,6 +74,7 @@ const DROP_REASONS: &[(&str, ShardValue)] = &[
     ("queue_full", |s| s.server.dropped_queue_full),
     ("stun", |s| s.server.stun_dropped),
     ("refusal_rate_limited", |s| s.server.refusals_rate_limited),
+    ("auth_rate_limited", |s| s.server.dropped_auth_limited),
 ];
 
 /// Families after `mpp_drops_total`, in output order.

@@ -124,6 +124,8 @@ pub struct ServerStats {
     pub stun_dropped: u64,
     /// Refusals not sent because their source exceeded its rate.
     pub refusals_rate_limited: u64,
+    /// Dropped before decryption: the source failed authentication too often.
+    pub dropped_auth_limited: u64,
 }
 
 /// Identifies one DNS query waiting for the upstream.
@@ -256,6 +258,12 @@ struct RetransmitTimer {
     tries: u8,
 }
 
+/// Failed authentications tolerated per second per source address; beyond,
+/// the source's packets are dropped before decryption (PROTOCOL.md §7).
+const AUTH_FAILURES_PER_SEC: u32 = 100;
+/// Burst of failed authentications per source address.
+const AUTH_FAILURE_BURST: u32 = 200;
+
 /// Refusals answered per second per source address (PROTOCOL.md §7).
 const REFUSALS_PER_SEC: u32 = 10;
 /// Burst of refusals per source address.
@@ -281,6 +289,10 @@ pub struct Server {
     /// authenticated but may be replays with a forged source: rate-limited
     /// per source address like every other answer a replay could trigger.
     refusal_limiter: stun::SourceRateLimiter,
+    /// Packets that fail authentication, per source (PROTOCOL.md §7: rate
+    /// limits on all unauthenticated traffic). Only failures are charged, so
+    /// many honest devices behind one NAT address are never limited.
+    auth_failure_limiter: stun::SourceRateLimiter,
     notifies: VecDeque<u32>,
     fragmented: Option<FragmentedSend>,
     next_fragment_id: u16,
@@ -307,6 +319,11 @@ impl Server {
             epoch: now,
             replies: VecDeque::new(),
             stun_replies: VecDeque::new(),
+            auth_failure_limiter: stun::SourceRateLimiter::new(
+                AUTH_FAILURES_PER_SEC,
+                AUTH_FAILURE_BURST,
+                stun::DEFAULT_BUCKETS,
+            ),
             refusal_limiter: stun::SourceRateLimiter::new(
                 REFUSALS_PER_SEC,
                 REFUSAL_BURST,
@@ -406,6 +423,10 @@ impl Server {
             self.stats.dropped_malformed += 1;
             return;
         }
+        if !self.auth_failure_limiter.has_token(now, from.ip()) {
+            self.stats.dropped_auth_limited += 1;
+            return;
+        }
         // PROTOCOL.md §3: keys derived per packet from the master key.
         let secret = self.master.expanded_secret(conn_id);
         let key = secret.key(Direction::ClientToServer);
@@ -419,7 +440,10 @@ impl Server {
                 Ok(message) => self.handle_message(now, from, conn_id, message, via, reply_key),
                 Err(_) => self.stats.dropped_malformed += 1,
             },
-            Err(_) => self.stats.dropped_auth += 1,
+            Err(_) => {
+                self.stats.dropped_auth += 1;
+                self.auth_failure_limiter.allow(now, from.ip());
+            }
         }
         self.scratch = scratch;
     }

@@ -360,8 +360,27 @@ impl SourceRateLimiter {
     /// Whether `ip` may be answered at `now`: refills its bucket for the time
     /// elapsed (up to the burst) and takes one token if there is one.
     pub fn allow(&mut self, now: UnixMillis, ip: IpAddr) -> bool {
+        match self.bucket_at(now, ip) {
+            None => true,
+            Some(bucket) if bucket.milli_tokens >= MILLI_TOKENS => {
+                bucket.milli_tokens -= MILLI_TOKENS;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Whether `ip` has a token at `now`, without taking it: for limits
+    /// that only charge what went wrong (a failed authentication).
+    pub fn has_token(&mut self, now: UnixMillis, ip: IpAddr) -> bool {
+        self.bucket_at(now, ip)
+            .is_none_or(|bucket| bucket.milli_tokens >= MILLI_TOKENS)
+    }
+
+    /// `ip`'s bucket refilled up to `now`; `None` when unlimited.
+    fn bucket_at(&mut self, now: UnixMillis, ip: IpAddr) -> Option<&mut Bucket> {
         if self.rate_per_sec == 0 {
-            return true;
+            return None;
         }
         let epoch = *self.epoch.get_or_insert(now);
         let mut now_ms = now.millis_since(epoch);
@@ -375,12 +394,7 @@ impl SourceRateLimiter {
         bucket.refill(now_ms, rate, cap);
         // now_ms < REBASE_AFTER_MS < 2^32 here; never move a bucket's clock back.
         bucket.last_ms = bucket.last_ms.max(now_ms as u32);
-        if bucket.milli_tokens >= MILLI_TOKENS {
-            bucket.milli_tokens -= MILLI_TOKENS;
-            true
-        } else {
-            false
-        }
+        Some(bucket)
     }
 
     /// Brings every bucket up to `now` (`now_ms` after the old epoch) and makes
