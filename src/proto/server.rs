@@ -200,11 +200,7 @@ struct Reply {
 
 struct PendingResolve {
     token: ResolveToken,
-    via: Via,
-    key: [u8; 32],
-    to: SocketAddr,
-    conn_id: ConnId,
-    ack: i64,
+    origin: Origin,
     deadline: UnixMillis,
 }
 
@@ -563,11 +559,7 @@ impl Server {
                 self.stats.resolves += 1;
                 self.resolves.push(PendingResolve {
                     token,
-                    via,
-                    key,
-                    to: from,
-                    conn_id,
-                    ack: i64::from(serial),
+                    origin,
                     deadline: now.plus_millis(self.config.resolve_timeout_ms),
                 });
                 self.events.push_back(ServerEvent::ResolveUpstream {
@@ -821,14 +813,7 @@ impl Server {
         };
         let r = self.resolves.swap_remove(i);
         let result = answer.map(|a| a.to_vec().into_boxed_slice());
-        self.queue_reply(Reply {
-            to: r.to,
-            conn_id: r.conn_id,
-            ack: r.ack,
-            via: r.via,
-            key: r.key,
-            kind: ReplyKind::Resolved(result),
-        });
+        self.queue_reply(r.origin.reply(ReplyKind::Resolved(result)));
     }
 
     /// The next thing the I/O layer must do.
@@ -867,14 +852,10 @@ impl Server {
         while i < self.resolves.len() {
             if self.resolves[i].deadline <= now {
                 let r = self.resolves.swap_remove(i);
-                self.queue_reply(Reply {
-                    to: r.to,
-                    conn_id: r.conn_id,
-                    ack: r.ack,
-                    via: r.via,
-                    key: r.key,
-                    kind: ReplyKind::Resolved(Err(status::GATEWAY_TIMEOUT)),
-                });
+                self.queue_reply(
+                    r.origin
+                        .reply(ReplyKind::Resolved(Err(status::GATEWAY_TIMEOUT))),
+                );
             } else {
                 i += 1;
             }
