@@ -52,7 +52,7 @@ pub enum PacketError {
 /// AES-256-GCM with a 96-bit nonce over encryption-only AES: GCM never
 /// decrypts a block, so the decryption round keys `aes_gcm::Aes256Gcm` would
 /// also compute for every derived key are skipped.
-type Aes256GcmEnc = AesGcm<aes::Aes256Enc, U12>;
+type Aes256GcmEnc = AesGcm<super::Aes256, U12>;
 
 /// One direction's packet key with its AES key schedule and GHASH key
 /// expanded, ready to seal or open.

@@ -12,7 +12,9 @@
 use std::fmt;
 
 use aes::cipher::{BlockEncrypt, KeyInit};
-use aes::{Aes256Enc, Block};
+use aes::Block;
+
+use super::Aes256 as Aes256Enc;
 
 use super::conn_id::ConnId;
 use super::framing::PacketKey;

@@ -15,6 +15,12 @@
 //! the codec's job. Nothing here may panic on input from the network, a file
 //! or a user: bad input is an error value.
 
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "aes",
+    target_feature = "sse2"
+))]
+mod aesni;
 mod binding;
 mod conn_id;
 mod credential;
@@ -35,3 +41,20 @@ pub use framing::{
     MAX_PACKET, MAX_PLAINTEXT, NONCE_LEN, OVERHEAD, TAG_LEN,
 };
 pub use kdf::{kdf, ConnSecret, Direction, ExpandedSecret, KeyHexError, MasterKey, KEY_LEN};
+
+/// The AES-256 encryption key type every packet key and KDF step uses:
+/// AES-NI with 240-byte keys where the build has the instructions compiled
+/// in, else the `aes` crate (run-time detection).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "aes",
+    target_feature = "sse2"
+))]
+pub(crate) type Aes256 = aesni::Aes256Ni;
+/// The AES-256 encryption key type every packet key and KDF step uses.
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "aes",
+    target_feature = "sse2"
+)))]
+pub(crate) type Aes256 = aes::Aes256Enc;

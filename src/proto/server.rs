@@ -195,6 +195,9 @@ struct Reply {
     /// `k_s2c`, derived while opening the request, so the reply does not
     /// derive the connection secret a second time.
     key: [u8; 32],
+    /// Where the connection was when the request was handled (checked
+    /// against `conn_id` before use), to skip a second table lookup.
+    slot: Option<Slot>,
     kind: ReplyKind,
 }
 
@@ -223,7 +226,15 @@ impl Origin {
             ack: i64::from(self.serial),
             via: self.via,
             key: self.key,
+            slot: None,
             kind,
+        }
+    }
+
+    fn reply_for(&self, slot: Slot, kind: ReplyKind) -> Reply {
+        Reply {
+            slot: Some(slot),
+            ..self.reply(kind)
         }
     }
 }
@@ -534,7 +545,7 @@ impl Server {
         match message {
             Message::Heartbeat(_) => {
                 self.stats.heartbeats += 1;
-                self.queue_reply(reply(ReplyKind::Status));
+                self.queue_reply(origin.reply_for(slot, ReplyKind::Status));
             }
             Message::EndpointRequest(_) => self.queue_reply(reply(ReplyKind::Endpoint)),
             Message::Acknowledge(_) => {}
@@ -699,7 +710,7 @@ impl Server {
                     self.acknowledge(slot, ack);
                 }
                 self.stats.connects += 1;
-                self.queue_reply(reply(ReplyKind::Connected));
+                self.queue_reply(origin.reply_for(slot, ReplyKind::Connected));
                 return;
             }
             // Same conn id bound to another account: start afresh.
@@ -736,9 +747,9 @@ impl Server {
             rec.set_endpoint(from);
         }
         match self.table.insert(rec) {
-            Ok(_) => {
+            Ok(slot) => {
                 self.stats.connects += 1;
-                self.queue_reply(reply(ReplyKind::Connected));
+                self.queue_reply(origin.reply_for(slot, ReplyKind::Connected));
             }
             Err(_) => {
                 self.stats.refused += 1;
@@ -1008,9 +1019,16 @@ impl Server {
     fn pending_state(
         &self,
         conn_id: &ConnId,
+        hint: Option<Slot>,
         mask: &mut [u8; MAX_BITMASK],
     ) -> Option<(i64, usize)> {
-        let slot = self.table.find(conn_id)?;
+        let slot = hint
+            .filter(|&s| {
+                self.table
+                    .get(s)
+                    .is_some_and(|r| r.in_use() && r.conn_id == conn_id.0)
+            })
+            .or_else(|| self.table.find(conn_id))?;
         let pending = self.table.pending_mask(slot);
         if pending.is_empty() {
             return None;
@@ -1031,7 +1049,7 @@ impl Server {
         let mut mask_buf = [0u8; MAX_BITMASK];
         let (serial, bitmask) = match reply.kind {
             ReplyKind::Connected | ReplyKind::Status => {
-                match self.pending_state(&reply.conn_id, &mut mask_buf) {
+                match self.pending_state(&reply.conn_id, reply.slot, &mut mask_buf) {
                     Some((serial, n)) => (Some(serial), Some(&mask_buf[..n])),
                     None => (None, None),
                 }
