@@ -65,14 +65,8 @@ pub fn open_data_dir(dir: &Path) -> Result<DataDir, String> {
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
     };
-    let key_text = read_or_create(MASTER_KEY_FILE)?;
-    let master = MasterKey::from_hex(&key_text)
-        .map(|_| {
-            let mut k = [0u8; 32];
-            // from_hex succeeded, so this is 64 hex digits.
-            let _ = hex::decode_to_slice(key_text.trim(), &mut k);
-            k
-        })
+    let master = MasterKey::from_hex(&read_or_create(MASTER_KEY_FILE)?)
+        .map(|key| *key.as_bytes())
         .map_err(|e| format!("{}: {e}", dir.join(MASTER_KEY_FILE).display()))?;
     let admin_token = read_or_create(ADMIN_TOKEN_FILE)?;
     if admin_token.len() < 16 {
@@ -220,15 +214,6 @@ impl Node {
     }
 }
 
-/// Probes io_uring on a short-lived thread: tearing the probe ring down can
-/// interrupt the calling thread's next blocking call (EINTR), and the caller
-/// here is the thread that embeds the node.
-fn probe_uring() -> io::Result<()> {
-    std::thread::spawn(net::uring::probe)
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the io_uring probe panicked")))
-}
-
 fn choose_backend(choice: IoChoice) -> Result<IoBackend, String> {
     match choice {
         IoChoice::Mmsg => Ok(IoBackend::Mmsg),
@@ -236,11 +221,7 @@ fn choose_backend(choice: IoChoice) -> Result<IoBackend, String> {
             format!("io_uring is not available here ({e}); use --io mmsg or --io auto")
         }),
         IoChoice::Auto => {
-            let b = if probe_uring().is_ok() {
-                IoBackend::Uring
-            } else {
-                IoBackend::Mmsg
-            };
+            let b = net::detect_backend();
             if b == IoBackend::Mmsg {
                 tracing::warn!("io_uring unavailable: using recvmmsg/sendmmsg");
             }

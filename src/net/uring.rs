@@ -70,7 +70,17 @@ const UD_SEND: u64 = 1 << 16;
 /// the kernel knows `recvmsg`, `sendmsg` and `poll_add`, and a driver (a
 /// provided-buffer ring and a multishot receive, Linux 6.0+) starts on an
 /// unbound socket. The error says which step failed.
+///
+/// The probe runs on a short-lived thread of its own: tearing its ring down
+/// can interrupt the calling thread's next blocking call (EINTR), and the
+/// caller is often the thread that embeds the node.
 pub fn probe() -> io::Result<()> {
+    std::thread::spawn(probe_on_this_thread)
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the io_uring probe panicked")))
+}
+
+fn probe_on_this_thread() -> io::Result<()> {
     if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
         if v.trim() == "2" {
             return Err(io::Error::new(

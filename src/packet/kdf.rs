@@ -122,6 +122,11 @@ impl MasterKey {
         hex::encode(self.raw)
     }
 
+    /// The key's bytes (to hand the same key to each shard).
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.raw
+    }
+
     /// The connection secret `S = KDF(master, "sec ", conn id)` (PROTOCOL.md §4).
     pub fn secret(&self, conn_id: ConnId) -> ConnSecret {
         ConnSecret(kdf_expanded(&self.cipher, LABEL_SECRET, &conn_id.0))
