@@ -139,6 +139,96 @@ pub struct ClientStats {
     pub notifies_received: u64,
 }
 
+/// One request a device sends, borrowed: what [`seal_request`] encodes.
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// `PresenceConnectRequest` with the credential's fields.
+    Connect {
+        /// The credential's account.
+        account: &'a str,
+        /// The credential's device.
+        device: &'a str,
+        /// The credential's expiry.
+        expires: UnixSeconds,
+        /// The credential's binding.
+        binding: &'a [u8; 32],
+    },
+    /// `PresenceHeartbeat`.
+    Heartbeat,
+    /// `PresenceAcknowledge` of a notify Serial.
+    Acknowledge(i64),
+    /// `PresenceEndpointRequest`.
+    Endpoint,
+    /// `PresenceResolveRequest` carrying a DNS query.
+    Resolve(&'a [u8]),
+    /// `PresenceDisconnectRequest`.
+    Disconnect,
+}
+
+/// Why [`seal_request`] wrote nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SealRequestError {
+    /// The message does not fit in one packet (only a large DNS query can).
+    #[error("request does not fit in one packet")]
+    TooLarge,
+    /// The buffer is shorter than [`MAX_PACKET`] or the conn id is reserved.
+    #[error("packet could not be sealed")]
+    Packet,
+}
+
+/// Encodes `request` with `serial` in its header and seals it for the node
+/// into `buf` (at least [`MAX_PACKET`] bytes), returning the datagram's
+/// length. This is the one place a device's request is built: [`Client`]
+/// uses it, and so does the load generator, which keeps its own compact
+/// per-device state instead of a `Client` per device.
+pub fn seal_request(
+    key: &PacketKey,
+    conn_id: ConnId,
+    nonce: [u8; 12],
+    serial: i64,
+    request: &Request<'_>,
+    buf: &mut [u8],
+) -> Result<usize, SealRequestError> {
+    if buf.len() < MAX_PACKET {
+        return Err(SealRequestError::Packet);
+    }
+    let header = ClientHeader {
+        serial: Some(serial),
+        ..ClientHeader::default()
+    };
+    let message = match *request {
+        Request::Connect {
+            account,
+            device,
+            expires,
+            binding,
+        } => Message::ConnectRequest(PresenceConnectRequest {
+            account: Some(account.into()),
+            device: Some(device.into()),
+            expires: Some(expires),
+            binding: Some((&binding[..]).into()),
+            header,
+        }),
+        Request::Heartbeat => Message::Heartbeat(PresenceHeartbeat { header }),
+        Request::Acknowledge(serial) => Message::Acknowledge(PresenceAcknowledge {
+            header: ClientHeader {
+                acknowledge: Some(serial),
+                ..header
+            },
+        }),
+        Request::Endpoint => Message::EndpointRequest(PresenceEndpointRequest { header }),
+        Request::Resolve(q) => Message::ResolveRequest(PresenceResolveRequest {
+            dns_request: Some(q.into()),
+            header,
+        }),
+        Request::Disconnect => Message::DisconnectRequest(PresenceDisconnectRequest { header }),
+    };
+    let n = message
+        .encode(&mut buf[HEADER_LEN..HEADER_LEN + MAX_PLAINTEXT])
+        .map_err(|_| SealRequestError::TooLarge)?;
+    seal_in_place(key, conn_id, nonce, buf, n).map_err(|_| SealRequestError::Packet)
+}
+
 /// A device's MPP client.
 pub struct Client {
     config: ClientConfig,
@@ -379,44 +469,31 @@ impl Client {
                 return None;
             }
             self.serial += 1;
-            let header = ClientHeader {
-                serial: Some(self.serial),
-                ..ClientHeader::default()
-            };
-            let message = match o {
-                Outgoing::Connect => Message::ConnectRequest(PresenceConnectRequest {
-                    account: Some(self.account.as_str().into()),
-                    device: Some(self.device.as_str().into()),
-                    expires: Some(self.expires),
-                    binding: Some((&self.binding[..]).into()),
-                    header,
-                }),
-                Outgoing::Heartbeat => Message::Heartbeat(PresenceHeartbeat { header }),
-                Outgoing::Acknowledge(serial) => Message::Acknowledge(PresenceAcknowledge {
-                    header: ClientHeader {
-                        acknowledge: Some(serial),
-                        ..header
-                    },
-                }),
-                Outgoing::Endpoint => Message::EndpointRequest(PresenceEndpointRequest { header }),
-                Outgoing::Resolve(ref q) => Message::ResolveRequest(PresenceResolveRequest {
-                    dns_request: Some(q.as_slice().into()),
-                    header,
-                }),
-                Outgoing::Disconnect => {
-                    Message::DisconnectRequest(PresenceDisconnectRequest { header })
-                }
-            };
-            let Ok(n) = message.encode(&mut buf[HEADER_LEN..HEADER_LEN + MAX_PLAINTEXT]) else {
-                // Only an oversize DNS query can fail here; report it as a failed resolve.
-                self.events.push_back(ClientEvent::Resolved(Err(413)));
-                continue;
+            let request = match o {
+                Outgoing::Connect => Request::Connect {
+                    account: &self.account,
+                    device: &self.device,
+                    expires: self.expires,
+                    binding: &self.binding,
+                },
+                Outgoing::Heartbeat => Request::Heartbeat,
+                Outgoing::Acknowledge(serial) => Request::Acknowledge(serial),
+                Outgoing::Endpoint => Request::Endpoint,
+                Outgoing::Resolve(ref q) => Request::Resolve(q),
+                Outgoing::Disconnect => Request::Disconnect,
             };
             let mut nonce = [0u8; 12];
             self.rng.fill_bytes(&mut nonce);
-            if let Ok(size) = seal_in_place(&self.c2s, self.conn_id, nonce, buf, n) {
-                self.stats.sent += 1;
-                return Some(size);
+            match seal_request(&self.c2s, self.conn_id, nonce, self.serial, &request, buf) {
+                Ok(size) => {
+                    self.stats.sent += 1;
+                    return Some(size);
+                }
+                // Only an oversize DNS query can fail here; report it as a failed resolve.
+                Err(SealRequestError::TooLarge) => {
+                    self.events.push_back(ClientEvent::Resolved(Err(413)));
+                }
+                Err(SealRequestError::Packet) => {}
             }
         }
         None

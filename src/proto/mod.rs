@@ -15,7 +15,10 @@ mod replay;
 pub mod server;
 pub mod stun;
 
-pub use client::{Client, ClientConfig, ClientEvent, ClientState, ClientStats, DisconnectReason};
+pub use client::{
+    seal_request, Client, ClientConfig, ClientEvent, ClientState, ClientStats, DisconnectReason,
+    Request, SealRequestError,
+};
 pub use replay::{Freshness, ReplayWindow};
 pub use server::{
     PublishError, ResolveToken, Server, ServerConfig, ServerEvent, ServerStats, WebRequestId,

@@ -1,0 +1,234 @@
+//! `mpp-loadgen`: simulated MPP devices by the million, the raw baselines
+//! they are compared with, the peers (coturn, mosquitto), and reports.
+//!
+//! Every scenario runs a connect phase (where it has devices), `--warmup`,
+//! then the measured `--duration`, and prints a table; `--json` and `--html`
+//! write the full report. Devices are built on the project's own protocol
+//! code (`mpp::packet`, `mpp::codec`, `mpp::proto::seal_request`) with a
+//! compact per-device record instead of a `Client` each.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod baseline;
+mod engine;
+mod html;
+mod ident;
+mod io;
+mod mqtt;
+mod publisher;
+mod report;
+mod run;
+mod stun;
+mod sys;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Load generator for mppd: devices, publishers, baselines and peers.
+#[derive(Parser, Debug)]
+#[command(name = "mpp-loadgen", version, about, long_about = None)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Flags every scenario understands.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub(crate) struct Common {
+    /// The node's (or STUN server's, or reflector's) UDP address.
+    #[arg(long, global = true, default_value = "127.0.0.1:15099")]
+    pub(crate) node: std::net::SocketAddr,
+    /// The node's control API, for publishing (fanout).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:15099")]
+    pub(crate) control: String,
+    /// The node's data directory: credentials are minted from its master.key
+    /// and publishes authorized with its admin.token.
+    #[arg(long, global = true)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// A master key file (64 hex digits) instead of --data-dir's.
+    #[arg(long, global = true)]
+    pub(crate) master_key: Option<PathBuf>,
+    /// An admin token file instead of --data-dir's.
+    #[arg(long, global = true)]
+    pub(crate) token_file: Option<PathBuf>,
+    /// Simulated devices.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    pub(crate) devices: u64,
+    /// Accounts the devices are spread over (default: one per device).
+    #[arg(long, global = true)]
+    pub(crate) accounts: Option<u64>,
+    /// Measured window, e.g. 10s, 2m.
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_secs)]
+    pub(crate) duration: u64,
+    /// Load before the measured window, not counted (0 for none).
+    #[arg(long, global = true, default_value = "2s", value_parser = parse_secs)]
+    pub(crate) warmup: u64,
+    /// Worker threads (each owns a share of the devices and sockets).
+    #[arg(long, global = true, default_value_t = 1)]
+    pub(crate) threads: usize,
+    /// Pin worker i to the i-th CPU of this list, e.g. 1 or 2-3,6.
+    #[arg(long, global = true, value_parser = parse_cpus)]
+    pub(crate) cpus: Option<Vec<usize>>,
+    /// UDP sockets, shared by the devices (spread over the workers).
+    #[arg(long, global = true, default_value_t = 8)]
+    pub(crate) sockets: usize,
+    /// Datagrams per recvmmsg/sendmmsg call.
+    #[arg(long, global = true, default_value_t = 64)]
+    pub(crate) batch: usize,
+    /// A request unanswered this long (ms) is retried, then counted lost.
+    #[arg(long, global = true, default_value_t = 1000)]
+    pub(crate) timeout_ms: u64,
+    /// Tries per connect or heartbeat before giving up.
+    #[arg(long, global = true, default_value_t = 3)]
+    pub(crate) tries: u8,
+    /// The node's pid: report its CPU use (and for hold, its RSS growth).
+    #[arg(long, global = true)]
+    pub(crate) node_pid: Option<u32>,
+    /// Also run the scenario's baseline (raw echo or raw fan-out) in this
+    /// run and report the ratio.
+    #[arg(long, global = true)]
+    pub(crate) baseline: bool,
+    /// CPU for the in-process baseline server (use the node's CPU).
+    #[arg(long, global = true)]
+    pub(crate) baseline_cpu: Option<usize>,
+    /// Write the full report as JSON.
+    #[arg(long, global = true)]
+    pub(crate) json: Option<PathBuf>,
+    /// Write a self-contained HTML page with charts.
+    #[arg(long, global = true)]
+    pub(crate) html: Option<PathBuf>,
+    /// No live progress bar.
+    #[arg(long, global = true)]
+    pub(crate) no_progress: bool,
+}
+
+/// The scenarios.
+#[derive(Subcommand, Debug, Clone, serde::Serialize)]
+pub(crate) enum Command {
+    /// Connect --devices at --connect-rate and keep them with heartbeats
+    /// every --heartbeat; report devices held and the node's memory per device.
+    Hold(HoldArgs),
+    /// Accounts × devices; publish over HTTP at --rate and measure publish →
+    /// device latency, notifications/s, acknowledgements, losses.
+    Fanout(FanoutArgs),
+    /// Maximum sustained heartbeat round trips/s (--window in flight).
+    Heartbeat(WindowArgs),
+    /// STUN Binding requests/s against any STUN server (--node).
+    Stun(WindowArgs),
+    /// Connect/disconnect storms and NAT rebinding at given rates.
+    Churn(ChurnArgs),
+    /// Run a recvmmsg → sendmmsg reflector on --listen (the raw echo limit).
+    Reflector(ReflectorArgs),
+    /// Heartbeat-shaped load against a reflector at --node (raw echo).
+    Echo(WindowArgs),
+    /// Raw sendmmsg fan-out of notify-sized datagrams to the devices' sockets.
+    RawFanout(RawFanoutArgs),
+    /// MQTT QoS 0 fan-out through a broker (mosquitto): one publisher, --devices subscribers.
+    Mqtt(mqtt::MqttArgs),
+}
+
+/// `heartbeat`, `stun`, `echo`.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub(crate) struct WindowArgs {
+    /// Requests kept in flight (at most one per device).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) window: usize,
+    /// Connects per second during the connect phase.
+    #[arg(long, default_value_t = 50_000)]
+    pub(crate) connect_rate: u64,
+}
+
+/// `hold`.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub(crate) struct HoldArgs {
+    /// Connects per second (the ramp).
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) connect_rate: u64,
+    /// Heartbeat period of each device, e.g. 60s.
+    #[arg(long, default_value = "60s", value_parser = parse_secs)]
+    pub(crate) heartbeat: u64,
+    /// Requests in flight at most (connects and heartbeats).
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) window: usize,
+}
+
+/// `fanout`.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub(crate) struct FanoutArgs {
+    /// Publishes per second (each reaches every device of one account); 0 =
+    /// as fast as the node takes them.
+    #[arg(long, default_value_t = 1000.0)]
+    pub(crate) rate: f64,
+    /// Notifications per HTTP request (the batch API).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) publish_batch: usize,
+    /// Bytes of the published bitmask (1 to 32): the payload size.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) bitmask_bytes: usize,
+    /// Heartbeat period of each device.
+    #[arg(long, default_value = "60s", value_parser = parse_secs)]
+    pub(crate) heartbeat: u64,
+    /// Connects per second during the connect phase.
+    #[arg(long, default_value_t = 50_000)]
+    pub(crate) connect_rate: u64,
+    /// Time after the measured window for late deliveries and retransmits.
+    #[arg(long, default_value = "3s", value_parser = parse_secs)]
+    pub(crate) drain: u64,
+}
+
+/// `churn`.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub(crate) struct ChurnArgs {
+    /// Disconnect + reconnect cycles per second.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) rate: u64,
+    /// NAT rebindings per second (a device moves to another socket, i.e. source port).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) rebind_rate: u64,
+    /// Connects per second during the connect phase.
+    #[arg(long, default_value_t = 50_000)]
+    pub(crate) connect_rate: u64,
+}
+
+/// `reflector`.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub(crate) struct ReflectorArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:15098")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// Pin the reflector to this CPU.
+    #[arg(long)]
+    pub(crate) cpu: Option<usize>,
+}
+
+/// `raw-fanout`.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub(crate) struct RawFanoutArgs {
+    /// Pin the sender to this CPU.
+    #[arg(long)]
+    pub(crate) sender_cpu: Option<usize>,
+}
+
+fn parse_secs(text: &str) -> Result<u64, String> {
+    mpp::time::parse_duration_secs(text)
+}
+
+fn parse_cpus(text: &str) -> Result<Vec<usize>, String> {
+    sys::parse_cpu_list(text)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run::run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mpp-loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

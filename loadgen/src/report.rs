@@ -1,0 +1,263 @@
+//! What a run measured: the JSON report, the table on stdout, and the data
+//! behind the HTML page's charts.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    /// Samples recorded.
+    pub count: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+impl Latency {
+    /// Percentiles of a histogram of microseconds.
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Latency {
+        Latency {
+            count: h.len(),
+            mean: h.mean(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// One second of the run: the scenario's main rate and its other counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Seconds since the run started (connect phase included).
+    pub t_s: f64,
+    /// Which part of the run: "connect", "warmup", "measure", "drain", "baseline".
+    pub phase: &'static str,
+    /// The scenario's main rate over this second (per second).
+    pub rate_per_s: f64,
+    /// Devices connected at the end of this second.
+    pub devices_held: u64,
+}
+
+/// A whole run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Subcommand that ran.
+    pub scenario: String,
+    /// Devices simulated (0 for scenarios without devices).
+    pub devices: u64,
+    /// Devices connected at the end of the measured window.
+    pub devices_held: u64,
+    /// Length of the measured window in seconds.
+    pub duration_s: f64,
+    /// What `rate_per_s` counts, e.g. "heartbeat round trips".
+    pub rate_name: String,
+    /// The scenario's main rate over the measured window.
+    pub rate_per_s: f64,
+    /// Min / median / max of the per-second rates in the measured window.
+    pub rate_min_per_s: f64,
+    /// See `rate_min_per_s`.
+    pub rate_median_per_s: f64,
+    /// See `rate_min_per_s`.
+    pub rate_max_per_s: f64,
+    /// The same load's rate against the baseline, when one ran.
+    pub baseline_rate_per_s: Option<f64>,
+    /// Which baseline ran ("raw echo", "raw fan-out").
+    pub baseline: Option<String>,
+    /// `rate_per_s / baseline_rate_per_s`.
+    pub ratio: Option<f64>,
+    /// The scenario's latency (round trip, or publish → device).
+    pub latency_us: Option<Latency>,
+    /// Requests or notifications that never got through.
+    pub lost: u64,
+    /// `hold`: the node's RSS growth divided by devices held.
+    pub node_rss_bytes_per_device: Option<f64>,
+    /// CPU seconds per second of the measured window (1.0 = one core).
+    pub loadgen_cpu: f64,
+    /// Same for the node, when `--node-pid` was given.
+    pub node_cpu: Option<f64>,
+    /// Every counter of the scenario, by name.
+    pub figures: Map<String, Value>,
+    /// The full configuration of the run.
+    pub config: Value,
+    /// Per-second samples over the whole run.
+    pub timeline: Vec<Sample>,
+    /// Latency distribution: (upper bound in µs, samples in the bucket).
+    pub latency_buckets: Vec<(u64, u64)>,
+    /// Per-second rates of the baseline run, when one ran.
+    pub baseline_timeline: Vec<Sample>,
+}
+
+impl Report {
+    /// A report with the main fields and empty extras.
+    pub fn new(scenario: &str, rate_name: &str, config: Value) -> Report {
+        Report {
+            scenario: scenario.to_owned(),
+            devices: 0,
+            devices_held: 0,
+            duration_s: 0.0,
+            rate_name: rate_name.to_owned(),
+            rate_per_s: 0.0,
+            rate_min_per_s: 0.0,
+            rate_median_per_s: 0.0,
+            rate_max_per_s: 0.0,
+            baseline_rate_per_s: None,
+            baseline: None,
+            ratio: None,
+            latency_us: None,
+            lost: 0,
+            node_rss_bytes_per_device: None,
+            loadgen_cpu: 0.0,
+            node_cpu: None,
+            figures: Map::new(),
+            config,
+            timeline: Vec::new(),
+            latency_buckets: Vec::new(),
+            baseline_timeline: Vec::new(),
+        }
+    }
+
+    /// Records a named counter.
+    pub fn figure(&mut self, name: &str, value: impl Into<Value>) {
+        self.figures.insert(name.to_owned(), value.into());
+    }
+
+    /// Sets min/median/max from the timeline's "measure" samples.
+    pub fn set_window_stats(&mut self) {
+        let mut rates: Vec<f64> = self
+            .timeline
+            .iter()
+            .filter(|s| s.phase == "measure")
+            .map(|s| s.rate_per_s)
+            .collect();
+        if rates.is_empty() {
+            return;
+        }
+        rates.sort_by(f64::total_cmp);
+        self.rate_min_per_s = rates[0];
+        self.rate_median_per_s = rates[rates.len() / 2];
+        self.rate_max_per_s = rates[rates.len() - 1];
+    }
+
+    /// Stores the histogram's percentiles and its distribution for the chart.
+    pub fn set_latency(&mut self, h: &hdrhistogram::Histogram<u64>) {
+        if h.is_empty() {
+            return;
+        }
+        self.latency_us = Some(Latency::of(h));
+        self.latency_buckets = h
+            .iter_log(1, 2.0)
+            .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
+            .collect();
+    }
+
+    /// Sets the baseline figure and the ratio.
+    pub fn set_baseline(&mut self, name: &str, rate: f64, timeline: Vec<Sample>) {
+        self.baseline = Some(name.to_owned());
+        self.baseline_rate_per_s = Some(rate);
+        self.ratio = (rate > 0.0).then(|| self.rate_per_s / rate);
+        self.baseline_timeline = timeline;
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// Writes the JSON report to `path`.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.to_json())?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Writes the HTML page to `path`.
+    pub fn write_html(&self, path: &Path) -> Result<()> {
+        let page = crate::html::page(self);
+        std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The final table, one figure per line.
+    pub fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let mut rows: Vec<(String, String)> = vec![
+            ("scenario".into(), self.scenario.clone()),
+            ("devices".into(), self.devices.to_string()),
+            ("devices held".into(), self.devices_held.to_string()),
+            ("measured".into(), format!("{:.1} s", self.duration_s)),
+            (
+                format!("{}/s", self.rate_name),
+                format!(
+                    "{} (per second: min {} median {} max {})",
+                    human(self.rate_per_s),
+                    human(self.rate_min_per_s),
+                    human(self.rate_median_per_s),
+                    human(self.rate_max_per_s)
+                ),
+            ),
+        ];
+        if let (Some(b), Some(name)) = (self.baseline_rate_per_s, &self.baseline) {
+            rows.push((format!("{name} baseline/s"), human(b)));
+            if let Some(r) = self.ratio {
+                rows.push(("ratio to baseline".into(), format!("{r:.3}")));
+            }
+        }
+        if let Some(l) = &self.latency_us {
+            rows.push((
+                "latency µs".into(),
+                format!(
+                    "p50 {} p90 {} p99 {} p99.9 {} max {} (n={})",
+                    l.p50, l.p90, l.p99, l.p999, l.max, l.count
+                ),
+            ));
+        }
+        rows.push(("lost".into(), self.lost.to_string()));
+        if let Some(b) = self.node_rss_bytes_per_device {
+            rows.push(("node RSS bytes/device".into(), format!("{b:.1}")));
+        }
+        rows.push((
+            "loadgen CPU".into(),
+            format!("{:.0} %", self.loadgen_cpu * 100.0),
+        ));
+        if let Some(c) = self.node_cpu {
+            rows.push(("node CPU".into(), format!("{:.0} %", c * 100.0)));
+        }
+        for (k, v) in &self.figures {
+            rows.push((k.replace('_', " "), v.to_string()));
+        }
+        let width = rows
+            .iter()
+            .map(|(k, _)| k.chars().count())
+            .max()
+            .unwrap_or(0);
+        for (k, v) in rows {
+            writeln!(out, "{k:<width$}  {v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A rate with a k/M suffix.
+pub fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e4 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
