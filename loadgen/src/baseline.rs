@@ -1,1 +1,137 @@
-//! (being written)
+//! The raw limits every figure is compared with (BENCHMARKS.md): a
+//! recvmmsg → sendmmsg reflector (raw echo) and a sendmmsg fan-out sender of
+//! notify-sized datagrams (raw fan-out). Neither does any protocol work.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use socket2::{SockAddr, Socket};
+
+use crate::engine::seal_notify;
+use crate::ident::Identity;
+use crate::io::{wait_readable, Batch};
+
+/// A reflector bound to `listen`; `run` echoes until `stop`.
+pub(crate) struct Reflector {
+    sock: Socket,
+    /// Datagrams echoed.
+    pub(crate) echoed: Arc<AtomicU64>,
+}
+
+impl Reflector {
+    /// Binds the reflector's socket.
+    pub(crate) fn bind(listen: SocketAddr) -> Result<Reflector> {
+        let sock = crate::io::unconnected_socket(listen)?;
+        sock.bind(&listen.into())
+            .with_context(|| format!("reflector: binding {listen}"))?;
+        Ok(Reflector {
+            sock,
+            echoed: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The address it listens on.
+    pub(crate) fn addr(&self) -> Result<SocketAddr> {
+        self.sock
+            .local_addr()?
+            .as_socket()
+            .context("reflector address")
+    }
+
+    /// Echoes every datagram to its sender until `stop`.
+    pub(crate) fn run(self, cpu: Option<usize>, batch: usize, stop: &AtomicBool) -> Result<()> {
+        if let Some(cpu) = cpu {
+            crate::sys::pin(cpu)?;
+        }
+        let fd = self.sock.as_raw_fd();
+        let mut b = Batch::new(batch);
+        while !stop.load(Relaxed) {
+            let n = b.recv_from(fd).unwrap_or(0);
+            if n == 0 {
+                wait_readable(&[fd], 5);
+                continue;
+            }
+            b.echo(n);
+            let sent = b.send(fd).unwrap_or(0);
+            self.echoed.fetch_add(sent as u64, Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// The raw fan-out sender: one prebuilt sealed notify per device (up to
+/// `max_devices`), sent round-robin to the device's socket with sendmmsg as
+/// fast as one core can.
+pub(crate) struct RawSender {
+    sock: Socket,
+    packets: Vec<(Vec<u8>, SockAddr)>,
+    /// Datagrams the kernel accepted.
+    pub(crate) sent: Arc<AtomicU64>,
+}
+
+impl RawSender {
+    /// Builds the packets: device `g` goes to `addrs[worker][socket]`.
+    pub(crate) fn new(
+        ident: &Identity,
+        devices: u64,
+        threads: usize,
+        addrs: &[Vec<SocketAddr>],
+        bitmask: &[u8],
+        bind: SocketAddr,
+    ) -> Result<RawSender> {
+        let sock = crate::io::unconnected_socket(bind)?;
+        sock.bind(&bind.into()).context("raw fan-out sender socket")?;
+        let n = devices.min(65_536);
+        let mut packets = Vec::with_capacity(n as usize);
+        for g in 0..n {
+            let (t, s) = crate::engine::placement(g, threads, addrs[0].len());
+            let mut buf = [0u8; crate::io::BUF_LEN];
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&g.to_be_bytes());
+            let Some(len) = seal_notify(ident, g, 1, bitmask, nonce, &mut buf) else {
+                continue;
+            };
+            packets.push((buf[..len].to_vec(), SockAddr::from(addrs[t][s])));
+        }
+        Ok(RawSender {
+            sock,
+            packets,
+            sent: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The sender's address (the receivers connect to it).
+    pub(crate) fn addr(&self) -> Result<SocketAddr> {
+        self.sock.local_addr()?.as_socket().context("sender address")
+    }
+
+    /// Sends until `stop`.
+    pub(crate) fn run(self, cpu: Option<usize>, batch: usize, stop: &AtomicBool) -> Result<()> {
+        if let Some(cpu) = cpu {
+            crate::sys::pin(cpu)?;
+        }
+        if self.packets.is_empty() {
+            return Ok(());
+        }
+        let fd = self.sock.as_raw_fd();
+        let mut b = Batch::new(batch);
+        let mut i = 0;
+        let mut drain = Batch::new(batch);
+        while !stop.load(Relaxed) {
+            while !b.is_full() {
+                let (p, to) = &self.packets[i];
+                i = (i + 1) % self.packets.len();
+                b.next_buf()[..p.len()].copy_from_slice(p);
+                b.push_to(p.len(), 0, to);
+            }
+            let sent = b.send(fd).unwrap_or(0);
+            self.sent.fetch_add(sent as u64, Relaxed);
+            // Acknowledgements come back here; read and drop them.
+            while drain.recv(fd).unwrap_or(0) == drain.capacity() {}
+        }
+        Ok(())
+    }
+}

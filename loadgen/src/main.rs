@@ -73,7 +73,7 @@ pub(crate) struct Common {
     pub(crate) threads: usize,
     /// Pin worker i to the i-th CPU of this list, e.g. 1 or 2-3,6.
     #[arg(long, global = true, value_parser = parse_cpus)]
-    pub(crate) cpus: Option<Vec<usize>>,
+    pub(crate) cpus: Option<CpuList>,
     /// UDP sockets, shared by the devices (spread over the workers).
     #[arg(long, global = true, default_value_t = 8)]
     pub(crate) sockets: usize,
@@ -218,8 +218,12 @@ fn parse_secs(text: &str) -> Result<u64, String> {
     mpp::time::parse_duration_secs(text)
 }
 
-fn parse_cpus(text: &str) -> Result<Vec<usize>, String> {
-    sys::parse_cpu_list(text)
+/// A list of CPUs (`--cpus`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct CpuList(pub(crate) Vec<usize>);
+
+fn parse_cpus(text: &str) -> Result<CpuList, String> {
+    sys::parse_cpu_list(text).map(CpuList)
 }
 
 fn main() -> ExitCode {

@@ -10,11 +10,11 @@ use serde_json::{Map, Value};
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// Samples recorded.
-    pub count: u64,
+    pub(crate) count: u64,
     /// Mean.
-    pub mean: f64,
+    pub(crate) mean: f64,
     /// Median.
     pub p50: u64,
     /// 90th percentile.
@@ -24,12 +24,12 @@ pub struct Latency {
     /// 99.9th percentile.
     pub p999: u64,
     /// Largest sample.
-    pub max: u64,
+    pub(crate) max: u64,
 }
 
 impl Latency {
     /// Percentiles of a histogram of microseconds.
-    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Latency {
+    pub(crate) fn of(h: &hdrhistogram::Histogram<u64>) -> Latency {
         Latency {
             count: h.len(),
             mean: h.mean(),
@@ -44,69 +44,69 @@ impl Latency {
 
 /// One second of the run: the scenario's main rate and its other counters.
 #[derive(Debug, Clone, Serialize)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// Seconds since the run started (connect phase included).
-    pub t_s: f64,
+    pub(crate) t_s: f64,
     /// Which part of the run: "connect", "warmup", "measure", "drain", "baseline".
-    pub phase: &'static str,
+    pub(crate) phase: &'static str,
     /// The scenario's main rate over this second (per second).
-    pub rate_per_s: f64,
+    pub(crate) rate_per_s: f64,
     /// Devices connected at the end of this second.
-    pub devices_held: u64,
+    pub(crate) devices_held: u64,
 }
 
 /// A whole run's figures.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// Subcommand that ran.
-    pub scenario: String,
+    pub(crate) scenario: String,
     /// Devices simulated (0 for scenarios without devices).
-    pub devices: u64,
+    pub(crate) devices: u64,
     /// Devices connected at the end of the measured window.
-    pub devices_held: u64,
+    pub(crate) devices_held: u64,
     /// Length of the measured window in seconds.
-    pub duration_s: f64,
+    pub(crate) duration_s: f64,
     /// What `rate_per_s` counts, e.g. "heartbeat round trips".
-    pub rate_name: String,
+    pub(crate) rate_name: String,
     /// The scenario's main rate over the measured window.
-    pub rate_per_s: f64,
+    pub(crate) rate_per_s: f64,
     /// Min / median / max of the per-second rates in the measured window.
-    pub rate_min_per_s: f64,
+    pub(crate) rate_min_per_s: f64,
     /// See `rate_min_per_s`.
-    pub rate_median_per_s: f64,
+    pub(crate) rate_median_per_s: f64,
     /// See `rate_min_per_s`.
-    pub rate_max_per_s: f64,
+    pub(crate) rate_max_per_s: f64,
     /// The same load's rate against the baseline, when one ran.
-    pub baseline_rate_per_s: Option<f64>,
+    pub(crate) baseline_rate_per_s: Option<f64>,
     /// Which baseline ran ("raw echo", "raw fan-out").
-    pub baseline: Option<String>,
+    pub(crate) baseline: Option<String>,
     /// `rate_per_s / baseline_rate_per_s`.
-    pub ratio: Option<f64>,
+    pub(crate) ratio: Option<f64>,
     /// The scenario's latency (round trip, or publish → device).
-    pub latency_us: Option<Latency>,
+    pub(crate) latency_us: Option<Latency>,
     /// Requests or notifications that never got through.
-    pub lost: u64,
+    pub(crate) lost: u64,
     /// `hold`: the node's RSS growth divided by devices held.
-    pub node_rss_bytes_per_device: Option<f64>,
+    pub(crate) node_rss_bytes_per_device: Option<f64>,
     /// CPU seconds per second of the measured window (1.0 = one core).
-    pub loadgen_cpu: f64,
+    pub(crate) loadgen_cpu: f64,
     /// Same for the node, when `--node-pid` was given.
-    pub node_cpu: Option<f64>,
+    pub(crate) node_cpu: Option<f64>,
     /// Every counter of the scenario, by name.
-    pub figures: Map<String, Value>,
+    pub(crate) figures: Map<String, Value>,
     /// The full configuration of the run.
-    pub config: Value,
+    pub(crate) config: Value,
     /// Per-second samples over the whole run.
-    pub timeline: Vec<Sample>,
+    pub(crate) timeline: Vec<Sample>,
     /// Latency distribution: (upper bound in µs, samples in the bucket).
-    pub latency_buckets: Vec<(u64, u64)>,
+    pub(crate) latency_buckets: Vec<(u64, u64)>,
     /// Per-second rates of the baseline run, when one ran.
-    pub baseline_timeline: Vec<Sample>,
+    pub(crate) baseline_timeline: Vec<Sample>,
 }
 
 impl Report {
     /// A report with the main fields and empty extras.
-    pub fn new(scenario: &str, rate_name: &str, config: Value) -> Report {
+    pub(crate) fn new(scenario: &str, rate_name: &str, config: Value) -> Report {
         Report {
             scenario: scenario.to_owned(),
             devices: 0,
@@ -134,12 +134,12 @@ impl Report {
     }
 
     /// Records a named counter.
-    pub fn figure(&mut self, name: &str, value: impl Into<Value>) {
+    pub(crate) fn figure(&mut self, name: &str, value: impl Into<Value>) {
         self.figures.insert(name.to_owned(), value.into());
     }
 
     /// Sets min/median/max from the timeline's "measure" samples.
-    pub fn set_window_stats(&mut self) {
+    pub(crate) fn set_window_stats(&mut self) {
         let mut rates: Vec<f64> = self
             .timeline
             .iter()
@@ -156,7 +156,7 @@ impl Report {
     }
 
     /// Stores the histogram's percentiles and its distribution for the chart.
-    pub fn set_latency(&mut self, h: &hdrhistogram::Histogram<u64>) {
+    pub(crate) fn set_latency(&mut self, h: &hdrhistogram::Histogram<u64>) {
         if h.is_empty() {
             return;
         }
@@ -168,7 +168,7 @@ impl Report {
     }
 
     /// Sets the baseline figure and the ratio.
-    pub fn set_baseline(&mut self, name: &str, rate: f64, timeline: Vec<Sample>) {
+    pub(crate) fn set_baseline(&mut self, name: &str, rate: f64, timeline: Vec<Sample>) {
         self.baseline = Some(name.to_owned());
         self.baseline_rate_per_s = Some(rate);
         self.ratio = (rate > 0.0).then(|| self.rate_per_s / rate);
@@ -176,24 +176,24 @@ impl Report {
     }
 
     /// The report as JSON.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
     /// Writes the JSON report to `path`.
-    pub fn write_json(&self, path: &Path) -> Result<()> {
+    pub(crate) fn write_json(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(&self.to_json())?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
     }
 
     /// Writes the HTML page to `path`.
-    pub fn write_html(&self, path: &Path) -> Result<()> {
+    pub(crate) fn write_html(&self, path: &Path) -> Result<()> {
         let page = crate::html::page(self);
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))
     }
 
     /// The final table, one figure per line.
-    pub fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
+    pub(crate) fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
         let mut rows: Vec<(String, String)> = vec![
             ("scenario".into(), self.scenario.clone()),
             ("devices".into(), self.devices.to_string()),
@@ -252,7 +252,7 @@ impl Report {
 }
 
 /// A rate with a k/M suffix.
-pub fn human(x: f64) -> String {
+pub(crate) fn human(x: f64) -> String {
     if x >= 1e6 {
         format!("{:.2}M", x / 1e6)
     } else if x >= 1e4 {

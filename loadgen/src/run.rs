@@ -1,20 +1,77 @@
-//! Runs a scenario: workers, the monitor, the report.
+//! Runs a scenario: sockets and workers, the phases (connect, warm-up,
+//! measure, drain), the per-second monitor and progress bar, the baseline
+//! run, and the report.
 
-use anyhow::Result;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crate::{Cli, Command};
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use mpp::packet::MasterKey;
+use serde_json::json;
 
-/// Runs the command line's scenario.
+use crate::baseline::{RawSender, Reflector};
+use crate::engine::{self, histogram, Mode, Shared, Snapshot, WorkerConfig};
+use crate::ident::{load_master, load_token, Identity};
+use crate::publisher::{self, Http, PublishConfig, PublishStats};
+use crate::report::{human, Report, Sample};
+use crate::{Cli, Command, Common};
+
+/// Runs the command line's scenario and prints/writes its report.
 pub(crate) fn run(cli: &Cli) -> Result<()> {
+    let c = &cli.common;
+    validate(c)?;
+    let config = json!({ "common": c, "command": &cli.command });
     let report = match &cli.command {
-        Command::Mqtt(a) => crate::mqtt::run(&cli.common, a)?,
-        _ => anyhow::bail!("not yet"),
+        Command::Hold(a) => hold(c, a, config)?,
+        Command::Fanout(a) => fanout(c, a, config)?,
+        Command::Heartbeat(a) => heartbeat(c, a, config)?,
+        Command::Churn(a) => churn(c, a, config)?,
+        Command::Echo(a) => echo(c, a, config)?,
+        Command::RawFanout(a) => raw_fanout(c, a, config)?,
+        Command::Stun(a) => stun(c, a, config)?,
+        Command::Reflector(a) => reflector(c, a, config)?,
+        Command::Mqtt(a) => crate::mqtt::run(c, a)?,
     };
-    finish(&cli.common, &report)
+    finish(c, &report)
+}
+
+fn validate(c: &Common) -> Result<()> {
+    if c.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    if c.devices > u64::from(u32::MAX) {
+        bail!("--devices must be at most {}", u32::MAX);
+    }
+    if let Some(a) = c.accounts {
+        if a == 0 || a > c.devices {
+            bail!("--accounts must be between 1 and --devices ({})", c.devices);
+        }
+    }
+    if c.threads == 0 || c.threads > 256 {
+        bail!("--threads must be between 1 and 256");
+    }
+    if c.sockets == 0 || c.sockets > 65_535 {
+        bail!("--sockets must be between 1 and 65535");
+    }
+    if c.batch == 0 || c.batch > 1024 {
+        bail!("--batch must be between 1 and 1024");
+    }
+    if c.duration == 0 {
+        bail!("--duration must be at least 1s");
+    }
+    if c.timeout_ms == 0 {
+        bail!("--timeout-ms must be positive");
+    }
+    Ok(())
 }
 
 /// Prints the table and writes the files the flags ask for.
-pub(crate) fn finish(common: &crate::Common, report: &crate::report::Report) -> Result<()> {
+pub(crate) fn finish(common: &Common, report: &Report) -> Result<()> {
     report.print_table(&mut std::io::stdout().lock())?;
     if let Some(p) = &common.json {
         report.write_json(p)?;
@@ -23,4 +80,688 @@ pub(crate) fn finish(common: &crate::Common, report: &crate::report::Report) -> 
         report.write_html(p)?;
     }
     Ok(())
+}
+
+/// The CPU for worker `i`.
+fn cpu_for(c: &Common, i: usize) -> Option<usize> {
+    c.cpus.as_ref().map(|l| l.0[i % l.0.len()])
+}
+
+fn master(c: &Common) -> Result<MasterKey> {
+    load_master(c.master_key.as_deref(), c.data_dir.as_deref())?.ok_or_else(|| {
+        anyhow!("devices need the node's master key: give --data-dir DIR (the node's data directory) or --master-key FILE")
+    })
+}
+
+fn identity(c: &Common, master: MasterKey) -> Result<Arc<Identity>> {
+    Ok(Arc::new(Identity::new(
+        master,
+        c.accounts.unwrap_or(c.devices),
+    )?))
+}
+
+/// Sockets for worker `t`, connected to `target`.
+fn worker_sockets(c: &Common, target: SocketAddr) -> Result<Vec<Vec<socket2::Socket>>> {
+    let per = (c.sockets / c.threads).max(1);
+    (0..c.threads)
+        .map(|_| {
+            (0..per)
+                .map(|_| crate::io::connected_socket(target))
+                .collect()
+        })
+        .collect()
+}
+
+/// What the main rate counts.
+type RateOf = fn(&Snapshot) -> u64;
+
+/// One run of device workers.
+struct Plan<'a> {
+    common: &'a Common,
+    ident: Arc<Identity>,
+    mode: Mode,
+    target: SocketAddr,
+    window: usize,
+    connect_rate: f64,
+    /// Accounts that get publish clocks (fanout).
+    clocks: u64,
+    rate_name: &'a str,
+    rate_of: RateOf,
+    /// Label of the measured phase in the timeline ("measure" or "baseline").
+    label: &'static str,
+    /// Publish over HTTP once connected (fanout).
+    publish: Option<(Http, PublishConfig)>,
+    /// Time after the measured window before stopping (fanout).
+    drain_s: u64,
+    /// Run the raw fan-out sender (baseline) with this bitmask.
+    raw_sender: Option<(Vec<u8>, Option<usize>)>,
+}
+
+/// What one run measured.
+struct Outcome {
+    measured: Snapshot,
+    end: Snapshot,
+    wall_s: f64,
+    loadgen_cpu: f64,
+    node_cpu: Option<f64>,
+    rtt: Histogram<u64>,
+    notify: Histogram<u64>,
+    timeline: Vec<Sample>,
+    connect_s: f64,
+    held_at_measure_end: u64,
+    publish: Option<PublishStats>,
+    raw_sent: Option<u64>,
+    first_refusal: Option<String>,
+    rss_before: Option<u64>,
+    rss_after: Option<u64>,
+}
+
+fn progress(c: &Common) -> ProgressBar {
+    if c.no_progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar
+}
+
+/// The monitor: samples once a second into the timeline and the bar.
+struct Monitor<'a> {
+    shared: &'a Shared,
+    bar: ProgressBar,
+    rate_name: &'a str,
+    rate_of: RateOf,
+    last: Snapshot,
+    last_t: f64,
+    timeline: Vec<Sample>,
+}
+
+impl Monitor<'_> {
+    /// Waits `secs` (or until `done` says so), sampling each second.
+    fn phase(&mut self, label: &'static str, secs: f64, done: &dyn Fn(&Snapshot) -> bool) {
+        let start = self.shared.epoch.elapsed().as_secs_f64();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.shared.epoch.elapsed().as_secs_f64();
+            let snap = self.shared.counters.snapshot();
+            if now - self.last_t >= 1.0 {
+                let dt = now - self.last_t;
+                let rate = ((self.rate_of)(&snap) - (self.rate_of)(&self.last)) as f64 / dt;
+                self.timeline.push(Sample {
+                    t_s: now,
+                    phase: label,
+                    rate_per_s: rate,
+                    devices_held: snap.held(),
+                });
+                self.bar.set_message(format!(
+                    "{label} {:.0}/{} s · {}/s {} · held {} · lost {}",
+                    now - start,
+                    if secs.is_finite() {
+                        format!("{secs:.0}")
+                    } else {
+                        "-".into()
+                    },
+                    self.rate_name,
+                    human(rate),
+                    snap.held(),
+                    snap.lost
+                ));
+                self.bar.tick();
+                self.last = snap;
+                self.last_t = now;
+            }
+            if now - start >= secs || done(&snap) {
+                return;
+            }
+        }
+    }
+}
+
+fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
+    let c = plan.common;
+    let shared = Shared::new(plan.clocks);
+    let mut sockets = worker_sockets(c, plan.target)?;
+    let stop_aux = Arc::new(AtomicBool::new(false));
+    let mut aux: Vec<JoinHandle<Result<()>>> = Vec::new();
+    let mut raw_sent = None;
+    if let Some((bitmask, cpu)) = &plan.raw_sender {
+        let addrs: Vec<Vec<SocketAddr>> = sockets.iter().map(|s| engine::local_addrs(s)).collect();
+        let bind: SocketAddr = if plan.target.is_ipv4() {
+            "127.0.0.1:0".parse()?
+        } else {
+            "[::1]:0".parse()?
+        };
+        let sender = RawSender::new(&plan.ident, c.devices, c.threads, &addrs, bitmask, bind)?;
+        // The receivers only take datagrams from the sender.
+        let from = sender.addr()?;
+        for s in sockets.iter().flatten() {
+            s.connect(&from.into())?;
+        }
+        raw_sent = Some(sender.sent.clone());
+        let stop = stop_aux.clone();
+        let (cpu, batch) = (*cpu, c.batch);
+        aux.push(std::thread::spawn(move || sender.run(cpu, batch, &stop)));
+    }
+    let rss_before = c.node_pid.and_then(crate::sys::proc_rss_bytes);
+    let mut workers = Vec::new();
+    for (i, socks) in sockets.drain(..).enumerate() {
+        let cfg = WorkerConfig {
+            index: i,
+            threads: c.threads,
+            devices: c.devices,
+            sockets: socks,
+            batch: c.batch,
+            cpu: cpu_for(c, i),
+            mode: plan.mode,
+            window: plan.window.max(1),
+            connect_rate: plan.connect_rate / c.threads as f64,
+            timeout_ms: c.timeout_ms,
+            tries: c.tries,
+        };
+        let (ident, shared) = (plan.ident.clone(), shared.clone());
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("loadgen-{i}"))
+                .spawn(move || engine::run_worker(cfg, ident, shared))?,
+        );
+    }
+    let mut mon = Monitor {
+        shared: &shared,
+        bar: progress(c),
+        rate_name: plan.rate_name,
+        rate_of: plan.rate_of,
+        last: Snapshot::default(),
+        last_t: 0.0,
+        timeline: Vec::new(),
+    };
+    let result = (|| -> Result<Outcome> {
+        let threads = c.threads as u64;
+        let devices = c.devices;
+        let connect_limit = devices as f64 / plan.connect_rate.max(1.0) * 2.0 + 30.0;
+        mon.phase("connect", connect_limit, &|_| {
+            shared.connect_done.load(Relaxed) >= threads
+        });
+        if workers.iter().any(|w| w.is_finished()) {
+            bail!("a worker stopped during the connect phase");
+        }
+        let connect_s = shared.epoch.elapsed().as_secs_f64();
+        let held = shared.counters.snapshot().held();
+        if plan.mode != Mode::Echo && plan.mode != Mode::RawReceive && held == 0 {
+            let why = shared
+                .first_refusal
+                .lock()
+                .ok()
+                .and_then(|f| f.clone())
+                .map(|r| format!(" (the node refused: {r})"))
+                .unwrap_or_else(|| " (no answer: is the node running there, with this data directory's key?)".into());
+            bail!("no device connected to {}{why}", plan.target);
+        }
+        let mut publisher = None;
+        if let Some((mut http, pcfg)) = plan.publish.take() {
+            publisher::prime(&mut http, plan.clocks)?;
+            let accounts = plan.clocks as usize;
+            mon.phase("prime", 10.0, &|_| {
+                shared
+                    .accounts
+                    .iter()
+                    .take(accounts)
+                    .all(|a| a.base.load(Relaxed) != 0)
+            });
+            let (sh, stop) = (shared.clone(), stop_aux.clone());
+            publisher = Some(std::thread::spawn(move || {
+                publisher::run(&mut http, &pcfg, &sh, &stop)
+            }));
+        }
+        mon.phase("warmup", c.warmup as f64, &|_| false);
+        let before = shared.counters.snapshot();
+        let cpu0 = crate::sys::own_cpu_seconds();
+        let node0 = c.node_pid.and_then(crate::sys::proc_cpu_seconds);
+        let t0 = shared.epoch.elapsed().as_secs_f64();
+        shared.measuring.store(true, Relaxed);
+        mon.phase(plan.label, c.duration as f64, &|_| false);
+        shared.measuring.store(false, Relaxed);
+        let wall_s = shared.epoch.elapsed().as_secs_f64() - t0;
+        let after = shared.counters.snapshot();
+        let loadgen_cpu = (crate::sys::own_cpu_seconds() - cpu0) / wall_s;
+        let node_cpu = c
+            .node_pid
+            .and_then(|p| Some((crate::sys::proc_cpu_seconds(p)? - node0?) / wall_s));
+        let rss_after = c.node_pid.and_then(crate::sys::proc_rss_bytes);
+        let mut publish = None;
+        if let Some(p) = publisher {
+            stop_aux.store(true, Relaxed);
+            publish = Some(
+                p.join()
+                    .map_err(|_| anyhow!("the publisher panicked"))??,
+            );
+            mon.phase("drain", plan.drain_s as f64, &|_| false);
+        }
+        Ok(Outcome {
+            measured: after.since(&before),
+            end: shared.counters.snapshot(),
+            wall_s,
+            loadgen_cpu,
+            node_cpu,
+            rtt: histogram(),
+            notify: histogram(),
+            timeline: Vec::new(),
+            connect_s,
+            held_at_measure_end: after.held(),
+            publish,
+            raw_sent: raw_sent.as_ref().map(|s| s.load(Relaxed)),
+            first_refusal: shared.first_refusal.lock().ok().and_then(|f| f.clone()),
+            rss_before,
+            rss_after,
+        })
+    })();
+    shared.stop.store(true, Relaxed);
+    stop_aux.store(true, Relaxed);
+    mon.bar.finish_and_clear();
+    let mut rtt = histogram();
+    let mut notify = histogram();
+    let mut worker_error = None;
+    for w in workers {
+        match w.join() {
+            Ok(Ok(r)) => {
+                let _ = rtt.add(&r.rtt);
+                let _ = notify.add(&r.notify);
+            }
+            Ok(Err(e)) => worker_error = Some(e),
+            Err(_) => worker_error = Some(anyhow!("a worker panicked")),
+        }
+    }
+    for a in aux {
+        if let Ok(Err(e)) = a.join() {
+            worker_error.get_or_insert(e);
+        }
+    }
+    let mut out = match (result, worker_error) {
+        (Err(e), Some(w)) => return Err(e.context(format!("worker: {w:#}"))),
+        (Err(e), None) => return Err(e),
+        (Ok(_), Some(w)) => return Err(w),
+        (Ok(o), None) => o,
+    };
+    out.rtt = rtt;
+    out.notify = notify;
+    out.timeline = mon.timeline;
+    Ok(out)
+}
+
+fn common_figures(r: &mut Report, o: &Outcome) {
+    r.duration_s = o.wall_s;
+    r.loadgen_cpu = o.loadgen_cpu;
+    r.node_cpu = o.node_cpu;
+    r.devices_held = o.held_at_measure_end;
+    r.figure("connect_phase_s", (o.connect_s * 10.0).round() / 10.0);
+    if let Some(f) = &o.first_refusal {
+        r.figure("first_refusal", f.as_str());
+    }
+    r.figure("measured", serde_json::to_value(o.measured).unwrap_or_default());
+    r.figure("whole_run", serde_json::to_value(o.end).unwrap_or_default());
+    r.timeline = o.timeline.clone();
+    r.set_window_stats();
+}
+
+fn device_plan<'a>(c: &'a Common, ident: Arc<Identity>, mode: Mode, rate_name: &'a str, rate_of: RateOf) -> Plan<'a> {
+    Plan {
+        common: c,
+        ident,
+        mode,
+        target: c.node,
+        window: 4096,
+        connect_rate: 50_000.0,
+        clocks: 0,
+        rate_name,
+        rate_of,
+        label: "measure",
+        publish: None,
+        drain_s: 0,
+        raw_sender: None,
+    }
+}
+
+fn replies(s: &Snapshot) -> u64 {
+    s.replies
+}
+
+fn delivered(s: &Snapshot) -> u64 {
+    s.delivered
+}
+
+fn disconnects(s: &Snapshot) -> u64 {
+    s.disconnects
+}
+
+fn hold(c: &Common, a: &crate::HoldArgs, config: serde_json::Value) -> Result<Report> {
+    let ident = identity(c, master(c)?)?;
+    let mut plan = device_plan(
+        c,
+        ident,
+        Mode::Sweep {
+            heartbeat_ms: a.heartbeat.max(1) * 1000,
+        },
+        "heartbeat round trips",
+        replies,
+    );
+    plan.window = a.window;
+    plan.connect_rate = a.connect_rate.max(1) as f64;
+    let o = run_plan(plan)?;
+    let mut r = Report::new("hold", "heartbeat round trips", config);
+    r.devices = c.devices;
+    r.rate_per_s = o.measured.replies as f64 / o.wall_s;
+    r.lost = o.measured.lost;
+    r.set_latency(&o.rtt);
+    common_figures(&mut r, &o);
+    r.figure("connect_failed", o.end.connect_failed);
+    r.figure("heartbeat_s", a.heartbeat);
+    if let (Some(b), Some(e)) = (o.rss_before, o.rss_after) {
+        r.figure("node_rss_before_bytes", b);
+        r.figure("node_rss_after_bytes", e);
+        if o.held_at_measure_end > 0 {
+            r.node_rss_bytes_per_device =
+                Some(e.saturating_sub(b) as f64 / o.held_at_measure_end as f64);
+        }
+    }
+    Ok(r)
+}
+
+fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
+    let ident = identity(c, master(c)?)?;
+    let window = a.window.min(c.devices as usize);
+    let mut plan = device_plan(c, ident.clone(), Mode::Window, "heartbeat round trips", replies);
+    plan.window = window;
+    plan.connect_rate = a.connect_rate.max(1) as f64;
+    let o = run_plan(plan)?;
+    let mut r = Report::new("heartbeat", "heartbeat round trips", config);
+    r.devices = c.devices;
+    r.rate_per_s = o.measured.replies as f64 / o.wall_s;
+    r.lost = o.measured.lost;
+    r.set_latency(&o.rtt);
+    common_figures(&mut r, &o);
+    r.figure("window", window);
+    if c.baseline {
+        let (rate, timeline) = echo_baseline(c, ident, window)?;
+        r.set_baseline("raw echo", rate, timeline);
+    }
+    Ok(r)
+}
+
+/// The same heartbeat load against an in-process reflector.
+fn echo_baseline(c: &Common, ident: Arc<Identity>, window: usize) -> Result<(f64, Vec<Sample>)> {
+    let bind: SocketAddr = if c.node.is_ipv4() {
+        "127.0.0.1:0".parse()?
+    } else {
+        "[::1]:0".parse()?
+    };
+    let refl = Reflector::bind(bind)?;
+    let addr = refl.addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu, c.batch);
+    let th = std::thread::spawn(move || refl.run(cpu, batch, &s2));
+    let mut plan = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
+    plan.target = addr;
+    plan.window = window;
+    plan.label = "baseline";
+    let o = run_plan(plan);
+    stop.store(true, Relaxed);
+    let _ = th.join();
+    let o = o?;
+    Ok((o.measured.replies as f64 / o.wall_s, o.timeline))
+}
+
+fn echo(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
+    // The reflector echoes our packets: any key will do.
+    let master = load_master(c.master_key.as_deref(), c.data_dir.as_deref())?
+        .unwrap_or_else(|| MasterKey::new(rand::random()));
+    let ident = identity(c, master)?;
+    let window = a.window.min(c.devices as usize);
+    let mut plan = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
+    plan.window = window;
+    let o = run_plan(plan)?;
+    let mut r = Report::new("echo", "echo round trips", config);
+    r.devices = c.devices;
+    r.rate_per_s = o.measured.replies as f64 / o.wall_s;
+    r.lost = o.measured.lost;
+    r.set_latency(&o.rtt);
+    common_figures(&mut r, &o);
+    Ok(r)
+}
+
+fn bitmask(bytes: usize) -> Result<Vec<u8>> {
+    if !(1..=32).contains(&bytes) {
+        bail!("--bitmask-bytes must be between 1 and 32");
+    }
+    let mut b = vec![0u8; bytes];
+    b[0] = 1;
+    Ok(b)
+}
+
+fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Result<Report> {
+    if !(a.rate >= 0.0 && a.rate.is_finite()) {
+        bail!("--rate must be a number ≥ 0");
+    }
+    if a.publish_batch == 0 || a.publish_batch > 10_000 {
+        bail!("--publish-batch must be between 1 and 10000");
+    }
+    let mask = bitmask(a.bitmask_bytes)?;
+    let ident = identity(c, master(c)?)?;
+    let token = load_token(c.token_file.as_deref(), c.data_dir.as_deref())?;
+    let http = Http::new(&c.control, token)?;
+    let accounts = ident.accounts();
+    let per_account: Vec<u64> = (0..accounts)
+        .map(|x| c.devices / accounts + u64::from(x < c.devices % accounts))
+        .collect();
+    let pcfg = PublishConfig {
+        rate: a.rate,
+        batch: a.publish_batch,
+        bitmask_hex: hex::encode(&mask),
+        devices_per_account: per_account,
+    };
+    let mut plan = device_plan(
+        c,
+        ident.clone(),
+        Mode::Sweep {
+            heartbeat_ms: a.heartbeat.max(1) * 1000,
+        },
+        "notifications delivered",
+        delivered,
+    );
+    plan.connect_rate = a.connect_rate.max(1) as f64;
+    plan.clocks = accounts;
+    plan.publish = Some((http, pcfg));
+    plan.drain_s = a.drain;
+    let o = run_plan(plan)?;
+    let p = o.publish.unwrap_or_default();
+    let mut r = Report::new("fanout", "notifications delivered", config);
+    r.devices = c.devices;
+    r.rate_per_s = o.measured.delivered as f64 / o.wall_s;
+    // Every accepted publish should reach every device of its account.
+    r.lost = p.expected.saturating_sub(o.end.delivered);
+    r.set_latency(&o.notify);
+    common_figures(&mut r, &o);
+    r.figure("accounts", accounts);
+    r.figure("publishes_per_s", p.published_measured as f64 / o.wall_s);
+    r.figure("published", p.published);
+    r.figure("expected_deliveries", p.expected);
+    r.figure("delivered", o.end.delivered);
+    r.figure("acknowledgements_sent", o.end.acks_sent);
+    r.figure("retransmits_seen", o.end.duplicates);
+    r.figure("http_requests", p.requests);
+    r.figure("http_503", p.overloaded);
+    r.figure("publisher_throttled", p.throttled);
+    if c.baseline {
+        let (rate, timeline) = raw_fanout_baseline(c, ident, mask)?;
+        r.set_baseline("raw fan-out", rate, timeline);
+    }
+    Ok(r)
+}
+
+fn raw_fanout_baseline(c: &Common, ident: Arc<Identity>, mask: Vec<u8>) -> Result<(f64, Vec<Sample>)> {
+    let mut plan = device_plan(c, ident, Mode::RawReceive, "raw notifications delivered", delivered);
+    plan.raw_sender = Some((mask, c.baseline_cpu));
+    plan.label = "baseline";
+    let o = run_plan(plan)?;
+    Ok((o.measured.delivered as f64 / o.wall_s, o.timeline))
+}
+
+fn raw_fanout(c: &Common, a: &crate::RawFanoutArgs, config: serde_json::Value) -> Result<Report> {
+    let master = load_master(c.master_key.as_deref(), c.data_dir.as_deref())?
+        .unwrap_or_else(|| MasterKey::new(rand::random()));
+    let ident = identity(c, master)?;
+    let mut plan = device_plan(c, ident, Mode::RawReceive, "raw notifications delivered", delivered);
+    plan.raw_sender = Some((vec![1], a.sender_cpu));
+    let o = run_plan(plan)?;
+    let mut r = Report::new("raw-fanout", "raw notifications delivered", config);
+    r.devices = c.devices;
+    r.rate_per_s = o.measured.delivered as f64 / o.wall_s;
+    common_figures(&mut r, &o);
+    if let Some(sent) = o.raw_sent {
+        r.figure("sender_datagrams_sent", sent);
+    }
+    Ok(r)
+}
+
+fn churn(c: &Common, a: &crate::ChurnArgs, config: serde_json::Value) -> Result<Report> {
+    let ident = identity(c, master(c)?)?;
+    let mut plan = device_plan(
+        c,
+        ident,
+        Mode::Churn {
+            heartbeat_ms: 60_000,
+            rate: a.rate,
+            rebind_rate: a.rebind_rate,
+        },
+        "disconnect/reconnect cycles",
+        disconnects,
+    );
+    plan.connect_rate = a.connect_rate.max(1) as f64;
+    let o = run_plan(plan)?;
+    let mut r = Report::new("churn", "disconnect/reconnect cycles", config);
+    r.devices = c.devices;
+    r.rate_per_s = o.measured.disconnects as f64 / o.wall_s;
+    r.lost = o.measured.lost + o.measured.connect_failed;
+    r.set_latency(&o.rtt);
+    common_figures(&mut r, &o);
+    r.figure("reconnects_per_s", o.measured.connected as f64 / o.wall_s);
+    r.figure("rebinds", o.measured.rebinds);
+    r.figure("rebinds_confirmed", o.measured.rebinds_confirmed);
+    r.figure("rebinds_per_s", o.measured.rebinds_confirmed as f64 / o.wall_s);
+    Ok(r)
+}
+
+fn stun_run(c: &Common, a: &crate::WindowArgs, target: SocketAddr, accept_echo: bool, label: &'static str) -> Result<(Snapshot, f64, Histogram<u64>, Vec<Sample>, f64, Option<f64>)> {
+    let shared = Shared::new(0);
+    let sockets = worker_sockets(c, target)?;
+    let per_worker = (a.window / c.threads).max(1);
+    let mut workers = Vec::new();
+    for (i, socks) in sockets.into_iter().enumerate() {
+        let cfg = crate::stun::StunWorker {
+            sockets: socks,
+            window: per_worker,
+            batch: c.batch,
+            timeout_ms: c.timeout_ms,
+            cpu: cpu_for(c, i),
+            accept_echo,
+        };
+        let sh = shared.clone();
+        workers.push(std::thread::spawn(move || crate::stun::run_worker(cfg, sh)));
+    }
+    let mut mon = Monitor {
+        shared: &shared,
+        bar: progress(c),
+        rate_name: "STUN responses",
+        rate_of: replies,
+        last: Snapshot::default(),
+        last_t: 0.0,
+        timeline: Vec::new(),
+    };
+    mon.phase("warmup", c.warmup as f64, &|_| false);
+    let before = shared.counters.snapshot();
+    let cpu0 = crate::sys::own_cpu_seconds();
+    let node0 = c.node_pid.and_then(crate::sys::proc_cpu_seconds);
+    let t0 = shared.epoch.elapsed().as_secs_f64();
+    shared.measuring.store(true, Relaxed);
+    mon.phase(label, c.duration as f64, &|_| false);
+    shared.measuring.store(false, Relaxed);
+    let wall = shared.epoch.elapsed().as_secs_f64() - t0;
+    let measured = shared.counters.snapshot().since(&before);
+    let cpu = (crate::sys::own_cpu_seconds() - cpu0) / wall;
+    let node_cpu = c
+        .node_pid
+        .and_then(|p| Some((crate::sys::proc_cpu_seconds(p)? - node0?) / wall));
+    shared.stop.store(true, Relaxed);
+    mon.bar.finish_and_clear();
+    let mut rtt = histogram();
+    for w in workers {
+        let h = w.join().map_err(|_| anyhow!("a STUN worker panicked"))??;
+        let _ = rtt.add(&h);
+    }
+    Ok((measured, wall, rtt, mon.timeline, cpu, node_cpu))
+}
+
+fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
+    let (m, wall, rtt, timeline, cpu, node_cpu) = stun_run(c, a, c.node, false, "measure")?;
+    let mut r = Report::new("stun", "STUN binding responses", config);
+    r.rate_per_s = m.replies as f64 / wall;
+    r.duration_s = wall;
+    r.lost = m.lost;
+    r.loadgen_cpu = cpu;
+    r.node_cpu = node_cpu;
+    r.set_latency(&rtt);
+    r.timeline = timeline;
+    r.set_window_stats();
+    r.figure("requests_sent", m.sent);
+    r.figure("unexpected", m.other + m.duplicates);
+    if m.replies == 0 {
+        bail!("no STUN response from {} (is a STUN server listening there?)", c.node);
+    }
+    if c.baseline {
+        let bind: SocketAddr = if c.node.is_ipv4() {
+            "127.0.0.1:0".parse()?
+        } else {
+            "[::1]:0".parse()?
+        };
+        let refl = Reflector::bind(bind)?;
+        let addr = refl.addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, bcpu, batch) = (stop.clone(), c.baseline_cpu, c.batch);
+        let th = std::thread::spawn(move || refl.run(bcpu, batch, &s2));
+        let res = stun_run(c, a, addr, true, "baseline");
+        stop.store(true, Relaxed);
+        let _ = th.join();
+        let (bm, bwall, _, btl, _, _) = res?;
+        r.set_baseline("raw echo", bm.replies as f64 / bwall, btl);
+    }
+    Ok(r)
+}
+
+fn reflector(c: &Common, a: &crate::ReflectorArgs, config: serde_json::Value) -> Result<Report> {
+    let refl = Reflector::bind(a.listen)?;
+    let addr = refl.addr()?;
+    let echoed = refl.echoed.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s2, cpu, batch) = (stop.clone(), a.cpu, c.batch);
+    let th = std::thread::spawn(move || refl.run(cpu, batch, &s2));
+    eprintln!(
+        "mpp-loadgen: reflector on {addr} for {} s",
+        c.warmup + c.duration
+    );
+    std::thread::sleep(Duration::from_secs(c.warmup));
+    let e0 = echoed.load(Relaxed);
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(c.duration));
+    let wall = t0.elapsed().as_secs_f64();
+    let e1 = echoed.load(Relaxed);
+    stop.store(true, Relaxed);
+    th.join()
+        .map_err(|_| anyhow!("the reflector panicked"))?
+        .context("reflector")?;
+    let mut r = Report::new("reflector", "datagrams echoed", config);
+    r.duration_s = wall;
+    r.rate_per_s = (e1 - e0) as f64 / wall;
+    r.figure("listen", addr.to_string());
+    Ok(r)
 }
