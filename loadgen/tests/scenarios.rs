@@ -1,0 +1,310 @@
+//! The load generator at small scale against a node started by the test
+//! (in-process, loopback, its own data directory): each scenario runs, its
+//! counts add up, its JSON report parses and holds the documented keys, and
+//! bad flags give a one-line error.
+//!
+//! Timeouts are generous (`--timeout-ms 5000`) so a stalled CI machine
+//! delays a reply instead of losing it; nothing asserts a speed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use mpp::config::{IoChoice, NodeConfig};
+use serde_json::Value;
+
+struct TestNode {
+    node: Option<mpp::server::Node>,
+    udp: String,
+    http: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    fn start() -> TestNode {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = NodeConfig {
+            udp: "127.0.0.1:0".parse().expect("addr"),
+            http: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: dir.path().to_path_buf(),
+            threads: 2,
+            pin: false,
+            io: IoChoice::Auto,
+            stun_rate_per_sec: 0,
+            ..NodeConfig::default()
+        };
+        let node = mpp::server::start(&config, false).expect("node starts");
+        TestNode {
+            udp: node.udp.to_string(),
+            http: format!("http://{}", node.http),
+            node: Some(node),
+            dir,
+        }
+    }
+
+    fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown();
+            let _ = node.wait();
+        }
+    }
+}
+
+fn loadgen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mpp-loadgen"))
+        .args(args)
+        .output()
+        .expect("mpp-loadgen runs")
+}
+
+/// Runs a scenario against `node` with the common small-scale flags and
+/// returns its JSON report.
+fn scenario(node: &TestNode, extra: &[&str]) -> Value {
+    let json: PathBuf = node.data_dir().join(format!("report-{}.json", extra.join("-")));
+    let json_s = json.to_string_lossy().into_owned();
+    let dir = node.data_dir().to_string_lossy().into_owned();
+    let mut args = vec![
+        "--node",
+        &node.udp,
+        "--control",
+        &node.http,
+        "--data-dir",
+        &dir,
+        "--duration",
+        "2s",
+        "--warmup",
+        "1s",
+        "--timeout-ms",
+        "5000",
+        "--no-progress",
+        "--json",
+        &json_s,
+    ];
+    args.extend_from_slice(extra);
+    let out = loadgen(&args);
+    assert!(
+        out.status.success(),
+        "mpp-loadgen {extra:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = std::fs::read_to_string(&json).expect("JSON report written");
+    let report: Value = serde_json::from_str(&text).expect("JSON report parses");
+    for key in [
+        "scenario",
+        "devices",
+        "devices_held",
+        "duration_s",
+        "rate_per_s",
+        "lost",
+        "latency_us",
+        "baseline_rate_per_s",
+        "ratio",
+        "config",
+        "timeline",
+    ] {
+        assert!(report.get(key).is_some(), "report lacks {key}: {text}");
+    }
+    report
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+#[test]
+fn heartbeat_holds_every_device_and_counts_add_up() {
+    let node = TestNode::start();
+    let r = scenario(&node, &["--devices", "10000", "--threads", "2", "heartbeat"]);
+    assert_eq!(r["scenario"], "heartbeat");
+    assert_eq!(u(&r["devices"]), 10_000);
+    assert_eq!(u(&r["devices_held"]), 10_000);
+    assert_eq!(u(&r["lost"]), 0);
+    let whole = &r["figures"]["whole_run"];
+    assert_eq!(u(&whole["connected"]), 10_000);
+    assert_eq!(u(&whole["refused"]) + u(&whole["unauthentic"]), 0);
+    // Every reply answered a heartbeat we sent.
+    assert!(u(&whole["replies"]) <= u(&whole["heartbeats_sent"]));
+    let measured = &r["figures"]["measured"];
+    assert!(u(&measured["replies"]) > 0, "{r}");
+    assert!(r["rate_per_s"].as_f64().unwrap() > 0.0);
+    assert!(u(&r["latency_us"]["p50"]) <= u(&r["latency_us"]["max"]));
+    assert!(r["ratio"].is_null(), "no baseline asked for");
+}
+
+#[test]
+fn heartbeat_with_baseline_reports_a_ratio() {
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &["--devices", "1000", "--baseline", "heartbeat", "--window", "64"],
+    );
+    let base = r["baseline_rate_per_s"].as_f64().expect("baseline rate");
+    assert!(base > 0.0);
+    let ratio = r["ratio"].as_f64().expect("ratio");
+    let rate = r["rate_per_s"].as_f64().unwrap();
+    assert!((ratio - rate / base).abs() < 1e-9);
+    assert_eq!(r["baseline"], "raw echo");
+}
+
+#[test]
+fn fanout_delivers_every_publish_to_every_device() {
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &[
+            "--devices", "2000", "--accounts", "100", "fanout", "--rate", "500", "--drain", "5s",
+        ],
+    );
+    assert_eq!(u(&r["devices_held"]), 2000);
+    let f = &r["figures"];
+    let published = u(&f["published"]);
+    assert!(published > 0, "{r}");
+    // 20 devices per account: every publish is one notification to each.
+    assert_eq!(u(&f["expected_deliveries"]), published * 20);
+    assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
+    assert_eq!(u(&r["lost"]), 0);
+    assert!(u(&f["acknowledgements_sent"]) > 0);
+    assert!(u(&r["latency_us"]["count"]) > 0, "{r}");
+}
+
+#[test]
+fn hold_reports_node_memory_per_device() {
+    let node = TestNode::start();
+    // The node runs inside this test process: its RSS is ours.
+    let pid = std::process::id().to_string();
+    let r = scenario(
+        &node,
+        &[
+            "--devices", "10000", "--node-pid", &pid, "hold", "--connect-rate", "20000",
+            "--heartbeat", "2s",
+        ],
+    );
+    assert_eq!(u(&r["devices_held"]), 10_000);
+    assert_eq!(u(&r["lost"]), 0);
+    assert!(r["node_rss_bytes_per_device"].as_f64().is_some(), "{r}");
+    // 10,000 devices heartbeating every 2 s: about 5,000 round trips a second.
+    assert!(u(&r["figures"]["measured"]["replies"]) > 0);
+}
+
+#[test]
+fn churn_disconnects_reconnects_and_rebinds() {
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &["--devices", "2000", "churn", "--rate", "200", "--rebind-rate", "200"],
+    );
+    let m = &r["figures"]["measured"];
+    assert!(u(&m["disconnects"]) > 0, "{r}");
+    assert!(u(&m["rebinds_confirmed"]) > 0, "{r}");
+    let whole = &r["figures"]["whole_run"];
+    assert!(u(&whole["rebinds_confirmed"]) <= u(&whole["rebinds"]));
+    assert_eq!(u(&r["figures"]["whole_run"]["refused"]), 0);
+    assert_eq!(u(&r["lost"]), 0);
+}
+
+#[test]
+fn stun_against_the_node_and_the_reflector() {
+    let node = TestNode::start();
+    let r = scenario(&node, &["--baseline", "stun", "--window", "32"]);
+    assert!(u(&r["figures"]["requests_sent"]) > 0);
+    assert!(r["rate_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["baseline_rate_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn raw_fanout_and_html_report() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let html = dir.path().join("r.html");
+    let json = dir.path().join("r.json");
+    let out = loadgen(&[
+        "--devices",
+        "500",
+        "--duration",
+        "1s",
+        "--warmup",
+        "0s",
+        "--no-progress",
+        "--html",
+        html.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "raw-fanout",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(u(&r["figures"]["measured"]["delivered"]) > 0, "{r}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("raw-fanout"));
+    // The table on stdout names the main rate.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("raw notifications delivered/s"), "{stdout}");
+}
+
+fn one_line_error(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_flags_give_clear_errors() {
+    one_line_error(&loadgen(&["--devices", "0", "heartbeat"]), 1, "--devices must be at least 1");
+    one_line_error(&loadgen(&["--cpus", "x", "heartbeat"]), 2, "invalid CPU list");
+    one_line_error(&loadgen(&["--duration", "soon", "heartbeat"]), 2, "invalid duration");
+    one_line_error(&loadgen(&["nonsense"]), 2, "unrecognized subcommand");
+    one_line_error(
+        &loadgen(&["--devices", "10", "heartbeat"]),
+        1,
+        "give --data-dir DIR",
+    );
+    one_line_error(
+        &loadgen(&["--devices", "10", "--accounts", "11", "heartbeat"]),
+        1,
+        "--accounts must be between 1 and --devices",
+    );
+    let missing = loadgen(&["--data-dir", "/nonexistent/mpp", "heartbeat"]);
+    one_line_error(&missing, 1, "/nonexistent/mpp/master.key");
+    let dir = tempfile::tempdir().unwrap();
+    let out = loadgen(&[
+        "--token-file",
+        dir.path().join("none").to_str().unwrap(),
+        "--master-key",
+        dir.path().join("none").to_str().unwrap(),
+        "fanout",
+        "--bitmask-bytes",
+        "33",
+    ]);
+    one_line_error(&out, 1, "--bitmask-bytes must be between 1 and 32");
+}
+
+#[test]
+fn no_node_is_a_clear_error() {
+    // A node's data directory but nothing listening on the port.
+    let node = TestNode::start();
+    let dir = node.data_dir().to_string_lossy().into_owned();
+    let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let out = loadgen(&[
+        "--node",
+        &addr,
+        "--data-dir",
+        &dir,
+        "--devices",
+        "10",
+        "--timeout-ms",
+        "200",
+        "--tries",
+        "1",
+        "--no-progress",
+        "heartbeat",
+    ]);
+    one_line_error(&out, 1, "no device connected");
+}
