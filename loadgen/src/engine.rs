@@ -813,9 +813,11 @@ impl Worker {
     /// Receives and handles what is waiting on every socket.
     fn receive(&mut self, now_us: u64) -> usize {
         let mut total = 0;
+        // The batch is taken out while its packets are handled in place.
+        let mut inb = std::mem::replace(&mut self.inb, Batch::new(0));
         for s in 0..self.fds.len() {
             for _ in 0..8 {
-                let n = match self.inb.recv(self.fds[s]) {
+                let n = match inb.recv(self.fds[s]) {
                     Ok(n) => n,
                     Err(_) => {
                         self.local.recv_errors += 1;
@@ -823,23 +825,21 @@ impl Worker {
                     }
                 };
                 for i in 0..n {
-                    self.handle(s, i, now_us);
+                    let len = inb.lens[i];
+                    self.handle(s, &mut inb.buf(i)[..len], now_us);
                 }
                 total += n;
-                if n < self.inb.capacity() {
+                if n < inb.capacity() {
                     break;
                 }
             }
         }
+        self.inb = inb;
         total
     }
 
-    fn handle(&mut self, s: usize, i: usize, now_us: u64) {
+    fn handle(&mut self, s: usize, packet: &mut [u8], now_us: u64) {
         self.local.received += 1;
-        let len = self.inb.lens[i];
-        let mut packet = [0u8; crate::io::BUF_LEN];
-        packet[..len].copy_from_slice(&self.inb.buf(i)[..len]);
-        let packet = &mut packet[..len];
         let Some(g) = self.ident.index_of(packet, self.cfg.devices) else {
             self.local.unknown += 1;
             return;

@@ -84,7 +84,6 @@ unsafe impl Send for Batch {}
 impl Batch {
     /// Room for `n` datagrams.
     pub(crate) fn new(n: usize) -> Batch {
-        let n = n.max(1);
         let mut b = Batch {
             bufs: vec![[0u8; BUF_LEN]; n],
             // SAFETY: iovec, mmsghdr and sockaddr_storage are plain C structs;
