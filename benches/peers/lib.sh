@@ -149,12 +149,21 @@ run_loadgen() {
     local bound="$1" log="$2"
     shift 2
     local rc=0
-    timeout --signal=INT --kill-after=10 "$bound" \
+    # --foreground keeps the loadgen in our process group: Ctrl-C reaches it.
+    timeout --foreground --signal=INT --kill-after=10 "$bound" \
         taskset -c "$LOADGEN_CPU" "$LOADGEN" --no-progress "$@" >"$log" 2>"$log.err" || rc=$?
     cat "$log"
     if [[ $rc != 0 ]]; then
         tail -5 "$log.err" >&2
-        [[ $rc == 124 || $rc == 130 ]] && note "the loadgen did not finish within ${bound} s"
+        if [[ $rc == 124 ]]; then
+            note "the loadgen did not finish within ${bound} s"
+        elif [[ $rc == 130 || $rc == 143 ]]; then
+            # Interrupted (Ctrl-C reaches the loadgen, not always our trap).
+            note "interrupted"
+            exit "$rc"
+        elif [[ $rc -gt 128 ]]; then
+            note "the loadgen was stopped by signal $((rc - 128))"
+        fi
     fi
     return $rc
 }
