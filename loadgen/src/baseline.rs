@@ -83,7 +83,8 @@ impl RawSender {
         bind: SocketAddr,
     ) -> Result<RawSender> {
         let sock = crate::io::unconnected_socket(bind)?;
-        sock.bind(&bind.into()).context("raw fan-out sender socket")?;
+        sock.bind(&bind.into())
+            .context("raw fan-out sender socket")?;
         let n = devices.min(65_536);
         let mut packets = Vec::with_capacity(n as usize);
         for g in 0..n {
@@ -105,7 +106,10 @@ impl RawSender {
 
     /// The sender's address (the receivers connect to it).
     pub(crate) fn addr(&self) -> Result<SocketAddr> {
-        self.sock.local_addr()?.as_socket().context("sender address")
+        self.sock
+            .local_addr()?
+            .as_socket()
+            .context("sender address")
     }
 
     /// Sends until `stop`.

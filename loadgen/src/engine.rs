@@ -399,14 +399,18 @@ impl Worker {
             }
         }
         if unusable > 0 {
-            anyhow::bail!("{unusable} device ids collide with the STUN classifier; use other --accounts");
+            anyhow::bail!(
+                "{unusable} device ids collide with the STUN classifier; use other --accounts"
+            );
         }
         let fds = cfg.sockets.iter().map(|s| s.as_raw_fd()).collect();
         let mut nonce_salt = [0u8; 4];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce_salt);
         let now_ms = shared.now_us() / 1000;
         Ok(Worker {
-            out: (0..cfg.sockets.len()).map(|_| Batch::new(cfg.batch)).collect(),
+            out: (0..cfg.sockets.len())
+                .map(|_| Batch::new(cfg.batch))
+                .collect(),
             inb: Batch::new(cfg.batch),
             cfg,
             ident,
@@ -452,7 +456,9 @@ impl Worker {
             let sent = self.generate(now_us);
             self.flush_all(now_us);
             self.shared.counters.add(&mut self.local);
-            if !self.connect_reported && self.to_connect.is_empty() && self.connects_in_flight() == 0
+            if !self.connect_reported
+                && self.to_connect.is_empty()
+                && self.connects_in_flight() == 0
             {
                 self.report_connect_done();
             }
@@ -588,10 +594,8 @@ impl Worker {
         if queued == 0 {
             return;
         }
-        let sent = match self.out[s].send(self.fds[s]) {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        // An error sends nothing: counted below with the rest.
+        let sent = self.out[s].send(self.fds[s]).unwrap_or_default();
         self.local.sent += sent as u64;
         if sent < queued {
             // The kernel refused the rest (buffer full): those requests
@@ -674,9 +678,8 @@ impl Worker {
         let now_ms = now_us / 1000;
         let mut queued = 0;
         // Connect queue, paced.
-        let allowed = (self.cfg.connect_rate * (now_ms - self.connect_start_ms) as f64 / 1000.0)
-            as u64
-            + 64;
+        let allowed =
+            (self.cfg.connect_rate * (now_ms - self.connect_start_ms) as f64 / 1000.0) as u64 + 64;
         while self.connects_issued < allowed && self.inflight < self.cfg.window {
             let Some(l) = self.to_connect.pop_front() else {
                 break;
@@ -989,7 +992,13 @@ impl Worker {
 
     /// A notify (or pending state in a response): count it once per
     /// publish, time it against its publish, acknowledge it every time.
-    fn pending_notify(&mut self, l: usize, serial: Option<i64>, bitmask: Option<&[u8]>, now_us: u64) {
+    fn pending_notify(
+        &mut self,
+        l: usize,
+        serial: Option<i64>,
+        bitmask: Option<&[u8]>,
+        now_us: u64,
+    ) {
         let (Some(serial), Some(bitmask)) = (serial, bitmask) else {
             return;
         };

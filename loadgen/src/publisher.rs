@@ -245,7 +245,10 @@ pub(crate) fn run(
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
-        let body = batch_body(entries.iter().map(|&(a, _)| account_name(a)), &cfg.bitmask_hex);
+        let body = batch_body(
+            entries.iter().map(|&(a, _)| account_name(a)),
+            &cfg.bitmask_hex,
+        );
         let ans = http.post("/v1/notify", &body)?;
         stats.requests += 1;
         let accepted = match ans.status {

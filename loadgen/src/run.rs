@@ -296,7 +296,10 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
                 .ok()
                 .and_then(|f| f.clone())
                 .map(|r| format!(" (the node refused: {r})"))
-                .unwrap_or_else(|| " (no answer: is the node running there, with this data directory's key?)".into());
+                .unwrap_or_else(|| {
+                    " (no answer: is the node running there, with this data directory's key?)"
+                        .into()
+                });
             bail!("no device connected to {}{why}", plan.target);
         }
         let mut publisher = None;
@@ -333,10 +336,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
         let mut publish = None;
         if let Some(p) = publisher {
             stop_aux.store(true, Relaxed);
-            publish = Some(
-                p.join()
-                    .map_err(|_| anyhow!("the publisher panicked"))??,
-            );
+            publish = Some(p.join().map_err(|_| anyhow!("the publisher panicked"))??);
             mon.phase("drain", plan.drain_s as f64, &|_| false);
         }
         Ok(Outcome {
@@ -399,13 +399,22 @@ fn common_figures(r: &mut Report, o: &Outcome) {
     if let Some(f) = &o.first_refusal {
         r.figure("first_refusal", f.as_str());
     }
-    r.figure("measured", serde_json::to_value(o.measured).unwrap_or_default());
+    r.figure(
+        "measured",
+        serde_json::to_value(o.measured).unwrap_or_default(),
+    );
     r.figure("whole_run", serde_json::to_value(o.end).unwrap_or_default());
     r.timeline = o.timeline.clone();
     r.set_window_stats();
 }
 
-fn device_plan<'a>(c: &'a Common, ident: Arc<Identity>, mode: Mode, rate_name: &'a str, rate_of: RateOf) -> Plan<'a> {
+fn device_plan<'a>(
+    c: &'a Common,
+    ident: Arc<Identity>,
+    mode: Mode,
+    rate_name: &'a str,
+    rate_of: RateOf,
+) -> Plan<'a> {
     Plan {
         common: c,
         ident,
@@ -471,7 +480,13 @@ fn hold(c: &Common, a: &crate::HoldArgs, config: serde_json::Value) -> Result<Re
 fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
     let ident = identity(c, master(c)?)?;
     let window = a.window.min(c.devices as usize);
-    let mut plan = device_plan(c, ident.clone(), Mode::Window, "heartbeat round trips", replies);
+    let mut plan = device_plan(
+        c,
+        ident.clone(),
+        Mode::Window,
+        "heartbeat round trips",
+        replies,
+    );
     plan.window = window;
     plan.connect_rate = a.connect_rate.max(1) as f64;
     let o = run_plan(plan)?;
@@ -599,8 +614,18 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     Ok(r)
 }
 
-fn raw_fanout_baseline(c: &Common, ident: Arc<Identity>, mask: Vec<u8>) -> Result<(f64, Vec<Sample>)> {
-    let mut plan = device_plan(c, ident, Mode::RawReceive, "raw notifications delivered", delivered);
+fn raw_fanout_baseline(
+    c: &Common,
+    ident: Arc<Identity>,
+    mask: Vec<u8>,
+) -> Result<(f64, Vec<Sample>)> {
+    let mut plan = device_plan(
+        c,
+        ident,
+        Mode::RawReceive,
+        "raw notifications delivered",
+        delivered,
+    );
     plan.raw_sender = Some((mask, c.baseline_cpu));
     plan.label = "baseline";
     let o = run_plan(plan)?;
@@ -611,7 +636,13 @@ fn raw_fanout(c: &Common, a: &crate::RawFanoutArgs, config: serde_json::Value) -
     let master = load_master(c.master_key.as_deref(), c.data_dir.as_deref())?
         .unwrap_or_else(|| MasterKey::new(rand::random()));
     let ident = identity(c, master)?;
-    let mut plan = device_plan(c, ident, Mode::RawReceive, "raw notifications delivered", delivered);
+    let mut plan = device_plan(
+        c,
+        ident,
+        Mode::RawReceive,
+        "raw notifications delivered",
+        delivered,
+    );
     plan.raw_sender = Some((vec![1], a.sender_cpu));
     let o = run_plan(plan)?;
     let mut r = Report::new("raw-fanout", "raw notifications delivered", config);
@@ -648,11 +679,30 @@ fn churn(c: &Common, a: &crate::ChurnArgs, config: serde_json::Value) -> Result<
     r.figure("reconnects_per_s", o.measured.connected as f64 / o.wall_s);
     r.figure("rebinds", o.measured.rebinds);
     r.figure("rebinds_confirmed", o.measured.rebinds_confirmed);
-    r.figure("rebinds_per_s", o.measured.rebinds_confirmed as f64 / o.wall_s);
+    r.figure(
+        "rebinds_per_s",
+        o.measured.rebinds_confirmed as f64 / o.wall_s,
+    );
     Ok(r)
 }
 
-fn stun_run(c: &Common, a: &crate::WindowArgs, target: SocketAddr, accept_echo: bool, label: &'static str) -> Result<(Snapshot, f64, Histogram<u64>, Vec<Sample>, f64, Option<f64>)> {
+/// What one STUN run measured.
+struct StunRun {
+    measured: Snapshot,
+    wall: f64,
+    rtt: Histogram<u64>,
+    timeline: Vec<Sample>,
+    cpu: f64,
+    node_cpu: Option<f64>,
+}
+
+fn stun_run(
+    c: &Common,
+    a: &crate::WindowArgs,
+    target: SocketAddr,
+    accept_echo: bool,
+    label: &'static str,
+) -> Result<StunRun> {
     let shared = Shared::new(0);
     let sockets = worker_sockets(c, target)?;
     let per_worker = (a.window / c.threads).max(1);
@@ -699,11 +749,25 @@ fn stun_run(c: &Common, a: &crate::WindowArgs, target: SocketAddr, accept_echo: 
         let h = w.join().map_err(|_| anyhow!("a STUN worker panicked"))??;
         let _ = rtt.add(&h);
     }
-    Ok((measured, wall, rtt, mon.timeline, cpu, node_cpu))
+    Ok(StunRun {
+        measured,
+        wall,
+        rtt,
+        timeline: mon.timeline,
+        cpu,
+        node_cpu,
+    })
 }
 
 fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
-    let (m, wall, rtt, timeline, cpu, node_cpu) = stun_run(c, a, c.node, false, "measure")?;
+    let StunRun {
+        measured: m,
+        wall,
+        rtt,
+        timeline,
+        cpu,
+        node_cpu,
+    } = stun_run(c, a, c.node, false, "measure")?;
     let mut r = Report::new("stun", "STUN binding responses", config);
     r.rate_per_s = m.replies as f64 / wall;
     r.duration_s = wall;
@@ -716,7 +780,10 @@ fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<
     r.figure("requests_sent", m.sent);
     r.figure("unexpected", m.other + m.duplicates);
     if m.replies == 0 {
-        bail!("no STUN response from {} (is a STUN server listening there?)", c.node);
+        bail!(
+            "no STUN response from {} (is a STUN server listening there?)",
+            c.node
+        );
     }
     if c.baseline {
         let bind: SocketAddr = if c.node.is_ipv4() {
@@ -732,8 +799,8 @@ fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<
         let res = stun_run(c, a, addr, true, "baseline");
         stop.store(true, Relaxed);
         let _ = th.join();
-        let (bm, bwall, _, btl, _, _) = res?;
-        r.set_baseline("raw echo", bm.replies as f64 / bwall, btl);
+        let b = res?;
+        r.set_baseline("raw echo", b.measured.replies as f64 / b.wall, b.timeline);
     }
     Ok(r)
 }

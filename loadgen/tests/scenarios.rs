@@ -65,7 +65,9 @@ fn loadgen(args: &[&str]) -> Output {
 /// Runs a scenario against `node` with the common small-scale flags and
 /// returns its JSON report.
 fn scenario(node: &TestNode, extra: &[&str]) -> Value {
-    let json: PathBuf = node.data_dir().join(format!("report-{}.json", extra.join("-")));
+    let json: PathBuf = node
+        .data_dir()
+        .join(format!("report-{}.json", extra.join("-")));
     let json_s = json.to_string_lossy().into_owned();
     let dir = node.data_dir().to_string_lossy().into_owned();
     let mut args = vec![
@@ -120,7 +122,10 @@ fn u(v: &Value) -> u64 {
 #[test]
 fn heartbeat_holds_every_device_and_counts_add_up() {
     let node = TestNode::start();
-    let r = scenario(&node, &["--devices", "10000", "--threads", "2", "heartbeat"]);
+    let r = scenario(
+        &node,
+        &["--devices", "10000", "--threads", "2", "heartbeat"],
+    );
     assert_eq!(r["scenario"], "heartbeat");
     assert_eq!(u(&r["devices"]), 10_000);
     assert_eq!(u(&r["devices_held"]), 10_000);
@@ -142,7 +147,14 @@ fn heartbeat_with_baseline_reports_a_ratio() {
     let node = TestNode::start();
     let r = scenario(
         &node,
-        &["--devices", "1000", "--baseline", "heartbeat", "--window", "64"],
+        &[
+            "--devices",
+            "1000",
+            "--baseline",
+            "heartbeat",
+            "--window",
+            "64",
+        ],
     );
     let base = r["baseline_rate_per_s"].as_f64().expect("baseline rate");
     assert!(base > 0.0);
@@ -158,7 +170,15 @@ fn fanout_delivers_every_publish_to_every_device() {
     let r = scenario(
         &node,
         &[
-            "--devices", "2000", "--accounts", "100", "fanout", "--rate", "500", "--drain", "5s",
+            "--devices",
+            "2000",
+            "--accounts",
+            "100",
+            "fanout",
+            "--rate",
+            "500",
+            "--drain",
+            "5s",
         ],
     );
     assert_eq!(u(&r["devices_held"]), 2000);
@@ -181,8 +201,15 @@ fn hold_reports_node_memory_per_device() {
     let r = scenario(
         &node,
         &[
-            "--devices", "10000", "--node-pid", &pid, "hold", "--connect-rate", "20000",
-            "--heartbeat", "2s",
+            "--devices",
+            "10000",
+            "--node-pid",
+            &pid,
+            "hold",
+            "--connect-rate",
+            "20000",
+            "--heartbeat",
+            "2s",
         ],
     );
     assert_eq!(u(&r["devices_held"]), 10_000);
@@ -197,7 +224,15 @@ fn churn_disconnects_reconnects_and_rebinds() {
     let node = TestNode::start();
     let r = scenario(
         &node,
-        &["--devices", "2000", "churn", "--rate", "200", "--rebind-rate", "200"],
+        &[
+            "--devices",
+            "2000",
+            "churn",
+            "--rate",
+            "200",
+            "--rebind-rate",
+            "200",
+        ],
     );
     let m = &r["figures"]["measured"];
     assert!(u(&m["disconnects"]) > 0, "{r}");
@@ -236,7 +271,11 @@ fn raw_fanout_and_html_report() {
         json.to_str().unwrap(),
         "raw-fanout",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(u(&r["figures"]["measured"]["delivered"]) > 0, "{r}");
     let page = std::fs::read_to_string(&html).unwrap();
@@ -255,9 +294,21 @@ fn one_line_error(out: &Output, code: i32, needle: &str) {
 
 #[test]
 fn bad_flags_give_clear_errors() {
-    one_line_error(&loadgen(&["--devices", "0", "heartbeat"]), 1, "--devices must be at least 1");
-    one_line_error(&loadgen(&["--cpus", "x", "heartbeat"]), 2, "invalid CPU list");
-    one_line_error(&loadgen(&["--duration", "soon", "heartbeat"]), 2, "invalid duration");
+    one_line_error(
+        &loadgen(&["--devices", "0", "heartbeat"]),
+        1,
+        "--devices must be at least 1",
+    );
+    one_line_error(
+        &loadgen(&["--cpus", "x", "heartbeat"]),
+        2,
+        "invalid CPU list",
+    );
+    one_line_error(
+        &loadgen(&["--duration", "soon", "heartbeat"]),
+        2,
+        "invalid duration",
+    );
     one_line_error(&loadgen(&["nonsense"]), 2, "unrecognized subcommand");
     one_line_error(
         &loadgen(&["--devices", "10", "heartbeat"]),
