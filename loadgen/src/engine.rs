@@ -87,6 +87,7 @@ pub(crate) struct Counters {
     pub(crate) other: AtomicU64,
     pub(crate) send_errors: AtomicU64,
     pub(crate) recv_errors: AtomicU64,
+    pub(crate) loss_dropped: AtomicU64,
 }
 
 /// A plain copy of [`Counters`].
@@ -117,6 +118,7 @@ pub(crate) struct Snapshot {
     pub(crate) other: u64,
     pub(crate) send_errors: u64,
     pub(crate) recv_errors: u64,
+    pub(crate) loss_dropped: u64,
 }
 
 macro_rules! each_counter {
@@ -146,7 +148,8 @@ macro_rules! each_counter {
             unknown,
             other,
             send_errors,
-            recv_errors
+            recv_errors,
+            loss_dropped
         )
     };
 }
@@ -259,6 +262,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) connect_rate: f64,
     pub(crate) timeout_ms: u64,
     pub(crate) tries: u8,
+    /// Fraction of datagrams dropped in each direction (simulated path loss).
+    pub(crate) loss: f64,
 }
 
 /// What a worker hands back.
@@ -359,6 +364,9 @@ struct Worker {
     connect_reported: bool,
     /// Devices in state CONNECTING.
     connecting: usize,
+    /// Drop threshold out of 2³² (simulated loss), and its generator.
+    loss: u64,
+    rng: u64,
 }
 
 impl Worker {
@@ -407,6 +415,7 @@ impl Worker {
         let mut nonce_salt = [0u8; 4];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce_salt);
         let now_ms = shared.now_us() / 1000;
+        let cfg_loss = cfg.loss.clamp(0.0, 1.0);
         Ok(Worker {
             out: (0..cfg.sockets.len())
                 .map(|_| Batch::new(cfg.batch))
@@ -435,6 +444,8 @@ impl Worker {
             local: Snapshot::default(),
             rtt: histogram(),
             notify: histogram(),
+            loss: (cfg_loss * 4_294_967_296.0) as u64,
+            rng: u64::from(rand::random::<u32>()) | 1,
             connect_reported: false,
             connecting: 0,
         })
@@ -495,6 +506,24 @@ impl Worker {
         dev.state = state;
     }
 
+    /// Whether simulated path loss takes this datagram.
+    fn lose(&mut self) -> bool {
+        if self.loss == 0 {
+            return false;
+        }
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let x = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
+        if x < self.loss {
+            self.local.loss_dropped += 1;
+            true
+        } else {
+            false
+        }
+    }
+
     fn next_nonce(&mut self) -> [u8; 12] {
         self.nonce += 1;
         let mut n = [0u8; 12];
@@ -546,7 +575,6 @@ impl Worker {
             self.local.other += 1;
             return;
         };
-        self.out[s].push(size, l as u32);
         dev.outstanding = serial;
         dev.sent_us = now_us as u32;
         self.inflight += 1;
@@ -556,6 +584,9 @@ impl Worker {
             at_ms: (now_us / 1000) as u32,
             kind,
         });
+        if !self.lose() {
+            self.out[s].push(size, l as u32);
+        }
         match kind {
             KIND_CONNECT => self.local.connects_sent += 1,
             KIND_HEARTBEAT => self.local.heartbeats_sent += 1,
@@ -584,8 +615,10 @@ impl Worker {
             &Request::Acknowledge(serial),
             buf,
         ) {
-            self.out[s].push(size, u32::MAX);
             self.local.acks_sent += 1;
+            if !self.lose() {
+                self.out[s].push(size, u32::MAX);
+            }
         }
     }
 
@@ -843,6 +876,9 @@ impl Worker {
 
     fn handle(&mut self, s: usize, packet: &mut [u8], now_us: u64) {
         self.local.received += 1;
+        if self.lose() {
+            return;
+        }
         let Some(g) = self.ident.index_of(packet, self.cfg.devices) else {
             self.local.unknown += 1;
             return;
@@ -1012,13 +1048,23 @@ impl Worker {
         let account = self.ident.account_of(self.global(l)) as usize;
         let clock = self.shared.accounts.get(account);
         let dev = &mut self.devices[l];
-        if dev.last_notify == 0 {
-            dev.last_notify = s;
+        let first = dev.last_notify == 0;
+        if first {
+            // The first notify this device sees. The publisher waits until
+            // its account's priming Serial is known (the first notify any
+            // of its devices saw) before publishing more, so counting from
+            // that base also counts publishes whose own notify this device
+            // missed (it sees a later, merged one).
             self.local.primed += 1;
-            if let Some(c) = clock {
-                let _ = c.base.compare_exchange(0, s, Relaxed, Relaxed);
-            }
-        } else if s > dev.last_notify {
+            dev.last_notify = match clock {
+                Some(c) => match c.base.compare_exchange(0, s, Relaxed, Relaxed) {
+                    Ok(_) => s,
+                    Err(base) => base.min(s),
+                },
+                None => s,
+            };
+        }
+        if s > dev.last_notify {
             let delta = s - dev.last_notify;
             let measuring = self.shared.measuring.load(Relaxed);
             if let Some(c) = clock {
@@ -1032,7 +1078,7 @@ impl Worker {
             }
             dev.last_notify = s;
             self.local.delivered += u64::from(delta);
-        } else {
+        } else if !first {
             self.local.duplicates += 1;
         }
         self.send_ack(l, serial, now_us);

@@ -86,6 +86,10 @@ pub(crate) struct Common {
     /// Tries per connect or heartbeat before giving up.
     #[arg(long, global = true, default_value_t = 3)]
     pub(crate) tries: u8,
+    /// Simulated path loss: drop this percentage of the datagrams the
+    /// devices send and of those they receive (0-100).
+    #[arg(long, global = true, default_value_t = 0.0)]
+    pub(crate) loss: f64,
     /// The node's pid: report its CPU use (and for hold, its RSS growth).
     #[arg(long, global = true)]
     pub(crate) node_pid: Option<u32>,

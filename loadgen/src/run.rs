@@ -64,6 +64,9 @@ fn validate(c: &Common) -> Result<()> {
     if c.duration == 0 {
         bail!("--duration must be at least 1s");
     }
+    if !(0.0..=100.0).contains(&c.loss) {
+        bail!("--loss must be a percentage between 0 and 100");
+    }
     if c.timeout_ms == 0 {
         bail!("--timeout-ms must be positive");
     }
@@ -260,6 +263,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
             connect_rate: plan.connect_rate / c.threads as f64,
             timeout_ms: c.timeout_ms,
             tries: c.tries,
+            loss: c.loss / 100.0,
         };
         let (ident, shared) = (plan.ident.clone(), shared.clone());
         workers.push(

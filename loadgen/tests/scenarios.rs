@@ -65,6 +65,11 @@ fn loadgen(args: &[&str]) -> Output {
 /// Runs a scenario against `node` with the common small-scale flags and
 /// returns its JSON report.
 fn scenario(node: &TestNode, extra: &[&str]) -> Value {
+    scenario_with_timeout(node, "5000", extra)
+}
+
+/// [`scenario`] with another `--timeout-ms`.
+fn scenario_with_timeout(node: &TestNode, timeout_ms: &str, extra: &[&str]) -> Value {
     let json: PathBuf = node
         .data_dir()
         .join(format!("report-{}.json", extra.join("-")));
@@ -82,7 +87,7 @@ fn scenario(node: &TestNode, extra: &[&str]) -> Value {
         "--warmup",
         "1s",
         "--timeout-ms",
-        "5000",
+        timeout_ms,
         "--no-progress",
         "--json",
         &json_s,
@@ -191,6 +196,43 @@ fn fanout_delivers_every_publish_to_every_device() {
     assert_eq!(u(&r["lost"]), 0);
     assert!(u(&f["acknowledgements_sent"]) > 0);
     assert!(u(&r["latency_us"]["count"]) > 0, "{r}");
+}
+
+#[test]
+fn fanout_loses_nothing_with_ten_percent_loss_each_way() {
+    // The loadgen drops 10 % of what the devices send and of what they
+    // receive. Retransmissions, acknowledgements and the pending state in
+    // heartbeat answers must still bring every publish to every device.
+    let node = TestNode::start();
+    let r = scenario_with_timeout(
+        &node,
+        "1000",
+        &[
+            "--devices",
+            "1000",
+            "--accounts",
+            "100",
+            "--loss",
+            "10",
+            "--tries",
+            "20",
+            "fanout",
+            "--rate",
+            "200",
+            "--heartbeat",
+            "2s",
+            "--drain",
+            "12s",
+        ],
+    );
+    let f = &r["figures"];
+    assert!(
+        u(&f["whole_run"]["loss_dropped"]) > 0,
+        "the loss was simulated"
+    );
+    assert!(u(&f["published"]) > 0);
+    assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
+    assert_eq!(u(&r["lost"]), 0);
 }
 
 #[test]
