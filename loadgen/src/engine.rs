@@ -220,6 +220,8 @@ pub(crate) struct Shared {
     pub(crate) connect_done: AtomicU64,
     /// Time zero of the run.
     pub(crate) epoch: Instant,
+    /// The Unix time (seconds) at `epoch`.
+    pub(crate) epoch_unix_s: u64,
     /// Per-account publish clocks (fanout only; empty otherwise).
     pub(crate) accounts: Vec<AccountClock>,
     /// The first refusal's Status and description, for the report.
@@ -235,6 +237,7 @@ impl Shared {
             measuring: AtomicBool::new(false),
             connect_done: AtomicU64::new(0),
             epoch: Instant::now(),
+            epoch_unix_s: mpp::time::UnixMillis::from_system_clock().seconds().0.max(0) as u64,
             accounts: (0..clocks).map(|_| AccountClock::new()).collect(),
             first_refusal: std::sync::Mutex::new(None),
         })
@@ -544,7 +547,13 @@ impl Worker {
         if self.out[s].is_full() {
             self.flush(s, now_us);
         }
+        let unix_now = (self.shared.epoch_unix_s + now_us / 1_000_000) as u32;
         let dev = &mut self.devices[l];
+        if kind == KIND_CONNECT {
+            // PROTOCOL.md §6: a connect's Serial is at least the Unix time,
+            // or the node takes it for a replay of an old one.
+            dev.serial = dev.serial.max(unix_now);
+        }
         dev.serial = dev.serial.wrapping_add(1).max(1);
         let serial = dev.serial;
         let (account, device, binding);
