@@ -31,6 +31,10 @@ use socket2::Socket;
 use crate::ident::{account_name, device_name, Identity, Keys};
 use crate::io::{wait_readable, Batch};
 
+/// How long a worker keeps polling its sockets after its last datagram
+/// before it sleeps in poll(2).
+const SPIN_US: u64 = 200;
+
 /// Publish timestamps kept per account (fanout latency).
 pub(crate) const RING: usize = 64;
 
@@ -88,6 +92,7 @@ pub(crate) struct Counters {
     pub(crate) send_errors: AtomicU64,
     pub(crate) recv_errors: AtomicU64,
     pub(crate) loss_dropped: AtomicU64,
+    pub(crate) notifications: AtomicU64,
 }
 
 /// A plain copy of [`Counters`].
@@ -119,6 +124,7 @@ pub(crate) struct Snapshot {
     pub(crate) send_errors: u64,
     pub(crate) recv_errors: u64,
     pub(crate) loss_dropped: u64,
+    pub(crate) notifications: u64,
 }
 
 macro_rules! each_counter {
@@ -149,7 +155,8 @@ macro_rules! each_counter {
             other,
             send_errors,
             recv_errors,
-            loss_dropped
+            loss_dropped,
+            notifications
         )
     };
 }
@@ -237,7 +244,10 @@ impl Shared {
             measuring: AtomicBool::new(false),
             connect_done: AtomicU64::new(0),
             epoch: Instant::now(),
-            epoch_unix_s: mpp::time::UnixMillis::from_system_clock().seconds().0.max(0) as u64,
+            epoch_unix_s: mpp::time::UnixMillis::from_system_clock()
+                .seconds()
+                .0
+                .max(0) as u64,
             accounts: (0..clocks).map(|_| AccountClock::new()).collect(),
             first_refusal: std::sync::Mutex::new(None),
         })
@@ -462,7 +472,7 @@ impl Worker {
         if matches!(self.cfg.mode, Mode::Echo | Mode::RawReceive) {
             self.report_connect_done();
         }
-        let mut turns: u64 = 0;
+        let mut last_work_us = 0;
         while !self.shared.stop.load(Relaxed) {
             let now_us = self.shared.now_us();
             let got = self.receive(now_us);
@@ -476,12 +486,14 @@ impl Worker {
             {
                 self.report_connect_done();
             }
-            turns += 1;
-            if got == 0 && sent == 0 {
+            if got > 0 || sent > 0 {
+                last_work_us = now_us;
+            } else if now_us - last_work_us > SPIN_US {
+                // Sleep only after a spell without work: waking a sleeping
+                // thread costs far more than a short spin (most of all in a VM).
                 wait_readable(&self.fds, 1);
             }
         }
-        let _ = turns;
         self.shared.counters.add(&mut self.local);
     }
 
@@ -1087,6 +1099,7 @@ impl Worker {
             }
             dev.last_notify = s;
             self.local.delivered += u64::from(delta);
+            self.local.notifications += 1;
         } else if !first {
             self.local.duplicates += 1;
         }
