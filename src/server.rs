@@ -303,6 +303,7 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, String>
             },
             backend,
             batch: config.batch,
+            spin: std::time::Duration::from_micros(config.spin_us),
             socket,
             inbox,
             waker: wakers[i].clone(),

@@ -41,6 +41,8 @@ pub struct ShardSetup {
     pub backend: IoBackend,
     /// Datagrams per batch.
     pub batch: usize,
+    /// Keep polling this long after the last datagram before sleeping.
+    pub spin: Duration,
     /// The shard's socket of the SO_REUSEPORT group.
     pub socket: UdpSocket,
     /// The shard's inbox.
@@ -117,11 +119,13 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         IoErrors::default(),
         IoErrors::default(),
     );
+    let mut last_work = Instant::now();
     loop {
         let now = setup.clock.now();
         // Messages left in the inbox (more than one turn takes) have already
-        // used up their wake-up: do not sleep on them.
-        let timeout = if setup.inbox.is_empty() {
+        // used up their wake-up: do not sleep on them. Shortly after work,
+        // poll without sleeping (`spin`).
+        let timeout = if setup.inbox.is_empty() && last_work.elapsed() >= setup.spin {
             shard
                 .server
                 .poll_timeout()
@@ -133,6 +137,9 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         wait_errors.check(shard.id, "wait", driver.wait(Some(timeout)))?;
         let now = setup.clock.now();
         let received = driver.recv(&mut |from, bytes| shard.on_datagram(now, from, bytes));
+        if matches!(received, Ok(n) if n > 0) || !setup.inbox.is_empty() {
+            last_work = Instant::now();
+        }
         recv_errors.check(shard.id, "receive", received.map(drop))?;
         for message in setup.inbox.try_iter().take(INBOX_PER_TURN) {
             shard.on_message(now, message);

@@ -206,6 +206,7 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
             cpu: None,
             backend,
             batch: 64,
+            spin: std::time::Duration::from_micros(100),
             socket,
             inbox,
             waker: wakers[i].clone(),
