@@ -14,9 +14,8 @@
 #[cfg(not(target_feature = "ssse3"))]
 use core::arch::x86_64::_mm_aeskeygenassist_si128;
 use core::arch::x86_64::{
-    __m128i, _mm_aesenc_si128, _mm_aesenclast_si128, _mm_cvtsi32_si128, _mm_loadu_si128,
-    _mm_or_si128, _mm_shuffle_epi32, _mm_slli_si128, _mm_storeu_si128, _mm_unpacklo_epi64,
-    _mm_xor_si128,
+    __m128i, _mm_aesenc_si128, _mm_aesenclast_si128, _mm_loadu_si128, _mm_shuffle_epi32,
+    _mm_slli_si128, _mm_storeu_si128, _mm_xor_si128,
 };
 #[cfg(target_feature = "ssse3")]
 use core::arch::x86_64::{_mm_set1_epi32, _mm_set_epi8, _mm_setzero_si128, _mm_shuffle_epi8};
@@ -99,76 +98,6 @@ macro_rules! expand_pair {
 }
 
 impl Aes256Ni {
-    /// The key schedule of the 32-byte key `lo ‖ hi` given as two registers.
-    #[inline(always)]
-    fn from_halves(lo: __m128i, hi: __m128i) -> Self {
-        let mut rk = [lo; 15];
-        rk[1] = hi;
-        expand_pair!(rk, 2, 0x01);
-        expand_pair!(rk, 4, 0x02);
-        expand_pair!(rk, 6, 0x04);
-        expand_pair!(rk, 8, 0x08);
-        expand_pair!(rk, 10, 0x10);
-        expand_pair!(rk, 12, 0x20);
-        expand_pair!(rk, 14, 0x40);
-        Aes256Ni { round_keys: rk }
-    }
-
-    /// The KDF of PROTOCOL.md §3 under this key, in registers: the four
-    /// blocks `u32le(i) ‖ label ‖ context` (i = 0..3) encrypted together,
-    /// the first 8 bytes of each concatenated, as the low and high 16 bytes.
-    #[inline(always)]
-    fn kdf_halves(&self, label: &[u8; 4], context: &[u8; 8]) -> (__m128i, __m128i) {
-        let mut base = [0u8; 16];
-        base[4..8].copy_from_slice(label);
-        base[8..].copy_from_slice(context);
-        let k = &self.round_keys;
-        // SAFETY: an unaligned load of the 16-byte array; the rest are
-        // register ops with SSE2 and AES-NI enabled for this build (module cfg).
-        unsafe {
-            let base = _mm_loadu_si128(base.as_ptr().cast());
-            let mut b = [base; 4];
-            for (i, x) in (0i32..).zip(b.iter_mut()) {
-                *x = _mm_xor_si128(_mm_or_si128(*x, _mm_cvtsi32_si128(i)), k[0]);
-            }
-            for rk in &k[1..14] {
-                for x in b.iter_mut() {
-                    *x = _mm_aesenc_si128(*x, *rk);
-                }
-            }
-            for x in b.iter_mut() {
-                *x = _mm_aesenclast_si128(*x, k[14]);
-            }
-            (
-                _mm_unpacklo_epi64(b[0], b[1]),
-                _mm_unpacklo_epi64(b[2], b[3]),
-            )
-        }
-    }
-
-    /// `KDF(self, label, context)` (PROTOCOL.md §3) as bytes.
-    #[inline]
-    pub(crate) fn kdf(&self, label: &[u8; 4], context: &[u8; 8]) -> [u8; 32] {
-        let (lo, hi) = self.kdf_halves(label, context);
-        let mut out = [0u8; 32];
-        // SAFETY: two unaligned 16-byte stores into the 32-byte array.
-        unsafe {
-            _mm_storeu_si128(out.as_mut_ptr().cast(), lo);
-            _mm_storeu_si128(out.as_mut_ptr().add(16).cast(), hi);
-        }
-        out
-    }
-
-    /// The expanded key `KDF(self, label, context)`: the derived bytes go
-    /// from the AES unit into the key schedule without a trip through memory
-    /// (four 8-byte stores read back as two 16-byte loads would stall on
-    /// store forwarding, on the critical path of every packet).
-    #[inline]
-    pub(crate) fn kdf_key(&self, label: &[u8; 4], context: &[u8; 8]) -> Self {
-        let (lo, hi) = self.kdf_halves(label, context);
-        Self::from_halves(lo, hi)
-    }
-
     /// The 15 round keys, for our AES-GCM (`gcm.rs`), which runs its own
     /// AES passes.
     #[cfg(all(
@@ -190,13 +119,22 @@ impl KeyInit for Aes256Ni {
     #[inline]
     fn new(key: &Key<Self>) -> Self {
         // SAFETY: unaligned loads of the 32 key bytes, within the array.
-        let (lo, hi) = unsafe {
-            (
-                _mm_loadu_si128(key.as_ptr().cast()),
-                _mm_loadu_si128(key.as_ptr().add(16).cast()),
-            )
+        let mut rk: [__m128i; 15] = unsafe {
+            let first = _mm_loadu_si128(key.as_ptr().cast());
+            let second = _mm_loadu_si128(key.as_ptr().add(16).cast());
+            [
+                first, second, first, first, first, first, first, first, first, first, first,
+                first, first, first, first,
+            ]
         };
-        Self::from_halves(lo, hi)
+        expand_pair!(rk, 2, 0x01);
+        expand_pair!(rk, 4, 0x02);
+        expand_pair!(rk, 6, 0x04);
+        expand_pair!(rk, 8, 0x08);
+        expand_pair!(rk, 10, 0x10);
+        expand_pair!(rk, 12, 0x20);
+        expand_pair!(rk, 14, 0x40);
+        Aes256Ni { round_keys: rk }
     }
 }
 
@@ -299,42 +237,6 @@ mod tests {
             ours.encrypt_blocks(&mut a); // 2 x 4 in parallel + 3 single
             theirs.encrypt_blocks(&mut b);
             assert_eq!(a, b);
-        }
-    }
-
-    fn round_key_bytes(k: &Aes256Ni) -> [[u8; 16]; 15] {
-        let mut out = [[0u8; 16]; 15];
-        for (o, rk) in out.iter_mut().zip(k.round_keys.iter()) {
-            // SAFETY: a 16-byte store into a 16-byte array.
-            unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), *rk) };
-        }
-        out
-    }
-
-    /// The register KDF equals the KDF on the block API (PROTOCOL.md §3:
-    /// first 8 bytes of AES(K, u32le(i) ‖ label ‖ C), i = 0..3), and the key
-    /// it expands directly equals the one expanded from its bytes.
-    #[test]
-    fn kdf_in_registers_matches_blocks() {
-        for seed in 0u8..50 {
-            let key: [u8; 32] = core::array::from_fn(|i| (i as u8).wrapping_mul(seed) ^ seed);
-            let cipher = Aes256Ni::new(&key.into());
-            let label = [b'a', seed, b'c', b'd'];
-            let context: [u8; 8] = core::array::from_fn(|i| seed.wrapping_add(i as u8));
-            let mut expected = [0u8; 32];
-            for i in 0u32..4 {
-                let mut block = Block::<Aes256Ni>::default();
-                block[..4].copy_from_slice(&i.to_le_bytes());
-                block[4..8].copy_from_slice(&label);
-                block[8..].copy_from_slice(&context);
-                cipher.encrypt_block(&mut block);
-                expected[8 * i as usize..8 * i as usize + 8].copy_from_slice(&block[..8]);
-            }
-            assert_eq!(cipher.kdf(&label, &context), expected);
-            assert_eq!(
-                round_key_bytes(&cipher.kdf_key(&label, &context)),
-                round_key_bytes(&Aes256Ni::new(&expected.into()))
-            );
         }
     }
 }

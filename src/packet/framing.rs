@@ -96,10 +96,6 @@ mod portable {
             Gcm(AesGcm::new(key.into()))
         }
 
-        pub(super) fn from_cipher(cipher: super::super::Aes256) -> Self {
-            Gcm(AesGcm::from(cipher))
-        }
-
         /// `buf` = plaintext ‖ room for the tag (see `gcm.rs`).
         pub(super) fn seal_in_place(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) {
             let Some(len) = buf.len().checked_sub(16) else {
@@ -145,12 +141,6 @@ impl PacketKey {
     /// Expands a raw 32-byte packet key (`k_c2s` or `k_s2c`).
     pub fn new(key: &[u8; KEY_LEN]) -> Self {
         PacketKey(Gcm::new(key))
-    }
-
-    /// The packet key whose AES-256 key schedule is `cipher` (the KDF hands
-    /// it over already expanded).
-    pub(crate) fn from_cipher(cipher: super::Aes256) -> Self {
-        PacketKey(Gcm::from_cipher(cipher))
     }
 }
 

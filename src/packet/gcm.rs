@@ -63,12 +63,6 @@ impl Aes256GcmNi {
         }
     }
 
-    /// The key whose AES-256 schedule is `aes`.
-    #[inline]
-    pub(crate) fn from_cipher(aes: Aes256Ni) -> Self {
-        Aes256GcmNi { aes }
-    }
-
     /// `buf` holds the plaintext followed by 16 bytes for the tag (the packet
     /// layout): encrypts the plaintext in place and writes the tag over `aad`
     /// and the ciphertext after it. Nothing is written if `buf` is shorter
