@@ -649,6 +649,11 @@ fn rejects_what_is_not_one_tagged_message() {
         Err(DecodeError::UnknownMessage)
     );
     assert_eq!(Message::decode(b"{}"), Err(DecodeError::NotAMessage));
+    // An empty envelope with bytes after it: the trailing bytes are reported.
+    assert_eq!(
+        Message::decode(b"{}\xa0\x01"),
+        Err(DecodeError::TrailingBytes)
+    );
     assert_eq!(Message::decode(b"[]"), Err(DecodeError::NotAMessage));
     assert_eq!(
         Message::decode(b"{\xb4\x11PresenceHeartbeat\xa0\x01}"),

@@ -123,10 +123,24 @@ impl<'b> Writer<'b> {
     #[inline]
     fn tag_and_number(&mut self, base: u8, v: u64) {
         let w = width_code(v);
-        let be = v.to_be_bytes();
         let n = 1usize << w;
-        self.put(&[base + w]);
-        self.put(&be[8 - n..]);
+        let start = self.len;
+        self.len = start + 1 + n;
+        let Some(dst) = self.buf.get_mut(start..start + 1 + n) else {
+            return;
+        };
+        let be = v.to_be_bytes();
+        // Fixed-size copies, one per width: one of variable length is a
+        // memcpy call, several per message on the hot path.
+        if let Some((tag, number)) = dst.split_first_mut() {
+            *tag = base + w;
+            match number {
+                [b] => *b = be[7],
+                [_, _] => number.copy_from_slice(&be[6..]),
+                [_, _, _, _] => number.copy_from_slice(&be[4..]),
+                _ => number.copy_from_slice(&be[8 - number.len()..]),
+            }
+        }
     }
 
     /// `{`
@@ -151,6 +165,19 @@ impl<'b> Writer<'b> {
             self.tag_and_number(TAG_POSITIVE, v as u64);
         } else {
             self.tag_and_number(TAG_NEGATIVE, v.unsigned_abs());
+        }
+    }
+
+    /// A string given as a fixed-size byte array (a DateTime's wire form):
+    /// ASCII bytes are written as they are, with a fixed-size copy and no
+    /// UTF-8 walk; anything else goes through [`Writer::string`]'s UTF-8
+    /// check, and invalid UTF-8 is written as the empty string.
+    pub(crate) fn string_fixed<const N: usize>(&mut self, s: &[u8; N]) {
+        if s.is_ascii() {
+            self.tag_and_number(TAG_STRING, N as u64);
+            self.put(s);
+        } else {
+            self.string(std::str::from_utf8(s).unwrap_or_default());
         }
     }
 
@@ -236,13 +263,18 @@ impl<'a> Reader<'a> {
     #[inline]
     fn number(&mut self, tag: u8) -> Result<u64, DecodeError> {
         let n = 1usize << (tag & 3);
-        let rest = self.buf.len() - self.pos;
-        if n > rest {
-            return Err(DecodeError::Truncated);
-        }
-        let v = self.buf[self.pos..self.pos + n]
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+        let bytes = self
+            .buf
+            .get(self.pos..self.pos + n)
+            .ok_or(DecodeError::Truncated)?;
+        // Fixed-size reads, one per width, instead of a byte loop.
+        let v = match *bytes {
+            [a] => u64::from(a),
+            [a, b] => u64::from(u16::from_be_bytes([a, b])),
+            [a, b, c, d] => u64::from(u32::from_be_bytes([a, b, c, d])),
+            [a, b, c, d, e, f, g, h] => u64::from_be_bytes([a, b, c, d, e, f, g, h]),
+            _ => return Err(DecodeError::Truncated), // unreachable: n is 1, 2, 4 or 8
+        };
         self.pos += n;
         Ok(v)
     }

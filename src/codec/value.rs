@@ -84,9 +84,8 @@ impl<'a> FieldValue<'a> for Cow<'a, [u8]> {
 
 impl<'a> FieldValue<'a> for UnixSeconds {
     fn write(&self, w: &mut Writer<'_>) {
-        let wire = self.to_wire();
         // The wire form is ASCII digits and punctuation.
-        w.string(std::str::from_utf8(&wire).unwrap_or_default());
+        w.string_fixed(&self.to_wire());
     }
     fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
         let s = r.string()?;

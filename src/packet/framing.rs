@@ -8,10 +8,6 @@
 
 use std::fmt;
 
-use aes_gcm::aead::consts::U12;
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{AesGcm, Nonce, Tag};
-
 use super::conn_id::{ConnId, CONN_ID_LEN};
 use super::kdf::KEY_LEN;
 
@@ -49,20 +45,102 @@ pub enum PacketError {
     Unauthentic,
 }
 
-/// AES-256-GCM with a 96-bit nonce over encryption-only AES: GCM never
-/// decrypts a block, so the decryption round keys `aes_gcm::Aes256Gcm` would
-/// also compute for every derived key are skipped.
-type Aes256GcmEnc = AesGcm<super::Aes256, U12>;
+/// AES-256-GCM on AES-NI and PCLMULQDQ (`gcm.rs`) where the build has them
+/// compiled in.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "aes",
+    target_feature = "pclmulqdq",
+    target_feature = "sse2",
+    target_feature = "ssse3",
+    target_feature = "sse4.1"
+))]
+use super::gcm::Aes256GcmNi as Gcm;
 
-/// One direction's packet key with its AES key schedule and GHASH key
-/// expanded, ready to seal or open.
+/// Elsewhere `aes_gcm::AesGcm` over encryption-only AES, behind the same
+/// calls.
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "aes",
+    target_feature = "pclmulqdq",
+    target_feature = "sse2",
+    target_feature = "ssse3",
+    target_feature = "sse4.1"
+)))]
+use portable::Gcm;
+
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "aes",
+    target_feature = "pclmulqdq",
+    target_feature = "sse2",
+    target_feature = "ssse3",
+    target_feature = "sse4.1"
+)))]
+mod portable {
+    use aes_gcm::aead::consts::U12;
+    use aes_gcm::aead::{AeadInPlace, KeyInit};
+    use aes_gcm::{AesGcm, Nonce, Tag};
+
+    /// The tag did not verify; the buffer is unchanged.
+    pub(super) struct Unauthentic;
+
+    /// AES-256-GCM with a 96-bit nonce over encryption-only AES: GCM never
+    /// decrypts a block, so the decryption round keys `aes_gcm::Aes256Gcm`
+    /// would also compute for every derived key are skipped.
+    #[derive(Clone)]
+    pub(super) struct Gcm(AesGcm<super::super::Aes256, U12>);
+
+    impl Gcm {
+        pub(super) fn new(key: &[u8; 32]) -> Self {
+            Gcm(AesGcm::new(key.into()))
+        }
+
+        /// `buf` = plaintext ‖ room for the tag (see `gcm.rs`).
+        pub(super) fn seal_in_place(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) {
+            let Some(len) = buf.len().checked_sub(16) else {
+                return;
+            };
+            let (body, tag_out) = buf.split_at_mut(len);
+            // Never fails: packets are far below GCM's length limits.
+            if let Ok(tag) = self
+                .0
+                .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, body)
+            {
+                tag_out.copy_from_slice(&tag);
+            }
+        }
+
+        /// `buf` = ciphertext ‖ tag (see `gcm.rs`).
+        pub(super) fn open_in_place(
+            &self,
+            nonce: &[u8; 12],
+            aad: &[u8],
+            buf: &mut [u8],
+        ) -> Result<(), Unauthentic> {
+            let len = buf.len().checked_sub(16).ok_or(Unauthentic)?;
+            let (body, tag) = buf.split_at_mut(len);
+            self.0
+                .decrypt_in_place_detached(
+                    Nonce::from_slice(nonce),
+                    aad,
+                    body,
+                    Tag::from_slice(tag),
+                )
+                .map_err(|_| Unauthentic)
+        }
+    }
+}
+
+/// One direction's packet key, ready to seal or open: its expanded AES key
+/// schedule (and, with `aes_gcm`, its GHASH key).
 #[derive(Clone)]
-pub struct PacketKey(Aes256GcmEnc);
+pub struct PacketKey(Gcm);
 
 impl PacketKey {
     /// Expands a raw 32-byte packet key (`k_c2s` or `k_s2c`).
     pub fn new(key: &[u8; KEY_LEN]) -> Self {
-        PacketKey(Aes256GcmEnc::new(key.into()))
+        PacketKey(Gcm::new(key))
     }
 }
 
@@ -93,16 +171,11 @@ pub fn seal_in_place(
         return Err(PacketError::TooLong);
     }
     let packet = buf.get_mut(..total).ok_or(PacketError::BufferTooSmall)?;
-    let (header, rest) = packet.split_at_mut(HEADER_LEN);
-    let (body, tag_out) = rest.split_at_mut(plaintext_len);
+    let (header, body_and_tag) = packet.split_at_mut(HEADER_LEN);
     header[..CONN_ID_LEN].copy_from_slice(&conn_id.0);
     header[CONN_ID_LEN..].copy_from_slice(&nonce);
     // PROTOCOL.md §3: AAD = the 8-byte conn id.
-    let tag = key
-        .0
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &conn_id.0, body)
-        .map_err(|_| PacketError::TooLong)?;
-    tag_out.copy_from_slice(&tag);
+    key.0.seal_in_place(&nonce, &conn_id.0, body_and_tag);
     Ok(total)
 }
 
@@ -116,19 +189,16 @@ pub fn open_in_place<'a>(key: &PacketKey, packet: &'a mut [u8]) -> Result<&'a [u
     if packet.len() > MAX_PACKET {
         return Err(PacketError::TooLong);
     }
-    let (header, rest) = packet.split_at_mut(HEADER_LEN);
-    let body_len = rest.len() - TAG_LEN;
-    let (body, tag) = rest.split_at_mut(body_len);
+    let (header, body_and_tag) = packet.split_at_mut(HEADER_LEN);
     let (conn_id, nonce) = header.split_at(CONN_ID_LEN);
+    let Ok(nonce) = <&[u8; NONCE_LEN]>::try_from(nonce) else {
+        return Err(PacketError::Unauthentic); // unreachable: lengths fixed above
+    };
     key.0
-        .decrypt_in_place_detached(
-            Nonce::from_slice(nonce),
-            conn_id,
-            body,
-            Tag::from_slice(tag),
-        )
+        .open_in_place(nonce, conn_id, body_and_tag)
         .map_err(|_| PacketError::Unauthentic)?;
-    Ok(body)
+    let body_len = body_and_tag.len() - TAG_LEN;
+    Ok(&body_and_tag[..body_len])
 }
 
 /// The conn id a datagram claims, read before any key is known: `None` if the

@@ -26,6 +26,15 @@ mod conn_id;
 mod credential;
 mod fragment;
 mod framing;
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "aes",
+    target_feature = "pclmulqdq",
+    target_feature = "sse2",
+    target_feature = "ssse3",
+    target_feature = "sse4.1"
+))]
+mod gcm;
 mod kdf;
 
 pub use binding::{binding, verify_binding, BindingError, BindingKey, MAX_BINDING_FIELD};
