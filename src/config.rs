@@ -179,7 +179,10 @@ impl NodeConfig {
     /// Checks the settings that parsing alone cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.spin_us > 100_000 {
-            return Err(format!("spin_us must be at most 100000, not {}", self.spin_us));
+            return Err(format!(
+                "spin_us must be at most 100000, not {}",
+                self.spin_us
+            ));
         }
         if self.batch == 0 || self.batch > 1024 {
             return Err(format!("batch must be 1..=1024, not {}", self.batch));
