@@ -152,51 +152,32 @@ impl Batch {
     /// Receives up to a batch without blocking; returns how many arrived
     /// (their lengths in `lens`), or the error.
     pub(crate) fn recv(&mut self, fd: i32) -> std::io::Result<usize> {
-        let n = self.capacity();
-        for i in 0..n {
-            self.iovs[i].iov_len = BUF_LEN;
-            self.hdrs[i].msg_len = 0;
-            self.hdrs[i].msg_hdr.msg_name = std::ptr::null_mut();
-            self.hdrs[i].msg_hdr.msg_namelen = 0;
-        }
-        // SAFETY: hdrs point at iovs which point at bufs, all alive and sized.
-        let got = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.hdrs.as_mut_ptr(),
-                n as u32,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if got < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.kind() == std::io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        let got = got as usize;
-        for i in 0..got {
-            self.lens[i] = self.hdrs[i].msg_len as usize;
-        }
-        Ok(got)
+        self.recv_batch(fd, false)
     }
 
     /// Receives up to a batch, keeping each sender's address (for a
     /// reflector); returns how many arrived.
     pub(crate) fn recv_from(&mut self, fd: i32) -> std::io::Result<usize> {
+        self.recv_batch(fd, true)
+    }
+
+    fn recv_batch(&mut self, fd: i32, keep_addr: bool) -> std::io::Result<usize> {
         let n = self.capacity();
         for i in 0..n {
             self.iovs[i].iov_len = BUF_LEN;
             self.hdrs[i].msg_len = 0;
-            self.hdrs[i].msg_hdr.msg_name =
-                (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            self.hdrs[i].msg_hdr.msg_namelen =
-                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            if keep_addr {
+                self.hdrs[i].msg_hdr.msg_name =
+                    (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+                self.hdrs[i].msg_hdr.msg_namelen =
+                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            } else {
+                self.hdrs[i].msg_hdr.msg_name = std::ptr::null_mut();
+                self.hdrs[i].msg_hdr.msg_namelen = 0;
+            }
         }
-        // SAFETY: as in recv; msg_name points at this batch's storage.
+        // SAFETY: hdrs point at iovs which point at bufs, and msg_name (when
+        // set) at this batch's address storage, all alive and sized.
         let got = unsafe {
             libc::recvmmsg(
                 fd,

@@ -232,11 +232,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
     let mut raw_sent = None;
     if let Some((bitmask, cpu)) = &plan.raw_sender {
         let addrs: Vec<Vec<SocketAddr>> = sockets.iter().map(|s| engine::local_addrs(s)).collect();
-        let bind: SocketAddr = if plan.target.is_ipv4() {
-            "127.0.0.1:0".parse()?
-        } else {
-            "[::1]:0".parse()?
-        };
+        let bind = loopback_any(plan.target);
         let sender = RawSender::new(&plan.ident, c.devices, c.threads, &addrs, bitmask, bind)?;
         // The receivers only take datagrams from the sender.
         let from = sender.addr()?;
@@ -512,26 +508,38 @@ fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Re
     Ok(r)
 }
 
-/// The same heartbeat load against an in-process reflector.
-fn echo_baseline(c: &Common, ident: Arc<Identity>, window: usize) -> Result<(f64, Vec<Sample>)> {
-    let bind: SocketAddr = if c.node.is_ipv4() {
-        "127.0.0.1:0".parse()?
+/// An ephemeral loopback address of `peer`'s family.
+fn loopback_any(peer: SocketAddr) -> SocketAddr {
+    if peer.is_ipv4() {
+        SocketAddr::from(([127, 0, 0, 1], 0))
     } else {
-        "[::1]:0".parse()?
-    };
-    let refl = Reflector::bind(bind)?;
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+    }
+}
+
+/// Runs `load` against an in-process reflector (pinned to
+/// `--baseline-cpu`), stopping the reflector afterwards.
+fn with_reflector<T>(c: &Common, load: impl FnOnce(SocketAddr) -> Result<T>) -> Result<T> {
+    let refl = Reflector::bind(loopback_any(c.node))?;
     let addr = refl.addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu, c.batch);
     let th = std::thread::spawn(move || refl.run(cpu, batch, &s2));
-    let mut plan = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
-    plan.target = addr;
-    plan.window = window;
-    plan.label = "baseline";
-    let o = run_plan(plan);
+    let result = load(addr);
     stop.store(true, Relaxed);
     let _ = th.join();
-    let o = o?;
+    result
+}
+
+/// The same heartbeat load against an in-process reflector.
+fn echo_baseline(c: &Common, ident: Arc<Identity>, window: usize) -> Result<(f64, Vec<Sample>)> {
+    let o = with_reflector(c, |addr| {
+        let mut plan = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
+        plan.target = addr;
+        plan.window = window;
+        plan.label = "baseline";
+        run_plan(plan)
+    })?;
     Ok((o.measured.replies as f64 / o.wall_s, o.timeline))
 }
 
@@ -802,20 +810,7 @@ fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<
         );
     }
     if c.baseline {
-        let bind: SocketAddr = if c.node.is_ipv4() {
-            "127.0.0.1:0".parse()?
-        } else {
-            "[::1]:0".parse()?
-        };
-        let refl = Reflector::bind(bind)?;
-        let addr = refl.addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s2, bcpu, batch) = (stop.clone(), c.baseline_cpu, c.batch);
-        let th = std::thread::spawn(move || refl.run(bcpu, batch, &s2));
-        let res = stun_run(c, a, addr, true, "baseline");
-        stop.store(true, Relaxed);
-        let _ = th.join();
-        let b = res?;
+        let b = with_reflector(c, |addr| stun_run(c, a, addr, true, "baseline"))?;
         r.set_baseline("raw echo", b.measured.replies as f64 / b.wall, b.timeline);
     }
     Ok(r)
