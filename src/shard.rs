@@ -25,6 +25,15 @@ use crate::time::UnixMillis;
 
 /// Inbox messages handled per loop turn at most, so receiving stays fair.
 const INBOX_PER_TURN: usize = 4096;
+/// Datagrams sent per loop turn at most before the shard reads its socket
+/// again: a publish to a large account (or many publishes) must not keep
+/// acknowledgements and heartbeats waiting until the socket overflows.
+const SEND_PER_TURN: usize = 1024;
+/// While more datagrams than this wait to be sent, the shard takes no more
+/// messages from its inbox: publishes wait there (the inbox is bounded, so
+/// the router then refuses them and the publisher hears 503), instead of
+/// piling retransmission timers onto notifies that cannot go out yet.
+const BACKLOG_HIGH: usize = 16 * SEND_PER_TURN;
 /// How often a shard publishes its counters for `/metrics`.
 const METRICS_PERIOD: Duration = Duration::from_millis(200);
 
@@ -99,7 +108,9 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
             tracing::warn!(shard = setup.id, cpu, "could not pin the shard thread");
         }
     }
+    let socket_fd = std::os::fd::AsRawFd::as_raw_fd(&setup.socket);
     let mut driver = net::open_driver(setup.backend, setup.socket, setup.waker.fd(), setup.batch)?;
+    let mut socket_drops = SocketDrops::new(socket_fd);
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
     let now = setup.clock.now();
@@ -122,10 +133,13 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
     let mut last_work = Instant::now();
     loop {
         let now = setup.clock.now();
-        // Messages left in the inbox (more than one turn takes) have already
-        // used up their wake-up: do not sleep on them. Shortly after work,
-        // poll without sleeping (`spin`).
-        let timeout = if setup.inbox.is_empty() && last_work.elapsed() >= setup.spin {
+        // Messages left in the inbox (more than one turn takes) and datagrams
+        // left over from the last turn's send budget have already used up
+        // their wake-up: do not sleep on them. Shortly after work, poll
+        // without sleeping (`spin`).
+        let backlog = shard.server.transmit_backlog();
+        let inbox_ready = !setup.inbox.is_empty() && backlog < BACKLOG_HIGH;
+        let timeout = if !inbox_ready && backlog == 0 && last_work.elapsed() >= setup.spin {
             shard
                 .server
                 .poll_timeout()
@@ -141,8 +155,16 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
             last_work = Instant::now();
         }
         recv_errors.check(shard.id, "receive", received.map(drop))?;
-        for message in setup.inbox.try_iter().take(INBOX_PER_TURN) {
+        let mut taken = 0;
+        while taken < INBOX_PER_TURN && shard.server.transmit_backlog() < BACKLOG_HIGH {
+            let Ok(message) = setup.inbox.try_recv() else {
+                break;
+            };
             shard.on_message(now, message);
+            taken += 1;
+        }
+        if taken > 0 {
+            last_work = Instant::now();
         }
         if shard.server.poll_timeout().is_some_and(|t| t <= now) {
             shard.server.handle_timeout(now);
@@ -151,7 +173,12 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         send_errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
         if last_metrics.elapsed() >= METRICS_PERIOD || shard.stopping {
             last_metrics = Instant::now();
-            shard.publish_metrics(driver.as_ref(), &setup.metrics, setup.cpu);
+            shard.publish_metrics(
+                driver.as_ref(),
+                socket_drops.total(),
+                &setup.metrics,
+                setup.cpu,
+            );
         }
         if shard.stopping {
             tracing::info!(shard = shard.id, "shard stopped");
@@ -190,6 +217,36 @@ impl IoErrors {
                 Ok(())
             }
         }
+    }
+}
+
+/// The kernel's count of datagrams dropped at the shard's socket (receive
+/// buffer full), widened from its wrapping 32 bits.
+struct SocketDrops {
+    fd: std::os::fd::RawFd,
+    last: Option<u32>,
+    total: u64,
+}
+
+impl SocketDrops {
+    fn new(fd: std::os::fd::RawFd) -> Self {
+        let mut d = SocketDrops {
+            fd,
+            last: None,
+            total: 0,
+        };
+        d.last = net::socket::kernel_drops(fd);
+        d
+    }
+
+    fn total(&mut self) -> u64 {
+        if let Some(now) = net::socket::kernel_drops(self.fd) {
+            if let Some(last) = self.last {
+                self.total += u64::from(now.wrapping_sub(last));
+            }
+            self.last = Some(now);
+        }
+        self.total
     }
 }
 
@@ -286,8 +343,15 @@ impl Shard {
         result
     }
 
+    /// Sends up to [`SEND_PER_TURN`] datagrams (more while a web-transport
+    /// request of this turn still waits for its answer, which is queued
+    /// ahead of any notify); the rest wait for the next turn.
     fn fill_and_flush(&mut self, now: UnixMillis, driver: &mut dyn Driver) -> std::io::Result<()> {
+        let mut produced = 0;
         loop {
+            if produced >= SEND_PER_TURN && self.web.is_empty() {
+                break;
+            }
             let Some(slot) = driver.send_slot() else {
                 // Full batch: submit it. If that fails, the rest waits in the
                 // state machine's queues for the next turn.
@@ -300,6 +364,7 @@ impl Shard {
             let Some(t) = self.server.poll_transmit(now, slot) else {
                 break;
             };
+            produced += 1;
             match t.web {
                 None => driver.commit_send(t.destination, t.size),
                 Some(WebRequestId(id)) => {
@@ -312,7 +377,13 @@ impl Shard {
         driver.flush()
     }
 
-    fn publish_metrics(&self, driver: &dyn Driver, sink: &Mutex<ShardMetrics>, cpu: Option<usize>) {
+    fn publish_metrics(
+        &self,
+        driver: &dyn Driver,
+        socket_drops: u64,
+        sink: &Mutex<ShardMetrics>,
+        cpu: Option<usize>,
+    ) {
         let d = driver.stats();
         let m = ShardMetrics {
             shard: self.id,
@@ -323,6 +394,7 @@ impl Shard {
             datagrams_sent: d.sent,
             send_errors: d.send_errors,
             receive_drops: d.receive_drops,
+            socket_drops,
             send_batches: d.send_batches,
             router_forwarded: self.router.forwarded(self.id),
             router_overflows: self.router.overflows(self.id),

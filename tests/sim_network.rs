@@ -162,6 +162,42 @@ fn notify_lost_five_times_is_recovered_by_the_next_heartbeat() {
     assert!(sim.all_acknowledged());
 }
 
+/// Publishes that reach a device before its notify goes out merge into that
+/// one notify and arm one retransmission timer, started when it is sent: a
+/// publish flood costs the node a mask OR per device, not a timer each.
+#[test]
+fn publishes_merged_into_one_notify_arm_one_timer_at_send_time() {
+    let mut sim = Sim::new(4, Knobs::default(), ServerConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(100);
+    sim.devices[d].online = false;
+    let now = sim.now;
+    for bit in [0x01, 0x02, 0x04] {
+        assert_eq!(sim.server.handle_publish(now, "alice", &[bit]), Ok(1));
+    }
+    assert_eq!(sim.server.armed_timers(), 0, "nothing sent yet");
+    assert_eq!(sim.server.transmit_backlog(), 1, "one notify queued");
+    sim.run_for(10);
+    assert_eq!(sim.server.armed_timers(), 1);
+    assert_eq!(sim.server.transmit_backlog(), 0);
+    // The device is deaf: the node resends after 1 s, then 2 s, ...
+    sim.run_for(980);
+    assert_eq!(sim.server.stats().notifies_retransmitted, 0);
+    sim.run_for(40);
+    assert_eq!(sim.server.stats().notifies_retransmitted, 1);
+    sim.devices[d].online = true;
+    sim.run_for(2_100);
+    assert_eq!(
+        sim.masks(d),
+        vec![vec![0x07]],
+        "one notify, the merged mask"
+    );
+    assert!(sim.all_acknowledged());
+    // The last resend's timer finds it acknowledged, fires and is gone.
+    sim.run_for(8_000);
+    assert_eq!(sim.server.armed_timers(), 0);
+}
+
 #[test]
 fn replayed_packets_change_nothing_and_get_no_reply() {
     let mut sim = Sim::new(4, Knobs::default(), ServerConfig::default());

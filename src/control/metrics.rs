@@ -63,6 +63,11 @@ const SOCKET_FAMILIES: &[ShardFamily] = &[
         "Datagrams lost on receive (no buffer or truncated).",
         |s| s.receive_drops,
     ),
+    counter(
+        "mpp_socket_drops_total",
+        "Datagrams the kernel dropped at the shard's socket because its receive buffer was full (the shard fell behind).",
+        |s| s.socket_drops,
+    ),
 ];
 
 /// The `reason` label values of `mpp_drops_total`.
@@ -270,6 +275,7 @@ mod tests {
             send_batches: base + 24,
             router_forwarded: base + 25,
             router_overflows: base + 26,
+            socket_drops: base + 27,
         }
     }
 

@@ -103,6 +103,9 @@ pub struct ShardMetrics {
     pub send_errors: u64,
     /// Datagrams lost on receive (no buffer, truncated).
     pub receive_drops: u64,
+    /// Datagrams the kernel dropped at the shard's socket, its receive
+    /// buffer full (the shard fell behind).
+    pub socket_drops: u64,
     /// Batches of sends submitted (one syscall each).
     pub send_batches: u64,
     /// Publishes this shard forwarded to another shard's inbox.

@@ -21,8 +21,11 @@ use super::{
 };
 
 /// At most this many `recvmmsg` calls per [`Driver::recv`], so one shard turn
-/// stays bounded under a flood (the rest waits for the next turn).
-const MAX_RECV_ROUNDS: usize = 4;
+/// stays bounded under a flood (the rest waits for the next turn). With the
+/// default batch of 64 that is 1024 datagrams: as many as the shard sends per
+/// turn, so the acknowledgements and replies a turn's sends bring back are
+/// read at the pace they arrive and never pile up until the socket drops.
+const MAX_RECV_ROUNDS: usize = 16;
 
 /// When `sendmmsg` says the send buffer is full, wait for POLLOUT at most
 /// this many times per flush before counting the rest as send errors.

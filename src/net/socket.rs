@@ -115,6 +115,30 @@ pub fn buffer_sizes(socket: &UdpSocket) -> io::Result<(usize, usize)> {
 }
 
 /// A configured, unbound member of the group.
+/// Datagrams the kernel dropped at this socket because its receive buffer
+/// was full (`SO_MEMINFO`'s `SK_MEMINFO_DROPS`, a wrapping 32-bit count);
+/// `None` when the kernel does not say.
+pub fn kernel_drops(fd: std::os::fd::RawFd) -> Option<u32> {
+    const SK_MEMINFO_DROPS: usize = 8;
+    let mut info = [0u32; 16];
+    let mut len = mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes; the kernel writes at most
+    // `len` bytes and stores the length it wrote back into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || (len as usize) < (SK_MEMINFO_DROPS + 1) * mem::size_of::<u32>() {
+        return None;
+    }
+    Some(info[SK_MEMINFO_DROPS])
+}
+
 fn open_member(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;

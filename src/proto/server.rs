@@ -367,6 +367,23 @@ impl Server {
         self.table.len()
     }
 
+    /// Datagrams waiting for [`Server::poll_transmit`]: queued replies,
+    /// STUN answers and notifies (each device at most once), plus one for a
+    /// fragmented message in progress. The shard stops taking publishes
+    /// while this is high, so a publish burst cannot starve its receiving.
+    pub fn transmit_backlog(&self) -> usize {
+        self.stun_replies.len()
+            + self.replies.len()
+            + self.notifies.len()
+            + usize::from(self.fragmented.is_some())
+    }
+
+    /// Retransmission timers armed (one per notify sent and not yet
+    /// acknowledged or given up, plus stale ones not yet fired).
+    pub fn armed_timers(&self) -> usize {
+        self.timers.len()
+    }
+
     /// The connection table (read-only), for metrics and tests.
     pub fn table(&self) -> &Table {
         &self.table
@@ -762,10 +779,12 @@ impl Server {
     }
 
     /// Publishes `bitmask` to every device of `account` held by this shard
-    /// (PROTOCOL.md §6). Returns the number of devices notified.
+    /// (PROTOCOL.md §6). Returns the number of devices notified. Like every
+    /// input it takes the time, though a publish arms no timer itself: each
+    /// notify's retransmission timer starts when it is sent.
     pub fn handle_publish(
         &mut self,
-        now: UnixMillis,
+        _now: UnixMillis,
         account: &str,
         bitmask: &[u8],
     ) -> Result<usize, PublishError> {
@@ -786,7 +805,6 @@ impl Server {
             Some(s) => s,
             None => return Ok(0),
         };
-        let deadline = now.plus_millis(self.config.retransmit_initial_ms);
         let mut count = 0;
         let mut cursor = Some(head);
         while let Some(slot) = cursor {
@@ -797,19 +815,12 @@ impl Server {
             };
             rec.notify_serial = serial;
             rec.set_tries(0);
+            // A device already queued gets one notify with the merged mask;
+            // its retransmission timer is armed when that notify goes out.
             if !rec.queued() {
                 rec.set_queued(true);
                 self.notifies.push_back(slot.0);
             }
-            self.timers.insert(
-                now,
-                deadline,
-                RetransmitTimer {
-                    slot: slot.0,
-                    serial,
-                    tries: 0,
-                },
-            );
             self.stats.notifies_sent += 1;
             count += 1;
         }
@@ -850,7 +861,7 @@ impl Server {
         let mut due = std::mem::take(&mut self.due);
         self.timers.expire(now, |t| due.push(t));
         for t in due.drain(..) {
-            self.retransmit(now, t);
+            self.retransmit(t);
         }
         self.due = due;
 
@@ -873,7 +884,7 @@ impl Server {
         }
     }
 
-    fn retransmit(&mut self, now: UnixMillis, t: RetransmitTimer) {
+    fn retransmit(&mut self, t: RetransmitTimer) {
         let Some(rec) = self.table.get_mut(Slot(t.slot)) else {
             return;
         };
@@ -896,16 +907,6 @@ impl Server {
             self.notifies.push_back(t.slot);
         }
         self.stats.notifies_retransmitted += 1;
-        let delay = self.config.retransmit_initial_ms << tries.min(16);
-        self.timers.insert(
-            now,
-            now.plus_millis(delay),
-            RetransmitTimer {
-                slot: t.slot,
-                serial: t.serial,
-                tries,
-            },
-        );
     }
 
     /// Removes connections silent for 2 × ConnectionTimeout or past their
@@ -1011,7 +1012,22 @@ impl Server {
                 .expanded_secret(conn_id)
                 .key_bytes(Direction::ServerToClient),
         };
-        self.seal_message(dest, &message, buf)
+        let sent = self.seal_message(dest, &message, buf)?;
+        // PROTOCOL.md §6: resend after 1 s, doubling, until acknowledged.
+        // The timer starts when the notify leaves (not at the publish), so
+        // publishes merged into one notify arm one timer between them.
+        let tries = rec.tries();
+        let delay = self.config.retransmit_initial_ms << tries.min(16);
+        self.timers.insert(
+            now,
+            now.plus_millis(delay),
+            RetransmitTimer {
+                slot: slot.0,
+                serial: rec.notify_serial,
+                tries,
+            },
+        );
+        Some(sent)
     }
 
     /// The pending notify state of a connection: its Serial and mask, copied
