@@ -4,8 +4,12 @@
 //! the heap bytes and RSS growth per connection.
 //!
 //! `cargo bench --bench table_memory [-- N]`
+//!
+//! Allocations go to mimalloc, the allocator `mppd` runs on, through a
+//! wrapper that counts live bytes: the heap figure is what the table holds,
+//! the RSS figure adds what the allocator keeps around it.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
@@ -15,24 +19,25 @@ use mpp::proto::{Server, ServerConfig};
 use mpp::time::{UnixMillis, UnixSeconds};
 
 struct Counting;
+static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
-// SAFETY: forwards to the system allocator, only counting sizes.
+// SAFETY: forwards to mimalloc, only counting sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
         // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
+        unsafe { INNER.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
         // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
+        unsafe { INNER.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
         // SAFETY: same contract as ours.
-        unsafe { System.realloc(p, l, new) }
+        unsafe { INNER.realloc(p, l, new) }
     }
 }
 

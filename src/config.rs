@@ -87,8 +87,10 @@ pub struct NodeConfig {
     /// Datagrams per receive/send batch.
     pub batch: usize,
     /// How long (µs) a shard keeps polling after its last datagram before
-    /// it sleeps; 0 = sleep at once. Waking a sleeping thread costs more
-    /// than a short spin, most of all in virtual machines.
+    /// it sleeps; 0 (the default) = sleep at once. Measured on the 2-core VM
+    /// (tuning/RESULTS.md §6) a 100 µs spin bought no throughput and no
+    /// latency and cost ~10 % of a core at half load; kept for hosts where
+    /// wake-ups are slower.
     pub spin_us: u64,
     /// Upstream DNS server for the resolve proxy; none = resolves answer 502.
     pub dns_upstream: Option<SocketAddr>,
@@ -119,7 +121,7 @@ impl Default for NodeConfig {
             max_connections: 10_000_000,
             socket_buffer: 8 << 20,
             batch: 64,
-            spin_us: 100,
+            spin_us: 0,
             dns_upstream: None,
             public_endpoints: Vec::new(),
             connection_timeout_ms: crate::proto::CONNECTION_TIMEOUT_MS,

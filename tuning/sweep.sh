@@ -11,6 +11,9 @@
 #   IOS="uring mmsg"  THREADS="1 2"  SCENARIOS="heartbeat fanout"
 #   WINDOW=256 (heartbeat --window)  RATE=0 (fanout --rate, 0 = max)
 #   LG_THREADS=1 (loadgen worker threads)  BASELINE=0 (1: --baseline, fills "ratio")
+#   REPEAT=1 (runs per row; with more, each run is a row "scenario #k" and a
+#     row "scenario median" follows with the median rate, ratio and p99 and
+#     the ratio's min-max: on a shared VM one window moves by ±10 %)
 #   PORT=27099 (node UDP; HTTP control on PORT+1)  TIMEOUT=<s> (per loadgen run)
 #   OUT=tuning/sweep-<date>.md  BUILD=0  KEEP=0 (1: keep logs and JSON)
 #   MPPD, LOADGEN: binaries [${CARGO_TARGET_DIR:-target}/release/{mppd,mpp-loadgen}]
@@ -35,6 +38,7 @@ WINDOW=${WINDOW:-256}
 RATE=${RATE:-0}
 LG_THREADS=${LG_THREADS:-1}
 BASELINE=${BASELINE:-0}
+REPEAT=${REPEAT:-1}
 PORT=${PORT:-27099}
 HTTP_PORT=$((PORT + 1))
 BUILD=${BUILD:-0}
@@ -61,7 +65,7 @@ secs() {
     echo $((n * mult))
 }
 
-for v in DEVICES ACCOUNTS WINDOW LG_THREADS PORT; do
+for v in DEVICES ACCOUNTS WINDOW LG_THREADS PORT REPEAT; do
     case "${!v}" in '' | *[!0-9]*) die "$v must be a whole number, got '${!v}'" ;; esac
 done
 for t in $THREADS; do
@@ -292,17 +296,43 @@ start_node() { # io threads cpus log
     return 1
 }
 
+# The median of the numbers given (one per line); "-" when there are none.
+median() {
+    local sorted n
+    sorted=$(grep -E '^-?[0-9.]+$' | sort -g || true)
+    n=$(printf '%s' "$sorted" | grep -c . || true)
+    if [ "$n" -eq 0 ]; then
+        echo -
+    elif [ $((n % 2)) -eq 1 ]; then
+        printf '%s\n' "$sorted" | sed -n "$((n / 2 + 1))p"
+    else
+        printf '%s\n' "$sorted" | sed -n "$((n / 2)),$((n / 2 + 1))p" |
+            awk '{s += $1} END {v = s / 2; if (v == int(v)) printf "%d\n", v; else printf "%.3f\n", v}'
+    fi
+}
+
+# "min-max" of the numbers given, or "-".
+span() {
+    local sorted
+    sorted=$(grep -E '^-?[0-9.]+$' | sort -g || true)
+    if [ -z "$sorted" ]; then echo -; else echo "$(head -n 1 <<<"$sorted")-$(tail -n 1 <<<"$sorted")"; fi
+}
+
 failures=0
 for threads in $THREADS; do
     ncpus=$(node_cpus "$threads")
     lcpus=$(loadgen_cpus "$threads")
     for io in $IOS; do
         for scenario in $SCENARIOS; do
-            tag="$io-t$threads-$scenario"
+          rates="" ratios="" p99s=""
+          for rep in $(seq "$REPEAT"); do
+            tag="$io-t$threads-$scenario-$rep"
             node_log=$WORK/node-$tag.log
             json=$WORK/$tag.json
             err=$WORK/loadgen-$tag.err
-            cols=("$io" "$threads" "$ncpus" "${lcpus:-unpinned}" "$scenario")
+            label=$scenario
+            [ "$REPEAT" -eq 1 ] || label="$scenario #$rep"
+            cols=("$io" "$threads" "$ncpus" "${lcpus:-unpinned}" "$label")
             echo "sweep.sh: $tag ..." >&2
 
             if ! start_node "$io" "$threads" "$ncpus" "$node_log"; then
@@ -369,8 +399,18 @@ for threads in $THREADS; do
             else
                 IFS=$'\t' read -r rate ratio p99 lost ncpu lgcpu <<<"$fields"
                 row "${cols[@]}" "$rate" "$ratio" "$p99" "$lost" "$ncpu" "$lgcpu"
+                rates+="$rate"$'\n'
+                ratios+="$ratio"$'\n'
+                p99s+="$p99"$'\n'
             fi
             stop_node
+          done
+          if [ "$REPEAT" -gt 1 ]; then
+              ratio_cell="$(median <<<"$ratios")"
+              [ "$ratio_cell" = - ] || ratio_cell+=" ($(span <<<"$ratios"))"
+              row "$io" "$threads" "$ncpus" "${lcpus:-unpinned}" "$scenario median" \
+                  "$(median <<<"$rates")" "$ratio_cell" "$(median <<<"$p99s")" - - -
+          fi
         done
     done
 done
