@@ -182,7 +182,44 @@ struct Monitor<'a> {
     timeline: Vec<Sample>,
 }
 
+/// The measured window: counters at its start and end, its length, and the
+/// CPU the loadgen and the node used per second of it.
+struct Window {
+    before: Snapshot,
+    after: Snapshot,
+    wall_s: f64,
+    loadgen_cpu: f64,
+    node_cpu: Option<f64>,
+}
+
 impl Monitor<'_> {
+    /// Runs `--warmup`, then the measured window (`--duration`, labelled
+    /// `label` in the timeline) with the workers' `measuring` flag set.
+    fn measure(&mut self, c: &Common, label: &'static str) -> Window {
+        let shared = self.shared;
+        self.phase("warmup", c.warmup as f64, &|_| false);
+        let before = shared.counters.snapshot();
+        let cpu0 = crate::sys::own_cpu_seconds();
+        let node0 = c.node_pid.and_then(crate::sys::proc_cpu_seconds);
+        let t0 = shared.epoch.elapsed().as_secs_f64();
+        shared.measuring.store(true, Relaxed);
+        self.phase(label, c.duration as f64, &|_| false);
+        shared.measuring.store(false, Relaxed);
+        let wall_s = shared.epoch.elapsed().as_secs_f64() - t0;
+        let after = shared.counters.snapshot();
+        let loadgen_cpu = (crate::sys::own_cpu_seconds() - cpu0) / wall_s;
+        let node_cpu = c
+            .node_pid
+            .and_then(|p| Some((crate::sys::proc_cpu_seconds(p)? - node0?) / wall_s));
+        Window {
+            before,
+            after,
+            wall_s,
+            loadgen_cpu,
+            node_cpu,
+        }
+    }
+
     /// Waits `secs` (or until `done` says so), sampling each second.
     fn phase(&mut self, label: &'static str, secs: f64, done: &dyn Fn(&Snapshot) -> bool) {
         let start = self.shared.epoch.elapsed().as_secs_f64();
@@ -318,20 +355,13 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
                 publisher::run(&mut http, &pcfg, &sh, &stop)
             }));
         }
-        mon.phase("warmup", c.warmup as f64, &|_| false);
-        let before = shared.counters.snapshot();
-        let cpu0 = crate::sys::own_cpu_seconds();
-        let node0 = c.node_pid.and_then(crate::sys::proc_cpu_seconds);
-        let t0 = shared.epoch.elapsed().as_secs_f64();
-        shared.measuring.store(true, Relaxed);
-        mon.phase(plan.label, c.duration as f64, &|_| false);
-        shared.measuring.store(false, Relaxed);
-        let wall_s = shared.epoch.elapsed().as_secs_f64() - t0;
-        let after = shared.counters.snapshot();
-        let loadgen_cpu = (crate::sys::own_cpu_seconds() - cpu0) / wall_s;
-        let node_cpu = c
-            .node_pid
-            .and_then(|p| Some((crate::sys::proc_cpu_seconds(p)? - node0?) / wall_s));
+        let Window {
+            before,
+            after,
+            wall_s,
+            loadgen_cpu,
+            node_cpu,
+        } = mon.measure(c, plan.label);
         let rss_after = c.node_pid.and_then(crate::sys::proc_rss_bytes);
         let mut publish = None;
         if let Some(p) = publisher {
@@ -752,20 +782,7 @@ fn stun_run(
         last_t: 0.0,
         timeline: Vec::new(),
     };
-    mon.phase("warmup", c.warmup as f64, &|_| false);
-    let before = shared.counters.snapshot();
-    let cpu0 = crate::sys::own_cpu_seconds();
-    let node0 = c.node_pid.and_then(crate::sys::proc_cpu_seconds);
-    let t0 = shared.epoch.elapsed().as_secs_f64();
-    shared.measuring.store(true, Relaxed);
-    mon.phase(label, c.duration as f64, &|_| false);
-    shared.measuring.store(false, Relaxed);
-    let wall = shared.epoch.elapsed().as_secs_f64() - t0;
-    let measured = shared.counters.snapshot().since(&before);
-    let cpu = (crate::sys::own_cpu_seconds() - cpu0) / wall;
-    let node_cpu = c
-        .node_pid
-        .and_then(|p| Some((crate::sys::proc_cpu_seconds(p)? - node0?) / wall));
+    let window = mon.measure(c, label);
     shared.stop.store(true, Relaxed);
     mon.bar.finish_and_clear();
     let mut rtt = histogram();
@@ -774,12 +791,12 @@ fn stun_run(
         let _ = rtt.add(&h);
     }
     Ok(StunRun {
-        measured,
-        wall,
+        measured: window.after.since(&window.before),
+        wall: window.wall_s,
         rtt,
         timeline: mon.timeline,
-        cpu,
-        node_cpu,
+        cpu: window.loadgen_cpu,
+        node_cpu: window.node_cpu,
     })
 }
 

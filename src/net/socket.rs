@@ -297,6 +297,39 @@ mod tests {
         decode_sockaddr(storage_bytes(&storage, len))
     }
 
+    /// Datagrams sent to a socket nobody reads overflow its receive buffer;
+    /// the kernel counts each one it drops, and `kernel_drops` reads that.
+    #[test]
+    fn kernel_drops_counts_what_a_full_receive_buffer_dropped() {
+        use std::os::fd::AsRawFd;
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind rx");
+        // The smallest buffer the kernel allows (it enforces a floor).
+        let small: libc::c_int = 1;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                rx.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let before = kernel_drops(rx.as_raw_fd()).expect("SO_MEMINFO");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind tx");
+        let to = rx.local_addr().expect("addr");
+        // Loopback delivers (or drops) inside send_to, so the count is
+        // settled when the loop ends: a few KiB of buffer cannot hold 200 KB.
+        for _ in 0..200 {
+            tx.send_to(&[0u8; 1000], to).expect("send");
+        }
+        let after = kernel_drops(rx.as_raw_fd()).expect("SO_MEMINFO");
+        let dropped = after.wrapping_sub(before);
+        assert!(dropped > 100, "dropped {dropped} of 200");
+        assert!(dropped < 200, "some fit: dropped {dropped} of 200");
+    }
+
     #[test]
     fn v4_and_v6_roundtrip() {
         let v4: SocketAddr = "192.0.2.7:15099".parse().expect("v4");
