@@ -153,6 +153,12 @@ pub(crate) struct PublishStats {
     pub(crate) overloaded: u64,
     /// Waits because every account had too many publishes undelivered.
     pub(crate) throttled: u64,
+    /// Round trip of one `POST /v1/notify` (request written to answer
+    /// read), µs: median, 99th percentile and maximum over the run. The
+    /// publish → device latency includes this leg.
+    pub(crate) http_rtt_p50_us: u64,
+    pub(crate) http_rtt_p99_us: u64,
+    pub(crate) http_rtt_max_us: u64,
 }
 
 /// Sends one priming publish to every account (bitmask `01`), so each
@@ -204,6 +210,7 @@ pub(crate) fn run(
     let mut cursor = 0u64;
     let start = shared.now_us();
     let mut entries: Vec<(u64, u32)> = Vec::with_capacity(cfg.batch);
+    let mut rtt = crate::engine::histogram();
     // At most this many publishes of one account undelivered (its clock
     // keeps RING publish times).
     let max_ahead = (RING / 2) as u64;
@@ -249,7 +256,9 @@ pub(crate) fn run(
             entries.iter().map(|&(a, _)| account_name(a)),
             &cfg.bitmask_hex,
         );
+        let sent_at = shared.now_us();
         let ans = http.post("/v1/notify", &body)?;
+        let _ = rtt.record(shared.now_us().saturating_sub(sent_at));
         stats.requests += 1;
         let accepted = match ans.status {
             202 => entries.len(),
@@ -277,6 +286,11 @@ pub(crate) fn run(
         if accepted < entries.len() {
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+    if !rtt.is_empty() {
+        stats.http_rtt_p50_us = rtt.value_at_quantile(0.5);
+        stats.http_rtt_p99_us = rtt.value_at_quantile(0.99);
+        stats.http_rtt_max_us = rtt.max();
     }
     Ok(stats)
 }

@@ -659,6 +659,9 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     r.figure("acknowledgements_sent", o.end.acks_sent);
     r.figure("retransmits_seen", o.end.duplicates);
     r.figure("http_requests", p.requests);
+    r.figure("http_rtt_p50_us", p.http_rtt_p50_us);
+    r.figure("http_rtt_p99_us", p.http_rtt_p99_us);
+    r.figure("http_rtt_max_us", p.http_rtt_max_us);
     r.figure("http_503", p.overloaded);
     r.figure("publisher_throttled", p.throttled);
     if c.baseline {
