@@ -151,7 +151,7 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         wait_errors.check(shard.id, "wait", driver.wait(Some(timeout)))?;
         let now = setup.clock.now();
         let received = driver.recv(&mut |from, bytes| shard.on_datagram(now, from, bytes));
-        if matches!(received, Ok(n) if n > 0) || !setup.inbox.is_empty() {
+        if matches!(received, Ok(n) if n > 0) {
             last_work = Instant::now();
         }
         recv_errors.check(shard.id, "receive", received.map(drop))?;
@@ -230,13 +230,11 @@ struct SocketDrops {
 
 impl SocketDrops {
     fn new(fd: std::os::fd::RawFd) -> Self {
-        let mut d = SocketDrops {
+        SocketDrops {
             fd,
-            last: None,
+            last: net::socket::kernel_drops(fd),
             total: 0,
-        };
-        d.last = net::socket::kernel_drops(fd);
-        d
+        }
     }
 
     fn total(&mut self) -> u64 {

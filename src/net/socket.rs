@@ -114,7 +114,6 @@ pub fn buffer_sizes(socket: &UdpSocket) -> io::Result<(usize, usize)> {
     Ok((socket.recv_buffer_size()?, socket.send_buffer_size()?))
 }
 
-/// A configured, unbound member of the group.
 /// Datagrams the kernel dropped at this socket because its receive buffer
 /// was full (`SO_MEMINFO`'s `SK_MEMINFO_DROPS`, a wrapping 32-bit count);
 /// `None` when the kernel does not say.
@@ -139,6 +138,7 @@ pub fn kernel_drops(fd: std::os::fd::RawFd) -> Option<u32> {
     Some(info[SK_MEMINFO_DROPS])
 }
 
+/// A configured, unbound member of the group.
 fn open_member(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
@@ -304,18 +304,9 @@ mod tests {
         use std::os::fd::AsRawFd;
         let rx = UdpSocket::bind("127.0.0.1:0").expect("bind rx");
         // The smallest buffer the kernel allows (it enforces a floor).
-        let small: libc::c_int = 1;
-        // SAFETY: a valid socket and a c_int option value of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                rx.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&small as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        socket2::SockRef::from(&rx)
+            .set_recv_buffer_size(1)
+            .expect("SO_RCVBUF");
         let before = kernel_drops(rx.as_raw_fd()).expect("SO_MEMINFO");
         let tx = UdpSocket::bind("127.0.0.1:0").expect("bind tx");
         let to = rx.local_addr().expect("addr");
