@@ -6,76 +6,11 @@
 use std::net::SocketAddr;
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
-use mpp::codec::{ClientHeader, Message, PresenceConnectRequest, PresenceHeartbeat};
-use mpp::packet::{seal, Credential, Direction, MasterKey};
-use mpp::proto::{Server, ServerConfig};
-use mpp::time::{UnixMillis, UnixSeconds};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
-const NOW: UnixMillis = UnixMillis(1_795_262_400_000);
+#[path = "support/server_setup.rs"]
+mod server_setup;
 
-fn packet(cred: &Credential, message: &Message<'_>, nonce: u64) -> Vec<u8> {
-    let key = cred.secret.key(Direction::ClientToServer, cred.conn_id);
-    let mut n = [0u8; 12];
-    n[..8].copy_from_slice(&nonce.to_be_bytes());
-    seal(&key, cred.conn_id, n, &message.to_vec()).expect("seal")
-}
-
-fn connect(cred: &Credential) -> Vec<u8> {
-    let m = Message::ConnectRequest(PresenceConnectRequest {
-        account: Some(cred.account.as_str().into()),
-        device: Some(cred.device.as_str().into()),
-        expires: Some(cred.expires),
-        binding: Some((&cred.binding[..]).into()),
-        header: ClientHeader {
-            serial: Some(NOW.0 as i64 / 1000),
-            ..ClientHeader::default()
-        },
-    });
-    packet(cred, &m, 0)
-}
-
-fn heartbeat(cred: &Credential, serial: i64) -> Vec<u8> {
-    let m = Message::Heartbeat(PresenceHeartbeat {
-        header: ClientHeader {
-            serial: Some(serial),
-            ..ClientHeader::default()
-        },
-    });
-    packet(cred, &m, serial as u64)
-}
-
-fn server_with(devices: usize) -> (Server, Vec<Credential>) {
-    let master = MasterKey::new([7; 32]);
-    let mut rng = StdRng::seed_from_u64(1);
-    let mut server = Server::new(
-        ServerConfig::default(),
-        MasterKey::new([7; 32]),
-        [3; 32],
-        NOW,
-    );
-    let mut buf = vec![0u8; 1232];
-    let creds: Vec<Credential> = (0..devices)
-        .map(|i| {
-            Credential::issue(
-                &master,
-                &format!("account{i}"),
-                "phone",
-                UnixSeconds(1_900_000_000),
-                vec![],
-                &mut rng,
-            )
-            .expect("credential")
-        })
-        .collect();
-    for (i, c) in creds.iter().enumerate() {
-        let from = SocketAddr::from(([127, 0, 0, 1], 1024 + (i % 60_000) as u16));
-        server.handle_datagram(NOW, from, &connect(c));
-        while server.poll_transmit(NOW, &mut buf).is_some() {}
-    }
-    (server, creds)
-}
+use server_setup::{heartbeat, server_with, NOW};
 
 fn bench(c: &mut Criterion) {
     for devices in [1usize, 100_000] {

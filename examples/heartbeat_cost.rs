@@ -17,21 +17,12 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use mpp::codec::{ClientHeader, Message, PresenceConnectRequest, PresenceHeartbeat};
-use mpp::packet::{seal, Credential, Direction, MasterKey};
-use mpp::proto::{Server, ServerConfig};
-use mpp::time::{UnixMillis, UnixSeconds};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use mpp::proto::Server;
 
-const NOW: UnixMillis = UnixMillis(1_795_262_400_000);
+#[path = "../benches/support/server_setup.rs"]
+mod server_setup;
 
-fn packet(cred: &Credential, message: &Message<'_>, nonce: u64) -> Vec<u8> {
-    let key = cred.secret.key(Direction::ClientToServer, cred.conn_id);
-    let mut n = [0u8; 12];
-    n[..8].copy_from_slice(&nonce.to_be_bytes());
-    seal(&key, cred.conn_id, n, &message.to_vec()).expect("seal")
-}
+use server_setup::{heartbeat, server_with, NOW};
 
 #[inline(never)]
 fn run_heartbeats(server: &mut Server, from: SocketAddr, packets: &[Vec<u8>], buf: &mut [u8]) {
@@ -47,50 +38,13 @@ fn main() {
         .nth(1)
         .map(|a| a.parse().expect("N: number of heartbeats"))
         .unwrap_or(20_000);
-    let master = MasterKey::new([7; 32]);
-    let mut rng = StdRng::seed_from_u64(1);
-    let mut server = Server::new(
-        ServerConfig::default(),
-        MasterKey::new([7; 32]),
-        [3; 32],
-        NOW,
-    );
-    let cred = Credential::issue(
-        &master,
-        "account0",
-        "phone",
-        UnixSeconds(1_900_000_000),
-        vec![],
-        &mut rng,
-    )
-    .expect("credential");
+    let (mut server, creds) = server_with(1);
+    let cred = &creds[0];
     let from = SocketAddr::from(([127, 0, 0, 1], 1024));
     let mut buf = vec![0u8; 1232];
     let first_serial = NOW.0 as i64 / 1000;
-    let connect = Message::ConnectRequest(PresenceConnectRequest {
-        account: Some(cred.account.as_str().into()),
-        device: Some(cred.device.as_str().into()),
-        expires: Some(cred.expires),
-        binding: Some((&cred.binding[..]).into()),
-        header: ClientHeader {
-            serial: Some(first_serial),
-            ..ClientHeader::default()
-        },
-    });
-    server.handle_datagram(NOW, from, &packet(&cred, &connect, 0));
-    while server.poll_transmit(NOW, &mut buf).is_some() {}
-
     let packets: Vec<Vec<u8>> = (1..=n as i64)
-        .map(|i| {
-            let serial = first_serial + i;
-            let m = Message::Heartbeat(PresenceHeartbeat {
-                header: ClientHeader {
-                    serial: Some(serial),
-                    ..ClientHeader::default()
-                },
-            });
-            packet(&cred, &m, serial as u64)
-        })
+        .map(|i| heartbeat(cred, first_serial + i))
         .collect();
     let start = Instant::now();
     run_heartbeats(&mut server, from, &packets, &mut buf);

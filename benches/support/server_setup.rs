@@ -1,0 +1,82 @@
+//! Set-up shared by `benches/server.rs` and `examples/heartbeat_cost.rs`
+//! (included by `#[path]`): a server holding N connections, and the sealed
+//! client packets that drive it.
+
+use std::net::SocketAddr;
+
+use mpp::codec::{ClientHeader, Message, PresenceConnectRequest, PresenceHeartbeat};
+use mpp::packet::{seal, Credential, Direction, MasterKey};
+use mpp::proto::{Server, ServerConfig};
+use mpp::time::{UnixMillis, UnixSeconds};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// The clock every packet and the server share.
+pub(crate) const NOW: UnixMillis = UnixMillis(1_795_262_400_000);
+
+/// `message` sealed as a client packet of `cred`, nonce = `nonce`.
+fn packet(cred: &Credential, message: &Message<'_>, nonce: u64) -> Vec<u8> {
+    let key = cred.secret.key(Direction::ClientToServer, cred.conn_id);
+    let mut n = [0u8; 12];
+    n[..8].copy_from_slice(&nonce.to_be_bytes());
+    seal(&key, cred.conn_id, n, &message.to_vec()).expect("seal")
+}
+
+/// A `PresenceConnectRequest` of `cred` with Serial = `NOW` in seconds.
+fn connect(cred: &Credential) -> Vec<u8> {
+    let m = Message::ConnectRequest(PresenceConnectRequest {
+        account: Some(cred.account.as_str().into()),
+        device: Some(cred.device.as_str().into()),
+        expires: Some(cred.expires),
+        binding: Some((&cred.binding[..]).into()),
+        header: ClientHeader {
+            serial: Some(NOW.0 as i64 / 1000),
+            ..ClientHeader::default()
+        },
+    });
+    packet(cred, &m, 0)
+}
+
+/// A `PresenceHeartbeat` of `cred` with `serial` (also its nonce).
+pub(crate) fn heartbeat(cred: &Credential, serial: i64) -> Vec<u8> {
+    let m = Message::Heartbeat(PresenceHeartbeat {
+        header: ClientHeader {
+            serial: Some(serial),
+            ..ClientHeader::default()
+        },
+    });
+    packet(cred, &m, serial as u64)
+}
+
+/// A server holding `devices` connections, one per account, connected
+/// from 127.0.0.1 ports 1024 + i (mod 60,000); their credentials.
+pub(crate) fn server_with(devices: usize) -> (Server, Vec<Credential>) {
+    let master = MasterKey::new([7; 32]);
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut server = Server::new(
+        ServerConfig::default(),
+        MasterKey::new([7; 32]),
+        [3; 32],
+        NOW,
+    );
+    let mut buf = vec![0u8; 1232];
+    let creds: Vec<Credential> = (0..devices)
+        .map(|i| {
+            Credential::issue(
+                &master,
+                &format!("account{i}"),
+                "phone",
+                UnixSeconds(1_900_000_000),
+                vec![],
+                &mut rng,
+            )
+            .expect("credential")
+        })
+        .collect();
+    for (i, c) in creds.iter().enumerate() {
+        let from = SocketAddr::from(([127, 0, 0, 1], 1024 + (i % 60_000) as u16));
+        server.handle_datagram(NOW, from, &connect(c));
+        while server.poll_transmit(NOW, &mut buf).is_some() {}
+    }
+    (server, creds)
+}
