@@ -9,6 +9,7 @@
 use std::fmt;
 
 use super::conn_id::{ConnId, CONN_ID_LEN};
+use super::gcm::Gcm;
 use super::kdf::KEY_LEN;
 
 /// Length of the nonce that follows the conn id (PROTOCOL.md §3).
@@ -43,93 +44,6 @@ pub enum PacketError {
     /// The tag did not verify: wrong key, wrong conn id, or tampered bytes.
     #[error("packet failed authentication")]
     Unauthentic,
-}
-
-/// AES-256-GCM on AES-NI and PCLMULQDQ (`gcm.rs`) where the build has them
-/// compiled in.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "aes",
-    target_feature = "pclmulqdq",
-    target_feature = "sse2",
-    target_feature = "ssse3",
-    target_feature = "sse4.1"
-))]
-use super::gcm::Aes256GcmNi as Gcm;
-
-/// Elsewhere `aes_gcm::AesGcm` over encryption-only AES, behind the same
-/// calls.
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "aes",
-    target_feature = "pclmulqdq",
-    target_feature = "sse2",
-    target_feature = "ssse3",
-    target_feature = "sse4.1"
-)))]
-use portable::Gcm;
-
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "aes",
-    target_feature = "pclmulqdq",
-    target_feature = "sse2",
-    target_feature = "ssse3",
-    target_feature = "sse4.1"
-)))]
-mod portable {
-    use aes_gcm::aead::consts::U12;
-    use aes_gcm::aead::{AeadInPlace, KeyInit};
-    use aes_gcm::{AesGcm, Nonce, Tag};
-
-    /// The tag did not verify; the buffer is unchanged.
-    pub(super) struct Unauthentic;
-
-    /// AES-256-GCM with a 96-bit nonce over encryption-only AES: GCM never
-    /// decrypts a block, so the decryption round keys `aes_gcm::Aes256Gcm`
-    /// would also compute for every derived key are skipped.
-    #[derive(Clone)]
-    pub(super) struct Gcm(AesGcm<super::super::Aes256, U12>);
-
-    impl Gcm {
-        pub(super) fn new(key: &[u8; 32]) -> Self {
-            Gcm(AesGcm::new(key.into()))
-        }
-
-        /// `buf` = plaintext ‖ room for the tag (see `gcm.rs`).
-        pub(super) fn seal_in_place(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) {
-            let Some(len) = buf.len().checked_sub(16) else {
-                return;
-            };
-            let (body, tag_out) = buf.split_at_mut(len);
-            // Never fails: packets are far below GCM's length limits.
-            if let Ok(tag) = self
-                .0
-                .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, body)
-            {
-                tag_out.copy_from_slice(&tag);
-            }
-        }
-
-        /// `buf` = ciphertext ‖ tag (see `gcm.rs`).
-        pub(super) fn open_in_place(
-            &self,
-            nonce: &[u8; 12],
-            aad: &[u8],
-            buf: &mut [u8],
-        ) -> Result<(), Unauthentic> {
-            let len = buf.len().checked_sub(16).ok_or(Unauthentic)?;
-            let (body, tag) = buf.split_at_mut(len);
-            self.0
-                .decrypt_in_place_detached(
-                    Nonce::from_slice(nonce),
-                    aad,
-                    body,
-                    Tag::from_slice(tag),
-                )
-                .map_err(|_| Unauthentic)
-        }
-    }
 }
 
 /// One direction's packet key, ready to seal or open: its expanded AES key

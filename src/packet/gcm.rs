@@ -46,6 +46,9 @@ const TAG: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Unauthentic;
 
+/// The name `framing` uses on either build (see `gcm_portable.rs`).
+pub(crate) use self::Aes256GcmNi as Gcm;
+
 /// An AES-256-GCM key: the AES round keys only. `H = E_k(0)` is computed with
 /// each message's first AES pass, where it costs one block of throughput
 /// instead of a separate one-block call's latency.

@@ -26,6 +26,8 @@ mod conn_id;
 mod credential;
 mod fragment;
 mod framing;
+/// AES-256-GCM on AES-NI and PCLMULQDQ where the build has them compiled
+/// in; elsewhere `aes_gcm` behind the same calls. Either way `gcm::Gcm`.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "aes",
@@ -34,6 +36,16 @@ mod framing;
     target_feature = "ssse3",
     target_feature = "sse4.1"
 ))]
+mod gcm;
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "aes",
+    target_feature = "pclmulqdq",
+    target_feature = "sse2",
+    target_feature = "ssse3",
+    target_feature = "sse4.1"
+)))]
+#[path = "gcm_portable.rs"]
 mod gcm;
 mod kdf;
 
