@@ -27,6 +27,10 @@ pub(crate) fn unconnected_socket(peer: SocketAddr) -> Result<Socket> {
     };
     let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).context("UDP socket")?;
     set_buffers(&sock);
+    // DF as the node sets it: the baselines and the devices pay what the
+    // node pays per datagram, no more (no per-datagram IP identification).
+    mpp::net::socket::set_dont_fragment(&sock, peer.is_ipv6())
+        .context("setting IP_MTU_DISCOVER on a UDP socket")?;
     sock.set_nonblocking(true)?;
     Ok(sock)
 }

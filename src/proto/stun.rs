@@ -329,6 +329,12 @@ pub struct SourceRateLimiter {
     cap: u32,
     /// Origin of the bucket timestamps, set on the first call.
     epoch: Option<UnixMillis>,
+    /// From this time on every bucket holds at least one token: a token
+    /// taken at `t` leaves its bucket at ≥ 0 and one token's refill time
+    /// later it holds ≥ 1 again. Lets [`has_token`](Self::has_token), which
+    /// a node asks for every packet, answer without hashing the source while
+    /// nothing has been charged lately.
+    every_bucket_has_token_from: UnixMillis,
 }
 
 impl SourceRateLimiter {
@@ -354,16 +360,22 @@ impl SourceRateLimiter {
             rate_per_sec,
             cap,
             epoch: None,
+            every_bucket_has_token_from: UnixMillis(0),
         }
     }
 
     /// Whether `ip` may be answered at `now`: refills its bucket for the time
     /// elapsed (up to the burst) and takes one token if there is one.
     pub fn allow(&mut self, now: UnixMillis, ip: IpAddr) -> bool {
+        let refill_ms = u64::from(MILLI_TOKENS.div_ceil(self.rate_per_sec.max(1)));
         match self.bucket_at(now, ip) {
             None => true,
             Some(bucket) if bucket.milli_tokens >= MILLI_TOKENS => {
                 bucket.milli_tokens -= MILLI_TOKENS;
+                let full_again = now.plus_millis(refill_ms);
+                if full_again > self.every_bucket_has_token_from {
+                    self.every_bucket_has_token_from = full_again;
+                }
                 true
             }
             Some(_) => false,
@@ -373,6 +385,9 @@ impl SourceRateLimiter {
     /// Whether `ip` has a token at `now`, without taking it: for limits
     /// that only charge what went wrong (a failed authentication).
     pub fn has_token(&mut self, now: UnixMillis, ip: IpAddr) -> bool {
+        if now >= self.every_bucket_has_token_from {
+            return true;
+        }
         self.bucket_at(now, ip)
             .is_none_or(|bucket| bucket.milli_tokens >= MILLI_TOKENS)
     }

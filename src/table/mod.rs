@@ -81,6 +81,12 @@ pub struct Table {
     wide_masks: HashMap<u32, [u8; 32]>,
 }
 
+/// A conn id's hash for the by-conn index: its 8 bytes as one `u64`, one
+/// hasher round (hashing the array would feed its length and then its bytes).
+fn hash_conn_id(hasher: &ahash::RandomState, id: &[u8; 8]) -> u64 {
+    hasher.hash_one(u64::from_ne_bytes(*id))
+}
+
 impl Table {
     /// An empty table that refuses connections beyond `limit`.
     pub fn new(limit: usize) -> Self {
@@ -118,7 +124,7 @@ impl Table {
     }
 
     fn conn_hash(&self, id: &ConnId) -> u64 {
-        self.hasher.hash_one(id.0)
+        hash_conn_id(&self.hasher, &id.0)
     }
 
     fn account_hash(&self, key: AccountKey) -> u64 {
@@ -207,7 +213,7 @@ impl Table {
         }
         let ch = self.conn_hash(&id);
         self.by_conn.insert_unique(ch, slot, |&s| {
-            hasher.hash_one(pages[s as usize / PAGE][s as usize % PAGE].conn_id)
+            hash_conn_id(hasher, &pages[s as usize / PAGE][s as usize % PAGE].conn_id)
         });
         self.len += 1;
         Ok(Slot(slot))

@@ -466,6 +466,33 @@ fn limiter_burst_then_refuse_then_refill() {
 }
 
 #[test]
+fn has_token_follows_the_charges_without_taking_any() {
+    // 4 tokens/s, burst 2: a drawn-down bucket is at one token 250 ms later.
+    let mut lim = SourceRateLimiter::new(4, 2, DEFAULT_BUCKETS);
+    let t0 = UnixMillis(1_700_000_000_000);
+    let (a, b) = (v4(1), v4(2));
+    // Nothing charged yet: every source has a token, asking takes none.
+    for _ in 0..10 {
+        assert!(lim.has_token(t0, a));
+    }
+    assert!(lim.allow(t0, a));
+    assert!(lim.has_token(t0, a), "one token of two left");
+    assert!(lim.allow(t0, a));
+    assert!(!lim.has_token(t0, a), "burst spent");
+    assert!(
+        lim.has_token(t0, b),
+        "another source is not charged for a's"
+    );
+    assert!(!lim.has_token(t0.plus_millis(249), a));
+    assert!(lim.has_token(t0.plus_millis(250), a), "refilled one token");
+    // Charged again late: the limit holds past the earlier refill time.
+    assert!(lim.allow(t0.plus_millis(250), a));
+    assert!(!lim.has_token(t0.plus_millis(260), a));
+    assert!(lim.has_token(t0.plus_millis(500), a));
+    assert!(lim.has_token(t0.plus_millis(10_000), a));
+}
+
+#[test]
 fn limiter_partial_tokens_accumulate() {
     // 1 token/s, asked every 250 ms: answered once a second.
     let mut lim = SourceRateLimiter::new(1, 1, 16);
