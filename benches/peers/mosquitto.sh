@@ -8,11 +8,13 @@
 #   BYTES=16 ONLY= OUT= NODE_CPU=0 LOADGEN_CPU=1 SKIP_BUILD=1
 #
 # Both servers run pinned to NODE_CPU (taskset; mppd with --threads 1), the
-# loadgen to LOADGEN_CPU. Reports go to OUT (default: a temporary directory,
-# removed on exit): mosquitto.json and mppd.json. Prints both loadgen tables
-# and a summary: notifications delivered/s, ours, theirs and the ratio
-# (BENCHMARKS.md's bar: ours ≥ 2.5× mosquitto). Installs mosquitto with
-# apt-get if it is missing. Exits non-zero if either half failed.
+# loadgen to LOADGEN_CPU; the mppd half publishes with fanout's default
+# --pipeline 4 (requests in flight on the control connection). Reports go to
+# OUT (default: a temporary directory, removed on exit): mosquitto.json and
+# mppd.json. Prints both loadgen tables and a summary: notifications
+# delivered/s, ours, theirs and the ratio (BENCHMARKS.md's bar: ours ≥ 2.5×
+# mosquitto). Installs mosquitto with apt-get if it is missing. Exits
+# non-zero if either half failed.
 set -euo pipefail
 # shellcheck source=benches/peers/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -31,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     --bytes) BYTES="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
 done

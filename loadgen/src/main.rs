@@ -171,6 +171,10 @@ pub(crate) struct FanoutArgs {
     /// Notifications per HTTP request (the batch API).
     #[arg(long, default_value_t = 100)]
     pub(crate) publish_batch: usize,
+    /// Publish requests kept in flight on the control connection (HTTP/1.1
+    /// pipelining, 1 to 64; 1 = wait for each answer before the next).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) pipeline: usize,
     /// Bytes of the published bitmask (1 to 32): the payload size.
     #[arg(long, default_value_t = 1)]
     pub(crate) bitmask_bytes: usize,

@@ -1,14 +1,30 @@
 //! The fanout publisher: batches of notifications over the node's HTTP API
 //! (`POST /v1/notify`), paced, with each publish's time written to its
 //! account's clock so the devices can time the delivery.
+//!
+//! The batches go out pipelined on one keep-alive HTTP/1.1 connection: up to
+//! `--pipeline` requests are written before the oldest answer is read, and
+//! answers are read in the order the requests went out (the node's
+//! axum/hyper server answers a connection's requests in order). With one
+//! request in flight the publisher would wait a round trip per batch and,
+//! at `--rate 0`, measure its own HTTP round trips instead of the node;
+//! `--pipeline 1` is that one-at-a-time publisher.
+//!
+//! When the connection breaks, a request that was alone in flight is sent
+//! once more on a new connection (as [`Http::post`] does); with others in
+//! flight the run fails, as whether the node took their publishes is
+//! unknown. When `stop` is set, the answers still due are read first, so
+//! every publish the node took counts in the expected deliveries.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
 
 use crate::engine::{Shared, RING};
 use crate::ident::account_name;
@@ -74,58 +90,91 @@ impl Http {
     }
 
     fn post_once(&mut self, path: &str, body: &str) -> Result<Answer> {
+        self.send(path, body)?;
+        self.receive()
+    }
+
+    /// Writes `POST path` with a JSON body without reading its answer
+    /// (connecting first if there is no connection); [`Http::receive`]
+    /// reads the answers in the order the requests were written.
+    pub(crate) fn send(&mut self, path: &str, body: &str) -> Result<()> {
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.host,
             self.token,
             body.len()
         );
-        let conn = self.connect()?;
-        let stream = conn.get_mut();
+        let stream = self.connect()?.get_mut();
         stream.write_all(head.as_bytes())?;
         stream.write_all(body.as_bytes())?;
-        let mut line = String::new();
-        if conn.read_line(&mut line)? == 0 {
-            bail!("control API closed the connection");
-        }
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("bad HTTP status line {line:?}"))?;
-        let mut length = 0usize;
-        let mut close = false;
-        loop {
-            line.clear();
-            if conn.read_line(&mut line)? == 0 {
-                bail!("control API closed the connection in the headers");
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                let k = k.trim().to_ascii_lowercase();
-                if k == "content-length" {
-                    length = v.trim().parse().context("bad Content-Length")?;
-                } else if k == "connection" && v.trim().eq_ignore_ascii_case("close") {
-                    close = true;
-                }
-            }
-        }
-        if length > 1 << 20 {
-            bail!("control API answer of {length} bytes is too large");
-        }
-        let mut body = vec![0u8; length];
-        conn.read_exact(&mut body)?;
+        Ok(())
+    }
+
+    /// Reads the answer to the oldest request written and not yet answered.
+    /// Drops the connection if the answer says `Connection: close`.
+    pub(crate) fn receive(&mut self) -> Result<Answer> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| anyhow!("control API closed the connection"))?;
+        let (answer, close) = read_answer(conn)?;
         if close {
             self.conn = None;
         }
-        Ok(Answer {
+        Ok(answer)
+    }
+
+    /// Drops the connection; the next [`Http::send`] opens a new one.
+    pub(crate) fn disconnect(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Reads one HTTP/1.1 answer (status line, headers, `Content-Length` body)
+/// from `r`, leaving whatever follows it (the next pipelined answer) unread.
+/// Returns the answer and whether it said `Connection: close`.
+fn read_answer(r: &mut impl BufRead) -> Result<(Answer, bool)> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        bail!("control API closed the connection");
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad HTTP status line {line:?}"))?;
+    let mut length = 0usize;
+    let mut close = false;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            bail!("control API closed the connection in the headers");
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            let k = k.trim().to_ascii_lowercase();
+            if k == "content-length" {
+                length = v.trim().parse().context("bad Content-Length")?;
+            } else if k == "connection" && v.trim().eq_ignore_ascii_case("close") {
+                close = true;
+            }
+        }
+    }
+    if length > 1 << 20 {
+        bail!("control API answer of {length} bytes is too large");
+    }
+    let mut body = vec![0u8; length];
+    r.read_exact(&mut body)?;
+    Ok((
+        Answer {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
-        })
-    }
+        },
+        close,
+    ))
 }
 
 /// Publisher settings.
@@ -136,6 +185,9 @@ pub(crate) struct PublishConfig {
     pub(crate) bitmask_hex: String,
     /// Devices per account (for the in-flight guard).
     pub(crate) devices_per_account: Vec<u64>,
+    /// `POST /v1/notify` requests kept in flight on the control connection
+    /// (`--pipeline`; 1 = each answer read before the next request).
+    pub(crate) pipeline: usize,
 }
 
 /// What the publisher did.
@@ -147,15 +199,17 @@ pub(crate) struct PublishStats {
     pub(crate) published_measured: u64,
     /// Expected deliveries of all accepted publishes (publishes × devices).
     pub(crate) expected: u64,
-    /// HTTP requests.
+    /// HTTP requests answered.
     pub(crate) requests: u64,
     /// 503 answers (node inboxes full).
     pub(crate) overloaded: u64,
-    /// Waits because every account had too many publishes undelivered.
+    /// Waits because every account had too many publishes undelivered
+    /// (a sleep, or with requests in flight, reading the oldest answer).
     pub(crate) throttled: u64,
     /// Round trip of one `POST /v1/notify` (request written to answer
-    /// read), µs: median, 99th percentile and maximum over the run. The
-    /// publish → device latency includes this leg.
+    /// read; pipelined, that includes waiting behind the requests written
+    /// before it), µs: median, 99th percentile and maximum over the run.
+    /// The publish → device latency includes this leg.
     pub(crate) http_rtt_p50_us: u64,
     pub(crate) http_rtt_p99_us: u64,
     pub(crate) http_rtt_max_us: u64,
@@ -168,7 +222,7 @@ pub(crate) fn prime(http: &mut Http, accounts: u64) -> Result<()> {
     while a < accounts {
         let end = (a + 1000).min(accounts);
         let body = batch_body((a..end).map(account_name), "01");
-        let ans = http.post("/v1/notify", &body)?;
+        let ans = http.post(NOTIFY, &body)?;
         if ans.status != 202 {
             bail!(
                 "priming publish refused: HTTP {} {}",
@@ -197,100 +251,247 @@ fn batch_body(accounts: impl Iterator<Item = String>, bitmask: &str) -> String {
     body
 }
 
-/// Publishes until `shared.stop`-like `until` returns true.
-pub(crate) fn run(
-    http: &mut Http,
-    cfg: &PublishConfig,
-    shared: &Arc<Shared>,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Result<PublishStats> {
-    let accounts = shared.accounts.len() as u64;
-    let mut stats = PublishStats::default();
-    let mut published = vec![0u64; accounts as usize];
-    let mut cursor = 0u64;
-    let start = shared.now_us();
-    let mut entries: Vec<(u64, u32)> = Vec::with_capacity(cfg.batch);
-    let mut rtt = crate::engine::histogram();
-    // At most this many publishes of one account undelivered (its clock
-    // keeps RING publish times).
-    let max_ahead = (RING / 2) as u64;
-    while !stop.load(Relaxed) {
-        let now = shared.now_us();
-        let budget = if cfg.rate > 0.0 {
+/// The publish endpoint.
+const NOTIFY: &str = "/v1/notify";
+
+/// A `POST /v1/notify` written and not answered yet.
+struct InFlight {
+    /// Its publishes: account and the Serial the loadgen gave it.
+    entries: Vec<(u64, u32)>,
+    /// When it was written (µs, [`Shared::now_us`]).
+    sent_at: u64,
+    /// Whether it was already sent again on a new connection.
+    retried: bool,
+}
+
+/// The publisher's state between requests.
+struct Publisher<'a> {
+    cfg: &'a PublishConfig,
+    shared: &'a Shared,
+    stats: PublishStats,
+    /// Publishes of each account written (accepted, or in flight).
+    published: Vec<u64>,
+    /// The next account to consider.
+    cursor: u64,
+    /// Requests written and not answered, oldest first: the node answers a
+    /// connection's requests in order.
+    in_flight: VecDeque<InFlight>,
+    /// Publishes in `in_flight` (they count against the --rate budget).
+    unanswered: u64,
+    rtt: Histogram<u64>,
+}
+
+impl Publisher<'_> {
+    /// Publishes the next batch may carry: what `--rate` allows by now
+    /// (minus those published or in flight), at most `--publish-batch`.
+    fn budget(&self, start: u64) -> usize {
+        let cfg = self.cfg;
+        if cfg.rate > 0.0 {
+            let now = self.shared.now_us();
             let allowed = ((now - start) as f64 * cfg.rate / 1e6) as u64;
-            (allowed.saturating_sub(stats.published) as usize).min(cfg.batch)
+            let sent = self.stats.published + self.unanswered;
+            (allowed.saturating_sub(sent) as usize).min(cfg.batch)
         } else {
             cfg.batch
-        };
-        if budget == 0 {
-            std::thread::sleep(Duration::from_micros(200));
-            continue;
         }
-        entries.clear();
+    }
+
+    /// Up to `budget` publishes, one per account, round-robin from the
+    /// cursor over the primed accounts that are not too far ahead of their
+    /// devices; each counted as published and its time written to its
+    /// account's clock.
+    fn next_batch(&mut self, budget: usize) -> Vec<(u64, u32)> {
+        let shared = self.shared;
+        let accounts = shared.accounts.len() as u64;
+        // At most this many publishes of one account undelivered (its clock
+        // keeps RING publish times).
+        let max_ahead = (RING / 2) as u64;
+        let mut entries = Vec::with_capacity(budget);
         let mut scanned = 0;
         while entries.len() < budget && scanned < accounts {
-            let a = cursor;
-            cursor = (cursor + 1) % accounts;
+            let a = self.cursor;
+            self.cursor = (self.cursor + 1) % accounts;
             scanned += 1;
             let clock = &shared.accounts[a as usize];
             let base = clock.base.load(Relaxed);
             if base == 0 {
                 continue; // not primed yet
             }
-            let d = cfg.devices_per_account[a as usize].max(1);
+            let d = self.cfg.devices_per_account[a as usize].max(1);
             let delivered = clock.delivered.load(Relaxed);
-            if published[a as usize] * d > delivered + max_ahead * d {
+            let published = &mut self.published[a as usize];
+            if *published * d > delivered + max_ahead * d {
                 continue;
             }
-            published[a as usize] += 1;
-            let serial = base.wrapping_add(published[a as usize] as u32);
+            *published += 1;
+            let serial = base.wrapping_add(*published as u32);
             clock.ring[serial as usize % RING].store(shared.now_us(), Relaxed);
             entries.push((a, serial));
         }
-        if entries.is_empty() {
-            stats.throttled += 1;
-            std::thread::sleep(Duration::from_micros(200));
-            continue;
+        entries
+    }
+
+    /// The context of a control connection error, `n` requests in flight
+    /// (counting the one that failed). With others in flight the run ends:
+    /// whether the node took their publishes is unknown, so its expected
+    /// deliveries would be a guess.
+    fn broken(&self, http: &Http, n: usize) -> String {
+        if n <= 1 {
+            return format!("publishing to the control API at {}", http.addr);
         }
+        format!(
+            "the control API connection to {} broke with {n} publish requests in flight \
+             (--pipeline {}): whether the node took them is unknown, so the run's counts \
+             would be wrong",
+            http.addr, self.cfg.pipeline
+        )
+    }
+
+    /// Writes a request for `entries`. If nothing else is in flight, a
+    /// failed write is tried once more on a new connection, as
+    /// [`Http::post`] does; otherwise it ends the run.
+    fn send(&mut self, http: &mut Http, entries: Vec<(u64, u32)>) -> Result<()> {
         let body = batch_body(
             entries.iter().map(|&(a, _)| account_name(a)),
-            &cfg.bitmask_hex,
+            &self.cfg.bitmask_hex,
         );
-        let sent_at = shared.now_us();
-        let ans = http.post("/v1/notify", &body)?;
-        let _ = rtt.record(shared.now_us().saturating_sub(sent_at));
-        stats.requests += 1;
+        let sent_at = self.shared.now_us();
+        let mut retried = false;
+        if let Err(e) = http.send(NOTIFY, &body) {
+            if !self.in_flight.is_empty() {
+                return Err(e.context(self.broken(http, self.in_flight.len() + 1)));
+            }
+            http.disconnect();
+            http.send(NOTIFY, &body)
+                .with_context(|| self.broken(http, 1))?;
+            retried = true;
+        }
+        self.unanswered += entries.len() as u64;
+        self.in_flight.push_back(InFlight {
+            entries,
+            sent_at,
+            retried,
+        });
+        Ok(())
+    }
+
+    /// Reads the answer to the oldest request in flight and counts it.
+    /// Returns whether the node refused some of its publishes (inboxes
+    /// full). If the answer cannot be read and no other request is in
+    /// flight, the request is sent once more on a new connection, as
+    /// [`Http::post`] does; with others in flight it ends the run.
+    fn receive(&mut self, http: &mut Http) -> Result<bool> {
+        let Some(f) = self.in_flight.pop_front() else {
+            return Ok(false);
+        };
+        self.unanswered -= f.entries.len() as u64;
+        let ans = match http.receive() {
+            Ok(ans) => ans,
+            Err(_) if self.in_flight.is_empty() && !f.retried => {
+                let body = batch_body(
+                    f.entries.iter().map(|&(a, _)| account_name(a)),
+                    &self.cfg.bitmask_hex,
+                );
+                http.disconnect();
+                http.send(NOTIFY, &body)
+                    .and_then(|()| http.receive())
+                    .with_context(|| self.broken(http, 1))?
+            }
+            Err(e) => return Err(e.context(self.broken(http, self.in_flight.len() + 1))),
+        };
+        let _ = self
+            .rtt
+            .record(self.shared.now_us().saturating_sub(f.sent_at));
+        self.stats.requests += 1;
+        let entries = &f.entries;
         let accepted = match ans.status {
             202 => entries.len(),
             503 => {
-                stats.overloaded += 1;
+                self.stats.overloaded += 1;
                 serde_json::from_str::<serde_json::Value>(&ans.body)
                     .ok()
                     .and_then(|v| v.get("accepted")?.as_u64())
-                    .unwrap_or(0) as usize
+                    .unwrap_or(0)
+                    .min(entries.len() as u64) as usize
             }
             s => bail!("publish refused: HTTP {s} {}", ans.body.trim()),
         };
         // Entries the node did not take were not published: undo them.
+        // Publishes of the same accounts in requests already in flight
+        // behind this one were given Serials that count the undone ones, so
+        // each is ahead of the Serial the node gives it by the publishes
+        // undone before it: its devices' latency is timed from an earlier
+        // publish's time (at most --pipeline - 1 requests earlier). That
+        // lasts until those requests are answered (`published` is then what
+        // the node took) and shifts only latency attribution, by at most the
+        // in-flight depth; the counts stay right, as `expected` counts only
+        // accepted publishes and `delivered` follows the node's Serials.
         for &(a, _) in entries[accepted..].iter().rev() {
-            published[a as usize] -= 1;
+            self.published[a as usize] -= 1;
         }
-        let measuring = shared.measuring.load(Relaxed);
+        let measuring = self.shared.measuring.load(Relaxed);
         for &(a, _) in &entries[..accepted] {
-            stats.published += 1;
-            stats.expected += cfg.devices_per_account[a as usize];
+            self.stats.published += 1;
+            self.stats.expected += self.cfg.devices_per_account[a as usize];
             if measuring {
-                stats.published_measured += 1;
+                self.stats.published_measured += 1;
             }
         }
-        if accepted < entries.len() {
+        Ok(accepted < entries.len())
+    }
+}
+
+/// Publishes until `stop` is set, with up to `cfg.pipeline` requests in
+/// flight; then reads the answers still due, so every publish the node
+/// took is counted.
+pub(crate) fn run(
+    http: &mut Http,
+    cfg: &PublishConfig,
+    shared: &Arc<Shared>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<PublishStats> {
+    let depth = cfg.pipeline.max(1);
+    let mut p = Publisher {
+        cfg,
+        shared,
+        stats: PublishStats::default(),
+        published: vec![0; shared.accounts.len()],
+        cursor: 0,
+        in_flight: VecDeque::with_capacity(depth),
+        unanswered: 0,
+        rtt: crate::engine::histogram(),
+    };
+    let start = shared.now_us();
+    while !stop.load(Relaxed) {
+        if p.in_flight.len() < depth {
+            let budget = p.budget(start);
+            if budget > 0 {
+                let entries = p.next_batch(budget);
+                if !entries.is_empty() {
+                    p.send(http, entries)?;
+                    continue;
+                }
+                p.stats.throttled += 1;
+            }
+            if p.in_flight.is_empty() {
+                // Nothing to send yet and no answer to wait for.
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+        }
+        // The pipeline is full, or nothing can be sent before an answer.
+        if p.receive(http)? {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    if !rtt.is_empty() {
-        stats.http_rtt_p50_us = rtt.value_at_quantile(0.5);
-        stats.http_rtt_p99_us = rtt.value_at_quantile(0.99);
-        stats.http_rtt_max_us = rtt.max();
+    while !p.in_flight.is_empty() {
+        p.receive(http)?;
+    }
+    let mut stats = p.stats;
+    if !p.rtt.is_empty() {
+        stats.http_rtt_p50_us = p.rtt.value_at_quantile(0.5);
+        stats.http_rtt_p99_us = p.rtt.value_at_quantile(0.99);
+        stats.http_rtt_max_us = p.rtt.max();
     }
     Ok(stats)
 }
@@ -306,6 +507,92 @@ mod tests {
         assert!(Http::new("https://127.0.0.1:1", "t".into()).is_err());
         assert!(Http::new("http://127.0.0.1:1/v1", "t".into()).is_err());
         assert!(Http::new("http://", "t".into()).is_err());
+    }
+
+    #[test]
+    fn pipelined_answers_are_read_in_order() {
+        let refused = r#"{"accepted":3,"error":"inbox full"}"#;
+        let bytes = format!(
+            "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 16\r\n\r\n\
+             {{\"accepted\":100}}\
+             HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{refused}\
+             HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+            refused.len()
+        );
+        let mut r = bytes.as_bytes();
+        let (a, close) = read_answer(&mut r).unwrap();
+        assert_eq!(
+            (a.status, a.body.as_str(), close),
+            (202, r#"{"accepted":100}"#, false)
+        );
+        let (a, close) = read_answer(&mut r).unwrap();
+        assert_eq!((a.status, a.body.as_str(), close), (503, refused, false));
+        let (a, close) = read_answer(&mut r).unwrap();
+        assert_eq!((a.status, a.body.as_str(), close), (204, "", true));
+        // Nothing more: the connection is closed, not a blank answer.
+        assert!(read_answer(&mut r).is_err());
+    }
+
+    #[test]
+    fn bad_answers_are_errors() {
+        for bytes in [
+            "",
+            "garbage\r\n\r\n",
+            "HTTP/1.1 202 Accepted\r\ncontent-length: 10\r\n",
+            "HTTP/1.1 202 Accepted\r\ncontent-length: x\r\n\r\n",
+            "HTTP/1.1 202 Accepted\r\ncontent-length: 10\r\n\r\nshort",
+            "HTTP/1.1 202 Accepted\r\ncontent-length: 99999999\r\n\r\n",
+        ] {
+            assert!(read_answer(&mut bytes.as_bytes()).is_err(), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn requests_written_ahead_are_answered_in_order() {
+        // A server that answers each request with its body, after all three
+        // arrived: the client must have written them without waiting.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut bodies = Vec::new();
+            for _ in 0..3 {
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.strip_prefix("Content-Length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0u8; length];
+                std::io::Read::read_exact(&mut r, &mut body).unwrap();
+                bodies.push(body);
+            }
+            let mut w = s;
+            for body in bodies {
+                write!(
+                    w,
+                    "HTTP/1.1 202 Accepted\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .unwrap();
+                w.write_all(&body).unwrap();
+            }
+        });
+        let mut http = Http::new(&url, "t".into()).unwrap();
+        for i in 0..3 {
+            http.send(NOTIFY, &format!("{{\"n\":{i}}}")).unwrap();
+        }
+        for i in 0..3 {
+            let a = http.receive().unwrap();
+            assert_eq!((a.status, a.body), (202, format!("{{\"n\":{i}}}")));
+        }
+        server.join().unwrap();
     }
 
     #[test]

@@ -607,6 +607,9 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     if a.publish_batch == 0 || a.publish_batch > 10_000 {
         bail!("--publish-batch must be between 1 and 10000");
     }
+    if a.pipeline == 0 || a.pipeline > 64 {
+        bail!("--pipeline must be between 1 and 64");
+    }
     let mask = bitmask(a.bitmask_bytes)?;
     let ident = identity(c, master(c)?)?;
     let token = load_token(c.token_file.as_deref(), c.data_dir.as_deref())?;
@@ -620,6 +623,7 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
         batch: a.publish_batch,
         bitmask_hex: hex::encode(&mask),
         devices_per_account: per_account,
+        pipeline: a.pipeline,
     };
     let mut plan = device_plan(
         c,

@@ -199,6 +199,42 @@ fn fanout_delivers_every_publish_to_every_device() {
 }
 
 #[test]
+fn pipelined_fanout_delivers_every_publish_to_every_device() {
+    // Eight requests in flight on the control connection at --rate 0: the
+    // answers are read in order and every accepted publish is counted,
+    // including those still in flight when the window closed.
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &[
+            "--devices",
+            "2000",
+            "--accounts",
+            "100",
+            "fanout",
+            "--rate",
+            "0",
+            "--publish-batch",
+            "10",
+            "--pipeline",
+            "8",
+            "--drain",
+            "5s",
+        ],
+    );
+    assert_eq!(r["config"]["command"]["Fanout"]["pipeline"], 8, "{r}");
+    assert_eq!(u(&r["devices_held"]), 2000);
+    let f = &r["figures"];
+    let published = u(&f["published"]);
+    assert!(published > 0, "{r}");
+    assert!(u(&f["http_requests"]) > 8, "{r}");
+    assert_eq!(u(&f["expected_deliveries"]), published * 20);
+    assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
+    assert_eq!(u(&r["lost"]), 0);
+    assert!(u(&r["latency_us"]["count"]) > 0, "{r}");
+}
+
+#[test]
 fn fanout_loses_nothing_with_ten_percent_loss_each_way() {
     // The loadgen drops 10 % of what the devices send and of what they
     // receive. Retransmissions, acknowledgements and the pending state in
@@ -375,6 +411,18 @@ fn bad_flags_give_clear_errors() {
         "33",
     ]);
     one_line_error(&out, 1, "--bitmask-bytes must be between 1 and 32");
+    for depth in ["0", "65"] {
+        let out = loadgen(&[
+            "--token-file",
+            dir.path().join("none").to_str().unwrap(),
+            "--master-key",
+            dir.path().join("none").to_str().unwrap(),
+            "fanout",
+            "--pipeline",
+            depth,
+        ]);
+        one_line_error(&out, 1, "--pipeline must be between 1 and 64");
+    }
 }
 
 #[test]
