@@ -10,6 +10,8 @@
 #   DEVICES=10000  ACCOUNTS=100 (fanout)  DURATION=5s  WARMUP=2s
 #   IOS="uring mmsg"  THREADS="1 2"  SCENARIOS="heartbeat fanout"
 #   WINDOW=256 (heartbeat --window)  RATE=0 (fanout --rate, 0 = max)
+#   AHEAD=0 (fanout --ahead: 0 = each publish its own notify, no merging;
+#     32 = the flood in which the node merges publishes per device)
 #   LG_THREADS=1 (loadgen worker threads)  BASELINE=0 (1: --baseline, fills "ratio")
 #   REPEAT=1 (runs per row; with more, each run is a row "scenario #k" and a
 #     row "scenario median" follows with the median rate, ratio and p99 and
@@ -36,6 +38,7 @@ THREADS=${THREADS:-1 2}
 SCENARIOS=${SCENARIOS:-heartbeat fanout}
 WINDOW=${WINDOW:-256}
 RATE=${RATE:-0}
+AHEAD=${AHEAD:-0}
 LG_THREADS=${LG_THREADS:-1}
 BASELINE=${BASELINE:-0}
 REPEAT=${REPEAT:-1}
@@ -65,7 +68,7 @@ secs() {
     echo $((n * mult))
 }
 
-for v in DEVICES ACCOUNTS WINDOW LG_THREADS PORT REPEAT; do
+for v in DEVICES ACCOUNTS WINDOW LG_THREADS PORT REPEAT AHEAD; do
     case "${!v}" in '' | *[!0-9]*) die "$v must be a whole number, got '${!v}'" ;; esac
 done
 for t in $THREADS; do
@@ -253,7 +256,7 @@ emit ""
 emit "- commit $commit; Linux $(uname -r); $NCPU CPUs (${cpu_model:-unknown model}); loopback"
 emit "- devices $DEVICES, fanout accounts $ACCOUNTS, warmup $WARMUP, measured $DURATION, loadgen threads $LG_THREADS; $baseline_note"
 emit "- node: \`mppd --threads T --cpus C --io IO --udp 127.0.0.1:$PORT --http 127.0.0.1:$HTTP_PORT --data-dir D\`, a fresh one per row"
-emit "- heartbeat: \`mpp-loadgen ... --devices $DEVICES heartbeat --window $WINDOW\`; fanout: \`mpp-loadgen ... --devices $DEVICES --accounts $ACCOUNTS fanout --rate $RATE\`"
+emit "- heartbeat: \`mpp-loadgen ... --devices $DEVICES heartbeat --window $WINDOW\`; fanout: \`mpp-loadgen ... --devices $DEVICES --accounts $ACCOUNTS fanout --rate $RATE --ahead $AHEAD\`"
 for t in $THREADS; do
     if [ -z "$(loadgen_cpus "$t")" ]; then
         emit "- loadgen cpus \"unpinned\": with $t shard(s) on $NCPU CPUs no core is left over, so the loadgen shares the node's"
@@ -353,7 +356,7 @@ for threads in $THREADS; do
             fi
             case "$scenario" in
                 heartbeat) args+=(heartbeat --window "$WINDOW") ;;
-                fanout) args+=(--accounts "$ACCOUNTS" fanout --rate "$RATE") ;;
+                fanout) args+=(--accounts "$ACCOUNTS" fanout --rate "$RATE" --ahead "$AHEAD") ;;
                 *) args+=("$scenario") ;;
             esac
 

@@ -5,11 +5,15 @@
 # Usage: benches/peers/mosquitto.sh [--devices N] [--duration 10s]
 #            [--warmup 2s] [--bytes 16] [--only theirs|ours] [--out DIR]
 #   or the same through the environment: N=200 DURATION=10s WARMUP=2s
-#   BYTES=16 ONLY= OUT= NODE_CPU=0 LOADGEN_CPU=1 SKIP_BUILD=1
+#   BYTES=16 ONLY= OUT= NODE_CPU=0 LOADGEN_CPU=1 SKIP_BUILD=1 AHEAD=0
 #
 # Both servers run pinned to NODE_CPU (taskset; mppd with --threads 1), the
 # loadgen to LOADGEN_CPU; the mppd half publishes with fanout's default
-# --pipeline 4 (requests in flight on the control connection). Reports go to
+# --pipeline 4 (requests in flight on the control connection) and --ahead
+# AHEAD (default 0: the next publish once every subscriber has the last, so
+# each publish reaches each device in a datagram of its own, as mosquitto
+# sends every message; more lets the node merge publishes into one notify,
+# and the per publish × subscriber line below counts those). Reports go to
 # OUT (default: a temporary directory, removed on exit): mosquitto.json and
 # mppd.json. Prints both loadgen tables and a summary: notifications
 # delivered/s, ours, theirs and the ratio (BENCHMARKS.md's bar: ours ≥ 2.5×
@@ -23,6 +27,7 @@ N="${N:-200}"
 DURATION="${DURATION:-10s}"
 WARMUP="${WARMUP:-2s}"
 BYTES="${BYTES:-16}"
+AHEAD="${AHEAD:-0}"
 ONLY="${ONLY:-}"
 OUT="${OUT:-}"
 while [[ $# -gt 0 ]]; do
@@ -33,13 +38,14 @@ while [[ $# -gt 0 ]]; do
     --bytes) BYTES="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
 done
 [[ "$N" =~ ^[0-9]+$ && "$N" -ge 1 && "$N" -le 50000 ]] || die "N must be 1 to 50000"
 [[ "$BYTES" =~ ^[0-9]+$ && "$BYTES" -ge 16 && "$BYTES" -le 32 ]] ||
     die "BYTES must be 16 to 32 (MQTT payload: 16 bytes of send time and sequence; mppd bitmask: at most 32)"
+[[ "$AHEAD" =~ ^[0-9]+$ && "$AHEAD" -le 32 ]] || die "AHEAD must be 0 to 32 (fanout --ahead)"
 [[ -z "$ONLY" || "$ONLY" == theirs || "$ONLY" == ours ]] || die "--only takes theirs or ours"
 [[ -n "$OUT" ]] || OUT="$TMP/out"
 mkdir -p "$OUT"
@@ -94,7 +100,7 @@ if [[ "$ONLY" != theirs ]]; then
         --node "127.0.0.1:$udp" --control "http://127.0.0.1:$http" --data-dir "$data" \
         --devices "$N" --accounts 1 --duration "$DURATION" --warmup "$WARMUP" \
         --node-pid "$npid" --json "$OUT/mppd.json" \
-        fanout --rate 0 --bitmask-bytes "$BYTES" ||
+        fanout --rate 0 --ahead "$AHEAD" --bitmask-bytes "$BYTES" ||
         { note "the mppd half failed: mpp-loadgen fanout exited non-zero (see above; node log: $(tail -3 "$TMP/mppd.log" | tr '\n' ' '))"; failed=1; rm -f "$OUT/mppd.json"; }
     stop_server "$npid"
 fi

@@ -175,6 +175,13 @@ pub(crate) struct FanoutArgs {
     /// pipelining, 1 to 64; 1 = wait for each answer before the next).
     #[arg(long, default_value_t = 4)]
     pub(crate) pipeline: usize,
+    /// Publishes of one account allowed in flight beyond the first (0 to 32):
+    /// 0 publishes to an account only once every device has its previous
+    /// publish, so each publish is its own notify; more lets publishes
+    /// reach a device whose notify is still queued, where the node merges
+    /// them into one notify (PROTOCOL.md §6).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) ahead: u64,
     /// Bytes of the published bitmask (1 to 32): the payload size.
     #[arg(long, default_value_t = 1)]
     pub(crate) bitmask_bytes: usize,

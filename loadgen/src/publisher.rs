@@ -188,7 +188,14 @@ pub(crate) struct PublishConfig {
     /// `POST /v1/notify` requests kept in flight on the control connection
     /// (`--pipeline`; 1 = each answer read before the next request).
     pub(crate) pipeline: usize,
+    /// Publishes of one account allowed in flight beyond the first
+    /// (`--ahead`, at most [`MAX_AHEAD`]).
+    pub(crate) ahead: u64,
 }
+
+/// Most `--ahead`: an account's clock keeps [`RING`] publish times, and
+/// the publishes in flight must stay well inside it.
+pub(crate) const MAX_AHEAD: u64 = (RING / 2) as u64;
 
 /// What the publisher did.
 #[derive(Default, Debug, Clone, Copy)]
@@ -303,9 +310,7 @@ impl Publisher<'_> {
     fn next_batch(&mut self, budget: usize) -> Vec<(u64, u32)> {
         let shared = self.shared;
         let accounts = shared.accounts.len() as u64;
-        // At most this many publishes of one account undelivered (its clock
-        // keeps RING publish times).
-        let max_ahead = (RING / 2) as u64;
+        let max_ahead = self.cfg.ahead;
         let mut entries = Vec::with_capacity(budget);
         let mut scanned = 0;
         while entries.len() < budget && scanned < accounts {

@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::baseline::{RawSender, Reflector};
 use crate::engine::{self, histogram, Mode, Shared, Snapshot, WorkerConfig};
 use crate::ident::{load_master, load_token, Identity};
-use crate::publisher::{self, Http, PublishConfig, PublishStats};
+use crate::publisher::{self, Http, PublishConfig, PublishStats, MAX_AHEAD};
 use crate::report::{human, Report, Sample};
 use crate::{Cli, Command, Common};
 
@@ -610,6 +610,9 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     if a.pipeline == 0 || a.pipeline > 64 {
         bail!("--pipeline must be between 1 and 64");
     }
+    if a.ahead > MAX_AHEAD {
+        bail!("--ahead must be between 0 and {MAX_AHEAD}");
+    }
     let mask = bitmask(a.bitmask_bytes)?;
     let ident = identity(c, master(c)?)?;
     let token = load_token(c.token_file.as_deref(), c.data_dir.as_deref())?;
@@ -624,6 +627,7 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
         bitmask_hex: hex::encode(&mask),
         devices_per_account: per_account,
         pipeline: a.pipeline,
+        ahead: a.ahead,
     };
     let mut plan = device_plan(
         c,

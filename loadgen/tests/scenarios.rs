@@ -235,6 +235,43 @@ fn pipelined_fanout_delivers_every_publish_to_every_device() {
 }
 
 #[test]
+fn fanout_ahead_zero_sends_each_publish_in_its_own_notify() {
+    // --ahead 0: an account's next publish only once every device has the
+    // last, so the node never merges two publishes into one notify and
+    // every notify a device sees is one publish (no loss here, so no
+    // retransmit can stand in for a missed notify).
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &[
+            "--devices",
+            "2000",
+            "--accounts",
+            "100",
+            "fanout",
+            "--rate",
+            "0",
+            "--ahead",
+            "0",
+            "--drain",
+            "5s",
+        ],
+    );
+    assert_eq!(r["config"]["command"]["Fanout"]["ahead"], 0, "{r}");
+    let f = &r["figures"];
+    let published = u(&f["published"]);
+    assert!(published > 100, "{r}");
+    assert_eq!(u(&f["expected_deliveries"]), published * 20);
+    assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
+    assert_eq!(
+        u(&f["notifications"]),
+        u(&f["delivered"]),
+        "one publish per notify: {r}"
+    );
+    assert_eq!(u(&r["lost"]), 0);
+}
+
+#[test]
 fn fanout_loses_nothing_with_ten_percent_loss_each_way() {
     // The loadgen drops 10 % of what the devices send and of what they
     // receive. Retransmissions, acknowledgements and the pending state in
@@ -423,6 +460,16 @@ fn bad_flags_give_clear_errors() {
         ]);
         one_line_error(&out, 1, "--pipeline must be between 1 and 64");
     }
+    let out = loadgen(&[
+        "--token-file",
+        dir.path().join("none").to_str().unwrap(),
+        "--master-key",
+        dir.path().join("none").to_str().unwrap(),
+        "fanout",
+        "--ahead",
+        "33",
+    ]);
+    one_line_error(&out, 1, "--ahead must be between 0 and 32");
 }
 
 #[test]
