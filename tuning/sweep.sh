@@ -12,7 +12,10 @@
 #   WINDOW=256 (heartbeat --window)  RATE=0 (fanout --rate, 0 = max)
 #   AHEAD=0 (fanout --ahead: 0 = each publish its own notify, no merging;
 #     32 = the flood in which the node merges publishes per device)
-#   LG_THREADS=1 (loadgen worker threads)  BASELINE=0 (1: --baseline, fills "ratio")
+#   LG_THREADS=1 (loadgen worker threads)  BASELINE=0 (1: --baseline, fills "ratio",
+#     "baseline CPU %" (the in-process reflector's or raw sender's thread) and
+#     "ratio per CPU-s" (each side's rate per CPU-second of its server: the
+#     figure to read when the loadgen, not the server, was the bottleneck))
 #   REPEAT=1 (runs per row; with more, each run is a row "scenario #k" and a
 #     row "scenario median" follows with the median rate, ratio and p99 and
 #     the ratio's min-max: on a shared VM one window moves by ±10 %)
@@ -193,8 +196,8 @@ loadgen_cpus() {
     fi
 }
 
-# Prints "rate ratio p99 lost node_cpu loadgen_cpu" (tab-separated, "-" for a
-# null) from a loadgen JSON report, or fails.
+# Prints "rate ratio p99 lost node_cpu loadgen_cpu baseline_cpu ratio_per_cpu"
+# (tab-separated, "-" for a null) from a loadgen JSON report, or fails.
 extract() {
     local json=$1
     if [ "$JSON_TOOL" = jq ]; then
@@ -206,7 +209,9 @@ extract() {
                 (.latency_us.p99 // null | if . == null then "-" else tostring end),
                 (.lost // null | if . == null then "-" else tostring end),
                 (if .node_cpu == null then "-" else (.node_cpu * 100 | round | tostring) end),
-                (if .loadgen_cpu == null then "-" else (.loadgen_cpu * 100 | round | tostring) end) ]
+                (if .loadgen_cpu == null then "-" else (.loadgen_cpu * 100 | round | tostring) end),
+                (if .baseline_server_cpu == null then "-" else (.baseline_server_cpu * 100 | round | tostring) end),
+                (.ratio_per_cpu | f(1000)) ]
             | @tsv' "$json"
     else
         python3 - "$json" <<'PY'
@@ -224,6 +229,8 @@ print("\t".join([
     opt(r.get("lost"), str),
     opt(r.get("node_cpu"), lambda v: str(round(v * 100))),
     opt(r.get("loadgen_cpu"), lambda v: str(round(v * 100))),
+    opt(r.get("baseline_server_cpu"), lambda v: str(round(v * 100))),
+    opt(r.get("ratio_per_cpu"), lambda v: f"{v:.3f}".rstrip("0").rstrip(".")),
 ]))
 PY
     fi
@@ -264,8 +271,8 @@ for t in $THREADS; do
     fi
 done
 emit ""
-emit "| io | threads | node cpus | loadgen cpus | scenario | rate/s | ratio | p99 µs | lost | node CPU % | loadgen CPU % |"
-emit "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+emit "| io | threads | node cpus | loadgen cpus | scenario | rate/s | ratio | p99 µs | lost | node CPU % | loadgen CPU % | baseline CPU % | ratio per CPU-s |"
+emit "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 
 # Starts the node and sets NODE_PID; on failure sets WHY and returns 1.
 start_node() { # io threads cpus log
@@ -327,7 +334,7 @@ for threads in $THREADS; do
     lcpus=$(loadgen_cpus "$threads")
     for io in $IOS; do
         for scenario in $SCENARIOS; do
-          rates="" ratios="" p99s=""
+          rates="" ratios="" p99s="" cratios=""
           for rep in $(seq "$REPEAT"); do
             tag="$io-t$threads-$scenario-$rep"
             node_log=$WORK/node-$tag.log
@@ -339,7 +346,7 @@ for threads in $THREADS; do
             echo "sweep.sh: $tag ..." >&2
 
             if ! start_node "$io" "$threads" "$ncpus" "$node_log"; then
-                row "${cols[@]}" "failed: $WHY" - - - - -
+                row "${cols[@]}" "failed: $WHY" - - - - - - -
                 failures=$((failures + 1))
                 continue
             fi
@@ -397,13 +404,14 @@ for threads in $THREADS; do
                 result="failed: node exited during the run ($node_status)${result:+; loadgen: ${result#failed: }}"
             fi
             if [ -n "$result" ]; then
-                row "${cols[@]}" "$result" - - - - -
+                row "${cols[@]}" "$result" - - - - - - -
                 failures=$((failures + 1))
             else
-                IFS=$'\t' read -r rate ratio p99 lost ncpu lgcpu <<<"$fields"
-                row "${cols[@]}" "$rate" "$ratio" "$p99" "$lost" "$ncpu" "$lgcpu"
+                IFS=$'\t' read -r rate ratio p99 lost ncpu lgcpu bcpu cratio <<<"$fields"
+                row "${cols[@]}" "$rate" "$ratio" "$p99" "$lost" "$ncpu" "$lgcpu" "$bcpu" "$cratio"
                 rates+="$rate"$'\n'
                 ratios+="$ratio"$'\n'
+                cratios+="$cratio"$'\n'
                 p99s+="$p99"$'\n'
             fi
             stop_node
@@ -411,8 +419,10 @@ for threads in $THREADS; do
           if [ "$REPEAT" -gt 1 ]; then
               ratio_cell="$(median <<<"$ratios")"
               [ "$ratio_cell" = - ] || ratio_cell+=" ($(span <<<"$ratios"))"
+              cratio_cell="$(median <<<"$cratios")"
+              [ "$cratio_cell" = - ] || cratio_cell+=" ($(span <<<"$cratios"))"
               row "$io" "$threads" "$ncpus" "${lcpus:-unpinned}" "$scenario median" \
-                  "$(median <<<"$rates")" "$ratio_cell" "$(median <<<"$p99s")" - - -
+                  "$(median <<<"$rates")" "$ratio_cell" "$(median <<<"$p99s")" - - - - "$cratio_cell"
           fi
         done
     done

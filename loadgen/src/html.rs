@@ -379,10 +379,13 @@ mod tests {
         r.set_window_stats();
         r.set_baseline(
             "raw fan-out",
-            2e5,
-            (0..5)
-                .map(|i| sample(f64::from(i), "baseline", 2e5, 0))
-                .collect(),
+            crate::report::Baseline {
+                rate: 2e5,
+                server_cpu: Some(1.0),
+                timeline: (0..5)
+                    .map(|i| sample(f64::from(i), "baseline", 2e5, 0))
+                    .collect(),
+            },
         );
         r.latency_us = Some(crate::report::Latency {
             count: 100,

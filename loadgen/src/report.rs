@@ -42,6 +42,16 @@ impl Latency {
     }
 }
 
+/// What a baseline run measured, for [`Report::set_baseline`].
+pub(crate) struct Baseline {
+    /// The baseline's rate in the same unit as the scenario's.
+    pub(crate) rate: f64,
+    /// CPU seconds per second its server used (None if unreadable).
+    pub(crate) server_cpu: Option<f64>,
+    /// Its per-second samples.
+    pub(crate) timeline: Vec<Sample>,
+}
+
 /// One second of the run: the scenario's main rate and its other counters.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Sample {
@@ -82,6 +92,14 @@ pub(crate) struct Report {
     pub(crate) baseline: Option<String>,
     /// `rate_per_s / baseline_rate_per_s`.
     pub(crate) ratio: Option<f64>,
+    /// CPU seconds per second the in-process baseline server (reflector or
+    /// raw sender thread) used in its measured window.
+    pub(crate) baseline_server_cpu: Option<f64>,
+    /// `(rate_per_s / node_cpu) / (baseline_rate_per_s /
+    /// baseline_server_cpu)`: the ratio per CPU-second of each server. It
+    /// differs from `ratio` when a server was not the bottleneck (on two
+    /// cores the loadgen shares the machine with it), and needs `--node-pid`.
+    pub(crate) ratio_per_cpu: Option<f64>,
     /// The scenario's latency (round trip, or publish → device).
     pub(crate) latency_us: Option<Latency>,
     /// Requests or notifications that never got through.
@@ -120,6 +138,8 @@ impl Report {
             baseline_rate_per_s: None,
             baseline: None,
             ratio: None,
+            baseline_server_cpu: None,
+            ratio_per_cpu: None,
             latency_us: None,
             lost: 0,
             node_rss_bytes_per_device: None,
@@ -168,11 +188,20 @@ impl Report {
     }
 
     /// Sets the baseline figure and the ratio.
-    pub(crate) fn set_baseline(&mut self, name: &str, rate: f64, timeline: Vec<Sample>) {
+    pub(crate) fn set_baseline(&mut self, name: &str, b: Baseline) {
         self.baseline = Some(name.to_owned());
-        self.baseline_rate_per_s = Some(rate);
-        self.ratio = (rate > 0.0).then(|| self.rate_per_s / rate);
-        self.baseline_timeline = timeline;
+        self.baseline_rate_per_s = Some(b.rate);
+        self.ratio = (b.rate > 0.0).then(|| self.rate_per_s / b.rate);
+        self.baseline_server_cpu = b.server_cpu;
+        // Each side's rate per CPU-second of its server: what the ratio
+        // would be if both servers had been the bottleneck at full core.
+        self.ratio_per_cpu = match (self.node_cpu, b.server_cpu) {
+            (Some(n), Some(s)) if n > 0.0 && s > 0.0 && b.rate > 0.0 => {
+                Some((self.rate_per_s / n) / (b.rate / s))
+            }
+            _ => None,
+        };
+        self.baseline_timeline = b.timeline;
     }
 
     /// The report as JSON.
@@ -214,6 +243,12 @@ impl Report {
             rows.push((format!("{name} baseline/s"), human(b)));
             if let Some(r) = self.ratio {
                 rows.push(("ratio to baseline".into(), format!("{r:.3}")));
+            }
+            if let Some(c) = self.baseline_server_cpu {
+                rows.push((format!("{name} server CPU"), format!("{:.0} %", c * 100.0)));
+            }
+            if let Some(r) = self.ratio_per_cpu {
+                rows.push(("ratio per server CPU-s".into(), format!("{r:.3}")));
             }
         }
         if let Some(l) = &self.latency_us {
@@ -259,5 +294,51 @@ pub(crate) fn human(x: f64) -> String {
         format!("{:.1}k", x / 1e3)
     } else {
         format!("{x:.0}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn baseline(rate: f64, server_cpu: Option<f64>) -> Baseline {
+        Baseline {
+            rate,
+            server_cpu,
+            timeline: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn ratio_per_cpu_divides_each_rate_by_its_server_cpu() {
+        // The node at half a core gave 100/s, the baseline at a full core
+        // 200/s: half the rate, the same work per CPU-second.
+        let mut r = Report::new("heartbeat", "round trips", Value::Null);
+        r.rate_per_s = 100.0;
+        r.node_cpu = Some(0.5);
+        r.set_baseline("raw echo", baseline(200.0, Some(1.0)));
+        assert_eq!(r.ratio, Some(0.5));
+        assert_eq!(r.baseline_server_cpu, Some(1.0));
+        assert_eq!(r.ratio_per_cpu, Some(1.0));
+        let json = r.to_json();
+        assert_eq!(json["ratio_per_cpu"], 1.0);
+        assert_eq!(json["baseline_server_cpu"], 1.0);
+    }
+
+    #[test]
+    fn ratio_per_cpu_needs_both_cpu_figures() {
+        let mut r = Report::new("heartbeat", "round trips", Value::Null);
+        r.rate_per_s = 100.0;
+        r.set_baseline("raw echo", baseline(200.0, Some(1.0)));
+        assert_eq!(r.ratio_per_cpu, None, "no --node-pid");
+        r.node_cpu = Some(1.0);
+        r.set_baseline("raw echo", baseline(200.0, None));
+        assert_eq!(r.ratio_per_cpu, None, "baseline CPU unreadable");
+        r.set_baseline("raw echo", baseline(0.0, Some(1.0)));
+        assert_eq!(
+            (r.ratio, r.ratio_per_cpu),
+            (None, None),
+            "baseline gave nothing"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! run, and the report.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use crate::baseline::{RawSender, Reflector};
 use crate::engine::{self, histogram, Mode, Shared, Snapshot, WorkerConfig};
 use crate::ident::{load_master, load_token, Identity};
 use crate::publisher::{self, Http, PublishConfig, PublishStats, MAX_AHEAD};
-use crate::report::{human, Report, Sample};
+use crate::report::{human, Baseline, Report, Sample};
 use crate::{Cli, Command, Common};
 
 /// Runs the command line's scenario and prints/writes its report.
@@ -138,6 +138,9 @@ struct Plan<'a> {
     drain_s: u64,
     /// Run the raw fan-out sender (baseline) with this bitmask.
     raw_sender: Option<(Vec<u8>, Option<usize>)>,
+    /// The thread id of an in-process baseline server (0 until it starts):
+    /// its CPU is measured in place of `--node-pid`'s.
+    server_tid: Option<Arc<AtomicU32>>,
 }
 
 /// What one run measured.
@@ -183,7 +186,8 @@ struct Monitor<'a> {
 }
 
 /// The measured window: counters at its start and end, its length, and the
-/// CPU the loadgen and the node used per second of it.
+/// CPU the loadgen and the server (the node, or an in-process baseline
+/// server) used per second of it.
 struct Window {
     before: Snapshot,
     after: Snapshot,
@@ -195,22 +199,34 @@ struct Window {
 impl Monitor<'_> {
     /// Runs `--warmup`, then the measured window (`--duration`, labelled
     /// `label` in the timeline) with the workers' `measuring` flag set.
-    fn measure(&mut self, c: &Common, label: &'static str) -> Window {
+    /// The server whose CPU is measured is the in-process baseline server
+    /// `server` (a thread id, 0 if it has not started) when given, else
+    /// `--node-pid`; the loadgen's own CPU leaves that thread out.
+    fn measure(&mut self, c: &Common, label: &'static str, server: Option<&AtomicU32>) -> Window {
         let shared = self.shared;
         self.phase("warmup", c.warmup as f64, &|_| false);
+        let server_tid = server.map(|t| t.load(Relaxed)).filter(|&t| t != 0);
+        let server_cpu = || match (server, server_tid) {
+            (Some(_), Some(tid)) => crate::sys::thread_cpu_seconds(tid),
+            (Some(_), None) => None,
+            (None, _) => c.node_pid.and_then(crate::sys::proc_cpu_seconds),
+        };
         let before = shared.counters.snapshot();
         let cpu0 = crate::sys::own_cpu_seconds();
-        let node0 = c.node_pid.and_then(crate::sys::proc_cpu_seconds);
+        let server0 = server_cpu();
         let t0 = shared.epoch.elapsed().as_secs_f64();
         shared.measuring.store(true, Relaxed);
         self.phase(label, c.duration as f64, &|_| false);
         shared.measuring.store(false, Relaxed);
         let wall_s = shared.epoch.elapsed().as_secs_f64() - t0;
         let after = shared.counters.snapshot();
-        let loadgen_cpu = (crate::sys::own_cpu_seconds() - cpu0) / wall_s;
-        let node_cpu = c
-            .node_pid
-            .and_then(|p| Some((crate::sys::proc_cpu_seconds(p)? - node0?) / wall_s));
+        let server_s = server_cpu().zip(server0).map(|(b, a)| b - a);
+        let mut loadgen_s = crate::sys::own_cpu_seconds() - cpu0;
+        if server_tid.is_some() {
+            loadgen_s -= server_s.unwrap_or(0.0);
+        }
+        let loadgen_cpu = loadgen_s.max(0.0) / wall_s;
+        let node_cpu = server_s.map(|s| s / wall_s);
         Window {
             before,
             after,
@@ -267,6 +283,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
     let stop_aux = Arc::new(AtomicBool::new(false));
     let mut aux: Vec<JoinHandle<Result<()>>> = Vec::new();
     let mut raw_sent = None;
+    let mut sender_tid = None;
     if let Some((bitmask, cpu)) = &plan.raw_sender {
         let addrs: Vec<Vec<SocketAddr>> = sockets.iter().map(|s| engine::local_addrs(s)).collect();
         let bind = loopback_any(plan.target);
@@ -279,7 +296,15 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
         raw_sent = Some(sender.sent.clone());
         let stop = stop_aux.clone();
         let (cpu, batch) = (*cpu, c.batch);
-        aux.push(std::thread::spawn(move || sender.run(cpu, batch, &stop)));
+        let tid = Arc::new(AtomicU32::new(0));
+        sender_tid = Some(tid.clone());
+        aux.push(std::thread::spawn(move || {
+            tid.store(crate::sys::current_tid(), Relaxed);
+            sender.run(cpu, batch, &stop)
+        }));
+    }
+    if sender_tid.is_some() {
+        plan.server_tid = sender_tid;
     }
     let rss_before = c.node_pid.and_then(crate::sys::proc_rss_bytes);
     let mut workers = Vec::new();
@@ -361,7 +386,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
             wall_s,
             loadgen_cpu,
             node_cpu,
-        } = mon.measure(c, plan.label);
+        } = mon.measure(c, plan.label, plan.server_tid.as_deref());
         let rss_after = c.node_pid.and_then(crate::sys::proc_rss_bytes);
         let mut publish = None;
         if let Some(p) = publisher {
@@ -459,6 +484,7 @@ fn device_plan<'a>(
         publish: None,
         drain_s: 0,
         raw_sender: None,
+        server_tid: None,
     }
 }
 
@@ -532,8 +558,7 @@ fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Re
     common_figures(&mut r, &o);
     r.figure("window", window);
     if c.baseline {
-        let (rate, timeline) = echo_baseline(c, ident, window)?;
-        r.set_baseline("raw echo", rate, timeline);
+        r.set_baseline("raw echo", echo_baseline(c, ident, window)?);
     }
     Ok(r)
 }
@@ -548,29 +573,43 @@ fn loopback_any(peer: SocketAddr) -> SocketAddr {
 }
 
 /// Runs `load` against an in-process reflector (pinned to
-/// `--baseline-cpu`), stopping the reflector afterwards.
-fn with_reflector<T>(c: &Common, load: impl FnOnce(SocketAddr) -> Result<T>) -> Result<T> {
+/// `--baseline-cpu`), stopping the reflector afterwards. `load` gets the
+/// reflector's address and its thread id (0 until it starts).
+fn with_reflector<T>(
+    c: &Common,
+    load: impl FnOnce(SocketAddr, Arc<AtomicU32>) -> Result<T>,
+) -> Result<T> {
     let refl = Reflector::bind(loopback_any(c.node))?;
     let addr = refl.addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu, c.batch);
-    let th = std::thread::spawn(move || refl.run(cpu, batch, &s2));
-    let result = load(addr);
+    let tid = Arc::new(AtomicU32::new(0));
+    let t2 = tid.clone();
+    let th = std::thread::spawn(move || {
+        t2.store(crate::sys::current_tid(), Relaxed);
+        refl.run(cpu, batch, &s2)
+    });
+    let result = load(addr, tid);
     stop.store(true, Relaxed);
     let _ = th.join();
     result
 }
 
 /// The same heartbeat load against an in-process reflector.
-fn echo_baseline(c: &Common, ident: Arc<Identity>, window: usize) -> Result<(f64, Vec<Sample>)> {
-    let o = with_reflector(c, |addr| {
+fn echo_baseline(c: &Common, ident: Arc<Identity>, window: usize) -> Result<Baseline> {
+    let o = with_reflector(c, |addr, tid| {
         let mut plan = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
         plan.target = addr;
         plan.window = window;
         plan.label = "baseline";
+        plan.server_tid = Some(tid);
         run_plan(plan)
     })?;
-    Ok((o.measured.replies as f64 / o.wall_s, o.timeline))
+    Ok(Baseline {
+        rate: o.measured.replies as f64 / o.wall_s,
+        server_cpu: o.node_cpu,
+        timeline: o.timeline,
+    })
 }
 
 fn echo(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
@@ -673,17 +712,12 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     r.figure("http_503", p.overloaded);
     r.figure("publisher_throttled", p.throttled);
     if c.baseline {
-        let (rate, timeline) = raw_fanout_baseline(c, ident, mask)?;
-        r.set_baseline("raw fan-out", rate, timeline);
+        r.set_baseline("raw fan-out", raw_fanout_baseline(c, ident, mask)?);
     }
     Ok(r)
 }
 
-fn raw_fanout_baseline(
-    c: &Common,
-    ident: Arc<Identity>,
-    mask: Vec<u8>,
-) -> Result<(f64, Vec<Sample>)> {
+fn raw_fanout_baseline(c: &Common, ident: Arc<Identity>, mask: Vec<u8>) -> Result<Baseline> {
     let mut plan = device_plan(
         c,
         ident,
@@ -694,7 +728,11 @@ fn raw_fanout_baseline(
     plan.raw_sender = Some((mask, c.baseline_cpu));
     plan.label = "baseline";
     let o = run_plan(plan)?;
-    Ok((o.measured.delivered as f64 / o.wall_s, o.timeline))
+    Ok(Baseline {
+        rate: o.measured.delivered as f64 / o.wall_s,
+        server_cpu: o.node_cpu,
+        timeline: o.timeline,
+    })
 }
 
 fn raw_fanout(c: &Common, a: &crate::RawFanoutArgs, config: serde_json::Value) -> Result<Report> {
@@ -767,6 +805,7 @@ fn stun_run(
     target: SocketAddr,
     accept_echo: bool,
     label: &'static str,
+    server: Option<&AtomicU32>,
 ) -> Result<StunRun> {
     let shared = Shared::new(0);
     let sockets = worker_sockets(c, target)?;
@@ -793,7 +832,7 @@ fn stun_run(
         last_t: 0.0,
         timeline: Vec::new(),
     };
-    let window = mon.measure(c, label);
+    let window = mon.measure(c, label, server);
     shared.stop.store(true, Relaxed);
     mon.bar.finish_and_clear();
     let mut rtt = histogram();
@@ -819,7 +858,7 @@ fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<
         timeline,
         cpu,
         node_cpu,
-    } = stun_run(c, a, c.node, false, "measure")?;
+    } = stun_run(c, a, c.node, false, "measure", None)?;
     let mut r = Report::new("stun", "STUN binding responses", config);
     r.rate_per_s = m.replies as f64 / wall;
     r.duration_s = wall;
@@ -838,8 +877,17 @@ fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<
         );
     }
     if c.baseline {
-        let b = with_reflector(c, |addr| stun_run(c, a, addr, true, "baseline"))?;
-        r.set_baseline("raw echo", b.measured.replies as f64 / b.wall, b.timeline);
+        let b = with_reflector(c, |addr, tid| {
+            stun_run(c, a, addr, true, "baseline", Some(&tid))
+        })?;
+        r.set_baseline(
+            "raw echo",
+            Baseline {
+                rate: b.measured.replies as f64 / b.wall,
+                server_cpu: b.node_cpu,
+                timeline: b.timeline,
+            },
+        );
     }
     Ok(r)
 }

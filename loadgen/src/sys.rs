@@ -58,7 +58,23 @@ pub(crate) fn own_cpu_seconds() -> f64 {
 
 /// A process's CPU seconds (utime + stime) from /proc/PID/stat.
 pub(crate) fn proc_cpu_seconds(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (utime + stime) of thread `tid` of this process, from
+/// /proc/self/task/TID/stat: what an in-process baseline server used.
+pub(crate) fn thread_cpu_seconds(tid: u32) -> Option<f64> {
+    stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
+}
+
+/// The calling thread's id (for [`thread_cpu_seconds`]).
+pub(crate) fn current_tid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() as u32 }
+}
+
+fn stat_cpu_seconds(path: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
     let rest = &text[text.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // SAFETY: sysconf has no preconditions.
@@ -94,5 +110,31 @@ mod tests {
         let pid = std::process::id();
         assert!(proc_rss_bytes(pid).unwrap() > 0);
         assert!(proc_cpu_seconds(pid).is_some());
+    }
+
+    #[test]
+    fn a_busy_thread_is_charged_its_own_cpu() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let busy = std::thread::spawn(move || {
+            tx.send(current_tid()).unwrap();
+            // Spin until the kernel has charged this thread a clock tick
+            // (10 s at most, so a starved host fails instead of hanging).
+            let t = std::time::Instant::now();
+            let mut x = 0u64;
+            loop {
+                for _ in 0..100_000 {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                let spent = thread_cpu_seconds(current_tid()).unwrap();
+                if spent > 0.0 || t.elapsed() > std::time::Duration::from_secs(10) {
+                    return spent;
+                }
+            }
+        });
+        let tid = rx.recv().unwrap();
+        assert_ne!(tid, current_tid());
+        assert!(busy.join().unwrap() > 0.0);
+        assert!(thread_cpu_seconds(current_tid()).is_some());
+        assert!(thread_cpu_seconds(tid).is_none(), "the thread is gone");
     }
 }

@@ -167,6 +167,12 @@ fn heartbeat_with_baseline_reports_a_ratio() {
     let rate = r["rate_per_s"].as_f64().unwrap();
     assert!((ratio - rate / base).abs() < 1e-9);
     assert_eq!(r["baseline"], "raw echo");
+    // The in-process reflector's own thread CPU, measured in its window
+    // (a CPU-seconds-per-second figure: between 0 and one core, plus tick
+    // rounding); without --node-pid there is no per-CPU ratio.
+    let cpu = r["baseline_server_cpu"].as_f64().expect("reflector CPU");
+    assert!((0.0..=1.2).contains(&cpu), "{cpu}");
+    assert!(r["ratio_per_cpu"].is_null(), "{r}");
 }
 
 #[test]
