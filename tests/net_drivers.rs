@@ -201,6 +201,33 @@ fn ipv4_peer_on_a_v4_mapped_ipv6_socket_is_reported_and_answered_as_ipv4() {
     }
 }
 
+/// On this kernel (6.x) the io_uring driver registers its socket and names
+/// it by index; datagrams still go both ways through it.
+#[test]
+fn uring_driver_uses_its_registered_socket() {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let mut driver = uring::UringDriver::new(socket, -1, 8).expect("io_uring driver");
+    assert!(driver.uses_registered_socket());
+    let peer = client("127.0.0.1:0");
+    peer.send_to(b"ping", addr).expect("send");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    while got.is_empty() && Instant::now() < deadline {
+        driver.wait(Some(Duration::from_millis(50))).expect("wait");
+        driver
+            .recv(&mut |from, bytes| got.push((from, bytes.to_vec())))
+            .expect("recv");
+    }
+    assert_eq!(got.len(), 1, "one datagram received");
+    assert_eq!(got[0].1, b"ping");
+    let slot = driver.send_slot().expect("a send slot");
+    slot[..4].copy_from_slice(b"pong");
+    driver.commit_send(got[0].0, 4);
+    driver.flush().expect("flush");
+    assert_eq!(receive_n(&peer, 1), vec![b"pong".to_vec()]);
+}
+
 #[test]
 fn one_flush_sends_a_batch_of_500() {
     for backend in backends() {
