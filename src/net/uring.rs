@@ -743,6 +743,13 @@ impl Drop for UringDriver {
         }
         self.reap();
         let quiet = ok && !self.recv_armed && self.in_flight == 0;
+        // A registered file keeps the socket open until the ring lets go of
+        // it, and a closed ring does that later, from a kernel worker: drop
+        // it now, so the port is free once the driver is gone. (Only when
+        // nothing is in flight: unregistering waits for the file's users.)
+        if quiet && self.fixed_socket {
+            let _ = self.ring.submitter().unregister_files();
+        }
         if quiet && self.ring.submitter().unregister_buf_ring(BGID).is_ok() {
             return;
         }
