@@ -202,7 +202,8 @@ fn ipv4_peer_on_a_v4_mapped_ipv6_socket_is_reported_and_answered_as_ipv4() {
 }
 
 /// On this kernel (6.x) the io_uring driver registers its socket and names
-/// it by index; datagrams still go both ways through it.
+/// it by index; datagrams still go both ways through it, and the port is
+/// free as soon as the driver is dropped.
 #[test]
 fn uring_driver_uses_its_registered_socket() {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -226,6 +227,9 @@ fn uring_driver_uses_its_registered_socket() {
     driver.commit_send(got[0].0, 4);
     driver.flush().expect("flush");
     assert_eq!(receive_n(&peer, 1), vec![b"pong".to_vec()]);
+    // Dropping the driver lets go of the registered socket at once.
+    drop(driver);
+    UdpSocket::bind(addr).expect("the port is free again");
 }
 
 #[test]
