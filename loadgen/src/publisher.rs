@@ -265,6 +265,8 @@ const NOTIFY: &str = "/v1/notify";
 struct InFlight {
     /// Its publishes: account and the Serial the loadgen gave it.
     entries: Vec<(u64, u32)>,
+    /// The request body, kept to send once more on a new connection.
+    body: String,
     /// When it was written (µs, [`Shared::now_us`]).
     sent_at: u64,
     /// Whether it was already sent again on a new connection.
@@ -374,6 +376,7 @@ impl Publisher<'_> {
         self.unanswered += entries.len() as u64;
         self.in_flight.push_back(InFlight {
             entries,
+            body,
             sent_at,
             retried,
         });
@@ -393,12 +396,8 @@ impl Publisher<'_> {
         let ans = match http.receive() {
             Ok(ans) => ans,
             Err(_) if self.in_flight.is_empty() && !f.retried => {
-                let body = batch_body(
-                    f.entries.iter().map(|&(a, _)| account_name(a)),
-                    &self.cfg.bitmask_hex,
-                );
                 http.disconnect();
-                http.send(NOTIFY, &body)
+                http.send(NOTIFY, &f.body)
                     .and_then(|()| http.receive())
                     .with_context(|| self.broken(http, 1))?
             }

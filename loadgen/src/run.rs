@@ -283,11 +283,10 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
     let stop_aux = Arc::new(AtomicBool::new(false));
     let mut aux: Vec<JoinHandle<Result<()>>> = Vec::new();
     let mut raw_sent = None;
-    let mut sender_tid = None;
-    if let Some((bitmask, cpu)) = &plan.raw_sender {
+    if let Some((bitmask, cpu)) = plan.raw_sender.take() {
         let addrs: Vec<Vec<SocketAddr>> = sockets.iter().map(|s| engine::local_addrs(s)).collect();
         let bind = loopback_any(plan.target);
-        let sender = RawSender::new(&plan.ident, c.devices, c.threads, &addrs, bitmask, bind)?;
+        let sender = RawSender::new(&plan.ident, c.devices, c.threads, &addrs, &bitmask, bind)?;
         // The receivers only take datagrams from the sender.
         let from = sender.addr()?;
         for s in sockets.iter().flatten() {
@@ -295,16 +294,10 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
         }
         raw_sent = Some(sender.sent.clone());
         let stop = stop_aux.clone();
-        let (cpu, batch) = (*cpu, c.batch);
-        let tid = Arc::new(AtomicU32::new(0));
-        sender_tid = Some(tid.clone());
-        aux.push(std::thread::spawn(move || {
-            tid.store(crate::sys::current_tid(), Relaxed);
-            sender.run(cpu, batch, &stop)
-        }));
-    }
-    if sender_tid.is_some() {
-        plan.server_tid = sender_tid;
+        let batch = c.batch;
+        let (thread, tid) = spawn_server(move || sender.run(cpu, batch, &stop));
+        aux.push(thread);
+        plan.server_tid = Some(tid);
     }
     let rss_before = c.node_pid.and_then(crate::sys::proc_rss_bytes);
     let mut workers = Vec::new();
@@ -572,6 +565,21 @@ fn loopback_any(peer: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Starts an in-process baseline server on a thread of its own and returns
+/// the thread and its thread id (0 until the thread has started), whose CPU
+/// [`Monitor::measure`] reads in place of the node's.
+fn spawn_server<R: Send + 'static>(
+    run: impl FnOnce() -> R + Send + 'static,
+) -> (JoinHandle<R>, Arc<AtomicU32>) {
+    let tid = Arc::new(AtomicU32::new(0));
+    let t2 = tid.clone();
+    let thread = std::thread::spawn(move || {
+        t2.store(crate::sys::current_tid(), Relaxed);
+        run()
+    });
+    (thread, tid)
+}
+
 /// Runs `load` against an in-process reflector (pinned to
 /// `--baseline-cpu`), stopping the reflector afterwards. `load` gets the
 /// reflector's address and its thread id (0 until it starts).
@@ -583,12 +591,7 @@ fn with_reflector<T>(
     let addr = refl.addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu, c.batch);
-    let tid = Arc::new(AtomicU32::new(0));
-    let t2 = tid.clone();
-    let th = std::thread::spawn(move || {
-        t2.store(crate::sys::current_tid(), Relaxed);
-        refl.run(cpu, batch, &s2)
-    });
+    let (th, tid) = spawn_server(move || refl.run(cpu, batch, &s2));
     let result = load(addr, tid);
     stop.store(true, Relaxed);
     let _ = th.join();
