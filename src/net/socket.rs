@@ -170,43 +170,44 @@ fn open_member(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Socket> {
 /// shard's time at full load). An IPv6 socket gets the IPv6 option too, and
 /// the IPv4 one for v4-mapped traffic when it is dual-stack.
 pub fn set_dont_fragment(socket: &Socket, is_ipv6: bool) -> io::Result<()> {
-    let set = |level: libc::c_int, option: libc::c_int, value: libc::c_int| {
-        // SAFETY: passes a pointer to a live c_int and its exact size to
-        // setsockopt on a socket the caller owns; the kernel only reads it.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                option,
-                (&value as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
+    let (ip, mode) = (libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
     if is_ipv6 {
-        set(
+        set_int_option(
+            socket,
             libc::IPPROTO_IPV6,
             libc::IPV6_MTU_DISCOVER,
             libc::IPV6_PMTUDISC_PROBE,
         )?;
         // Only a dual-stack socket carries IPv4; a v6-only one refuses this.
-        let _ = set(
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_PROBE,
-        );
+        let _ = set_int_option(socket, libc::IPPROTO_IP, ip, mode);
         Ok(())
     } else {
-        set(
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_PROBE,
+        set_int_option(socket, libc::IPPROTO_IP, ip, mode)
+    }
+}
+
+/// `setsockopt(level, option, value)` for an `int` option.
+fn set_int_option(
+    socket: &Socket,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int and its exact size to
+    // setsockopt on a socket the caller owns; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -219,21 +220,7 @@ fn set_buffer(
     capped: impl Fn(&Socket, usize) -> io::Result<()>,
 ) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: passes a pointer to a live c_int and its exact size to
-    // setsockopt on a socket we own; the kernel only reads it.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            force_option,
-            (&value as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    capped(socket, bytes)
+    set_int_option(socket, libc::SOL_SOCKET, force_option, value).or_else(|_| capped(socket, bytes))
 }
 
 /// Writes `to` into `out` in the form a socket of the given family takes:
