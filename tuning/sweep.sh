@@ -203,14 +203,15 @@ extract() {
     if [ "$JSON_TOOL" = jq ]; then
         jq -er '
             def f(d): if . == null then "-" else (. * d | round) / d | tostring end;
+            def pct: if . == null then "-" else (. * 100 | round | tostring) end;
             if (.rate_per_s | type) != "number" then error("no rate_per_s") else . end
             | [ (.rate_per_s | round | tostring),
                 (.ratio | f(1000)),
                 (.latency_us.p99 // null | if . == null then "-" else tostring end),
                 (.lost // null | if . == null then "-" else tostring end),
-                (if .node_cpu == null then "-" else (.node_cpu * 100 | round | tostring) end),
-                (if .loadgen_cpu == null then "-" else (.loadgen_cpu * 100 | round | tostring) end),
-                (if .baseline_server_cpu == null then "-" else (.baseline_server_cpu * 100 | round | tostring) end),
+                (.node_cpu | pct),
+                (.loadgen_cpu | pct),
+                (.baseline_server_cpu | pct),
                 (.ratio_per_cpu | f(1000)) ]
             | @tsv' "$json"
     else
@@ -219,18 +220,22 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 if not isinstance(r.get("rate_per_s"), (int, float)):
     sys.exit("no rate_per_s")
+def pct(v):
+    return str(round(v * 100))
+def ratio(v):
+    return f"{v:.3f}".rstrip("0").rstrip(".")
 def opt(v, fmt):
     return "-" if v is None else fmt(v)
 lat = r.get("latency_us") or {}
 print("\t".join([
     str(round(r["rate_per_s"])),
-    opt(r.get("ratio"), lambda v: f"{v:.3f}".rstrip("0").rstrip(".")),
+    opt(r.get("ratio"), ratio),
     opt(lat.get("p99"), str),
     opt(r.get("lost"), str),
-    opt(r.get("node_cpu"), lambda v: str(round(v * 100))),
-    opt(r.get("loadgen_cpu"), lambda v: str(round(v * 100))),
-    opt(r.get("baseline_server_cpu"), lambda v: str(round(v * 100))),
-    opt(r.get("ratio_per_cpu"), lambda v: f"{v:.3f}".rstrip("0").rstrip(".")),
+    opt(r.get("node_cpu"), pct),
+    opt(r.get("loadgen_cpu"), pct),
+    opt(r.get("baseline_server_cpu"), pct),
+    opt(r.get("ratio_per_cpu"), ratio),
 ]))
 PY
     fi
