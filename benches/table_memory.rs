@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 
 use mpp::codec::{ClientHeader, Message, PresenceConnectRequest};
 use mpp::packet::{seal, BindingKey, ConnId, Direction, MasterKey};
-use mpp::proto::{Server, ServerConfig};
+use mpp::proto::{Service, ServiceConfig};
 use mpp::time::{UnixMillis, UnixSeconds};
 
 struct Counting;
@@ -64,8 +64,8 @@ fn main() {
     let master = MasterKey::new([7; 32]);
     let binder = BindingKey::from_master(&master);
     let expires = UnixSeconds(1_900_000_000);
-    let mut server = Server::new(
-        ServerConfig::default(),
+    let mut server = Service::new(
+        ServiceConfig::default(),
         MasterKey::new([7; 32]),
         [3; 32],
         now,

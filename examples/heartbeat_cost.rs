@@ -1,5 +1,5 @@
 //! Instructions per heartbeat, for `valgrind --tool=callgrind`: the same work
-//! as `benches/server.rs` (one connection; `Server::handle_datagram` of a
+//! as `benches/server.rs` (one connection; `Service::handle_datagram` of a
 //! sealed `PresenceHeartbeat`, then `poll_transmit` of the sealed
 //! `PresenceStatus`), over heartbeats sealed in advance.
 //!
@@ -17,7 +17,7 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use mpp::proto::Server;
+use mpp::proto::Service;
 
 #[path = "../benches/support/server_setup.rs"]
 mod server_setup;
@@ -25,7 +25,7 @@ mod server_setup;
 use server_setup::{heartbeat, server_with, NOW};
 
 #[inline(never)]
-fn run_heartbeats(server: &mut Server, from: SocketAddr, packets: &[Vec<u8>], buf: &mut [u8]) {
+fn run_heartbeats(server: &mut Service, from: SocketAddr, packets: &[Vec<u8>], buf: &mut [u8]) {
     for p in packets {
         server.handle_datagram(NOW, from, black_box(p));
         let t = server.poll_transmit(NOW, buf).expect("a reply");

@@ -8,8 +8,11 @@
 //! * [`table`] — the compact per-shard connection table;
 //! * [`proto`] — the sans-IO server shard and client state machines;
 //! * [`net`] — sockets, cBPF steering, the io_uring and recvmmsg drivers;
-//! * [`shard`], [`router`], [`server`] — threads, inboxes, start and stop;
-//! * [`control`] — the HTTP control plane (publish, credentials, metrics).
+//! * [`control`] — the HTTP control plane (publish, credentials, metrics
+//!   format, the DNS upstream), on its own thread;
+//! * [`node`] — the shard threads, the router, the data directory, start and
+//!   stop: the layer that puts the others together;
+//! * [`config`] — every setting, declared once.
 //!
 //! No layer below the I/O layer touches a socket or reads the clock: time comes
 //! in as a [`time::UnixMillis`] argument.
@@ -17,12 +20,9 @@
 pub mod codec;
 pub mod config;
 pub mod control;
-pub mod dns;
 pub mod net;
+pub mod node;
 pub mod packet;
 pub mod proto;
-pub mod router;
-pub mod server;
-pub mod shard;
 pub mod table;
 pub mod time;

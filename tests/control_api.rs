@@ -10,11 +10,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mpp::control::{
-    serve, NodeApi, NodeMetrics, Overloaded, ShardMetrics, DEFAULT_CREDENTIAL_TTL_SECS,
-    MAX_NOTIFY_BATCH, MAX_REQUEST_BODY,
+    serve, Exposition, NodeApi, Overloaded, DEFAULT_CREDENTIAL_TTL_SECS, MAX_NOTIFY_BATCH,
+    MAX_REQUEST_BODY,
 };
+use mpp::node::metrics::{render, NodeMetrics};
+use mpp::node::shard::ShardMetrics;
 use mpp::packet::{Credential, CredentialError, MasterKey};
-use mpp::proto::ServerStats;
+use mpp::proto::ServiceStats;
 use mpp::time::{UnixMillis, UnixSeconds};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -111,29 +113,30 @@ impl NodeApi for FakeNode {
         Ok(rx)
     }
 
-    fn metrics(&self) -> NodeMetrics {
+    fn metrics(&self, out: &mut Exposition) {
         let shard = |i: usize, base: u64| ShardMetrics {
             shard: i,
             cpu: Some(i),
             connections: base + 1,
-            server: ServerStats {
+            service: ServiceStats {
                 dropped_auth: base + 2,
                 dropped_queue_full: base + 3,
                 stun_dropped: base + 4,
                 connects: base + 5,
                 notifies_acked: base + 6,
-                ..ServerStats::default()
+                ..ServiceStats::default()
             },
             datagrams_received: base + 7,
             router_overflows: base + 8,
             ..ShardMetrics::default()
         };
-        NodeMetrics {
+        let snapshot = NodeMetrics {
             io_backend: "uring",
             threads: 2,
             uptime_secs: 42,
             shards: vec![shard(0, 0), shard(1, 100)],
-        }
+        };
+        render(&snapshot, out);
     }
 }
 

@@ -227,7 +227,7 @@ fn startup_error_bad_config_files() {
         (
             "unknown.toml",
             "bogus_key = 1\n",
-            "unknown field `bogus_key`",
+            "unknown key \"bogus_key\"",
         ),
     ] {
         let path = dir.join(name);
@@ -345,4 +345,91 @@ fn sigterm_right_after_the_startup_line_stops_cleanly() {
             mppd.stdout
         );
     }
+}
+
+/// `mppd config check FILE`: "FILE: ok" and 0 for a good file, one
+/// `mppd:` line and 2 for a bad one.
+#[test]
+fn config_check_validates_a_file() {
+    let dir = TempDir::new("check");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "threads = 2\nio = \"mmsg\"\n").expect("write");
+    let mut cmd = command(MPPD);
+    cmd.args(["config", "check"]).arg(&good);
+    let (status, out, stderr) = run("mppd config check", cmd);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(out.trim(), format!("{}: ok", good.display()));
+    for (name, text, reason) in [
+        ("range.toml", "batch = 5000\n", "batch must be 1..=1024"),
+        ("type.toml", "threads = \"two\"\n", "threads"),
+        ("key.toml", "thread = 2\n", "unknown key \"thread\""),
+    ] {
+        let bad = dir.join(name);
+        std::fs::write(&bad, text).expect("write");
+        let mut cmd = command(MPPD);
+        cmd.args(["config", "check"]).arg(&bad);
+        let (status, out, stderr) = run("mppd config check", cmd);
+        assert_eq!(status.code(), Some(2), "{name}: {out} {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{name}: {stderr:?}");
+        assert!(
+            lines[0].starts_with("mppd: ") && lines[0].contains(reason),
+            "{name}: {stderr:?}"
+        );
+    }
+}
+
+/// `mppd config show`: the effective value of each setting and where it came
+/// from, with defaults < file < MPPD_* < flags, through the real binary.
+#[test]
+fn config_show_reports_each_value_and_its_source() {
+    let dir = TempDir::new("show");
+    let file = dir.join("node.toml");
+    std::fs::write(&file, "threads = 3\nbatch = 16\nspin_us = 5\n").expect("write");
+    let mut cmd = command(MPPD);
+    cmd.args(["config", "show", "--config"])
+        .arg(&file)
+        .args(["--spin-us", "9", "--no-pin"])
+        .env("MPPD_BATCH", "32")
+        .env("MPPD_SPIN_US", "7");
+    let (status, out, stderr) = run("mppd config show", cmd);
+    assert!(status.success(), "{stderr}");
+    let value_and_source = |key: &str| -> (String, String) {
+        let lines: Vec<&str> = out.lines().collect();
+        let i = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in {out}"));
+        (lines[i].to_string(), lines[i - 1].to_string())
+    };
+    let file_source = format!("# from: file {}", file.display());
+    assert_eq!(
+        value_and_source("threads"),
+        ("threads = 3".into(), file_source)
+    );
+    assert_eq!(
+        value_and_source("batch"),
+        ("batch = 32".into(), "# from: env MPPD_BATCH".into())
+    );
+    assert_eq!(
+        value_and_source("spin_us"),
+        ("spin_us = 9".into(), "# from: flag --spin-us".into())
+    );
+    assert_eq!(
+        value_and_source("pin"),
+        ("pin = false".into(), "# from: flag --pin".into())
+    );
+    assert_eq!(
+        value_and_source("io"),
+        ("io = \"auto\"".into(), "# from: default".into())
+    );
+    // An unknown MPPD_* variable is refused, naming it.
+    let mut cmd = command(MPPD);
+    cmd.args(["config", "show"]).env("MPPD_THREAD", "2");
+    let (status, _, stderr) = run("mppd config show", cmd);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        stderr.contains("unknown environment setting MPPD_THREAD"),
+        "{stderr}"
+    );
 }

@@ -1,4 +1,4 @@
-//! The node end to end, in-process (`mpp::server::start`): real sockets on
+//! The node end to end, in-process (`mpp::node::start`): real sockets on
 //! loopback, the HTTP control plane spoken to with raw HTTP/1.1, devices that
 //! are the library's sans-IO `Client` over std UDP sockets.
 //!
@@ -16,13 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mpp::config::IoChoice;
-use mpp::control::ShardMetrics;
 use mpp::net::socket::bind_group;
 use mpp::net::{IoBackend, Waker};
+use mpp::node::router::{Router, ShardMessage};
+use mpp::node::shard::ShardMetrics;
+use mpp::node::{shard::ShardSetup, Clock};
 use mpp::packet::{account_affinity, Credential, MasterKey, MAX_PACKET};
-use mpp::proto::{ClientConfig, ClientEvent, ServerConfig};
-use mpp::router::{Router, ShardMessage};
-use mpp::shard::{Clock, ShardSetup};
+use mpp::proto::{ClientConfig, ClientEvent, ServiceConfig};
 use mpp::time::UnixSeconds;
 
 use node::{deadline, notifies, pump_all, receives_within, Device, Metrics, TestNode, POLL, WAIT};
@@ -174,7 +174,7 @@ fn connections_are_steered_to_their_accounts_shard(io: IoChoice) {
 /// Case 4: the router's forward path. The node always attaches the steering
 /// program, so from outside a datagram cannot be made to reach the wrong
 /// socket. The shard layer is public, though: this runs two real shard loops
-/// (`mpp::shard::run`) over a SO_REUSEPORT group *without* the program, the
+/// (`mpp::node::shard::run`) over a SO_REUSEPORT group *without* the program, the
 /// fallback mode of PROTOCOL.md §8, where the kernel spreads flows by hash.
 /// Devices of one account connect from new source ports until one lands on
 /// the other shard's socket; every one must still be served by the owner.
@@ -211,13 +211,13 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
             inbox,
             waker: wakers[i].clone(),
             router: router.clone(),
-            server: ServerConfig::default(),
+            server: ServiceConfig::default(),
             master,
             dns: None,
             metrics: metrics[i].clone(),
             clock,
         };
-        threads.push(std::thread::spawn(move || mpp::shard::run(setup)));
+        threads.push(std::thread::spawn(move || mpp::node::shard::run(setup)));
     }
     /// Stops the shards even when an assertion fails.
     struct StopShards(Arc<Router>);
@@ -289,19 +289,22 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
     // the (monotonic) counts checked below.
     for _ in 0..10_000 {
         let done =
-            snapshot(owner).server.notifies_acked >= n && snapshot(other).datagrams_received > 0;
+            snapshot(owner).service.notifies_acked >= n && snapshot(other).datagrams_received > 0;
         if done || Instant::now() >= until {
             break;
         }
         std::thread::sleep(POLL);
     }
     let (own, oth) = (snapshot(owner), snapshot(other));
-    assert_eq!(own.server.notifies_acked, n, "{own:?}");
-    assert_eq!(own.server.connects, n, "every connect handled by the owner");
-    assert_eq!(own.connections, n);
-    assert_eq!(oth.server.connects, 0, "{oth:?}");
+    assert_eq!(own.service.notifies_acked, n, "{own:?}");
     assert_eq!(
-        oth.server.datagrams_in, 0,
+        own.service.connects, n,
+        "every connect handled by the owner"
+    );
+    assert_eq!(own.connections, n);
+    assert_eq!(oth.service.connects, 0, "{oth:?}");
+    assert_eq!(
+        oth.service.datagrams_in, 0,
         "the other shard handed nothing to its state machine"
     );
     assert!(

@@ -4,7 +4,7 @@
 
 mod sim;
 
-use mpp::proto::{ClientConfig, ClientEvent, ClientState, DisconnectReason, ServerConfig};
+use mpp::proto::{ClientConfig, ClientEvent, ClientState, DisconnectReason, ServiceConfig};
 use sim::{Knobs, Sim};
 
 fn connected(sim: &Sim, d: usize) -> bool {
@@ -13,7 +13,7 @@ fn connected(sim: &Sim, d: usize) -> bool {
 
 #[test]
 fn clean_network_delivers_and_acknowledges() {
-    let mut sim = Sim::new(1, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(1, Knobs::default(), ServiceConfig::default());
     let a = sim.add_device("alice@example.com", ClientConfig::default());
     let b = sim.add_device("alice@example.com", ClientConfig::default());
     let c = sim.add_device("bob@example.com", ClientConfig::default());
@@ -47,7 +47,7 @@ fn clean_network_delivers_and_acknowledges() {
 
 #[test]
 fn heartbeats_keep_connections_alive_for_hours() {
-    let mut sim = Sim::new(2, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(2, Knobs::default(), ServiceConfig::default());
     sim.add_device("alice", ClientConfig::default());
     sim.run_for(3 * 3600 * 1000);
     assert!(connected(&sim, 0));
@@ -91,7 +91,7 @@ fn impaired_networks_lose_no_notification() {
     ];
     for (k, knobs) in knob_sets.iter().enumerate() {
         for seed in 0..6u64 {
-            let mut sim = Sim::new(100 + seed * 10 + k as u64, *knobs, ServerConfig::default());
+            let mut sim = Sim::new(100 + seed * 10 + k as u64, *knobs, ServiceConfig::default());
             let accounts = ["a@x", "b@x", "c@x"];
             for i in 0..9 {
                 sim.add_device(accounts[i % 3], ClientConfig::default());
@@ -147,7 +147,7 @@ fn impaired_networks_lose_no_notification() {
 
 #[test]
 fn notify_lost_five_times_is_recovered_by_the_next_heartbeat() {
-    let mut sim = Sim::new(3, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(3, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     // The device goes deaf while the node retransmits (1+2+4+8+16 s).
@@ -167,7 +167,7 @@ fn notify_lost_five_times_is_recovered_by_the_next_heartbeat() {
 /// publish flood costs the node a mask OR per device, not a timer each.
 #[test]
 fn publishes_merged_into_one_notify_arm_one_timer_at_send_time() {
-    let mut sim = Sim::new(4, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(4, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     sim.devices[d].online = false;
@@ -200,7 +200,7 @@ fn publishes_merged_into_one_notify_arm_one_timer_at_send_time() {
 
 #[test]
 fn replayed_packets_change_nothing_and_get_no_reply() {
-    let mut sim = Sim::new(4, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(4, Knobs::default(), ServiceConfig::default());
     sim.capture = true;
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
@@ -236,7 +236,7 @@ fn replayed_packets_change_nothing_and_get_no_reply() {
 
 #[test]
 fn forged_packets_change_nothing() {
-    let mut sim = Sim::new(5, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(5, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     let conn_id = sim.devices[d].client.conn_id();
@@ -265,7 +265,7 @@ fn forged_packets_change_nothing() {
 
 #[test]
 fn nat_rebinding_moves_the_endpoint() {
-    let mut sim = Sim::new(6, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(6, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     sim.devices[d].addr = "127.0.0.1:31000".parse().expect("addr");
@@ -279,7 +279,7 @@ fn nat_rebinding_moves_the_endpoint() {
 
 #[test]
 fn silent_devices_expire_and_reconnect_when_back() {
-    let mut sim = Sim::new(7, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(7, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     sim.devices[d].online = false;
@@ -309,12 +309,12 @@ fn silent_devices_expire_and_reconnect_when_back() {
 
 #[test]
 fn node_forgetting_a_connection_makes_the_client_reconnect() {
-    let mut sim = Sim::new(8, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(8, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     // A restarted node: same master key, empty table.
-    let fresh = mpp::proto::Server::new(
-        ServerConfig::default(),
+    let fresh = mpp::proto::Service::new(
+        ServiceConfig::default(),
         mpp::packet::MasterKey::new([7; 32]),
         [9; 32],
         sim.now,
@@ -331,7 +331,7 @@ fn node_forgetting_a_connection_makes_the_client_reconnect() {
 
 #[test]
 fn restarted_client_resumes_above_the_highest_serial() {
-    let mut sim = Sim::new(9, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(9, Knobs::default(), ServiceConfig::default());
     let cred = sim.credential("alice", "phone", 86_400);
     let d = sim.add_device_with(&cred, ClientConfig::default());
     sim.run_for(100);
@@ -370,7 +370,7 @@ fn restarted_client_resumes_above_the_highest_serial() {
 
 #[test]
 fn expired_or_invalid_credentials_are_refused() {
-    let mut sim = Sim::new(10, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(10, Knobs::default(), ServiceConfig::default());
     let expired = sim.credential("alice", "old", -10);
     let d = sim.add_device_with(&expired, ClientConfig::default());
     let mut forged = sim.credential("alice", "phone", 3600);
@@ -392,7 +392,7 @@ fn expired_or_invalid_credentials_are_refused() {
 
 #[test]
 fn credential_expiry_ends_a_live_connection() {
-    let mut sim = Sim::new(11, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(11, Knobs::default(), ServiceConfig::default());
     let cred = sim.credential("alice", "phone", 90);
     let d = sim.add_device_with(&cred, ClientConfig::default());
     sim.run_for(100);
@@ -404,9 +404,9 @@ fn credential_expiry_ends_a_live_connection() {
 
 #[test]
 fn connection_limit_refuses_with_503() {
-    let config = ServerConfig {
+    let config = ServiceConfig {
         max_connections: 2,
-        ..ServerConfig::default()
+        ..ServiceConfig::default()
     };
     let mut sim = Sim::new(12, Knobs::default(), config);
     for _ in 0..3 {
@@ -428,7 +428,7 @@ fn connection_limit_refuses_with_503() {
 
 #[test]
 fn endpoint_and_resolve() {
-    let mut sim = Sim::new(13, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(13, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     sim.devices[d].client.request_endpoint();
@@ -436,7 +436,7 @@ fn endpoint_and_resolve() {
     sim.run_for(100);
     let addr = sim.devices[d].addr;
     assert!(sim.devices[d].events.contains(&ClientEvent::Endpoint(addr)));
-    let Some(mpp::proto::ServerEvent::ResolveUpstream { token, query }) = sim.server.poll_event()
+    let Some(mpp::proto::ServiceEvent::ResolveUpstream { token, query }) = sim.server.poll_event()
     else {
         panic!("no upstream query");
     };
@@ -458,7 +458,7 @@ fn endpoint_and_resolve() {
 
 #[test]
 fn web_transport_answers_without_moving_the_endpoint() {
-    let mut sim = Sim::new(14, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(14, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     // The device sends an endpoint request over HTTPS instead of UDP.
@@ -490,15 +490,15 @@ fn web_transport_answers_without_moving_the_endpoint() {
 
 #[test]
 fn notifies_after_a_node_restart_are_not_taken_for_duplicates() {
-    let mut sim = Sim::new(15, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(15, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     sim.publish("alice", &[1]);
     sim.run_for(100);
     // The node restarts (same master key, empty table) a little later.
     sim.run_for(5_000);
-    sim.server = mpp::proto::Server::new(
-        ServerConfig::default(),
+    sim.server = mpp::proto::Service::new(
+        ServiceConfig::default(),
         mpp::packet::MasterKey::new([7; 32]),
         [8; 32],
         sim.now,
@@ -517,7 +517,7 @@ fn notifies_after_a_node_restart_are_not_taken_for_duplicates() {
 
 #[test]
 fn an_old_connect_replayed_from_a_forged_source_creates_nothing() {
-    let mut sim = Sim::new(16, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(16, Knobs::default(), ServiceConfig::default());
     sim.capture = true;
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
@@ -549,7 +549,7 @@ fn an_old_connect_replayed_from_a_forged_source_creates_nothing() {
 
 #[test]
 fn replayed_packets_of_a_gone_connection_get_rate_limited_refusals() {
-    let mut sim = Sim::new(17, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(17, Knobs::default(), ServiceConfig::default());
     sim.capture = true;
     sim.add_device("alice", ClientConfig::default());
     sim.run_for(61_000); // connect + a heartbeat
@@ -571,7 +571,7 @@ fn replayed_packets_of_a_gone_connection_get_rate_limited_refusals() {
 
 #[test]
 fn a_connect_over_the_web_transport_waits_for_udp_before_notifying() {
-    let mut sim = Sim::new(18, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(18, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     // The connect goes over HTTPS instead of UDP.
     let mut buf = vec![0u8; 2048];
@@ -606,7 +606,7 @@ fn a_connect_over_the_web_transport_waits_for_udp_before_notifying() {
 
 #[test]
 fn a_source_failing_authentication_is_throttled_before_decryption() {
-    let mut sim = Sim::new(19, Knobs::default(), ServerConfig::default());
+    let mut sim = Sim::new(19, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
     sim.run_for(100);
     let conn_id = sim.devices[d].client.conn_id();

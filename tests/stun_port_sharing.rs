@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use mpp::packet::MasterKey;
-use mpp::proto::{Server, ServerConfig};
+use mpp::proto::{Service, ServiceConfig};
 use mpp::time::UnixMillis;
 
 const NOW: UnixMillis = UnixMillis(1_795_262_400_000);
@@ -15,13 +15,13 @@ fn binding_request(txid: u8) -> Vec<u8> {
     r
 }
 
-fn server(rate: u32, burst: u32) -> Server {
-    let config = ServerConfig {
+fn server(rate: u32, burst: u32) -> Service {
+    let config = ServiceConfig {
         stun_rate_per_sec: rate,
         stun_burst: burst,
-        ..ServerConfig::default()
+        ..ServiceConfig::default()
     };
-    Server::new(config, MasterKey::new([1; 32]), [2; 32], NOW)
+    Service::new(config, MasterKey::new([1; 32]), [2; 32], NOW)
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use mpp::codec::{ClientHeader, Message, PresenceConnectRequest, PresenceHeartbeat};
 use mpp::packet::{seal, Credential, Direction, MasterKey};
-use mpp::proto::{Server, ServerConfig};
+use mpp::proto::{Service, ServiceConfig};
 use mpp::time::{UnixMillis, UnixSeconds};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -50,11 +50,11 @@ pub(crate) fn heartbeat(cred: &Credential, serial: i64) -> Vec<u8> {
 
 /// A server holding `devices` connections, one per account, connected
 /// from 127.0.0.1 ports 1024 + i (mod 60,000); their credentials.
-pub(crate) fn server_with(devices: usize) -> (Server, Vec<Credential>) {
+pub(crate) fn server_with(devices: usize) -> (Service, Vec<Credential>) {
     let master = MasterKey::new([7; 32]);
     let mut rng = StdRng::seed_from_u64(1);
-    let mut server = Server::new(
-        ServerConfig::default(),
+    let mut server = Service::new(
+        ServiceConfig::default(),
         MasterKey::new([7; 32]),
         [3; 32],
         NOW,

@@ -13,7 +13,7 @@ use mpp::config::{IoChoice, NodeConfig};
 use serde_json::Value;
 
 struct TestNode {
-    node: Option<mpp::server::Node>,
+    node: Option<mpp::node::Node>,
     udp: String,
     http: String,
     dir: tempfile::TempDir,
@@ -29,10 +29,10 @@ impl TestNode {
             threads: 2,
             pin: false,
             io: IoChoice::Auto,
-            stun_rate_per_sec: 0,
+            stun_rate: 0,
             ..NodeConfig::default()
         };
-        let node = mpp::server::start(&config, false).expect("node starts");
+        let node = mpp::node::start(&config, false).expect("node starts");
         TestNode {
             udp: node.udp.to_string(),
             http: format!("http://{}", node.http),

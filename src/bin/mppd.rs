@@ -7,19 +7,22 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use mpp::config::{IoChoice, LogFormat, NodeConfig};
+use mpp::config::{ConfigFlags, LogFormat, NodeConfig};
 
 const EXAMPLES: &str = "\
 Examples:
   mppd                                   # run on the defaults (UDP and HTTP on 15099)
   mppd --threads 2 --cpus 0,1 --io uring # two shards pinned to CPUs 0 and 1
-  mppd --config /etc/mppd.toml           # settings from a file (MPPD_* env vars override it)
-  mppd credential issue --account alice@example.com --device phone --ttl 30d";
+  mppd --config /etc/mppd/mppd.toml      # settings from a file (MPPD_* variables and flags override it)
+  mppd config show --threads 4           # the effective settings and where each comes from
+  mppd credential issue --account alice@example.com --device phone --ttl 30d
+
+Every setting can come from the file (its key), an MPPD_* variable or a flag;
+precedence: defaults < file < MPPD_* < flags.";
 
 /// The Mesh Presence Protocol node.
 #[derive(Parser, Debug)]
@@ -28,22 +31,39 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    run: RunArgs,
+    run: ConfigFlags,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node (the default).
-    Run(RunArgs),
+    Run(ConfigFlags),
     /// Credentials for devices.
     #[command(subcommand)]
     Credential(CredentialCommand),
+    /// Check or show the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
 #[derive(Subcommand, Debug)]
 enum CredentialCommand {
     /// Print a new credential (JSON) for a device, from the data directory's master key.
     Issue(IssueArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a TOML configuration file: prints "FILE: ok", or the error and exits 2.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Print the effective configuration (defaults, file, MPPD_* variables and
+    /// flags applied) as TOML, with where each value came from.
+    Show(ConfigFlags),
+    /// Print a configuration file with every setting at its default (mppd.example.toml).
+    Example,
 }
 
 #[derive(Args, Debug)]
@@ -65,49 +85,6 @@ struct IssueArgs {
     endpoints: Vec<String>,
 }
 
-#[derive(Args, Debug, Default)]
-struct RunArgs {
-    /// TOML config file (flags and MPPD_* env vars override it).
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// UDP address for devices [default: 0.0.0.0:15099]; port 0 picks a free port.
-    #[arg(long)]
-    udp: Option<SocketAddr>,
-    /// HTTP control address [default: 127.0.0.1:15099]; port 0 picks a free port.
-    #[arg(long)]
-    http: Option<SocketAddr>,
-    /// Data directory (master.key, admin.token) [default: ./mppd-data].
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Shards (threads) [default: one per core].
-    #[arg(long)]
-    threads: Option<usize>,
-    /// CPUs to pin shard i to, e.g. 0,2-5 (the i-th listed).
-    #[arg(long)]
-    cpus: Option<String>,
-    /// Do not pin shard threads.
-    #[arg(long)]
-    no_pin: bool,
-    /// I/O backend: uring, mmsg or auto [default: auto].
-    #[arg(long)]
-    io: Option<IoChoice>,
-    /// Log format: text or json [default: text].
-    #[arg(long)]
-    log_format: Option<LogFormat>,
-    /// Log filter, e.g. info, debug, mpp=trace [default: info].
-    #[arg(long)]
-    log_level: Option<String>,
-    /// Most connections the node holds [default: 10000000].
-    #[arg(long)]
-    max_connections: Option<usize>,
-    /// Upstream DNS server for the resolve proxy, e.g. 127.0.0.1:53.
-    #[arg(long)]
-    dns_upstream: Option<SocketAddr>,
-    /// STUN answers per second per source address, 0 = unlimited [default: 100].
-    #[arg(long)]
-    stun_rate: Option<u32>,
-}
-
 fn parse_ttl(text: &str) -> Result<u64, String> {
     let secs = mpp::time::parse_duration_secs(text)?;
     if secs == 0 {
@@ -120,21 +97,44 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Credential(CredentialCommand::Issue(args))) => issue(args),
-        Some(Command::Run(args)) => run(args),
+        Some(Command::Config(command)) => config(command),
+        Some(Command::Run(flags)) => run(flags),
         None => run(cli.run),
     }
 }
 
-fn issue(args: IssueArgs) -> ExitCode {
-    let result = (|| -> Result<String, String> {
-        if !args.data_dir.join(mpp::server::MASTER_KEY_FILE).exists() {
-            return Err(format!(
-                "no master key in {} (start mppd once with --data-dir {} to create it)",
-                args.data_dir.display(),
-                args.data_dir.display()
-            ));
+/// Prints `mppd: <error>` and returns the exit status for bad input (2).
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mppd: {e}");
+    ExitCode::from(2)
+}
+
+fn config(command: ConfigCommand) -> ExitCode {
+    match command {
+        ConfigCommand::Check { file } => match NodeConfig::from_file(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(e),
+        },
+        ConfigCommand::Show(flags) => match flags.layers().and_then(|l| l.resolve()) {
+            Ok(resolved) => {
+                print!("{}", resolved.config.to_toml_text(Some(&resolved.sources)));
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(e),
+        },
+        ConfigCommand::Example => {
+            print!("{}", mpp::config::example_file());
+            ExitCode::SUCCESS
         }
-        let data = mpp::server::open_data_dir(&args.data_dir)?;
+    }
+}
+
+fn issue(args: IssueArgs) -> ExitCode {
+    let result = (|| -> anyhow::Result<String> {
+        let data = mpp::node::data_dir::open_existing_data_dir(&args.data_dir)?;
         let master = mpp::packet::MasterKey::new(data.master);
         let now = mpp::time::UnixMillis::from_system_clock().seconds();
         let expires =
@@ -151,8 +151,7 @@ fn issue(args: IssueArgs) -> ExitCode {
             expires,
             endpoints,
             &mut rand::rngs::OsRng,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(cred.to_json())
     })();
     match result {
@@ -160,81 +159,13 @@ fn issue(args: IssueArgs) -> ExitCode {
             println!("{json}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("mppd: {e}");
-            ExitCode::from(2)
-        }
+        Err(e) => usage_error(e),
     }
 }
 
-fn build_config(args: RunArgs) -> Result<NodeConfig, String> {
-    let mut config = match args
-        .config
-        .clone()
-        .or_else(|| std::env::var_os("MPPD_CONFIG").map(PathBuf::from))
-    {
-        Some(path) => NodeConfig::from_file(&path)?,
-        None => NodeConfig::default(),
-    };
-    config.apply_env(std::env::vars())?;
-    let RunArgs {
-        udp,
-        http,
-        data_dir,
-        threads,
-        cpus,
-        no_pin,
-        io,
-        log_format,
-        log_level,
-        max_connections,
-        dns_upstream,
-        stun_rate,
-        config: _,
-    } = args;
-    if let Some(v) = udp {
-        config.udp = v;
-    }
-    if let Some(v) = http {
-        config.http = v;
-    }
-    if let Some(v) = data_dir {
-        config.data_dir = v;
-    }
-    if let Some(v) = threads {
-        config.threads = v;
-    }
-    if let Some(v) = cpus {
-        config.cpus = v;
-    }
-    if no_pin {
-        config.pin = false;
-    }
-    if let Some(v) = io {
-        config.io = v;
-    }
-    if let Some(v) = log_format {
-        config.log_format = v;
-    }
-    if let Some(v) = log_level {
-        config.log_level = v;
-    }
-    if let Some(v) = max_connections {
-        config.max_connections = v;
-    }
-    if let Some(v) = dns_upstream {
-        config.dns_upstream = Some(v);
-    }
-    if let Some(v) = stun_rate {
-        config.stun_rate_per_sec = v;
-    }
-    config.validate()?;
-    Ok(config)
-}
-
-fn init_logging(config: &NodeConfig) -> Result<(), String> {
+fn init_logging(config: &NodeConfig) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .map_err(|e| format!("invalid log level {:?}: {e}", config.log_level))?;
+        .map_err(|e| anyhow::anyhow!("invalid log_level {:?}: {e}", config.log_level))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -242,22 +173,18 @@ fn init_logging(config: &NodeConfig) -> Result<(), String> {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    result.map_err(|e| format!("cannot set up logging: {e}"))
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    let config = match build_config(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("mppd: {e}");
-            return ExitCode::from(2);
-        }
+fn run(flags: ConfigFlags) -> ExitCode {
+    let config = match flags.layers().and_then(|l| l.resolve()) {
+        Ok(resolved) => resolved.config,
+        Err(e) => return usage_error(e),
     };
     if let Err(e) = init_logging(&config) {
-        eprintln!("mppd: {e}");
-        return ExitCode::from(2);
+        return usage_error(e);
     }
-    let node = match mpp::server::start(&config, true) {
+    let node = match mpp::node::start(&config, true) {
         Ok(node) => node,
         Err(e) => {
             eprintln!("mppd: {e}");
@@ -275,7 +202,7 @@ fn run(args: RunArgs) -> ExitCode {
     println!(
         "mppd: issue a credential with: mppd credential issue --data-dir {} --account alice@example.com --device phone --endpoint {}",
         config.data_dir.display(),
-        mpp::server::public_endpoints(&config, node.udp).join(" --endpoint ")
+        mpp::node::public_endpoints(&config, node.udp).join(" --endpoint ")
     );
     match node.wait() {
         Ok(()) => {

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{require_admin, AdminToken};
-use super::metrics::{render_prometheus, CONTENT_TYPE as METRICS_CONTENT_TYPE};
+use super::metrics::{Exposition, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 use super::{
     NodeApi, DEFAULT_CREDENTIAL_TTL_SECS, MAX_CREDENTIAL_TTL_SECS, MAX_NOTIFY_BATCH,
     MAX_REQUEST_BODY, MIN_CREDENTIAL_TTL_SECS, WEB_REPLY_TIMEOUT,
@@ -120,7 +120,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    let text = render_prometheus(&app.node.metrics());
+    let mut out = Exposition::new();
+    app.node.metrics(&mut out);
+    let text = out.into_string();
     ([(CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
 }
 

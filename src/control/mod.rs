@@ -16,7 +16,8 @@
 
 mod api;
 mod auth;
-mod metrics;
+pub mod dns;
+pub mod metrics;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use api::router;
-pub use metrics::render_prometheus;
+pub use metrics::Exposition;
 
 /// Largest request body accepted on the control port, in bytes.
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
@@ -62,57 +63,14 @@ pub trait NodeApi: Send + Sync + 'static {
         peer: SocketAddr,
         packet: Vec<u8>,
     ) -> Result<tokio::sync::oneshot::Receiver<Vec<Vec<u8>>>, Overloaded>;
-    /// A snapshot of every counter.
-    fn metrics(&self) -> NodeMetrics;
+    /// Writes every counter the node keeps (Prometheus text).
+    fn metrics(&self, out: &mut Exposition);
 }
 
 /// A shard's inbox was full, so the request was not handed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("node overloaded: shard inbox full")]
 pub struct Overloaded;
-
-/// A snapshot of the node's counters, as `GET /metrics` reports them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeMetrics {
-    /// The I/O backend in use: `"uring"` or `"mmsg"`.
-    pub io_backend: &'static str,
-    /// Shard threads running.
-    pub threads: usize,
-    /// Seconds since the node started.
-    pub uptime_secs: u64,
-    /// One entry per shard, in shard order.
-    pub shards: Vec<ShardMetrics>,
-}
-
-/// The counters of one shard.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ShardMetrics {
-    /// The shard's id.
-    pub shard: usize,
-    /// The core the shard's thread is pinned to, if any.
-    pub cpu: Option<usize>,
-    /// Connections the shard holds.
-    pub connections: u64,
-    /// The shard state machine's counters.
-    pub server: crate::proto::ServerStats,
-    /// Datagrams read from the socket.
-    pub datagrams_received: u64,
-    /// Datagrams written to the socket.
-    pub datagrams_sent: u64,
-    /// Sends the kernel refused.
-    pub send_errors: u64,
-    /// Datagrams lost on receive (no buffer, truncated).
-    pub receive_drops: u64,
-    /// Datagrams the kernel dropped at the shard's socket, its receive
-    /// buffer full (the shard fell behind).
-    pub socket_drops: u64,
-    /// Batches of sends submitted (one syscall each).
-    pub send_batches: u64,
-    /// Publishes this shard forwarded to another shard's inbox.
-    pub router_forwarded: u64,
-    /// Publishes refused because a destination inbox was full.
-    pub router_overflows: u64,
-}
 
 /// Serves the control API on `listener` until `shutdown` completes, then
 /// finishes the requests in flight and returns.

@@ -12,7 +12,7 @@
 
 pub mod client;
 mod replay;
-pub mod server;
+pub mod service;
 pub mod stun;
 
 pub use client::{
@@ -20,8 +20,8 @@ pub use client::{
     Request, SealRequestError,
 };
 pub use replay::{Freshness, ReplayWindow};
-pub use server::{
-    PublishError, ResolveToken, Server, ServerConfig, ServerEvent, ServerStats, WebRequestId,
+pub use service::{
+    PublishError, ResolveToken, Service, ServiceConfig, ServiceEvent, ServiceStats, WebRequestId,
 };
 
 use std::net::SocketAddr;

@@ -21,9 +21,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mpp::config::{IoChoice, NodeConfig};
+use mpp::node::Node;
 use mpp::packet::{Credential, MAX_PACKET};
 use mpp::proto::{Client, ClientConfig, ClientEvent};
-use mpp::server::Node;
 use mpp::time::UnixMillis;
 
 /// How long any wait may last before the test fails. Only reached on failure.
@@ -411,7 +411,7 @@ impl TestNode {
         let dir = TempDir::new(&format!("node-{}", io_name(io)));
         let mut config = node_config(io, dir.path());
         adjust(&mut config);
-        let node = mpp::server::start(&config, false)
+        let node = mpp::node::start(&config, false)
             .unwrap_or_else(|e| panic!("node with io={} did not start: {e}", io_name(io)));
         assert_eq!(
             node.backend.name(),
@@ -431,7 +431,7 @@ impl TestNode {
 
     /// The node's master key, read from its data directory.
     pub(crate) fn master(&self) -> mpp::packet::MasterKey {
-        let data = mpp::server::open_data_dir(self.dir.path()).expect("data dir");
+        let data = mpp::node::open_data_dir(self.dir.path()).expect("data dir");
         mpp::packet::MasterKey::new(data.master)
     }
 

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 
 use mpp::packet::{Credential, MasterKey};
-use mpp::proto::{Client, ClientConfig, ClientEvent, Server, ServerConfig, Transmit};
+use mpp::proto::{Client, ClientConfig, ClientEvent, Service, ServiceConfig, Transmit};
 use mpp::time::{UnixMillis, UnixSeconds};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -54,7 +54,7 @@ pub(crate) struct Sim {
     pub(crate) knobs: Knobs,
     pub(crate) rng: StdRng,
     pub(crate) master: MasterKey,
-    pub(crate) server: Server,
+    pub(crate) server: Service,
     pub(crate) devices: Vec<Device>,
     flight: Vec<InFlight>,
     seq: u64,
@@ -64,9 +64,9 @@ pub(crate) struct Sim {
 }
 
 impl Sim {
-    pub(crate) fn new(seed: u64, knobs: Knobs, config: ServerConfig) -> Self {
+    pub(crate) fn new(seed: u64, knobs: Knobs, config: ServiceConfig) -> Self {
         let master = MasterKey::new([7; 32]);
-        let server = Server::new(config, MasterKey::new([7; 32]), [seed as u8; 32], START);
+        let server = Service::new(config, MasterKey::new([7; 32]), [seed as u8; 32], START);
         Sim {
             now: START,
             knobs,

@@ -1,6 +1,6 @@
 //! The server shard's state machine (PROTOCOL.md §3–§7).
 //!
-//! One [`Server`] owns the connections of the accounts its shard owns. It
+//! One [`Service`] owns the connections of the accounts its shard owns. It
 //! opens every datagram with keys derived from the master key and the
 //! datagram's conn id (nothing per connection is stored to do so), decodes
 //! the message, applies the replay window, and queues the answer; it turns a
@@ -9,7 +9,7 @@
 //! authenticate is counted and otherwise ignored: no answer, no state change.
 //!
 //! Answers are queued as *intents* (who, which conn id, what kind) and only
-//! encoded and sealed in [`Server::poll_transmit`], straight into the I/O
+//! encoded and sealed in [`Service::poll_transmit`], straight into the I/O
 //! layer's buffer, so the hot path neither allocates nor copies twice. Queues
 //! are bounded: a reply that does not fit is dropped and counted (the client
 //! retries), a notify is never dropped because each connection is queued at
@@ -40,7 +40,7 @@ use crate::time::{UnixMillis, UnixSeconds};
 
 /// Tunables of one shard.
 #[derive(Debug, Clone)]
-pub struct ServerConfig {
+pub struct ServiceConfig {
     /// ConnectionTimeout announced to clients (ms); idle connections are
     /// dropped after twice this.
     pub connection_timeout_ms: u32,
@@ -63,9 +63,9 @@ pub struct ServerConfig {
     pub stun_burst: u32,
 }
 
-impl Default for ServerConfig {
+impl Default for ServiceConfig {
     fn default() -> Self {
-        ServerConfig {
+        ServiceConfig {
             connection_timeout_ms: CONNECTION_TIMEOUT_MS,
             max_connections: 10_000_000,
             retransmit_initial_ms: RETRANSMIT_INITIAL_MS,
@@ -81,7 +81,7 @@ impl Default for ServerConfig {
 
 /// Counters of one shard; the node sums them across shards for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServerStats {
+pub struct ServiceStats {
     /// Datagrams handed to `handle_datagram`.
     pub datagrams_in: u64,
     /// Datagrams produced by `poll_transmit`.
@@ -134,9 +134,9 @@ pub struct ResolveToken(pub u64);
 
 /// Something the I/O layer must do for the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerEvent {
+pub enum ServiceEvent {
     /// Send `query` (DNS wire format) to the upstream resolver and hand the
-    /// answer back with [`Server::handle_resolve_answer`].
+    /// answer back with [`Service::handle_resolve_answer`].
     ResolveUpstream {
         /// Quote this with the answer.
         token: ResolveToken,
@@ -282,8 +282,8 @@ const SWEEP_PERIOD_MS: u64 = 10_000;
 const SWEEP_STEPS: u64 = 10;
 
 /// The state of one server shard.
-pub struct Server {
-    config: ServerConfig,
+pub struct Service {
+    config: ServiceConfig,
     master: MasterKey,
     binder: BindingKey,
     table: Table,
@@ -307,18 +307,18 @@ pub struct Server {
     due: Vec<RetransmitTimer>,
     resolves: Vec<PendingResolve>,
     next_resolve: u64,
-    events: VecDeque<ServerEvent>,
+    events: VecDeque<ServiceEvent>,
     next_sweep: UnixMillis,
     sweep_cursor: u32,
     scratch: Vec<u8>,
-    stats: ServerStats,
+    stats: ServiceStats,
 }
 
-impl Server {
+impl Service {
     /// A shard with no connections. `seed` seeds the nonce generator: pass
     /// fresh OS randomness in production, a constant in tests.
-    pub fn new(config: ServerConfig, master: MasterKey, seed: [u8; 32], now: UnixMillis) -> Self {
-        Server {
+    pub fn new(config: ServiceConfig, master: MasterKey, seed: [u8; 32], now: UnixMillis) -> Self {
+        Service {
             binder: BindingKey::from_master(&master),
             table: Table::new(config.max_connections),
             master,
@@ -352,13 +352,13 @@ impl Server {
             next_sweep: now.plus_millis(SWEEP_PERIOD_MS / SWEEP_STEPS),
             sweep_cursor: 0,
             scratch: Vec::with_capacity(MAX_PACKET),
-            stats: ServerStats::default(),
+            stats: ServiceStats::default(),
             config,
         }
     }
 
     /// The shard's counters.
-    pub fn stats(&self) -> &ServerStats {
+    pub fn stats(&self) -> &ServiceStats {
         &self.stats
     }
 
@@ -367,7 +367,7 @@ impl Server {
         self.table.len()
     }
 
-    /// Datagrams waiting for [`Server::poll_transmit`]: queued replies,
+    /// Datagrams waiting for [`Service::poll_transmit`]: queued replies,
     /// STUN answers and notifies (each device at most once), plus one for a
     /// fragmented message in progress. The shard stops taking publishes
     /// while this is high, so a publish burst cannot starve its receiving.
@@ -425,7 +425,7 @@ impl Server {
 
     /// Handles one client packet that arrived over the web-service transport
     /// (PROTOCOL.md §9) from `peer`. Its replies come out of
-    /// [`Server::poll_transmit`] with [`Transmit::web`] set to `id`. Such a
+    /// [`Service::poll_transmit`] with [`Transmit::web`] set to `id`. Such a
     /// request never moves a connection's UDP endpoint: notifies are UDP only.
     pub fn handle_web_request(
         &mut self,
@@ -590,7 +590,7 @@ impl Server {
                     origin,
                     deadline: now.plus_millis(self.config.resolve_timeout_ms),
                 });
-                self.events.push_back(ServerEvent::ResolveUpstream {
+                self.events.push_back(ServiceEvent::ResolveUpstream {
                     token,
                     query: query.to_vec(),
                 });
@@ -839,11 +839,11 @@ impl Server {
     }
 
     /// The next thing the I/O layer must do.
-    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+    pub fn poll_event(&mut self) -> Option<ServiceEvent> {
         self.events.pop_front()
     }
 
-    /// When [`Server::handle_timeout`] next needs calling.
+    /// When [`Service::handle_timeout`] next needs calling.
     pub fn poll_timeout(&self) -> Option<UnixMillis> {
         let mut next = self.timers.next_deadline();
         let mut consider = |t: UnixMillis| next = Some(next.map_or(t, |n: UnixMillis| n.min(t)));

@@ -1,84 +1,122 @@
-//! Starting and stopping a node: the data directory, the socket group, the
-//! shard threads, the control-plane thread, and an orderly shutdown.
+//! The node: the threads that run the protocol, and starting and stopping
+//! them.
+//!
+//! * [`shard`] — one pinned thread per shard owning a socket, a driver, the
+//!   [`crate::proto::Service`] state machine and an inbox;
+//! * [`router`] — the bounded inboxes through which anything reaches a shard;
+//! * [`data_dir`] — the key files;
+//! * [`metrics`] — what the shards count, named for `GET /metrics`;
+//! * this file — [`start`], the running [`Node`], and the [`NodeHandle`]
+//!   through which the control plane reaches the shards.
 //!
 //! [`start`] does everything that can fail before any thread runs (reading
 //! the keys, binding UDP and HTTP, probing io_uring), so a bad setting is
-//! reported once, clearly, and nothing is left half-started.
+//! reported once, clearly, as a [`StartError`], and nothing is left
+//! half-started. This layer parses no packet: it moves datagrams and
+//! messages between the sockets, the state machines and the control plane.
+
+pub mod data_dir;
+pub mod metrics;
+pub mod router;
+pub mod shard;
+mod signals;
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use crate::config::{parse_cpu_list, IoChoice, NodeConfig};
-use crate::control::{NodeApi, NodeMetrics, Overloaded, ShardMetrics};
+use crate::config::{ConfigError, IoChoice, NodeConfig};
+use crate::control::dns::{DnsAnswer, DnsQuery};
+use crate::control::{Exposition, NodeApi, Overloaded};
 use crate::net::{self, IoBackend, Waker};
 use crate::packet::{Credential, CredentialError, MasterKey};
-use crate::proto::ServerConfig;
-use crate::router::{Router, ShardMessage};
-use crate::shard::{self, Clock, DnsQuery, ShardSetup};
-use crate::time::UnixSeconds;
+use crate::proto::ServiceConfig;
+use crate::time::{UnixMillis, UnixSeconds};
+pub use data_dir::{open_data_dir, DataDir, DataDirError, ADMIN_TOKEN_FILE, MASTER_KEY_FILE};
+use metrics::NodeMetrics;
+use router::{Router, ShardMessage};
+use shard::{ShardMetrics, ShardSetup};
+use signals::Signals;
 
-/// File holding the master key (64 hex digits) in the data directory.
-pub const MASTER_KEY_FILE: &str = "master.key";
-/// File holding the admin bearer token in the data directory.
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-
-/// The keys a node keeps on disk.
-pub struct DataDir {
-    /// The master key all credentials and packet keys derive from.
-    pub master: [u8; 32],
-    /// The bearer token for control-plane writes.
-    pub admin_token: String,
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory or a key file could not be used.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// `--io uring` was asked for and io_uring does not work here.
+    #[error("io_uring is not available here ({0}); use --io mmsg or --io auto")]
+    UringUnavailable(io::Error),
+    /// The UDP socket group could not be bound (port taken, no permission).
+    #[error("cannot bind UDP {addr}: {source}")]
+    BindUdp {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The HTTP control listener could not be bound.
+    #[error("cannot bind HTTP {addr}: {source}")]
+    BindHttp {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// A resource of the process could not be set up (eventfd, thread,
+    /// runtime, signal handler).
+    #[error("cannot {what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
 }
 
-/// Opens the data directory, creating it, a random master key and a random
-/// admin token (mode 0600) on first use.
-pub fn open_data_dir(dir: &Path) -> Result<DataDir, String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
+impl StartError {
+    fn setup(what: &'static str) -> impl FnOnce(io::Error) -> StartError {
+        move |source| StartError::Setup { what, source }
     }
-    let read_or_create = |name: &str| -> Result<String, String> {
-        let path = dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(text.trim().to_owned()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let mut bytes = [0u8; 32];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-                let text = hex::encode(bytes);
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-                io::Write::write_all(&mut f, format!("{text}\n").as_bytes())
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                Ok(text)
-            }
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+}
+
+/// A monotonic clock reporting Unix milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    start_unix: UnixMillis,
+}
+
+impl Clock {
+    /// Anchors the clock now.
+    pub fn new() -> Self {
+        Clock {
+            start: Instant::now(),
+            start_unix: UnixMillis::from_system_clock(),
         }
-    };
-    let master = MasterKey::from_hex(&read_or_create(MASTER_KEY_FILE)?)
-        .map(|key| *key.as_bytes())
-        .map_err(|e| format!("{}: {e}", dir.join(MASTER_KEY_FILE).display()))?;
-    let admin_token = read_or_create(ADMIN_TOKEN_FILE)?;
-    if admin_token.len() < 16 {
-        return Err(format!(
-            "{}: the admin token must be at least 16 characters",
-            dir.join(ADMIN_TOKEN_FILE).display()
-        ));
     }
-    Ok(DataDir {
-        master,
-        admin_token,
-    })
+
+    /// The current time.
+    pub fn now(&self) -> UnixMillis {
+        self.start_unix
+            .plus_millis(self.start.elapsed().as_millis() as u64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Pins the calling thread to `cpu`; false when the OS refused.
+pub fn pin_current_thread(cpu: usize) -> bool {
+    core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
 }
 
 /// The `host:port` endpoints written into credentials.
@@ -101,14 +139,14 @@ pub fn public_endpoints(config: &NodeConfig, udp: SocketAddr) -> Vec<String> {
 }
 
 /// The control plane's view of the running node.
-struct NodeHandle {
+pub struct NodeHandle {
     router: Arc<Router>,
     master: MasterKey,
     endpoints: Vec<String>,
     metrics: Vec<Arc<Mutex<ShardMetrics>>>,
     backend: IoBackend,
     clock: Clock,
-    started: crate::time::UnixMillis,
+    started: UnixMillis,
 }
 
 impl NodeApi for NodeHandle {
@@ -160,8 +198,8 @@ impl NodeApi for NodeHandle {
         Ok(receiver)
     }
 
-    fn metrics(&self) -> NodeMetrics {
-        NodeMetrics {
+    fn metrics(&self, out: &mut Exposition) {
+        let snapshot = NodeMetrics {
             io_backend: self.backend.name(),
             threads: self.metrics.len(),
             uptime_secs: self.clock.now().millis_since(self.started) / 1000,
@@ -170,7 +208,8 @@ impl NodeApi for NodeHandle {
                 .iter()
                 .filter_map(|m| m.lock().ok().map(|g| g.clone()))
                 .collect(),
-        }
+        };
+        metrics::render(&snapshot, out);
     }
 }
 
@@ -214,12 +253,12 @@ impl Node {
     }
 }
 
-fn choose_backend(choice: IoChoice) -> Result<IoBackend, String> {
+fn choose_backend(choice: IoChoice) -> Result<IoBackend, StartError> {
     match choice {
         IoChoice::Mmsg => Ok(IoBackend::Mmsg),
-        IoChoice::Uring => net::uring::probe().map(|()| IoBackend::Uring).map_err(|e| {
-            format!("io_uring is not available here ({e}); use --io mmsg or --io auto")
-        }),
+        IoChoice::Uring => net::uring::probe()
+            .map(|()| IoBackend::Uring)
+            .map_err(StartError::UringUnavailable),
         IoChoice::Auto => {
             let b = net::detect_backend();
             if b == IoBackend::Mmsg {
@@ -233,11 +272,11 @@ fn choose_backend(choice: IoChoice) -> Result<IoBackend, String> {
 /// Starts a node: binds everything, then spawns the shards and the control
 /// plane. `stop_on_signals` makes SIGINT/SIGTERM stop it (the `mppd` binary);
 /// tests call [`Node::shutdown`] instead.
-pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, String> {
+pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartError> {
     config.validate()?;
     let data = open_data_dir(&config.data_dir)?;
     let shards = config.shard_count();
-    let cpus = parse_cpu_list(&config.cpus)?;
+    let cpus = config.cpus.0.clone();
     let cpus = if cpus.is_empty() {
         core_affinity::get_core_ids()
             .unwrap_or_default()
@@ -248,40 +287,52 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, String>
         cpus
     };
     let backend = choose_backend(config.io)?;
-    let sockets = net::socket::bind_group(config.udp, shards, config.socket_buffer)
-        .map_err(|e| format!("cannot bind UDP {}: {e}", config.udp))?;
+    let sockets =
+        net::socket::bind_group(config.udp, shards, config.socket_buffer).map_err(|source| {
+            StartError::BindUdp {
+                addr: config.udp,
+                source,
+            }
+        })?;
     let udp = sockets
         .first()
-        .and_then(|s| s.local_addr().ok())
-        .ok_or("no UDP socket bound")?;
+        .ok_or_else(|| io::Error::other("no UDP socket bound"))
+        .and_then(|s| s.local_addr())
+        .map_err(|source| StartError::BindUdp {
+            addr: config.udp,
+            source,
+        })?;
     if let Some(first) = sockets.first() {
         net::steer::attach_steering(first, shards as u32).unwrap_or_else(|e| {
             tracing::warn!(%e, "cBPF steering unavailable: misrouted datagrams go through the router");
         });
     }
-    let http_listener = std::net::TcpListener::bind(config.http)
-        .map_err(|e| format!("cannot bind HTTP {}: {e}", config.http))?;
-    http_listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("cannot configure HTTP listener: {e}"))?;
-    let http = http_listener
-        .local_addr()
-        .map_err(|e| format!("cannot read HTTP address: {e}"))?;
+    let bind_http = |source| StartError::BindHttp {
+        addr: config.http,
+        source,
+    };
+    let http_listener = std::net::TcpListener::bind(config.http).map_err(bind_http)?;
+    http_listener.set_nonblocking(true).map_err(bind_http)?;
+    let http = http_listener.local_addr().map_err(bind_http)?;
 
     let wakers: Vec<Arc<Waker>> = (0..shards)
         .map(|_| Waker::new().map(Arc::new))
         .collect::<io::Result<_>>()
-        .map_err(|e| format!("cannot create eventfd: {e}"))?;
+        .map_err(StartError::setup("create an eventfd"))?;
     let (router, inboxes) = Router::new(wakers.clone(), config.inbox_capacity);
     let clock = Clock::new();
     let (dns_tx, dns_rx) = tokio::sync::mpsc::channel::<DnsQuery>(1024);
     let dns = config.dns_upstream.map(|_| dns_tx);
-    let server_config = ServerConfig {
+    let server_config = ServiceConfig {
         connection_timeout_ms: config.connection_timeout_ms,
         max_connections: config.max_connections.div_ceil(shards).max(1),
-        stun_rate_per_sec: config.stun_rate_per_sec,
+        retransmit_initial_ms: config.retransmit_initial_ms,
+        retransmit_tries: config.retransmit_tries,
+        max_queued_replies: config.max_queued_replies,
+        max_pending_resolves: config.max_pending_resolves,
+        resolve_timeout_ms: config.resolve_timeout_ms,
+        stun_rate_per_sec: config.stun_rate,
         stun_burst: config.stun_burst,
-        ..ServerConfig::default()
     };
     let metrics: Vec<Arc<Mutex<ShardMetrics>>> = (0..shards)
         .map(|i| {
@@ -317,7 +368,7 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, String>
         let t = std::thread::Builder::new()
             .name(format!("mpp-shard-{i}"))
             .spawn(move || shard::run(setup))
-            .map_err(|e| format!("cannot start shard thread: {e}"))?;
+            .map_err(StartError::setup("start a shard thread"))?;
         shard_threads.push(t);
     }
 
@@ -360,11 +411,11 @@ fn spawn_control(
     stop: Arc<tokio::sync::Notify>,
     stop_on_signals: bool,
     dns: Option<(SocketAddr, tokio::sync::mpsc::Receiver<DnsQuery>)>,
-) -> Result<JoinHandle<()>, String> {
+) -> Result<JoinHandle<()>, StartError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the control runtime: {e}"))?;
+        .map_err(StartError::setup("start the control runtime"))?;
     let signals = if stop_on_signals {
         Some(Signals::install(&runtime)?)
     } else {
@@ -383,12 +434,21 @@ fn spawn_control(
                     }
                 };
                 if let Some((upstream, queries)) = dns {
-                    tokio::spawn(crate::dns::forward(upstream, queries, router.clone()));
+                    let router = router.clone();
+                    let answered = move |a: DnsAnswer| {
+                        let message = ShardMessage::ResolveAnswer {
+                            token: a.token,
+                            answer: a.answer,
+                        };
+                        // A full inbox drops the answer; the resolve times out with 504.
+                        let _ = router.send(a.shard, message);
+                    };
+                    tokio::spawn(crate::control::dns::forward(upstream, queries, answered));
                 }
                 let shutdown = {
                     let router = router.clone();
                     async move {
-                        wait_for_stop(stop, signals).await;
+                        signals::wait_for_stop(stop, signals).await;
                         tracing::info!("shutting down");
                         router.shutdown_all();
                     }
@@ -400,37 +460,5 @@ fn spawn_control(
                 }
             });
         })
-        .map_err(|e| format!("cannot start the control thread: {e}"))
-}
-
-/// SIGINT and SIGTERM streams. Created before `start` returns, so a signal
-/// that arrives right after the start-up line is caught, not fatal.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install(runtime: &tokio::runtime::Runtime) -> Result<Self, String> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let _guard = runtime.enter();
-        let term =
-            signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-        let int =
-            signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
-        Ok(Signals { term, int })
-    }
-}
-
-async fn wait_for_stop(stop: Arc<tokio::sync::Notify>, signals: Option<Signals>) {
-    match signals {
-        None => stop.notified().await,
-        Some(mut s) => {
-            tokio::select! {
-                _ = stop.notified() => {}
-                _ = s.term.recv() => {}
-                _ = s.int.recv() => {}
-            }
-        }
-    }
+        .map_err(StartError::setup("start the control thread"))
 }

@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use crate::control::ShardMetrics;
+use super::router::{Router, ShardId, ShardMessage};
+use super::Clock;
+use crate::control::dns::DnsQuery;
 use crate::net::{self, Driver, IoBackend, Waker};
 use crate::packet::{peek_conn_id, MasterKey};
-use crate::proto::{stun, Server, ServerConfig, ServerEvent, WebRequestId};
-use crate::router::{Router, ShardId, ShardMessage};
+use crate::proto::{stun, Service, ServiceConfig, ServiceEvent, WebRequestId};
 use crate::time::UnixMillis;
 
 /// Inbox messages handled per loop turn at most, so receiving stays fair.
@@ -37,8 +38,35 @@ const BACKLOG_HIGH: usize = 16 * SEND_PER_TURN;
 /// How often a shard publishes its counters for `/metrics`.
 const METRICS_PERIOD: Duration = Duration::from_millis(200);
 
-/// A query for the DNS forwarder: which shard asked, which resolve, the query.
-pub type DnsQuery = (ShardId, crate::proto::ResolveToken, Vec<u8>);
+/// The counters of one shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardMetrics {
+    /// The shard's id.
+    pub shard: usize,
+    /// The core the shard's thread is pinned to, if any.
+    pub cpu: Option<usize>,
+    /// Connections the shard holds.
+    pub connections: u64,
+    /// The shard state machine's counters.
+    pub service: crate::proto::ServiceStats,
+    /// Datagrams read from the socket.
+    pub datagrams_received: u64,
+    /// Datagrams written to the socket.
+    pub datagrams_sent: u64,
+    /// Sends the kernel refused.
+    pub send_errors: u64,
+    /// Datagrams lost on receive (no buffer, truncated).
+    pub receive_drops: u64,
+    /// Datagrams the kernel dropped at the shard's socket, its receive
+    /// buffer full (the shard fell behind).
+    pub socket_drops: u64,
+    /// Batches of sends submitted (one syscall each).
+    pub send_batches: u64,
+    /// Publishes this shard forwarded to another shard's inbox.
+    pub router_forwarded: u64,
+    /// Publishes refused because a destination inbox was full.
+    pub router_overflows: u64,
+}
 
 /// Everything a shard thread needs.
 pub struct ShardSetup {
@@ -61,7 +89,7 @@ pub struct ShardSetup {
     /// The router, to forward misrouted datagrams.
     pub router: Arc<Router>,
     /// State machine settings.
-    pub server: ServerConfig,
+    pub server: ServiceConfig,
     /// The node's master key.
     pub master: [u8; 32],
     /// Where DNS queries go (None: resolves answer 502 at once).
@@ -72,39 +100,10 @@ pub struct ShardSetup {
     pub clock: Clock,
 }
 
-/// A monotonic clock reporting Unix milliseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    start: Instant,
-    start_unix: UnixMillis,
-}
-
-impl Clock {
-    /// Anchors the clock now.
-    pub fn new() -> Self {
-        Clock {
-            start: Instant::now(),
-            start_unix: UnixMillis::from_system_clock(),
-        }
-    }
-
-    /// The current time.
-    pub fn now(&self) -> UnixMillis {
-        self.start_unix
-            .plus_millis(self.start.elapsed().as_millis() as u64)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::new()
-    }
-}
-
 /// Runs a shard until it is told to shut down. Errors only at set-up.
 pub fn run(setup: ShardSetup) -> std::io::Result<()> {
     if let Some(cpu) = setup.cpu {
-        if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+        if !super::pin_current_thread(cpu) {
             tracing::warn!(shard = setup.id, cpu, "could not pin the shard thread");
         }
     }
@@ -116,7 +115,7 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
     let now = setup.clock.now();
     let mut shard = Shard {
         id: setup.id,
-        server: Server::new(setup.server, MasterKey::new(setup.master), seed, now),
+        server: Service::new(setup.server, MasterKey::new(setup.master), seed, now),
         router: setup.router,
         dns: setup.dns,
         web: HashMap::new(),
@@ -253,7 +252,7 @@ type WebReplies = (tokio::sync::oneshot::Sender<Vec<Vec<u8>>>, Vec<Vec<u8>>);
 
 struct Shard {
     id: ShardId,
-    server: Server,
+    server: Service,
     router: Arc<Router>,
     dns: Option<tokio::sync::mpsc::Sender<DnsQuery>>,
     /// Web-transport requests answered in this turn: their replies so far.
@@ -315,11 +314,15 @@ impl Shard {
     fn handle_events(&mut self) {
         while let Some(event) = self.server.poll_event() {
             match event {
-                ServerEvent::ResolveUpstream { token, query } => {
-                    let sent = self
-                        .dns
-                        .as_ref()
-                        .is_some_and(|dns| dns.try_send((self.id, token, query)).is_ok());
+                ServiceEvent::ResolveUpstream { token, query } => {
+                    let sent = self.dns.as_ref().is_some_and(|dns| {
+                        dns.try_send(DnsQuery {
+                            shard: self.id,
+                            token,
+                            query,
+                        })
+                        .is_ok()
+                    });
                     if !sent {
                         // No upstream configured, or the forwarder is overloaded.
                         self.server.handle_resolve_answer(token, Err(502));
@@ -387,7 +390,7 @@ impl Shard {
             shard: self.id,
             cpu,
             connections: self.server.connections() as u64,
-            server: self.server.stats().clone(),
+            service: self.server.stats().clone(),
             datagrams_received: d.received,
             datagrams_sent: d.sent,
             send_errors: d.send_errors,

@@ -4,37 +4,69 @@
 //! Each query a shard hands over is sent to the configured upstream from a
 //! fresh ephemeral socket (so answers cannot be confused between queries),
 //! and the answer — or 504 on timeout, 502 on any other failure — goes back
-//! to the shard through the router. At most `MAX_IN_FLIGHT` queries wait at
+//! to the shard through the callback the node gives (its router). At most `MAX_IN_FLIGHT` queries wait at
 //! once; the shard-side channel is bounded too.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::router::{Router, ShardMessage};
-use crate::shard::DnsQuery;
+use crate::proto::ResolveToken;
+
+/// One query a shard hands to the forwarder.
+#[derive(Debug)]
+pub struct DnsQuery {
+    /// The shard that asked (its answer goes back there).
+    pub shard: usize,
+    /// The resolve it belongs to.
+    pub token: ResolveToken,
+    /// The DNS query, wire format.
+    pub query: Vec<u8>,
+}
+
+/// The upstream's answer to a [`DnsQuery`], or 502/504.
+#[derive(Debug)]
+pub struct DnsAnswer {
+    /// The shard that asked.
+    pub shard: usize,
+    /// The resolve it belongs to.
+    pub token: ResolveToken,
+    /// The DNS response, or the status to report (502 failure, 504 timeout).
+    pub answer: Result<Vec<u8>, u16>,
+}
 
 const MAX_IN_FLIGHT: usize = 256;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Forwards queries to `upstream` until the channel closes.
+/// Forwards queries to `upstream` until the channel closes, handing each
+/// answer to `answered` (which must not block: it queues the answer for
+/// its shard).
 pub async fn forward(
     upstream: SocketAddr,
     mut queries: tokio::sync::mpsc::Receiver<DnsQuery>,
-    router: Arc<Router>,
+    answered: impl Fn(DnsAnswer) + Clone + Send + 'static,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    while let Some((shard, token, query)) = queries.recv().await {
+    while let Some(DnsQuery {
+        shard,
+        token,
+        query,
+    }) = queries.recv().await
+    {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        let router = router.clone();
+        let answered = answered.clone();
         tokio::spawn(async move {
             let answer = ask(upstream, &query).await;
             if let Err(code) = &answer {
                 tracing::debug!(%upstream, code, "DNS upstream failed");
             }
-            let _ = router.send(shard, ShardMessage::ResolveAnswer { token, answer });
+            answered(DnsAnswer {
+                shard,
+                token,
+                answer,
+            });
             drop(permit);
         });
     }

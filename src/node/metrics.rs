@@ -1,0 +1,304 @@
+//! What the node counts, and how it is named on `GET /metrics`.
+//!
+//! Each shard publishes a [`ShardMetrics`] snapshot a few times a second;
+//! this module names every counter of it (one family per counter, one sample
+//! per shard with a `shard="i"` label, nothing summed: Prometheus sums at
+//! query time) and writes them through the control plane's
+//! [`Exposition`]. Rendering is a pure function of a [`NodeMetrics`]
+//! snapshot, so it never reaches into a shard.
+
+use super::shard::ShardMetrics;
+use crate::control::metrics::{counter, gauge, Exposition, Family, Kind};
+
+/// A snapshot of the node's counters, as `GET /metrics` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeMetrics {
+    /// The I/O backend in use: `"uring"` or `"mmsg"`.
+    pub io_backend: &'static str,
+    /// Shard threads running.
+    pub threads: usize,
+    /// Seconds since the node started.
+    pub uptime_secs: u64,
+    /// One entry per shard, in shard order.
+    pub shards: Vec<ShardMetrics>,
+}
+
+/// Reads one counter of a shard.
+type ShardValue = fn(&ShardMetrics) -> u64;
+
+/// Families before `mpp_drops_total`, in output order.
+const SOCKET_FAMILIES: &[Family<ShardMetrics>] = &[
+    gauge("mpp_connections", "Connections held by the shard.", |s| {
+        s.connections
+    }),
+    counter(
+        "mpp_datagrams_received_total",
+        "Datagrams read from the shard's socket.",
+        |s| s.datagrams_received,
+    ),
+    counter(
+        "mpp_datagrams_sent_total",
+        "Datagrams written to the shard's socket.",
+        |s| s.datagrams_sent,
+    ),
+    counter(
+        "mpp_send_batches_total",
+        "Batches of sends submitted, one syscall each.",
+        |s| s.send_batches,
+    ),
+    counter("mpp_send_errors_total", "Sends the kernel refused.", |s| {
+        s.send_errors
+    }),
+    counter(
+        "mpp_receive_drops_total",
+        "Datagrams lost on receive (no buffer or truncated).",
+        |s| s.receive_drops,
+    ),
+    counter(
+        "mpp_socket_drops_total",
+        "Datagrams the kernel dropped at the shard's socket because its receive buffer was full (the shard fell behind).",
+        |s| s.socket_drops,
+    ),
+];
+
+/// The `reason` label values of `mpp_drops_total`.
+const DROP_REASONS: &[(&str, ShardValue)] = &[
+    ("malformed", |s| s.service.dropped_malformed),
+    ("auth", |s| s.service.dropped_auth),
+    ("replay", |s| s.service.dropped_replay),
+    ("unexpected", |s| s.service.dropped_unexpected),
+    ("queue_full", |s| s.service.dropped_queue_full),
+    ("stun", |s| s.service.stun_dropped),
+    ("refusal_rate_limited", |s| s.service.refusals_rate_limited),
+    ("auth_rate_limited", |s| s.service.dropped_auth_limited),
+];
+
+/// Families after `mpp_drops_total`, in output order.
+const PROTOCOL_FAMILIES: &[Family<ShardMetrics>] = &[
+    counter("mpp_connects_total", "Connections accepted.", |s| {
+        s.service.connects
+    }),
+    counter(
+        "mpp_refused_total",
+        "Connects refused (invalid binding, expired, node full).",
+        |s| s.service.refused,
+    ),
+    counter(
+        "mpp_disconnects_total",
+        "Connections removed by a disconnect request.",
+        |s| s.service.disconnects,
+    ),
+    counter(
+        "mpp_expired_total",
+        "Connections removed for idleness or credential expiry.",
+        |s| s.service.expired,
+    ),
+    counter("mpp_migrations_total", "Connection endpoint moves.", |s| {
+        s.service.migrations
+    }),
+    counter("mpp_publishes_total", "Publishes handled.", |s| {
+        s.service.publishes
+    }),
+    counter(
+        "mpp_notifies_sent_total",
+        "Notifies sent for the first time.",
+        |s| s.service.notifies_sent,
+    ),
+    counter(
+        "mpp_notifies_retransmitted_total",
+        "Notify retransmissions.",
+        |s| s.service.notifies_retransmitted,
+    ),
+    counter("mpp_notifies_acked_total", "Notifies acknowledged.", |s| {
+        s.service.notifies_acked
+    }),
+    counter("mpp_heartbeats_total", "Heartbeats answered.", |s| {
+        s.service.heartbeats
+    }),
+    counter(
+        "mpp_resolves_total",
+        "DNS queries handed to the upstream.",
+        |s| s.service.resolves,
+    ),
+    counter(
+        "mpp_stun_answered_total",
+        "STUN Binding requests answered.",
+        |s| s.service.stun_answered,
+    ),
+    counter(
+        "mpp_router_forwarded_total",
+        "Messages the router delivered to this shard's inbox (publishes, web requests, misrouted datagrams, DNS answers).",
+        |s| s.router_forwarded,
+    ),
+    counter(
+        "mpp_router_overflows_total",
+        "Publishes refused because a destination inbox was full.",
+        |s| s.router_overflows,
+    ),
+];
+
+/// Writes every counter of `metrics`: node-level gauges first, then one
+/// sample per shard for each family.
+pub fn render(metrics: &NodeMetrics, out: &mut Exposition) {
+    out.family(
+        "mpp_io_backend",
+        Kind::Gauge,
+        "The I/O backend in use (value 1).",
+    );
+    out.sample("mpp_io_backend", &[("backend", metrics.io_backend)], 1);
+    out.family("mpp_threads", Kind::Gauge, "Shard threads running.");
+    out.sample("mpp_threads", &[], metrics.threads as u64);
+    out.family(
+        "mpp_uptime_seconds",
+        Kind::Gauge,
+        "Seconds since the node started.",
+    );
+    out.sample("mpp_uptime_seconds", &[], metrics.uptime_secs);
+    let shard_label = |s: &ShardMetrics| ("shard", s.shard.to_string());
+    for family in SOCKET_FAMILIES {
+        out.per_item(family, &metrics.shards, shard_label);
+    }
+    out.family(
+        "mpp_drops_total",
+        Kind::Counter,
+        "Datagrams dropped by the protocol layer, by reason.",
+    );
+    for s in &metrics.shards {
+        let shard = s.shard.to_string();
+        for (reason, value) in DROP_REASONS {
+            let labels = [("shard", shard.as_str()), ("reason", reason)];
+            out.sample("mpp_drops_total", &labels, value(s));
+        }
+    }
+    for family in PROTOCOL_FAMILIES {
+        out.per_item(family, &metrics.shards, shard_label);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::shard::ShardMetrics;
+    use crate::proto::ServiceStats;
+
+    fn shard(i: usize, base: u64) -> ShardMetrics {
+        ShardMetrics {
+            shard: i,
+            cpu: Some(i),
+            connections: base + 1,
+            service: ServiceStats {
+                dropped_malformed: base + 2,
+                dropped_auth: base + 3,
+                dropped_replay: base + 4,
+                dropped_unexpected: base + 5,
+                dropped_queue_full: base + 6,
+                stun_dropped: base + 7,
+                connects: base + 8,
+                refused: base + 9,
+                disconnects: base + 10,
+                expired: base + 11,
+                migrations: base + 12,
+                publishes: base + 13,
+                notifies_sent: base + 14,
+                notifies_retransmitted: base + 15,
+                notifies_acked: base + 16,
+                heartbeats: base + 17,
+                resolves: base + 18,
+                stun_answered: base + 19,
+                ..ServiceStats::default()
+            },
+            datagrams_received: base + 20,
+            datagrams_sent: base + 21,
+            send_errors: base + 22,
+            receive_drops: base + 23,
+            send_batches: base + 24,
+            router_forwarded: base + 25,
+            router_overflows: base + 26,
+            socket_drops: base + 27,
+        }
+    }
+
+    fn rendered(m: &NodeMetrics) -> String {
+        let mut e = Exposition::new();
+        render(m, &mut e);
+        e.into_string()
+    }
+
+    fn node() -> NodeMetrics {
+        NodeMetrics {
+            io_backend: "uring",
+            threads: 2,
+            uptime_secs: 3600,
+            shards: vec![shard(0, 0), shard(1, 100)],
+        }
+    }
+
+    #[test]
+    fn every_family_has_one_help_and_type_and_a_sample_per_shard() {
+        let text = rendered(&node());
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            families.len(),
+            3 + SOCKET_FAMILIES.len() + 1 + PROTOCOL_FAMILIES.len()
+        );
+        for name in &families {
+            let help = format!("# HELP {name} ");
+            assert_eq!(text.lines().filter(|l| l.starts_with(&help)).count(), 1);
+            let samples = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter(|l| l.split(['{', ' ']).next() == Some(name))
+                .count();
+            let expected = match *name {
+                "mpp_io_backend" | "mpp_threads" | "mpp_uptime_seconds" => 1,
+                "mpp_drops_total" => 2 * DROP_REASONS.len(),
+                _ => 2,
+            };
+            assert_eq!(samples, expected, "{name}");
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            assert!(value.parse::<u64>().is_ok(), "{line}");
+        }
+        assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn samples_carry_the_right_labels_and_values() {
+        let text = rendered(&node());
+        for expected in [
+            "# TYPE mpp_connections gauge",
+            "# TYPE mpp_datagrams_received_total counter",
+            "mpp_io_backend{backend=\"uring\"} 1",
+            "mpp_threads 2",
+            "mpp_uptime_seconds 3600",
+            "mpp_connections{shard=\"0\"} 1",
+            "mpp_connections{shard=\"1\"} 101",
+            "mpp_drops_total{shard=\"0\",reason=\"malformed\"} 2",
+            "mpp_drops_total{shard=\"1\",reason=\"auth\"} 103",
+            "mpp_drops_total{shard=\"1\",reason=\"queue_full\"} 106",
+            "mpp_drops_total{shard=\"0\",reason=\"stun\"} 7",
+            "mpp_connects_total{shard=\"1\"} 108",
+            "mpp_stun_answered_total{shard=\"0\"} 19",
+            "mpp_datagrams_sent_total{shard=\"1\"} 121",
+            "mpp_send_batches_total{shard=\"0\"} 24",
+            "mpp_router_overflows_total{shard=\"1\"} 126",
+        ] {
+            assert!(text.lines().any(|l| l == expected), "missing {expected}");
+        }
+    }
+
+    #[test]
+    fn no_shards_still_renders_node_gauges() {
+        let text = rendered(&NodeMetrics {
+            io_backend: "mmsg",
+            ..NodeMetrics::default()
+        });
+        assert!(text.contains("mpp_io_backend{backend=\"mmsg\"} 1\n"));
+        assert!(!text.contains("shard=\""));
+    }
+}
