@@ -1,5 +1,5 @@
 //! JSON-B encode and decode of the two hottest messages, the heartbeat and the
-//! notify, built from their test vectors (PROTOCOL.md §1).
+//! notify, built from their test vectors (docs/PROTOCOL.md §1).
 //!
 //! Benchmarks are named `codec/<vector>/<decode|encode>`; throughput is the
 //! message's wire size. Run with `cargo bench --bench codec`.
@@ -9,7 +9,7 @@ use std::hint::black_box;
 use criterion::{criterion_main, Criterion, Throughput};
 use mpp::codec::Message;
 
-/// Largest client packet (PROTOCOL.md §3): the encode buffer lives on the stack.
+/// Largest client packet (docs/PROTOCOL.md §3): the encode buffer lives on the stack.
 const MAX_PACKET: usize = 1232;
 
 /// The vectors benchmarked: client → service and service → client.

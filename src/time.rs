@@ -1,7 +1,7 @@
 //! Time values of the protocol, with no clock in sight.
 //!
 //! The sans-IO layers never read the clock: the I/O layer passes the current
-//! time in as a [`UnixMillis`]. Wire dates (PROTOCOL.md §1: DateTime is the
+//! time in as a [`UnixMillis`]. Wire dates (docs/PROTOCOL.md §1: DateTime is the
 //! string `yyyy-MM-ddTHH:mm:ssZ`, UTC) are [`UnixSeconds`]; this module turns
 //! them into and out of that text without allocating.
 

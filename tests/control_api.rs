@@ -1,4 +1,4 @@
-//! The control API over real HTTP/1.1 on loopback (PROTOCOL.md §9): a fake
+//! The control API over real HTTP/1.1 on loopback (docs/PROTOCOL.md §9): a fake
 //! node behind `control::serve`, spoken to with raw requests on a
 //! `std::net::TcpStream` and `Connection: close`. Reads have bounded timeouts
 //! and nothing sleeps.

@@ -1,7 +1,7 @@
 //! The network layer on real loopback sockets (127.0.0.1 and ::1 only):
 //! both drivers echo, batch-send, wake and time out the same way, the
 //! reuseport steering program sends each datagram to its shard's socket
-//! (PROTOCOL.md §8), and socket groups bind as documented.
+//! (docs/PROTOCOL.md §8), and socket groups bind as documented.
 //!
 //! Every driver test runs on both backends. io_uring must work on the test
 //! machine: if it does not, the io_uring runs fail with the probe's reason.

@@ -175,7 +175,7 @@ fn connections_are_steered_to_their_accounts_shard(io: IoChoice) {
 /// program, so from outside a datagram cannot be made to reach the wrong
 /// socket. The shard layer is public, though: this runs two real shard loops
 /// (`mpp::node::shard::run`) over a SO_REUSEPORT group *without* the program, the
-/// fallback mode of PROTOCOL.md §8, where the kernel spreads flows by hash.
+/// fallback mode of docs/PROTOCOL.md §8, where the kernel spreads flows by hash.
 /// Devices of one account connect from new source ports until one lands on
 /// the other shard's socket; every one must still be served by the owner.
 fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {

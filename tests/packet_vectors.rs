@@ -1,4 +1,4 @@
-//! PROTOCOL.md §3, §4: every byte of `tests/vectors/crypto.json` must be
+//! docs/PROTOCOL.md §3, §4: every byte of `tests/vectors/crypto.json` must be
 //! reproduced — derived keys, binding, affinity and one sealed client packet —
 //! and the sealed packet must not open after any tampering or truncation.
 

@@ -1,6 +1,6 @@
 //! Client and server state machines over a simulated network with a virtual
 //! clock: delivery, loss, reordering, duplication, corruption, replay,
-//! forgery, expiry and reconnection (PROTOCOL.md §6, §7).
+//! forgery, expiry and reconnection (docs/PROTOCOL.md §6, §7).
 
 mod sim;
 
@@ -441,7 +441,7 @@ fn endpoint_and_resolve() {
         panic!("no upstream query");
     };
     assert_eq!(query, vec![0xAB; 40]);
-    // A large answer travels as fragments (PROTOCOL.md §5).
+    // A large answer travels as fragments (docs/PROTOCOL.md §5).
     let answer: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
     sim.server.handle_resolve_answer(token, Ok(&answer));
     sim.run_for(100);

@@ -1,4 +1,4 @@
-//! STUN on the MPP port (PROTOCOL.md §7–§8): answered through the server
+//! STUN on the MPP port (docs/PROTOCOL.md §7–§8): answered through the server
 //! state machine, at most 64 bytes, rate-limited per source address.
 
 use std::net::SocketAddr;

@@ -38,7 +38,7 @@ case "$DEVICES" in
     '' | *[!0-9]*) echo "check.sh: --devices wants a whole number, got '$DEVICES'" >&2; exit 2 ;;
 esac
 
-# Bytes per device (the node's bar in shared/BENCHMARKS.md; the loadgen's
+# Bytes per device (the node's bar in docs/BENCHMARKS.md; the loadgen's
 # compact device record, sockets' share and histograms).
 NODE_BYTES_PER_DEVICE=100
 LOADGEN_BYTES_PER_DEVICE=600

@@ -12,7 +12,7 @@
 # loadgen's few source ports would hit), the loadgen to LOADGEN_CPU.
 # Reports go to OUT (default: a temporary directory, removed on exit):
 # coturn.json and mppd.json. Prints both loadgen tables and a summary:
-# binding responses/s, ours, theirs and the ratio (BENCHMARKS.md's bar:
+# binding responses/s, ours, theirs and the ratio (docs/BENCHMARKS.md's bar:
 # ours ≥ 1.5× coturn). Installs coturn with apt-get if it is missing.
 # Exits non-zero if either half failed.
 set -euo pipefail

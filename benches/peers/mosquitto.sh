@@ -16,7 +16,7 @@
 # and the per publish × subscriber line below counts those). Reports go to
 # OUT (default: a temporary directory, removed on exit): mosquitto.json and
 # mppd.json. Prints both loadgen tables and a summary: notifications
-# delivered/s, ours, theirs and the ratio (BENCHMARKS.md's bar: ours ≥ 2.5×
+# delivered/s, ours, theirs and the ratio (docs/BENCHMARKS.md's bar: ours ≥ 2.5×
 # mosquitto). Installs mosquitto with apt-get if it is missing. Exits
 # non-zero if either half failed.
 set -euo pipefail
@@ -114,7 +114,7 @@ header "notifications"
 if [[ -f "$OUT/mppd.json" && -f "$OUT/mosquitto.json" ]]; then
     ratio "$OUT/mppd.json" "$OUT/mosquitto.json" 2.5
     # The rate above counts datagrams: a device with several publishes
-    # pending gets them in one notify (their bitmasks merged, PROTOCOL.md §6),
+    # pending gets them in one notify (their bitmasks merged, docs/PROTOCOL.md §6),
     # while mosquitto sends every message on its own. Counted per publish
     # and subscriber instead (each subscriber learning of each publish):
     python3 - "$(json_field "$OUT/mppd.json" .figures.publishes_delivered_per_s)" \

@@ -1,4 +1,4 @@
-//! The raw limits every figure is compared with (BENCHMARKS.md): a
+//! The raw limits every figure is compared with (docs/BENCHMARKS.md): a
 //! recvmmsg → sendmmsg reflector (raw echo) and a sendmmsg fan-out sender of
 //! notify-sized datagrams (raw fan-out). Neither does any protocol work.
 

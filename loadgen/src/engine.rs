@@ -6,7 +6,7 @@
 //! million `Client`s would not fit. The requests are built by the library's
 //! `proto::seal_request` and the node's answers read with `packet` and
 //! `codec`, so the wire format has one implementation. The timers are the
-//! client's (PROTOCOL.md §6): a request unanswered for `--timeout-ms` is
+//! client's (docs/PROTOCOL.md §6): a request unanswered for `--timeout-ms` is
 //! resent up to `--tries` times; a device whose heartbeats all go unanswered
 //! connects again.
 //!
@@ -562,7 +562,7 @@ impl Worker {
         let unix_now = (self.shared.epoch_unix_s + now_us / 1_000_000) as u32;
         let dev = &mut self.devices[l];
         if kind == KIND_CONNECT {
-            // PROTOCOL.md §6: a connect's Serial is at least the Unix time,
+            // docs/PROTOCOL.md §6: a connect's Serial is at least the Unix time,
             // or the node takes it for a replay of an old one.
             dev.serial = dev.serial.max(unix_now);
         }
@@ -701,7 +701,7 @@ impl Worker {
                     if self.devices[l].tries < tries {
                         self.send_request(l, KIND_HEARTBEAT, now_us);
                     } else {
-                        // PROTOCOL.md §6: heartbeats unanswered: connect again.
+                        // docs/PROTOCOL.md §6: heartbeats unanswered: connect again.
                         self.local.lost += 1;
                         self.set_state(l, IDLE);
                         self.devices[l].tries = 0;

@@ -2,7 +2,7 @@
 //!
 //! Device `g` (0-based, over the whole run) belongs to account `g % A`, is
 //! named `dev-g`, and its conn id is `(g XOR salt)` as 4 big-endian bytes ‖
-//! the account's affinity (PROTOCOL.md §4). Nothing but the two packet keys
+//! the account's affinity (docs/PROTOCOL.md §4). Nothing but the two packet keys
 //! is stored per device: the conn id is recomputed from the index, and a
 //! received packet's conn id gives the index back without a hash table. The
 //! binding is computed when the device connects.

@@ -179,7 +179,7 @@ pub(crate) struct FanoutArgs {
     /// 0 publishes to an account only once every device has its previous
     /// publish, so each publish is its own notify; more lets publishes
     /// reach a device whose notify is still queued, where the node merges
-    /// them into one notify (PROTOCOL.md §6).
+    /// them into one notify (docs/PROTOCOL.md §6).
     #[arg(long, default_value_t = 32)]
     pub(crate) ahead: u64,
     /// Bytes of the published bitmask (1 to 32): the payload size.

@@ -1,5 +1,5 @@
 //! A minimal MQTT 3.1.1 client: QoS 0 fan-out through a broker, the
-//! mosquitto peer of BENCHMARKS.md ("fan-out of one publish to N
+//! mosquitto peer of docs/BENCHMARKS.md ("fan-out of one publish to N
 //! subscribers, same N, same payload size").
 //!
 //! `--devices` subscriber connections and one publisher connection, all on

@@ -1,4 +1,4 @@
-//! The routes of the control port and their request checks (PROTOCOL.md §9).
+//! The routes of the control port and their request checks (docs/PROTOCOL.md §9).
 //!
 //! Each handler validates its whole request before it asks anything of the
 //! node, answers every refusal as `{"error": "<reason>"}` with a status that
@@ -200,7 +200,7 @@ fn parse_notify(body: &[u8]) -> Result<Vec<Notification>, String> {
     }
 }
 
-/// Checks one notification (PROTOCOL.md §2: a bitmask of 1 to 32 bytes).
+/// Checks one notification (docs/PROTOCOL.md §2: a bitmask of 1 to 32 bytes).
 fn notification(account: String, bitmask: &str) -> Result<Notification, String> {
     if account.is_empty() {
         return Err("account is empty".into());
@@ -314,7 +314,7 @@ async fn credentials(State(app): State<App>, body: Result<Bytes, BytesRejection>
 }
 
 /// The replies as one body: each prefixed by its u16be length
-/// (PROTOCOL.md §9). `None` if one is too long to frame.
+/// (docs/PROTOCOL.md §9). `None` if one is too long to frame.
 fn frame_replies(replies: &[Vec<u8>]) -> Option<Vec<u8>> {
     let mut body = Vec::with_capacity(replies.iter().map(|r| r.len() + 2).sum());
     for reply in replies {

@@ -1,5 +1,5 @@
 //! The admin bearer token that guards the control port's writes
-//! (PROTOCOL.md §9).
+//! (docs/PROTOCOL.md §9).
 //!
 //! The token is kept only as its SHA-256 digest, and a presented token is
 //! hashed and compared to it in constant time, so neither the comparison's

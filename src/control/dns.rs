@@ -1,4 +1,4 @@
-//! The DNS proxy's upstream side (PROTOCOL.md §2 `PresenceResolveRequest`):
+//! The DNS proxy's upstream side (docs/PROTOCOL.md §2 `PresenceResolveRequest`):
 //! runs on the control-plane runtime, never on a shard thread.
 //!
 //! Each query a shard hands over is sent to the configured upstream from a

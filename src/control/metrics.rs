@@ -1,5 +1,5 @@
 //! The Prometheus text exposition format, version 0.0.4, for `GET /metrics`
-//! (PROTOCOL.md §9).
+//! (docs/PROTOCOL.md §9).
 //!
 //! This module knows the format, not the counters: the node decides what it
 //! counts (`node::metrics`) and writes its families through an

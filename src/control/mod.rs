@@ -1,4 +1,4 @@
-//! The control plane: the node's HTTP API (PROTOCOL.md §9).
+//! The control plane: the node's HTTP API (docs/PROTOCOL.md §9).
 //!
 //! Services publish notifications, operators issue credentials, Prometheus
 //! scrapes counters, and clients that cannot use UDP hand their packets over
@@ -56,7 +56,7 @@ pub trait NodeApi: Send + Sync + 'static {
         device: &str,
         ttl_secs: u64,
     ) -> Result<crate::packet::Credential, crate::packet::CredentialError>;
-    /// Web-service transport (PROTOCOL.md §9): hand one client packet to the
+    /// Web-service transport (docs/PROTOCOL.md §9): hand one client packet to the
     /// owning shard; the receiver yields the reply packets (possibly none).
     fn web_request(
         &self,

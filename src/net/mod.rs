@@ -8,7 +8,7 @@
 //! one batch with a single `io_uring_enter`) and [`mmsg::MmsgDriver`]
 //! (`recvmmsg`/`sendmmsg`, for kernels or containers where io_uring is
 //! unavailable). [`steer`] attaches the classic-BPF program that sends each
-//! datagram to the socket of the shard owning its account (PROTOCOL.md §8).
+//! datagram to the socket of the shard owning its account (docs/PROTOCOL.md §8).
 //! [`open_driver`] opens either backend; [`detect_backend`] picks io_uring
 //! when [`uring::probe`] passes.
 //!

@@ -1,6 +1,6 @@
 //! Shard steering in the kernel: the classic-BPF program that picks, for each
 //! datagram, which socket of the SO_REUSEPORT group receives it
-//! (PROTOCOL.md §8), and the same rule in Rust for code that must agree.
+//! (docs/PROTOCOL.md §8), and the same rule in Rust for code that must agree.
 //!
 //! It exists so that a connection's packets reach the shard that owns its
 //! account whatever address they come from, with no lock and no forwarding in
@@ -18,19 +18,19 @@ use std::os::fd::AsRawFd;
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
 /// The STUN magic cookie, bytes 4..8 of every STUN message (RFC 8489 §5),
-/// read as a big-endian word as the BPF `ld` does (PROTOCOL.md §8).
+/// read as a big-endian word as the BPF `ld` does (docs/PROTOCOL.md §8).
 const STUN_COOKIE: u32 = u32::from_be_bytes(crate::packet::STUN_MAGIC_COOKIE);
 
 /// Offset of the account affinity in an MPP datagram: connection id bytes
-/// 4..8 (PROTOCOL.md §4, §8).
+/// 4..8 (docs/PROTOCOL.md §4, §8).
 const AFFINITY_OFFSET: u32 = 4;
 
 /// Offset of the first word of a STUN transaction id (RFC 8489 §5), which
-/// steers STUN (PROTOCOL.md §8).
+/// steers STUN (docs/PROTOCOL.md §8).
 const STUN_TXID_OFFSET: u32 = 8;
 
 /// The shard that owns `affinity` among `shards`: `affinity mod shards`
-/// (PROTOCOL.md §8). 0 when `shards` is 0.
+/// (docs/PROTOCOL.md §8). 0 when `shards` is 0.
 pub fn shard_of(affinity: u32, shards: u32) -> u32 {
     affinity.checked_rem(shards).unwrap_or(0)
 }
@@ -46,7 +46,7 @@ pub fn steering_key(payload: &[u8]) -> Option<u32> {
         ))
     };
     let affinity = word(AFFINITY_OFFSET as usize)?;
-    // PROTOCOL.md §8: first two bits 0 and the cookie at 4..8 → STUN.
+    // docs/PROTOCOL.md §8: first two bits 0 and the cookie at 4..8 → STUN.
     if affinity == STUN_COOKIE && payload[0] & 0xC0 == 0 {
         word(STUN_TXID_OFFSET as usize)
     } else {
@@ -129,7 +129,7 @@ pub(crate) fn program(shards: u32) -> Vec<libc::sock_filter> {
         insn(BPF_JMP | BPF_JA, 0, 0, 1),
         // 6: A = word at 4 again.
         insn(BPF_LD | BPF_W | BPF_ABS, 0, 0, AFFINITY_OFFSET),
-        // 7: A = A mod N (PROTOCOL.md §8), same as `shard_of`.
+        // 7: A = A mod N (docs/PROTOCOL.md §8), same as `shard_of`.
         insn(BPF_ALU | BPF_MOD | BPF_K, 0, 0, shards),
         // 8: select socket A.
         insn(BPF_RET | BPF_A, 0, 0, 0),

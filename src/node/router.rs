@@ -1,7 +1,7 @@
 //! The cross-shard router: one bounded inbox per shard, woken by an eventfd.
 //!
 //! A shard owns whole accounts (conn id bytes 4..8 = the account's affinity,
-//! PROTOCOL.md §4 and §8), so every publish, every web-transport request and
+//! docs/PROTOCOL.md §4 and §8), so every publish, every web-transport request and
 //! every datagram that reached the wrong socket goes to exactly one shard's
 //! inbox. Inboxes are bounded: when one is full the message is refused, the
 //! refusal is counted (`router_overflows`) and the caller reports it (HTTP
@@ -104,7 +104,7 @@ impl Router {
         self.inboxes.len()
     }
 
-    /// The shard owning the accounts with this affinity (PROTOCOL.md §8: affinity mod N).
+    /// The shard owning the accounts with this affinity (docs/PROTOCOL.md §8: affinity mod N).
     pub fn shard_of_affinity(&self, affinity: u32) -> ShardId {
         crate::net::steer::shard_of(affinity, self.inboxes.len() as u32) as ShardId
     }
@@ -195,7 +195,7 @@ mod tests {
             .map(|_| Arc::new(Waker::new().expect("eventfd")))
             .collect();
         let (router, _rx) = Router::new(wakers, 1);
-        // affinity("alice@example.com") = 0xff8d9819 (PROTOCOL.md test vector)
+        // affinity("alice@example.com") = 0xff8d9819 (docs/PROTOCOL.md test vector)
         assert_eq!(router.shard_of_account("alice@example.com"), 0xff8d9819 % 3);
     }
 }

@@ -263,7 +263,7 @@ struct Shard {
 
 impl Shard {
     fn on_datagram(&mut self, now: UnixMillis, from: SocketAddr, bytes: &[u8]) {
-        // PROTOCOL.md §8: a datagram on the wrong socket (fallback mode) goes
+        // docs/PROTOCOL.md §8: a datagram on the wrong socket (fallback mode) goes
         // to its owner through the router. STUN is answered by any shard.
         if self.router.shards() > 1 && !stun::is_stun(bytes) {
             if let Some(id) = peek_conn_id(bytes) {

@@ -4,7 +4,7 @@
 //! Why not `aes::Aes256Enc`: on x86 it is a run-time "autodetect" union whose
 //! unused software half makes every key object 960 bytes. This protocol
 //! creates three AES-256 keys per packet (the connection secret and one
-//! AES-GCM key per direction, PROTOCOL.md §3), and zeroing and moving ~1 KB
+//! AES-GCM key per direction, docs/PROTOCOL.md §3), and zeroing and moving ~1 KB
 //! objects was a measurable share of a heartbeat. Here a key is its 15 round
 //! keys (240 bytes). It implements the `cipher` traits, so `aes_gcm::AesGcm`
 //! and our KDF use it unchanged; `tests/packet_vectors.rs` pins its output.
@@ -159,7 +159,7 @@ impl BlockSizeUser for Backend<'_> {
 
 impl ParBlocksSizeUser for Backend<'_> {
     /// Four blocks in flight fill the AES unit (latency 4, one per cycle),
-    /// and the KDF (PROTOCOL.md §3) is exactly four blocks.
+    /// and the KDF (docs/PROTOCOL.md §3) is exactly four blocks.
     type ParBlocksSize = U4;
 }
 

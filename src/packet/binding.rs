@@ -1,4 +1,4 @@
-//! The credential binding (PROTOCOL.md §4): an HMAC that ties a conn id to an
+//! The credential binding (docs/PROTOCOL.md §4): an HMAC that ties a conn id to an
 //! account, a device and an expiry, so any node holding the master key can
 //! trust a ConnectRequest without a database.
 //!
@@ -19,17 +19,17 @@ use super::kdf::{MasterKey, KEY_LEN};
 use crate::time::UnixSeconds;
 
 /// Longest account or device name the binding encoding can carry: its length
-/// is a u16be (PROTOCOL.md §4).
+/// is a u16be (docs/PROTOCOL.md §4).
 pub const MAX_BINDING_FIELD: usize = u16::MAX as usize;
 
-/// PROTOCOL.md §4: the domain-separation prefix of every binding.
+/// docs/PROTOCOL.md §4: the domain-separation prefix of every binding.
 const BINDING_PREFIX: &[u8] = b"mpp1 binding";
 
 /// HMAC-SHA256's block size: a shorter key is zero-padded to it (RFC 2104).
 const HMAC_BLOCK: usize = 64;
 
 /// Why a binding could not be computed or was refused. Fieldless: a refused
-/// ConnectRequest gets no detail back (PROTOCOL.md §7).
+/// ConnectRequest gets no detail back (docs/PROTOCOL.md §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BindingError {
     /// The account or device is longer than its u16be length prefix allows.
@@ -39,7 +39,7 @@ pub enum BindingError {
     #[error("binding does not verify")]
     Invalid,
     /// The MAC is valid but the conn id's affinity is not the account's
-    /// (the connection would live on the wrong shard, PROTOCOL.md §4, §8).
+    /// (the connection would live on the wrong shard, docs/PROTOCOL.md §4, §8).
     #[error("conn id affinity does not match the account")]
     AffinityMismatch,
     /// The MAC is valid but the credential expired (`now >= expires`).
@@ -61,7 +61,7 @@ impl BindingKey {
         BindingKey(<Hmac<Sha256> as KeyInit>::new(&block.into()))
     }
 
-    /// The binding key of a master key (PROTOCOL.md §4).
+    /// The binding key of a master key (docs/PROTOCOL.md §4).
     pub fn from_master(master: &MasterKey) -> Self {
         Self::new(&master.bind_key())
     }
@@ -76,7 +76,7 @@ impl BindingKey {
         let account_len = u16::try_from(account.len()).map_err(|_| BindingError::FieldTooLong)?;
         let device_len = u16::try_from(device.len()).map_err(|_| BindingError::FieldTooLong)?;
         let mut mac = self.0.clone();
-        // PROTOCOL.md §4: "mpp1 binding" ‖ conn id ‖ u64be(expires_unix) ‖
+        // docs/PROTOCOL.md §4: "mpp1 binding" ‖ conn id ‖ u64be(expires_unix) ‖
         // u16be(len) ‖ account ‖ u16be(len) ‖ device. Expiry is the i64 seconds
         // reinterpreted as u64 (two's complement; real expiries are positive).
         mac.update(BINDING_PREFIX);
@@ -89,7 +89,7 @@ impl BindingKey {
         Ok(mac)
     }
 
-    /// The binding of a credential (PROTOCOL.md §4).
+    /// The binding of a credential (docs/PROTOCOL.md §4).
     pub fn binding(
         &self,
         conn_id: ConnId,
@@ -135,7 +135,7 @@ impl fmt::Debug for BindingKey {
 }
 
 /// `HMAC-SHA256(bind_key, "mpp1 binding" ‖ conn id ‖ u64be(expires) ‖ u16be(len)
-/// ‖ account ‖ u16be(len) ‖ device)` (PROTOCOL.md §4). A node verifying many
+/// ‖ account ‖ u16be(len) ‖ device)` (docs/PROTOCOL.md §4). A node verifying many
 /// connects should keep a [`BindingKey`] instead.
 pub fn binding(
     bind_key: &[u8; KEY_LEN],

@@ -1,4 +1,4 @@
-//! The connection id: the first 8 bytes of every datagram (PROTOCOL.md §3, §4).
+//! The connection id: the first 8 bytes of every datagram (docs/PROTOCOL.md §3, §4).
 //!
 //! A conn id names a connection, selects its keys and steers its packets to
 //! the shard that owns its account. This file only builds and classifies ids;
@@ -9,31 +9,31 @@ use std::fmt;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-/// Length of a conn id on the wire (PROTOCOL.md §3).
+/// Length of a conn id on the wire (docs/PROTOCOL.md §3).
 pub const CONN_ID_LEN: usize = 8;
 
 /// The STUN magic cookie (RFC 8489), which bytes 4..8 of a conn id must never
-/// equal in a packet that could pass for STUN (PROTOCOL.md §3, §8).
+/// equal in a packet that could pass for STUN (docs/PROTOCOL.md §3, §8).
 pub const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 
 /// The 8-byte id of a connection: 4 random bytes ‖ 4 bytes of account affinity
-/// (PROTOCOL.md §4).
+/// (docs/PROTOCOL.md §4).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub [u8; CONN_ID_LEN]);
 
 /// The shard-steering value of an account: the first 4 bytes of SHA-256 of its
-/// UTF-8 name, read as a big-endian u32 (PROTOCOL.md §4).
+/// UTF-8 name, read as a big-endian u32 (docs/PROTOCOL.md §4).
 pub fn account_affinity(account: &str) -> u32 {
     let digest = Sha256::digest(account.as_bytes());
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
 impl ConnId {
-    /// The reserved all-zero id (PROTOCOL.md §3), never issued.
+    /// The reserved all-zero id (docs/PROTOCOL.md §3), never issued.
     pub const RESERVED: ConnId = ConnId([0; CONN_ID_LEN]);
 
     /// A fresh id for a connection of `account`: 4 random bytes ‖ the account's
-    /// affinity (PROTOCOL.md §4).
+    /// affinity (docs/PROTOCOL.md §4).
     pub fn generate(account: &str, rng: &mut impl RngCore) -> ConnId {
         Self::generate_with_affinity(account_affinity(account), rng)
     }
@@ -47,7 +47,7 @@ impl ConnId {
             rng.fill_bytes(&mut id[..4]);
             id[4..].copy_from_slice(&affinity);
             let id = ConnId(id);
-            // PROTOCOL.md §3 forbids bytes 4..8 equal to the STUN cookie and
+            // docs/PROTOCOL.md §3 forbids bytes 4..8 equal to the STUN cookie and
             // §4 says to re-draw the random half on a clash. Bytes 4..8 are the
             // account's affinity, which no draw can change, so for the one
             // affinity 0x2112A442 the only way to stay out of the STUN
@@ -77,19 +77,19 @@ impl ConnId {
         hex::encode(self.0)
     }
 
-    /// The account affinity carried in bytes 4..8, big-endian (PROTOCOL.md §4);
+    /// The account affinity carried in bytes 4..8, big-endian (docs/PROTOCOL.md §4);
     /// the shard is `affinity mod N` (§8).
     pub fn affinity(&self) -> u32 {
         u32::from_be_bytes([self.0[4], self.0[5], self.0[6], self.0[7]])
     }
 
-    /// Whether this is the reserved all-zero id (PROTOCOL.md §3).
+    /// Whether this is the reserved all-zero id (docs/PROTOCOL.md §3).
     pub fn is_reserved(&self) -> bool {
         self.0 == [0; CONN_ID_LEN]
     }
 
     /// Whether a datagram starting with these 8 bytes would be classified as
-    /// STUN: first two bits zero and the magic cookie at 4..8 (PROTOCOL.md §8).
+    /// STUN: first two bits zero and the magic cookie at 4..8 (docs/PROTOCOL.md §8).
     pub fn looks_like_stun(&self) -> bool {
         self.0[0] & 0xC0 == 0 && self.0[4..8] == STUN_MAGIC_COOKIE
     }

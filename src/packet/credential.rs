@@ -1,4 +1,4 @@
-//! Credentials as handed to a device (PROTOCOL.md §4): conn id, connection
+//! Credentials as handed to a device (docs/PROTOCOL.md §4): conn id, connection
 //! secret, account, device, expiry, binding and the endpoints to try, as JSON.
 //!
 //! A credential is issued from the master key with no database: everything a
@@ -65,10 +65,10 @@ pub enum CredentialError {
     /// `expires` is not a date of the form `yyyy-MM-ddTHH:mm:ssZ`.
     #[error("credential field expires is not a UTC date of the form yyyy-MM-ddTHH:mm:ssZ")]
     BadDate,
-    /// The conn id is the reserved all-zero id (PROTOCOL.md §3).
+    /// The conn id is the reserved all-zero id (docs/PROTOCOL.md §3).
     #[error("credential conn_id is the reserved all-zero id")]
     ReservedConnId,
-    /// The conn id's affinity is not the account's (PROTOCOL.md §4).
+    /// The conn id's affinity is not the account's (docs/PROTOCOL.md §4).
     #[error("credential conn_id does not carry the account's affinity")]
     AffinityMismatch,
     /// The binding could not be computed.
@@ -76,7 +76,7 @@ pub enum CredentialError {
     Binding(#[from] BindingError),
 }
 
-/// A device's credential (PROTOCOL.md §4). `Debug` never shows the secret.
+/// A device's credential (docs/PROTOCOL.md §4). `Debug` never shows the secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
     /// The connection's id: 4 random bytes ‖ account affinity.
@@ -95,7 +95,7 @@ pub struct Credential {
     pub endpoints: Vec<String>,
 }
 
-/// The JSON form on the way out; keys in the order of PROTOCOL.md §4.
+/// The JSON form on the way out; keys in the order of docs/PROTOCOL.md §4.
 #[derive(Serialize)]
 struct CredentialOut<'a> {
     conn_id: String,
@@ -174,7 +174,7 @@ fn hex_field<const N: usize>(field: &'static str, text: &str) -> Result<[u8; N],
 impl Credential {
     /// Issues a credential for `device` of `account`, valid until `expires`:
     /// a fresh conn id from `rng`, its secret and binding from `master`
-    /// (PROTOCOL.md §4).
+    /// (docs/PROTOCOL.md §4).
     pub fn issue(
         master: &MasterKey,
         account: &str,
@@ -200,7 +200,7 @@ impl Credential {
     }
 
     /// Checks the credential against the master key at `now`: the secret must
-    /// be the conn id's, and the binding must verify (PROTOCOL.md §4).
+    /// be the conn id's, and the binding must verify (docs/PROTOCOL.md §4).
     pub fn verify(&self, master: &MasterKey, now: UnixSeconds) -> Result<(), BindingError> {
         if master.secret(self.conn_id) != self.secret {
             return Err(BindingError::Invalid);
@@ -215,7 +215,7 @@ impl Credential {
         )
     }
 
-    /// The credential as pretty JSON with the keys of PROTOCOL.md §4.
+    /// The credential as pretty JSON with the keys of docs/PROTOCOL.md §4.
     pub fn to_json(&self) -> String {
         let out = CredentialOut {
             conn_id: self.conn_id.to_hex(),

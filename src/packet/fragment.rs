@@ -1,4 +1,4 @@
-//! Fragments: service → client messages of 2 to 16 packets (PROTOCOL.md §5).
+//! Fragments: service → client messages of 2 to 16 packets (docs/PROTOCOL.md §5).
 //!
 //! The sender cuts a message too large for one packet into `k ≤ 16` chunks,
 //! each the plaintext `FF ‖ message id (u16be) ‖ i (u8) ‖ k (u8) ‖ bytes`; the
@@ -11,18 +11,18 @@ use super::framing::MAX_PLAINTEXT;
 use crate::time::UnixMillis;
 
 /// First plaintext byte of a fragment; a whole message starts with `{`
-/// (PROTOCOL.md §3, §5).
+/// (docs/PROTOCOL.md §3, §5).
 pub const FRAGMENT_MARKER: u8 = 0xFF;
-/// `FF ‖ message id (2) ‖ i (1) ‖ k (1)` (PROTOCOL.md §5).
+/// `FF ‖ message id (2) ‖ i (1) ‖ k (1)` (docs/PROTOCOL.md §5).
 pub const FRAGMENT_HEADER_LEN: usize = 5;
-/// Most chunks one message may be cut into (PROTOCOL.md §5).
+/// Most chunks one message may be cut into (docs/PROTOCOL.md §5).
 pub const MAX_FRAGMENTS: usize = 16;
 /// Most message bytes one chunk carries.
 pub const MAX_FRAGMENT_DATA: usize = MAX_PLAINTEXT - FRAGMENT_HEADER_LEN;
 /// An incomplete message is discarded this long after its first chunk
-/// arrived (PROTOCOL.md §5: 2 s).
+/// arrived (docs/PROTOCOL.md §5: 2 s).
 pub const FRAGMENT_TIMEOUT_MS: u64 = 2000;
-/// Most messages a connection reassembles at once (PROTOCOL.md §5).
+/// Most messages a connection reassembles at once (docs/PROTOCOL.md §5).
 pub const MAX_MESSAGES_IN_PROGRESS: usize = 4;
 
 /// Why a chunk could not be produced or was refused. Fieldless: the client
@@ -30,7 +30,7 @@ pub const MAX_MESSAGES_IN_PROGRESS: usize = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FragmentError {
     /// The message would need more than 16 chunks; send an error instead
-    /// (PROTOCOL.md §5).
+    /// (docs/PROTOCOL.md §5).
     #[error("message needs more than {MAX_FRAGMENTS} fragments")]
     MessageTooLarge,
     /// The output buffer cannot hold the chunk.
@@ -58,7 +58,7 @@ pub enum FragmentError {
 }
 
 /// How many chunks a message of `len` bytes is cut into, or `None` if it
-/// would need more than 16 (PROTOCOL.md §5). Messages that fit in one packet
+/// would need more than 16 (docs/PROTOCOL.md §5). Messages that fit in one packet
 /// (`len ≤ MAX_PLAINTEXT`) are normally sent whole instead.
 pub fn fragment_count(len: usize) -> Option<usize> {
     let k = len.div_ceil(MAX_FRAGMENT_DATA).max(1);
@@ -153,7 +153,7 @@ pub struct Fragments<'a> {
 
 impl<'a> Fragments<'a> {
     /// Cuts `message` into chunks with id `message_id`; refuses a message that
-    /// would need more than 16 (PROTOCOL.md §5).
+    /// would need more than 16 (docs/PROTOCOL.md §5).
     pub fn new(message: &'a [u8], message_id: u16) -> Result<Self, FragmentError> {
         let count = fragment_count(message.len()).ok_or(FragmentError::MessageTooLarge)?;
         Ok(Fragments {
@@ -211,7 +211,7 @@ struct Delivered {
     at: UnixMillis,
 }
 
-/// Reassembles one connection's fragmented messages (PROTOCOL.md §5); owned by
+/// Reassembles one connection's fragmented messages (docs/PROTOCOL.md §5); owned by
 /// the client's connection state, fed every plaintext that starts with 0xFF.
 ///
 /// Limits: at most [`MAX_MESSAGES_IN_PROGRESS`] messages at once, each at most

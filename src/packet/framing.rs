@@ -1,4 +1,4 @@
-//! AES-256-GCM framing of every datagram (PROTOCOL.md §3):
+//! AES-256-GCM framing of every datagram (docs/PROTOCOL.md §3):
 //! `conn id (8) ‖ nonce (12) ‖ ciphertext ‖ tag (16)`, AAD = the conn id.
 //!
 //! This is the hot path: a node opens and seals every packet here, so the
@@ -12,21 +12,21 @@ use super::conn_id::{ConnId, CONN_ID_LEN};
 use super::gcm::Gcm;
 use super::kdf::KEY_LEN;
 
-/// Length of the nonce that follows the conn id (PROTOCOL.md §3).
+/// Length of the nonce that follows the conn id (docs/PROTOCOL.md §3).
 pub const NONCE_LEN: usize = 12;
-/// Length of the cleartext header: conn id ‖ nonce (PROTOCOL.md §3).
+/// Length of the cleartext header: conn id ‖ nonce (docs/PROTOCOL.md §3).
 pub const HEADER_LEN: usize = CONN_ID_LEN + NONCE_LEN;
-/// Length of the GCM tag at the end of every packet (PROTOCOL.md §3).
+/// Length of the GCM tag at the end of every packet (docs/PROTOCOL.md §3).
 pub const TAG_LEN: usize = 16;
 /// Bytes a packet adds to its plaintext.
 pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
-/// Largest datagram either side sends or accepts (PROTOCOL.md §3).
+/// Largest datagram either side sends or accepts (docs/PROTOCOL.md §3).
 pub const MAX_PACKET: usize = 1232;
 /// Largest plaintext that fits in one packet.
 pub const MAX_PLAINTEXT: usize = MAX_PACKET - OVERHEAD;
 
 /// Why a packet could not be sealed or opened. Fieldless: on the hot path an
-/// error is counted, never described (PROTOCOL.md §3: no answer, no state).
+/// error is counted, never described (docs/PROTOCOL.md §3: no answer, no state).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PacketError {
     /// The buffer cannot hold header, plaintext and tag.
@@ -67,7 +67,7 @@ impl fmt::Debug for PacketKey {
 /// Seals a packet in place. The caller has written the plaintext at
 /// `buf[HEADER_LEN..HEADER_LEN + plaintext_len]`; this writes conn id and nonce
 /// before it and the tag after it, and returns the packet's total length.
-/// The nonce must never repeat under one key (PROTOCOL.md §3).
+/// The nonce must never repeat under one key (docs/PROTOCOL.md §3).
 pub fn seal_in_place(
     key: &PacketKey,
     conn_id: ConnId,
@@ -88,7 +88,7 @@ pub fn seal_in_place(
     let (header, body_and_tag) = packet.split_at_mut(HEADER_LEN);
     header[..CONN_ID_LEN].copy_from_slice(&conn_id.0);
     header[CONN_ID_LEN..].copy_from_slice(&nonce);
-    // PROTOCOL.md §3: AAD = the 8-byte conn id.
+    // docs/PROTOCOL.md §3: AAD = the 8-byte conn id.
     key.0.seal_in_place(&nonce, &conn_id.0, body_and_tag);
     Ok(total)
 }

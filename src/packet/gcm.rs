@@ -3,7 +3,7 @@
 //! framing uses `aes_gcm::AesGcm`.
 //!
 //! Why our own: a node derives a fresh key for every packet it opens or seals
-//! (PROTOCOL.md §3), and its packets are short (a heartbeat is 3 blocks, its
+//! (docs/PROTOCOL.md §3), and its packets are short (a heartbeat is 3 blocks, its
 //! reply 7). `aes_gcm` then spends most of its time outside the cipher: a
 //! separate one-block AES call for the GHASH key `H` at set-up and another for
 //! the tag mask `E(J0)`, GHASH one block at a time through generic buffering
@@ -22,8 +22,8 @@
 //!
 //! Output is byte for byte that of GCM (NIST SP 800-38D); the tests compare it
 //! with `aes_gcm` on random inputs and `tests/packet_vectors.rs` pins it.
-//! Measurements: tuning/RESULTS.md (2026-11-22, "A GCM of our own, second
-//! attempt").
+//! Measurements: tuning/journal/2026-11-22.md (§4, "A GCM of our own, second
+//! attempt"); the current figure is in tuning/RESULTS.md.
 
 use core::arch::x86_64::{
     __m128i, _mm_aesenc_si128, _mm_aesenclast_si128, _mm_and_si128, _mm_clmulepi64_si128,

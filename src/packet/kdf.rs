@@ -1,4 +1,4 @@
-//! Key derivation from the node's master key (PROTOCOL.md §3, §4).
+//! Key derivation from the node's master key (docs/PROTOCOL.md §3, §4).
 //!
 //! A node stores no keys per connection: it derives a connection's secret from
 //! the master key and the conn id, and both packet keys from that secret, for
@@ -22,13 +22,13 @@ use super::framing::PacketKey;
 /// Length of every key in the protocol: AES-256.
 pub const KEY_LEN: usize = 32;
 
-/// PROTOCOL.md §4: label of the connection secret `S`.
+/// docs/PROTOCOL.md §4: label of the connection secret `S`.
 const LABEL_SECRET: &[u8; 4] = b"sec ";
-/// PROTOCOL.md §4: label of the binding key.
+/// docs/PROTOCOL.md §4: label of the binding key.
 const LABEL_BIND: &[u8; 4] = b"bind";
-/// PROTOCOL.md §3: label of the client → service packet key.
+/// docs/PROTOCOL.md §3: label of the client → service packet key.
 const LABEL_C2S: &[u8; 4] = b"c2s ";
-/// PROTOCOL.md §3: label of the service → client packet key.
+/// docs/PROTOCOL.md §3: label of the service → client packet key.
 const LABEL_S2C: &[u8; 4] = b"s2c ";
 
 /// Why a hex key was refused.
@@ -52,7 +52,7 @@ fn key_from_hex(text: &str) -> Result<[u8; KEY_LEN], KeyHexError> {
     Ok(key)
 }
 
-/// PROTOCOL.md §3 KDF with an already expanded AES-256 key: encrypt the four
+/// docs/PROTOCOL.md §3 KDF with an already expanded AES-256 key: encrypt the four
 /// blocks `u32le(i) ‖ label ‖ context`, i = 0..3, in one call, and concatenate
 /// the first 8 bytes of each.
 fn kdf_expanded(cipher: &Aes256Enc, label: &[u8; 4], context: &[u8; 8]) -> [u8; KEY_LEN] {
@@ -70,13 +70,13 @@ fn kdf_expanded(cipher: &Aes256Enc, label: &[u8; 4], context: &[u8; 8]) -> [u8; 
     out
 }
 
-/// `KDF(K, label, C)` of PROTOCOL.md §3 (the key derivation of AES-GCM-SIV,
+/// `KDF(K, label, C)` of docs/PROTOCOL.md §3 (the key derivation of AES-GCM-SIV,
 /// RFC 8452 §4, with AES-256 key `K`).
 pub fn kdf(key: &[u8; KEY_LEN], label: &[u8; 4], context: &[u8; 8]) -> [u8; KEY_LEN] {
     kdf_expanded(&Aes256Enc::new(key.into()), label, context)
 }
 
-/// Which way a packet travels; selects the packet key (PROTOCOL.md §3).
+/// Which way a packet travels; selects the packet key (docs/PROTOCOL.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     /// Client → service, key `k_c2s`.
@@ -127,12 +127,12 @@ impl MasterKey {
         &self.raw
     }
 
-    /// The connection secret `S = KDF(master, "sec ", conn id)` (PROTOCOL.md §4).
+    /// The connection secret `S = KDF(master, "sec ", conn id)` (docs/PROTOCOL.md §4).
     pub fn secret(&self, conn_id: ConnId) -> ConnSecret {
         ConnSecret(kdf_expanded(&self.cipher, LABEL_SECRET, &conn_id.0))
     }
 
-    /// The binding key `KDF(master, "bind", 0⁸)` (PROTOCOL.md §4).
+    /// The binding key `KDF(master, "bind", 0⁸)` (docs/PROTOCOL.md §4).
     pub fn bind_key(&self) -> [u8; KEY_LEN] {
         kdf_expanded(&self.cipher, LABEL_BIND, &[0; 8])
     }
@@ -156,7 +156,7 @@ impl fmt::Debug for MasterKey {
     }
 }
 
-/// A connection's secret `S` (PROTOCOL.md §4): what a credential gives the
+/// A connection's secret `S` (docs/PROTOCOL.md §4): what a credential gives the
 /// device, and what both packet keys derive from.
 #[derive(Clone)]
 pub struct ConnSecret(pub [u8; KEY_LEN]);
@@ -186,12 +186,12 @@ impl ConnSecret {
         }
     }
 
-    /// The raw packet key `KDF(S, label(dir), conn id)` (PROTOCOL.md §3).
+    /// The raw packet key `KDF(S, label(dir), conn id)` (docs/PROTOCOL.md §3).
     pub fn key_bytes(&self, dir: Direction, conn_id: ConnId) -> [u8; KEY_LEN] {
         self.expand(conn_id).key_bytes(dir)
     }
 
-    /// The expanded packet key for one direction (PROTOCOL.md §3).
+    /// The expanded packet key for one direction (docs/PROTOCOL.md §3).
     pub fn key(&self, dir: Direction, conn_id: ConnId) -> PacketKey {
         self.expand(conn_id).key(dir)
     }
@@ -212,12 +212,12 @@ impl ExpandedSecret {
         self.conn_id
     }
 
-    /// The raw packet key `KDF(S, label(dir), conn id)` (PROTOCOL.md §3).
+    /// The raw packet key `KDF(S, label(dir), conn id)` (docs/PROTOCOL.md §3).
     pub fn key_bytes(&self, dir: Direction) -> [u8; KEY_LEN] {
         kdf_expanded(&self.cipher, dir.label(), &self.conn_id.0)
     }
 
-    /// The expanded packet key for one direction (PROTOCOL.md §3).
+    /// The expanded packet key for one direction (docs/PROTOCOL.md §3).
     pub fn key(&self, dir: Direction) -> PacketKey {
         PacketKey::new(&self.key_bytes(dir))
     }

@@ -1,5 +1,5 @@
 //! Encrypted packet framing, key derivation, credentials and fragments
-//! (PROTOCOL.md §3, §4, §5).
+//! (docs/PROTOCOL.md §3, §4, §5).
 //!
 //! This layer exists so that every byte that crosses the wire is produced and
 //! checked in one place: the conn id that names a connection and steers it to

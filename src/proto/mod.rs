@@ -38,11 +38,11 @@ pub struct Transmit {
     pub web: Option<WebRequestId>,
 }
 
-/// Default ConnectionTimeout announced to clients, in milliseconds (PROTOCOL.md §6).
+/// Default ConnectionTimeout announced to clients, in milliseconds (docs/PROTOCOL.md §6).
 pub const CONNECTION_TIMEOUT_MS: u32 = 60_000;
-/// First retransmission delay of an unacknowledged notify (PROTOCOL.md §6).
+/// First retransmission delay of an unacknowledged notify (docs/PROTOCOL.md §6).
 pub const RETRANSMIT_INITIAL_MS: u64 = 1_000;
-/// Retransmissions of one notify before waiting for the next heartbeat (PROTOCOL.md §6).
+/// Retransmissions of one notify before waiting for the next heartbeat (docs/PROTOCOL.md §6).
 pub const RETRANSMIT_TRIES: u8 = 5;
-/// Largest notify bitmask in bytes (PROTOCOL.md §2).
+/// Largest notify bitmask in bytes (docs/PROTOCOL.md §2).
 pub const MAX_BITMASK: usize = 32;

@@ -1,4 +1,4 @@
-//! The replay window of PROTOCOL.md §7: the highest client Serial seen and a
+//! The replay window of docs/PROTOCOL.md §7: the highest client Serial seen and a
 //! 64-wide bitmap below it.
 
 /// What a Serial is, relative to a connection's window.

@@ -1,4 +1,4 @@
-//! The server shard's state machine (PROTOCOL.md §3–§7).
+//! The server shard's state machine (docs/PROTOCOL.md §3–§7).
 //!
 //! One [`Service`] owns the connections of the accounts its shard owns. It
 //! opens every datagram with keys derived from the master key and the
@@ -57,7 +57,7 @@ pub struct ServiceConfig {
     /// How long a DNS query may wait for the upstream (ms) before a 504.
     pub resolve_timeout_ms: u64,
     /// STUN Binding requests answered per second per source address
-    /// (PROTOCOL.md §7); 0 = unlimited, for benchmarks only.
+    /// (docs/PROTOCOL.md §7); 0 = unlimited, for benchmarks only.
     pub stun_rate_per_sec: u32,
     /// Burst of STUN requests allowed per source address.
     pub stun_burst: u32,
@@ -153,7 +153,7 @@ pub enum PublishError {
     BadBitmask,
 }
 
-/// `Status` codes of refusals (PROTOCOL.md §2).
+/// `Status` codes of refusals (docs/PROTOCOL.md §2).
 mod status {
     pub(super) const UNAUTHORIZED: u16 = 401;
     pub(super) const FORBIDDEN: u16 = 403;
@@ -175,7 +175,7 @@ enum ReplyKind {
 }
 
 /// Identifies a request that came over the web-service transport
-/// (PROTOCOL.md §9) rather than UDP; its replies are handed back with it.
+/// (docs/PROTOCOL.md §9) rather than UDP; its replies are handed back with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WebRequestId(pub u64);
 
@@ -249,7 +249,7 @@ struct Destination {
     key: [u8; 32],
 }
 
-/// A message too large for one packet, being sent chunk by chunk (PROTOCOL.md §5).
+/// A message too large for one packet, being sent chunk by chunk (docs/PROTOCOL.md §5).
 struct FragmentedSend {
     dest: Destination,
     message: Vec<u8>,
@@ -266,12 +266,12 @@ struct RetransmitTimer {
 }
 
 /// Failed authentications tolerated per second per source address; beyond,
-/// the source's packets are dropped before decryption (PROTOCOL.md §7).
+/// the source's packets are dropped before decryption (docs/PROTOCOL.md §7).
 const AUTH_FAILURES_PER_SEC: u32 = 100;
 /// Burst of failed authentications per source address.
 const AUTH_FAILURE_BURST: u32 = 200;
 
-/// Refusals answered per second per source address (PROTOCOL.md §7).
+/// Refusals answered per second per source address (docs/PROTOCOL.md §7).
 const REFUSALS_PER_SEC: u32 = 10;
 /// Burst of refusals per source address.
 const REFUSAL_BURST: u32 = 20;
@@ -296,7 +296,7 @@ pub struct Service {
     /// authenticated but may be replays with a forged source: rate-limited
     /// per source address like every other answer a replay could trigger.
     refusal_limiter: stun::SourceRateLimiter,
-    /// Packets that fail authentication, per source (PROTOCOL.md §7: rate
+    /// Packets that fail authentication, per source (docs/PROTOCOL.md §7: rate
     /// limits on all unauthenticated traffic). Only failures are charged, so
     /// many honest devices behind one NAT address are never limited.
     auth_failure_limiter: stun::SourceRateLimiter,
@@ -401,7 +401,7 @@ impl Service {
         }
     }
 
-    /// Queues a refusal, unless its source had its share (PROTOCOL.md §7:
+    /// Queues a refusal, unless its source had its share (docs/PROTOCOL.md §7:
     /// an attacker replaying captured packets with a forged source must not
     /// turn the node into an amplifier).
     fn queue_refusal(&mut self, now: UnixMillis, reply: Reply) {
@@ -415,7 +415,7 @@ impl Service {
     /// Handles one received datagram from `from`.
     pub fn handle_datagram(&mut self, now: UnixMillis, from: SocketAddr, datagram: &[u8]) {
         self.stats.datagrams_in += 1;
-        // PROTOCOL.md §8: STUN shares the port; its first bits and cookie tell it apart.
+        // docs/PROTOCOL.md §8: STUN shares the port; its first bits and cookie tell it apart.
         if stun::is_stun(datagram) {
             self.handle_stun(now, from, datagram);
             return;
@@ -424,7 +424,7 @@ impl Service {
     }
 
     /// Handles one client packet that arrived over the web-service transport
-    /// (PROTOCOL.md §9) from `peer`. Its replies come out of
+    /// (docs/PROTOCOL.md §9) from `peer`. Its replies come out of
     /// [`Service::poll_transmit`] with [`Transmit::web`] set to `id`. Such a
     /// request never moves a connection's UDP endpoint: notifies are UDP only.
     pub fn handle_web_request(
@@ -451,7 +451,7 @@ impl Service {
             self.stats.dropped_auth_limited += 1;
             return;
         }
-        // PROTOCOL.md §3: keys derived per packet from the master key.
+        // docs/PROTOCOL.md §3: keys derived per packet from the master key.
         let secret = self.master.expanded_secret(conn_id);
         let key = secret.key(Direction::ClientToServer);
         let reply_key = secret.key_bytes(Direction::ServerToClient);
@@ -472,7 +472,7 @@ impl Service {
         self.scratch = scratch;
     }
 
-    /// PROTOCOL.md §7: the one unauthenticated answer, ≤ 64 bytes, one per
+    /// docs/PROTOCOL.md §7: the one unauthenticated answer, ≤ 64 bytes, one per
     /// request, rate-limited per source address.
     fn handle_stun(&mut self, now: UnixMillis, from: SocketAddr, datagram: &[u8]) {
         if self.stun_replies.len() >= self.config.max_queued_replies
@@ -600,7 +600,7 @@ impl Service {
         }
     }
 
-    /// PROTOCOL.md §7: records `serial` if fresh and moves the endpoint; false
+    /// docs/PROTOCOL.md §7: records `serial` if fresh and moves the endpoint; false
     /// (and nothing changed) for a replay.
     fn accept_fresh(
         &mut self,
@@ -697,7 +697,7 @@ impl Service {
         let seconds = self.seconds_since_epoch(now);
         let expires_u32 = expires.0.clamp(0, i64::from(u32::MAX)) as u32;
         if let Some(slot) = self.table.find(&conn_id) {
-            // PROTOCOL.md §6/§7: an existing connection is replaced only by a fresh Connect.
+            // docs/PROTOCOL.md §6/§7: an existing connection is replaced only by a fresh Connect.
             let Some(rec) = self.table.get(slot) else {
                 return;
             };
@@ -779,7 +779,7 @@ impl Service {
     }
 
     /// Publishes `bitmask` to every device of `account` held by this shard
-    /// (PROTOCOL.md §6). Returns the number of devices notified. Like every
+    /// (docs/PROTOCOL.md §6). Returns the number of devices notified. Like every
     /// input it takes the time, though a publish arms no timer itself: each
     /// notify's retransmission timer starts when it is sent.
     pub fn handle_publish(
@@ -897,7 +897,7 @@ impl Service {
             return;
         }
         if t.tries >= self.config.retransmit_tries {
-            // PROTOCOL.md §6: now the pending state waits for the next heartbeat.
+            // docs/PROTOCOL.md §6: now the pending state waits for the next heartbeat.
             return;
         }
         let tries = t.tries + 1;
@@ -1013,7 +1013,7 @@ impl Service {
                 .key_bytes(Direction::ServerToClient),
         };
         let sent = self.seal_message(dest, &message, buf)?;
-        // PROTOCOL.md §6: resend after 1 s, doubling, until acknowledged.
+        // docs/PROTOCOL.md §6: resend after 1 s, doubling, until acknowledged.
         // The timer starts when the notify leaves (not at the publish), so
         // publishes merged into one notify arm one timer between them.
         let tries = rec.tries();
@@ -1119,7 +1119,7 @@ impl Service {
     }
 
     /// Encodes `message` into `buf` and seals it; a message larger than one
-    /// packet becomes fragments (PROTOCOL.md §5), sent by later polls.
+    /// packet becomes fragments (docs/PROTOCOL.md §5), sent by later polls.
     fn seal_message(
         &mut self,
         dest: Destination,

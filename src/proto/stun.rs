@@ -1,6 +1,6 @@
 //! The STUN Binding responder that shares the node's UDP port with MPP
-//! (PROTOCOL.md §8), plus the per-source rate limiter that keeps it from being
-//! an amplifier (PROTOCOL.md §7).
+//! (docs/PROTOCOL.md §8), plus the per-source rate limiter that keeps it from being
+//! an amplifier (docs/PROTOCOL.md §7).
 //!
 //! It exists so that stock STUN clients and ICE agents can learn their
 //! server-reflexive address from any node without a separate STUN server. The
@@ -29,12 +29,12 @@ use crate::time::UnixMillis;
 #[cfg(test)]
 mod tests;
 
-/// The magic cookie in bytes 4..8 of every STUN message (RFC 8489 §5, PROTOCOL.md §8).
+/// The magic cookie in bytes 4..8 of every STUN message (RFC 8489 §5, docs/PROTOCOL.md §8).
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 /// Length of the fixed STUN header (RFC 8489 §5).
 pub const HEADER_LEN: usize = 20;
 /// Largest Binding response this module writes: the amplification bound of
-/// PROTOCOL.md §7. The largest actual response (IPv6 with FINGERPRINT) is
+/// docs/PROTOCOL.md §7. The largest actual response (IPv6 with FINGERPRINT) is
 /// 20 + 24 + 8 = 52 bytes.
 pub const MAX_RESPONSE_LEN: usize = 64;
 
@@ -92,7 +92,7 @@ pub enum StunError {
     BufferTooSmall,
 }
 
-/// Whether `datagram` is STUN rather than MPP (PROTOCOL.md §8): at least a
+/// Whether `datagram` is STUN rather than MPP (docs/PROTOCOL.md §8): at least a
 /// header long, first two bits zero, magic cookie in bytes 4..8 (RFC 8489 §5).
 pub fn is_stun(datagram: &[u8]) -> bool {
     datagram.len() >= HEADER_LEN
@@ -109,7 +109,7 @@ pub fn is_stun(datagram: &[u8]) -> bool {
 /// FINGERPRINT (RFC 8489 §14.7). An IPv4-mapped IPv6 `from` (as seen on a
 /// dual-stack socket) is reported as the IPv4 address it stands for, which is
 /// what the client sent from. The caller is responsible for rate limiting
-/// (PROTOCOL.md §7, [`SourceRateLimiter`]).
+/// (docs/PROTOCOL.md §7, [`SourceRateLimiter`]).
 pub fn binding_response(
     request: &[u8],
     from: SocketAddr,
@@ -311,7 +311,7 @@ impl Bucket {
 }
 
 /// Per-source-address token buckets in fixed memory, for the rate limit on
-/// unauthenticated answers (PROTOCOL.md §7), STUN Binding responses first.
+/// unauthenticated answers (docs/PROTOCOL.md §7), STUN Binding responses first.
 ///
 /// Buckets are found by a keyed hash (random keys per limiter) of the source:
 /// an IPv4 address, or the /64 prefix of an IPv6 address, since one host

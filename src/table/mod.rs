@@ -9,12 +9,12 @@
 //!
 //! What a record does *not* hold, by design:
 //! * no keys — packet keys are derived from the master key per packet
-//!   (PROTOCOL.md §3);
+//!   (docs/PROTOCOL.md §3);
 //! * no account or device name — an account is known by a 64-bit key made of
 //!   its affinity (conn id bytes 4..8) and 32 more bits of SHA-256 of its
 //!   name (see [`AccountKey`]);
 //! * no queue — pending notify state is one serial and one mask
-//!   (PROTOCOL.md §6); masks longer than 8 bytes spill to a side map.
+//!   (docs/PROTOCOL.md §6); masks longer than 8 bytes spill to a side map.
 //!
 //! The table is owned by one shard thread and is not `Sync` by construction
 //! (it is never shared).
@@ -43,7 +43,7 @@ const PAGE: usize = 4096;
 /// SHA-256 of the name, also conn id bytes 4..8) and the next 4 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AccountKey {
-    /// First 4 bytes of SHA-256(account), big-endian (PROTOCOL.md §4).
+    /// First 4 bytes of SHA-256(account), big-endian (docs/PROTOCOL.md §4).
     pub affinity: u32,
     /// Bytes 4..8 of SHA-256(account).
     pub low: u32,

@@ -26,9 +26,9 @@ pub struct Endpoint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
 pub struct Connection {
-    /// The connection id (PROTOCOL.md §4).
+    /// The connection id (docs/PROTOCOL.md §4).
     pub conn_id: [u8; 8],
-    /// Replay window: bit i set = Serial `highest_serial - i` was seen (PROTOCOL.md §7).
+    /// Replay window: bit i set = Serial `highest_serial - i` was seen (docs/PROTOCOL.md §7).
     pub replay_window: [u32; 2],
     /// Where the device was last heard from.
     pub endpoint: Endpoint,

@@ -2,7 +2,7 @@
 //!
 //! A publish to an account with many devices arms one timer per device, so
 //! inserting must be O(1); deadlines are short (≤ 16 s for the default
-//! retransmission schedule, PROTOCOL.md §6), so a single-level wheel suffices.
+//! retransmission schedule, docs/PROTOCOL.md §6), so a single-level wheel suffices.
 //! Deadlines beyond the wheel's span fire at the end of the span instead;
 //! callers check on expiry whether the timer is still wanted, so firing
 //! early or for a cancelled timer is harmless.

@@ -218,7 +218,10 @@ fn ipv6_with_fingerprint_is_the_largest_response() {
     let mut out = [0u8; MAX_RESPONSE_LEN];
     let n = binding_response(&req, rfc_v6(), &mut out).unwrap();
     assert_eq!(n, 52);
-    assert!(n <= MAX_RESPONSE_LEN, "PROTOCOL.md §7 amplification rule");
+    assert!(
+        n <= MAX_RESPONSE_LEN,
+        "docs/PROTOCOL.md §7 amplification rule"
+    );
     assert!(n <= 64);
     let (addr, xma, fp) = decode(&out[..n], &RFC5769_TXID);
     assert_eq!(addr, rfc_v6());
