@@ -77,8 +77,22 @@ fn allocations_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
 /// `vectors/heartbeat.hex`: `{"PresenceHeartbeat":{"Serial":5,"Acknowledge":3}}`.
 const HEARTBEAT: &str = "7bb41150726573656e63654865617274626561747bb40653657269616ca005b40b41636b6e6f776c65646765a0037d7d";
 
-/// `vectors/notify.hex`: Bitmask, Serial, EndPoint, Now and Acknowledge.
-const NOTIFY: &str = "7bb40e50726573656e63654e6f746966797bb4074269746d61736b880105b40653657269616ca02ab408456e64506f696e747bb40949704164647265737388047f000001b404506f7274a19c407db4034e6f778014323032362d31312d32315431323a30303a30305ab40b41636b6e6f776c65646765a0077d7d";
+/// `vectors/notify.hex`: Bitmask, Serial, EndPoint, Now (a quoted DateTime) and Acknowledge.
+const NOTIFY: &str = "7bb40e50726573656e63654e6f746966797bb4074269746d61736b880105b40653657269616ca02ab408456e64506f696e747bb40949704164647265737388047f000001b404506f7274a19c407db4034e6f7722323032362d31312d32315431323a30303a30305a22b40b41636b6e6f776c65646765a0077d7d";
+
+/// `vectors/notify.hex` as this project wrote it before: Now as a JSON-B
+/// string (`80 14 …`), which only the liberal decoder reads.
+const NOTIFY_STRING_DATETIME: &str = "7bb40e50726573656e63654e6f746966797bb4074269746d61736b880105b40653657269616ca02ab408456e64506f696e747bb40949704164647265737388047f000001b404506f7274a19c407db4034e6f778014323032362d31312d32315431323a30303a30305ab40b41636b6e6f776c65646765a0077d7d";
+
+/// A status whose StatusDescription is JSON text without escapes,
+/// `"all good"`, which the liberal decoder borrows.
+fn status_with_text_description() -> Vec<u8> {
+    let mut bytes = status().to_vec();
+    let at = bytes.len() - 2;
+    let field = [&[0xB4, 17][..], b"StatusDescription", b"\"all good\""].concat();
+    bytes.splice(at..at, field);
+    bytes
+}
 
 /// A heartbeat's answer with every field a status usually carries, IPv6 endpoint included.
 fn status() -> Message<'static> {
@@ -115,9 +129,41 @@ fn decode_and_encode_do_not_allocate() {
         assert_eq!(n, 0, "decoding the {name} allocated {n} times");
         let message = decoded.unwrap_or_else(|e| panic!("{name}: {e}"));
 
+        let (liberal, n) = allocations_during(|| Message::decode_liberal(black_box(bytes)));
+        assert_eq!(n, 0, "decoding the {name} liberally allocated {n} times");
+        assert_eq!(liberal.as_ref(), Ok(&message), "{name}");
+
         let mut buf = [0u8; 1232];
         let (written, n) = allocations_during(|| black_box(&message).encode(&mut buf));
         assert_eq!(n, 0, "encoding the {name} allocated {n} times");
         assert_eq!(written.map(|len| &buf[..len]), Ok(&bytes[..]), "{name}");
     }
+
+    // The liberal decoder's other forms: a DateTime as a JSON-B string, and
+    // a string field as JSON text without escapes (borrowed).
+    let old_notify = hex::decode(NOTIFY_STRING_DATETIME).expect("old notify hex");
+    let (decoded, n) = allocations_during(|| Message::decode_liberal(black_box(&old_notify)));
+    assert_eq!(
+        n, 0,
+        "decoding the old notify liberally allocated {n} times"
+    );
+    assert_eq!(decoded, Message::decode(&notify));
+
+    let text_status = status_with_text_description();
+    let (decoded, n) = allocations_during(|| Message::decode_liberal(black_box(&text_status)));
+    assert_eq!(
+        n, 0,
+        "decoding a text StatusDescription allocated {n} times"
+    );
+    let Ok(Message::Status(decoded)) = decoded else {
+        panic!("status with a text StatusDescription: {decoded:?}");
+    };
+    assert!(
+        matches!(
+            decoded.header.status_description,
+            Some(Cow::Borrowed("all good"))
+        ),
+        "{:?}",
+        decoded.header.status_description
+    );
 }

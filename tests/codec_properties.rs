@@ -5,8 +5,16 @@
 //! set: strings of any Unicode, binaries of any bytes, integers over the whole
 //! `i64` range (with the width boundaries made likely), DateTimes over years
 //! 0000..=9999 and endpoints of both address families. The properties: both
-//! encodings round-trip, no input makes the decoder panic, and a valid encoding
-//! cut short or followed by anything is refused.
+//! encodings round-trip, no input makes either decoder (strict or liberal)
+//! panic, and a valid encoding cut short or followed by anything is refused.
+//!
+//! A DateTime is written as JSON text inside JSON-B (`22 "…" 22`, the
+//! reference writer's form). Properties of that form: the liberal decoder
+//! reads it and the older JSON-B string form (`80 14 …`) to the same value,
+//! the strict one only the former; any string written as JSON text by
+//! serde_json is read back by the liberal decoder; malformed JSON text
+//! (unterminated, a bad escape, a raw control character, invalid UTF-8) is
+//! an error in every position and mode, never a panic.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -22,6 +30,7 @@ use mpp::time::UnixSeconds;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
+use serde_json::json;
 
 // ---------------------------------------------------------------------------
 // Strategies
@@ -197,7 +206,7 @@ fn message() -> impl Strategy<Value = Message<'static>> {
 fn jsonb_byte() -> impl Strategy<Value = u8> {
     prop_oneof![
         1 => any::<u8>(),
-        3 => prop::sample::select(&b"{}[]\x00\x01\x05\x06\x11\x80\x81\x83\x88\x8b\xa0\xa1\xa3\xa8\xab\xb0\xb1\xb2\xb4\xb5\xb7\xff"[..]),
+        3 => prop::sample::select(&b"{}[]\"\\u\x00\x01\x05\x06\x11\x14\x80\x81\x83\x88\x8b\xa0\xa1\xa3\xa8\xab\xb0\xb1\xb2\xb4\xb5\xb7\xff"[..]),
     ]
 }
 
@@ -236,14 +245,124 @@ fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
     }
 }
 
-/// Whatever the decoder accepts, it must re-encode into something it decodes
-/// to the same message.
+/// Neither decoder panics; the liberal one accepts whatever the strict one
+/// does, as the same message; and whatever either accepts re-encodes into
+/// something the strict one decodes to the same message.
 fn decode_is_stable(bytes: &[u8]) -> Result<(), TestCaseError> {
-    if let Ok(m) = Message::decode(bytes) {
+    let strict = Message::decode(bytes);
+    let liberal = Message::decode_liberal(bytes);
+    if let Ok(m) = &strict {
+        prop_assert_eq!(liberal.as_ref(), Ok(m));
+    }
+    if let Ok(m) = liberal {
         let again = m.to_vec();
         prop_assert_eq!(Message::decode(&again), Ok(m));
     }
     Ok(())
+}
+
+/// The message's DateTime field and its wire name: `Expires` of a connect
+/// request, `Now` of every service → client message; `None` for the others.
+fn datetime_slot<'m>(
+    m: &'m mut Message<'static>,
+) -> Option<(&'static str, &'m mut Option<UnixSeconds>)> {
+    let header = match m {
+        Message::ConnectRequest(c) => return Some(("Expires", &mut c.expires)),
+        Message::ConnectResponse(r) => &mut r.header,
+        Message::Status(r) => &mut r.header,
+        Message::EndpointResponse(r) => &mut r.header,
+        Message::Notify(r) => &mut r.header,
+        Message::ResolveResponse(r) => &mut r.header,
+        Message::ErrorInvalidSerial(r) => &mut r.header,
+        Message::DisconnectResponse(r) => &mut r.header,
+        Message::ErrorRefused(r) => &mut r.header,
+        _ => return None,
+    };
+    Some(("Now", &mut header.now))
+}
+
+/// A message with a DateTime field set, the field's wire name and value.
+fn message_with_datetime() -> impl Strategy<Value = (Message<'static>, &'static str, UnixSeconds)> {
+    (message(), datetime()).prop_filter_map("no DateTime field", |(mut m, t)| {
+        let (name, slot) = datetime_slot(&mut m)?;
+        *slot = Some(t);
+        Some((m, name, t))
+    })
+}
+
+/// The encoding of `m` without its DateTime field, with `name` and `value`
+/// (raw item bytes) spliced in as the body's last field instead.
+fn with_datetime_as(m: &Message<'static>, name: &str, value: &[u8]) -> Vec<u8> {
+    let mut without = m.clone();
+    if let Some((_, slot)) = datetime_slot(&mut without) {
+        *slot = None;
+    }
+    let mut bytes = without.to_vec();
+    let at = bytes.len() - 2;
+    bytes.splice(at..at, [&field(name)[..], value].concat());
+    bytes
+}
+
+/// `s` as JSON text with every character escaped as `\uXXXX` (a surrogate
+/// pair above U+FFFF): the opposite of serde_json's minimal escaping.
+fn all_escaped(s: &str) -> Vec<u8> {
+    let mut out = String::from("\"");
+    for unit in s.encode_utf16() {
+        out.push_str(&format!("\\u{unit:04x}"));
+    }
+    out.push('"');
+    out.into_bytes()
+}
+
+/// Where a string field may stand, one per header kind and one of a message's own.
+const STRING_FIELDS: [(&str, &str); 4] = [
+    ("PresenceHeartbeat", "Service"),
+    ("PresenceConnectRequest", "Account"),
+    ("PresenceConnectRequest", "Device"),
+    ("PresenceStatus", "StatusDescription"),
+];
+
+/// Escapes JSON does not define (each followed by the closing quote in a test).
+const BAD_ESCAPES: &[&[u8]] = &[
+    br"\x",
+    br"\u12",
+    br"\uZZZZ",
+    br"\ud800",
+    br"\udc00",
+    br"\ud800\u0041",
+    br"\U0041",
+    b"\\\x01",
+];
+
+/// Bytes that are not UTF-8 (each followed by the closing quote in a test).
+const NOT_UTF8: &[&[u8]] = &[b"\xff", b"\x80", b"\xc3", b"\xed\xa0\x80"];
+
+/// One way JSON text can be malformed, and the error it must give.
+fn malformed_text() -> impl Strategy<Value = (Vec<u8>, DecodeError)> {
+    let bad_escape = prop::sample::select(BAD_ESCAPES);
+    let utf8 = prop::sample::select(NOT_UTF8);
+    (any::<String>(), any::<String>()).prop_flat_map(move |(before, after)| {
+        let open = serde_json::to_vec(&before).expect("a string serializes");
+        // `"before`, without its closing quote.
+        let head = open[..open.len() - 1].to_vec();
+        let tail = serde_json::to_vec(&after).expect("a string serializes")[1..].to_vec();
+        let (h1, h2, h3) = (head.clone(), head.clone(), head.clone());
+        prop_oneof![
+            Just((head, DecodeError::Truncated)),
+            // Closed right after the escape: `\u12` followed by `ab"` would be valid.
+            bad_escape
+                .clone()
+                .prop_map(move |e| { ([&h1[..], e, b"\""].concat(), DecodeError::InvalidEscape) }),
+            (0u8..0x20).prop_map(move |c| {
+                (
+                    [&h2[..], &[c], &tail].concat(),
+                    DecodeError::ControlCharacter,
+                )
+            }),
+            utf8.clone()
+                .prop_map(move |b| { ([&h3[..], b, b"\""].concat(), DecodeError::InvalidUtf8) }),
+        ]
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -321,6 +440,135 @@ proptest! {
         bytes.push(extra);
         prop_assert_eq!(Message::decode(&bytes), Err(DecodeError::TrailingBytes));
     }
+
+    /// (f) A DateTime is written as JSON text, `22`, the 20 characters, `22`;
+    /// the liberal decoder reads that, the older JSON-B string `80 14 …` and a
+    /// fully escaped JSON text to the same value; the strict one reads the
+    /// JSON text forms and refuses the JSON-B string.
+    #[test]
+    fn both_datetime_forms_decode_to_the_same_value(
+        (m, name, t) in message_with_datetime(),
+    ) {
+        let wire = t.to_wire();
+        let text = std::str::from_utf8(&wire).expect("ASCII");
+        let encoded = m.to_vec();
+        let quoted_field = [&field(name)[..], b"\"", &wire, b"\""].concat();
+        prop_assert!(
+            encoded.windows(quoted_field.len()).any(|w| w == quoted_field),
+            "{} not written as JSON text", name
+        );
+
+        let quoted = with_datetime_as(&m, name, &[&b"\""[..], &wire, b"\""].concat());
+        let escaped = with_datetime_as(&m, name, &all_escaped(text));
+        let string = with_datetime_as(&m, name, &string(text));
+        prop_assert_eq!(quoted.len(), string.len());
+        for bytes in [&encoded, &quoted, &escaped] {
+            prop_assert_eq!(Message::decode(bytes), Ok(m.clone()));
+            prop_assert_eq!(Message::decode_liberal(bytes), Ok(m.clone()));
+        }
+        prop_assert_eq!(Message::decode_liberal(&string), Ok(m.clone()));
+        prop_assert_eq!(Message::decode(&string), Err(DecodeError::WrongType));
+    }
+
+    /// (g) Any string written as JSON text by serde_json (minimal escapes) or
+    /// with every character escaped is read back by the liberal decoder in
+    /// any string field, borrowed when it holds no escape; the strict decoder
+    /// refuses a string field in JSON text.
+    #[test]
+    fn json_text_strings_round_trip_liberally(
+        s in any::<String>(),
+        which in 0..STRING_FIELDS.len(),
+        escape_all in any::<bool>(),
+    ) {
+        let (message, name) = STRING_FIELDS[which];
+        let text = if escape_all { all_escaped(&s) } else { serde_json::to_vec(&s).expect("serializes") };
+        let bytes = tagged(message, &[&field(name)[..], &text].concat());
+        let expected = Message::from_json(&json!({ message: { name: s } }))
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let decoded = Message::decode_liberal(&bytes);
+        prop_assert_eq!(decoded.as_ref(), Ok(&expected));
+        let value = match &decoded {
+            Ok(Message::Heartbeat(h)) => h.header.service.clone(),
+            Ok(Message::ConnectRequest(c)) if name == "Account" => c.account.clone(),
+            Ok(Message::ConnectRequest(c)) => c.device.clone(),
+            Ok(Message::Status(r)) => r.header.status_description.clone(),
+            other => return Err(TestCaseError::fail(format!("{other:?}"))),
+        };
+        prop_assert_eq!(
+            matches!(value, Some(Cow::Borrowed(_))),
+            !text.contains(&b'\\'),
+            "borrowed unless escaped: {:?}", value
+        );
+        prop_assert_eq!(Message::decode(&bytes), Err(DecodeError::WrongType));
+    }
+
+    /// (h) Malformed JSON text — unterminated, a bad escape, a raw control
+    /// character, invalid UTF-8 — is its error in both modes, whether it
+    /// stands as an unknown field's value, a string field's or a DateTime's.
+    #[test]
+    fn malformed_json_text_is_an_error((text, error) in malformed_text()) {
+        for bytes in [
+            tagged("PresenceHeartbeat", &[&field("Serial")[..], &[0xA0, 5], &field("Unknown"), &text].concat()),
+            tagged("PresenceHeartbeat", &[&field("Serial")[..], &[0xA0, 5], &field("Service"), &text].concat()),
+            tagged("PresenceStatus", &[&field("Serial")[..], &[0xA0, 5], &field("Now"), &text].concat()),
+            tagged("PresenceConnectRequest", &[&field("Expires")[..], &text].concat()),
+        ] {
+            prop_assert_eq!(Message::decode(&bytes), Err(error), "{:02x?}", bytes);
+            prop_assert_eq!(Message::decode_liberal(&bytes), Err(error), "{:02x?}", bytes);
+        }
+    }
+
+    /// (i) Every strict prefix of an encoding with a JSON text DateTime is
+    /// refused as cut short by both decoders, and so is every prefix of the
+    /// older `80 14 …` form by the liberal one.
+    #[test]
+    fn every_truncation_of_a_quoted_datetime_is_refused((m, name, t) in message_with_datetime()) {
+        let text = String::from_utf8_lossy(&t.to_wire()).into_owned();
+        let encoded = m.to_vec();
+        let string = with_datetime_as(&m, name, &string(&text));
+        for n in 0..encoded.len() {
+            for result in [Message::decode(&encoded[..n]), Message::decode_liberal(&encoded[..n])] {
+                prop_assert!(
+                    matches!(result, Err(DecodeError::Truncated | DecodeError::LengthPastEnd)),
+                    "prefix of {} of {} bytes gave {:?}", n, encoded.len(), result
+                );
+            }
+        }
+        for n in 0..string.len() {
+            let result = Message::decode_liberal(&string[..n]);
+            prop_assert!(
+                matches!(result, Err(DecodeError::Truncated | DecodeError::LengthPastEnd)),
+                "prefix of {} of {} bytes gave {:?}", n, string.len(), result
+            );
+        }
+    }
+
+    /// (j) The liberal forms (a DateTime as `80 14 …`, JSON text strings with
+    /// and without escapes) with random overwrites, insertions and deletions
+    /// never make either decoder panic, and what they accept is stable.
+    #[test]
+    fn mutated_liberal_forms_never_panic(
+        (m, name, t) in message_with_datetime(),
+        s in any::<String>(),
+        mutations in prop::collection::vec(mutation(), 1..6),
+    ) {
+        let text = String::from_utf8_lossy(&t.to_wire()).into_owned();
+        let mut bytes = with_datetime_as(&m, name, &string(&text));
+        let at = bytes.len() - 2;
+        let extra = [
+            &field("Unknown")[..],
+            &serde_json::to_vec(&s).expect("serializes"),
+            &field("Escaped"),
+            &all_escaped(&s),
+        ]
+        .concat();
+        bytes.splice(at..at, extra);
+        decode_is_stable(&bytes)?;
+        for mutation in &mutations {
+            apply(&mut bytes, mutation);
+        }
+        decode_is_stable(&bytes)?;
+    }
 }
 
 /// The strategy really produces all 14 message types.
@@ -364,6 +612,12 @@ fn string(s: &str) -> Vec<u8> {
     let mut out = vec![0x80, s.len() as u8];
     out.extend_from_slice(s.as_bytes());
     out
+}
+
+/// A JSON text string item as the reference writes a DateTime, `"text"`
+/// (nothing escaped: the caller's text needs none, or is meant raw).
+fn quoted(s: &str) -> Vec<u8> {
+    [&b"\""[..], s.as_bytes(), b"\""].concat()
 }
 
 /// A heartbeat body with extra raw bytes spliced in before `Serial 5 Acknowledge 3`.
@@ -553,7 +807,8 @@ fn rejects_a_duplicate_known_field() {
 
 #[test]
 fn rejects_a_known_field_of_the_wrong_type() {
-    let cases: [(&str, &str, Vec<u8>); 9] = [
+    // Wrong in both modes.
+    let cases: [(&str, &str, Vec<u8>); 13] = [
         ("PresenceHeartbeat", "Serial", string("5")),
         ("PresenceHeartbeat", "Serial", vec![0xB0]),
         ("PresenceHeartbeat", "Serial", b"{}".to_vec()),
@@ -563,6 +818,10 @@ fn rejects_a_known_field_of_the_wrong_type() {
         ("PresenceNotify", "Bitmask", string("BQ")),
         ("PresenceNotify", "EndPoint", string("127.0.0.1:1")),
         ("PresenceNotify", "EndPoint", b"[]".to_vec()),
+        ("PresenceHeartbeat", "Serial", quoted("5")),
+        ("PresenceNotify", "Bitmask", quoted("BQ")),
+        ("PresenceNotify", "Now", vec![0x88, 1, b'x']),
+        ("PresenceNotify", "EndPoint", quoted("127.0.0.1:1")),
     ];
     for (message, name, value) in cases {
         let bytes = tagged(message, &[&field(name)[..], &value].concat());
@@ -571,16 +830,66 @@ fn rejects_a_known_field_of_the_wrong_type() {
             Err(DecodeError::WrongType),
             "{message}.{name} = {value:02x?}"
         );
+        assert_eq!(
+            Message::decode_liberal(&bytes),
+            Err(DecodeError::WrongType),
+            "liberal {message}.{name} = {value:02x?}"
+        );
+    }
+    // Wrong only for the strict decoder: a string field as JSON text, a
+    // DateTime as a JSON-B string.
+    let cases: [(&str, &str, Vec<u8>); 4] = [
+        ("PresenceHeartbeat", "Service", quoted("x")),
+        ("PresenceConnectRequest", "Account", br#""\u0061""#.to_vec()),
+        (
+            "PresenceConnectRequest",
+            "Expires",
+            string("2027-01-01T00:00:00Z"),
+        ),
+        ("PresenceNotify", "Now", string("2026-11-21T12:00:00Z")),
+    ];
+    for (message, name, value) in cases {
+        let bytes = tagged(message, &[&field(name)[..], &value].concat());
+        assert_eq!(
+            Message::decode(&bytes),
+            Err(DecodeError::WrongType),
+            "{message}.{name} = {value:02x?}"
+        );
+        assert!(
+            Message::decode_liberal(&bytes).is_ok(),
+            "liberal {message}.{name} = {value:02x?}"
+        );
     }
 }
 
 #[test]
 fn rejects_out_of_range_values_of_known_fields() {
-    let now = [&field("Now")[..], &string("2026-02-30T00:00:00Z")].concat();
-    assert_eq!(
-        Message::decode(&tagged("PresenceStatus", &now)),
-        Err(DecodeError::InvalidDateTime)
-    );
+    for date in [
+        "2026-02-30T00:00:00Z",
+        "2026-11-21T12:00:00",
+        "2026-11-21 12:00:00Z",
+        "",
+    ] {
+        let now = [&field("Now")[..], &quoted(date)].concat();
+        let bytes = tagged("PresenceStatus", &now);
+        assert_eq!(
+            Message::decode(&bytes),
+            Err(DecodeError::InvalidDateTime),
+            "{date}"
+        );
+        assert_eq!(
+            Message::decode_liberal(&bytes),
+            Err(DecodeError::InvalidDateTime),
+            "{date}"
+        );
+        // The older JSON-B string form: the liberal decoder parses it too.
+        let now = [&field("Now")[..], &string(date)].concat();
+        assert_eq!(
+            Message::decode_liberal(&tagged("PresenceStatus", &now)),
+            Err(DecodeError::InvalidDateTime),
+            "{date}"
+        );
+    }
     for endpoint in [
         [
             &b"{"[..],
@@ -689,7 +998,7 @@ fn accepts_fields_in_reverse_order() {
         &field("Acknowledge")[..],
         &[0xA0, 7],
         &field("Now"),
-        &string("2026-11-21T12:00:00Z"),
+        &quoted("2026-11-21T12:00:00Z"),
         &field("EndPoint"),
         b"{",
         &field("Port"),
@@ -707,6 +1016,70 @@ fn accepts_fields_in_reverse_order() {
         Message::decode(&tagged("PresenceNotify", &body)),
         Ok(notify())
     );
+}
+
+#[test]
+fn reads_the_datetime_forms_by_mode() {
+    let mut old = vector("notify");
+    let quoted_now = [&field("Now")[..], &quoted("2026-11-21T12:00:00Z")].concat();
+    let string_now = [&field("Now")[..], &string("2026-11-21T12:00:00Z")].concat();
+    let at = old
+        .windows(quoted_now.len())
+        .position(|w| w == quoted_now)
+        .expect("the notify vector's Now is JSON text");
+    old.splice(at..at + quoted_now.len(), string_now);
+    assert_eq!(Message::decode_liberal(&old), Ok(notify()));
+    assert_eq!(Message::decode(&old), Err(DecodeError::WrongType));
+    assert_eq!(Message::decode(&vector("notify")), Ok(notify()));
+    assert_eq!(Message::decode_liberal(&vector("notify")), Ok(notify()));
+}
+
+#[test]
+fn reads_a_json_text_string_field_liberally() {
+    let body = [&field("Service")[..], br#""a\u00e9\n""#].concat();
+    let bytes = heartbeat_with(&body);
+    let Ok(Message::Heartbeat(h)) = Message::decode_liberal(&bytes) else {
+        panic!("a JSON text Service refused");
+    };
+    assert!(
+        matches!(&h.header.service, Some(Cow::Owned(s)) if s == "a\u{e9}\n"),
+        "{:?}",
+        h.header.service
+    );
+    let body = [&field("Service")[..], &quoted("plain")].concat();
+    let bytes = heartbeat_with(&body);
+    let Ok(Message::Heartbeat(h)) = Message::decode_liberal(&bytes) else {
+        panic!("a JSON text Service refused");
+    };
+    assert_eq!(h.header.service, Some(Cow::Borrowed("plain")));
+    assert!(matches!(h.header.service, Some(Cow::Borrowed(_))));
+    assert_eq!(Message::decode(&bytes), Err(DecodeError::WrongType));
+}
+
+#[test]
+fn rejects_malformed_json_text() {
+    let cases: [(&[u8], DecodeError); 9] = [
+        (b"\"abc", DecodeError::Truncated),
+        (b"\"abc\\", DecodeError::Truncated),
+        (b"\"abc\\\"", DecodeError::Truncated),
+        (b"\"a\\x\"", DecodeError::InvalidEscape),
+        (b"\"a\\u00\"", DecodeError::InvalidEscape),
+        (b"\"\\ud800\"", DecodeError::InvalidEscape),
+        (b"\"a\nb\"", DecodeError::ControlCharacter),
+        (b"\"\x00\"", DecodeError::ControlCharacter),
+        (b"\"\xc3\x28\"", DecodeError::InvalidUtf8),
+    ];
+    for (text, error) in cases {
+        // At the end of the body, so that nothing after it holds a quote.
+        for bytes in [
+            tagged("PresenceHeartbeat", &[&field("Unknown")[..], text].concat()),
+            tagged("PresenceHeartbeat", &[&field("Service")[..], text].concat()),
+            tagged("PresenceStatus", &[&field("Now")[..], text].concat()),
+        ] {
+            assert_eq!(Message::decode(&bytes), Err(error), "{text:02x?}");
+            assert_eq!(Message::decode_liberal(&bytes), Err(error), "{text:02x?}");
+        }
+    }
 }
 
 #[test]
@@ -757,9 +1130,16 @@ fn accepts_integers_and_lengths_wider_than_needed() {
 
 #[test]
 fn skips_unknown_fields_of_every_type() {
-    let unknown: [(&str, Vec<u8>); 12] = [
+    let unknown: [(&str, Vec<u8>); 16] = [
         ("string", string("hello")),
         ("empty string", vec![0x80, 0]),
+        ("JSON text", quoted("2026-11-21T12:00:00Z")),
+        ("empty JSON text", quoted("")),
+        (
+            "JSON text with escapes",
+            br#""a\u00e9\n\"\\ \ud83d\ude00""#.to_vec(),
+        ),
+        ("JSON text with UTF-8 and brackets", quoted("é}]{[ \u{b4}")),
         ("binary", vec![0x88, 3, 0, 0xFF, 0x7D]),
         ("int", vec![0xA1, 0xEA, 0x60]),
         ("negative int", vec![0xAB, 0x80, 0, 0, 0, 0, 0, 0, 0]),
@@ -787,6 +1167,7 @@ fn skips_unknown_fields_of_every_type() {
                 &b"["[..],
                 &[0xA0, 1, 0xB0, 0xB2],
                 &string("s"),
+                &quoted("t"),
                 b"{}[[]]",
                 b"]",
             ]
@@ -796,6 +1177,7 @@ fn skips_unknown_fields_of_every_type() {
     for (what, value) in &unknown {
         let bytes = heartbeat_with(&[&field("Unknown")[..], value].concat());
         assert_eq!(Message::decode(&bytes), Ok(heartbeat()), "{what}");
+        assert_eq!(Message::decode_liberal(&bytes), Ok(heartbeat()), "{what}");
     }
     // All of them at once, in a service message and inside its EndPoint.
     let all: Vec<u8> = unknown
@@ -807,6 +1189,7 @@ fn skips_unknown_fields_of_every_type() {
     let at = bytes.len() - 2;
     bytes.splice(at..at, all.iter().copied());
     assert_eq!(Message::decode(&bytes), Ok(notify()));
+    assert_eq!(Message::decode_liberal(&bytes), Ok(notify()));
     let endpoint = [
         &field("EndPoint")[..],
         b"{",

@@ -6,9 +6,49 @@
 //! the shortest width, which makes our output byte-identical to the reference
 //! writer; the reader accepts any width.
 //!
-//! Neither side allocates: the writer fills a `&mut [u8]`, the reader hands out
-//! slices of its input. Everything the reader returns has been bounds-checked;
-//! malformed input is a [`DecodeError`], never a panic.
+//! # JSON text strings inside JSON-B
+//!
+//! JSON-B is a superset of JSON, and the reference writer (Mathematical-Mesh
+//! release_1.0.2, commit 9f38fd02) uses that for DateTime: it writes a
+//! DateTime not as a JSON-B string item (`80 14 "2026-11-21T12:00:00Z"`) but
+//! as JSON text, a quote byte, the 20 characters, a quote byte
+//! (`22 "2026-11-21T12:00:00Z" 22`); both are 22 bytes. We checked this by
+//! running that writer on our vectors; every other item was already
+//! byte-identical. [`Writer::text_fixed`] writes that form, and a string of
+//! JSON text, `"…"` with JSON's escapes, is therefore an item the reader knows
+//! ([`TAG_QUOTE`], [`Reader::text_string`]). Its escapes are undone by
+//! serde_json, not by a parser of our own: the reader only scans for the
+//! closing unescaped quote, checks for raw control characters and UTF-8 (so
+//! that those errors are classified and allocation-free), and hands the
+//! quoted slice to `serde_json::from_slice`. A text string without escapes is
+//! borrowed from the input; only one with escapes is copied.
+//!
+//! # Strict and liberal reading
+//!
+//! A [`Reader`] is [`Mode::Strict`] or [`Mode::Liberal`]; the mode decides
+//! only which forms a *string-typed* or *DateTime* field's value may take:
+//!
+//! | field value | strict | liberal |
+//! | --- | --- | --- |
+//! | string field as `80`+w | yes | yes |
+//! | string field as JSON text `"…"` | no ([`DecodeError::WrongType`]) | yes |
+//! | DateTime as JSON text `"…"` (the reference's form, and ours) | yes | yes |
+//! | DateTime as `80`+w (what this project wrote before) | no ([`DecodeError::WrongType`]) | yes |
+//! | unknown field's value as JSON text `"…"` | skipped | skipped |
+//!
+//! The node reads every packet strictly (`Message::decode`); the client state
+//! machine, `mpp decode` and other tools that read what a service sends use
+//! the liberal reader (`Message::decode_liberal`), which also reads what
+//! this project's earlier nodes wrote and, like the reference reader (which
+//! parses any non-bracket byte below `0x80` as JSON text), a JSON text string
+//! wherever a string value may stand.
+//!
+//! Neither side allocates: the writer fills a `&mut [u8]`, the reader hands
+//! out slices of its input (only a JSON text string holding an escape is
+//! copied). Everything the reader returns has been bounds-checked; malformed
+//! input is a [`DecodeError`], never a panic.
+
+use std::borrow::Cow;
 
 /// Tag of a field name (`0xB4` + width).
 pub const TAG_NAME: u8 = 0xB4;
@@ -26,6 +66,9 @@ pub const TAG_TRUE: u8 = 0xB0;
 pub const TAG_FALSE: u8 = 0xB1;
 /// `null`.
 pub const TAG_NULL: u8 = 0xB2;
+/// The quote that opens (and closes) a JSON text string, `"…"`: how the
+/// reference writer writes a DateTime (see the module documentation).
+pub const TAG_QUOTE: u8 = b'"';
 
 /// Deepest nesting of objects and arrays a reader accepts (PROTOCOL.md §1).
 pub const MAX_DEPTH: u8 = 8;
@@ -74,6 +117,15 @@ pub enum DecodeError {
     /// or one of them is missing.
     #[error("an EndPoint needs a 4- or 16-byte IpAddress and a Port 0..=65535")]
     InvalidEndpoint,
+    /// A JSON text string (`"…"`) holds a raw control character (below
+    /// `0x20`), which JSON allows only escaped. (A text string without its
+    /// closing quote is [`DecodeError::Truncated`].)
+    #[error("a JSON text string holds a raw control character")]
+    ControlCharacter,
+    /// A JSON text string (`"…"`) holds an escape JSON does not define
+    /// (`\x`, a `\u` without four hex digits, an unpaired surrogate).
+    #[error("a JSON text string holds an invalid escape")]
+    InvalidEscape,
 }
 
 /// The output buffer was too small for the message.
@@ -168,17 +220,52 @@ impl<'b> Writer<'b> {
         }
     }
 
-    /// A string given as a fixed-size byte array (a DateTime's wire form):
-    /// ASCII bytes are written as they are, with a fixed-size copy and no
-    /// UTF-8 walk; anything else goes through [`Writer::string`]'s UTF-8
-    /// check, and invalid UTF-8 is written as the empty string.
-    pub(crate) fn string_fixed<const N: usize>(&mut self, s: &[u8; N]) {
-        if s.is_ascii() {
-            self.tag_and_number(TAG_STRING, N as u64);
-            self.put(s);
-        } else {
-            self.string(std::str::from_utf8(s).unwrap_or_default());
+    /// A fixed-size byte array (a DateTime's wire form) as a JSON text
+    /// string: `0x22`, the bytes, `0x22`, as the reference writer writes a
+    /// DateTime. Printable ASCII other than `"` and `\` (all a DateTime
+    /// holds) is written with one fixed-size copy; anything else goes
+    /// through [`Writer::text_string`]'s escaping, and invalid UTF-8 is
+    /// written as the empty string.
+    pub(crate) fn text_fixed<const N: usize>(&mut self, s: &[u8; N]) {
+        if !s
+            .iter()
+            .all(|&b| (0x20..0x7F).contains(&b) && b != b'"' && b != b'\\')
+        {
+            self.text_string(std::str::from_utf8(s).unwrap_or_default());
+            return;
         }
+        let start = self.len;
+        self.len = start + N + 2;
+        if let Some(dst) = self.buf.get_mut(start..start + N + 2) {
+            if let Some((open, rest)) = dst.split_first_mut() {
+                *open = TAG_QUOTE;
+                if let Some((close, body)) = rest.split_last_mut() {
+                    body.copy_from_slice(s);
+                    *close = TAG_QUOTE;
+                }
+            }
+        }
+    }
+
+    /// A string as JSON text: `"`, the string with JSON's escapes (those
+    /// serde_json writes: `\"`, `\\` and control characters), `"`. Our
+    /// messages use it only for DateTime ([`Writer::text_fixed`]); the
+    /// reader accepts it wherever [`Reader::string_value`] or
+    /// [`Reader::datetime_value`] does.
+    pub fn text_string(&mut self, s: &str) {
+        /// Appends what serde_json writes to the writer's buffer.
+        struct Sink<'w, 'b>(&'w mut Writer<'b>);
+        impl std::io::Write for Sink<'_, '_> {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.put(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        // Serializing a `&str` fails only if the sink does, and ours never does.
+        let _ = serde_json::to_writer(Sink(self), s);
     }
 
     /// A UTF-8 string.
@@ -213,21 +300,47 @@ impl<'b> Writer<'b> {
     }
 }
 
+/// Which forms a [`Reader`] accepts for string and DateTime field values
+/// (see the module documentation for the table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// What the node reads every packet with: string fields are JSON-B
+    /// strings, DateTime fields are JSON text strings (the reference's form).
+    #[default]
+    Strict,
+    /// What tools and the client read a service's messages with: also a
+    /// JSON text string for a string field and a JSON-B string for a
+    /// DateTime field (this project's form before it matched the reference).
+    Liberal,
+}
+
 /// Reads JSON-B items from a borrowed buffer.
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     depth: u8,
+    mode: Mode,
 }
 
 impl<'a> Reader<'a> {
-    /// A reader positioned at the start of `buf`.
+    /// A strict reader positioned at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
+        Self::with_mode(buf, Mode::Strict)
+    }
+
+    /// A reader of the given mode positioned at the start of `buf`.
+    pub fn with_mode(buf: &'a [u8], mode: Mode) -> Self {
         Reader {
             buf,
             pos: 0,
             depth: 0,
+            mode,
         }
+    }
+
+    /// The reader's mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// The next byte, not consumed.
@@ -334,10 +447,86 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A UTF-8 string.
+    /// A JSON-B string item (`0x80`+w), in either mode.
     pub fn string(&mut self) -> Result<&'a str, DecodeError> {
         let bytes = self.length_prefixed(TAG_STRING)?;
         std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)
+    }
+
+    /// A JSON text string item, `"…"` with JSON's escapes, in either mode.
+    /// Borrowed from the input unless it holds an escape.
+    pub fn text_string(&mut self) -> Result<Cow<'a, str>, DecodeError> {
+        match self.peek() {
+            Some(TAG_QUOTE) => {
+                self.pos += 1;
+                self.quoted()
+            }
+            Some(_) => self.wrong_type(),
+            None => Err(DecodeError::Truncated),
+        }
+    }
+
+    /// The value of a string-typed field: a JSON-B string; in
+    /// [`Mode::Liberal`] also a JSON text string.
+    #[inline]
+    pub fn string_value(&mut self) -> Result<Cow<'a, str>, DecodeError> {
+        if self.mode == Mode::Liberal && self.peek() == Some(TAG_QUOTE) {
+            return self.text_string();
+        }
+        self.string().map(Cow::Borrowed)
+    }
+
+    /// The text of a DateTime field: a JSON text string (the reference
+    /// writer's form and ours); in [`Mode::Liberal`] also a JSON-B string
+    /// (the form this project wrote before). The caller parses the text.
+    #[inline]
+    pub fn datetime_value(&mut self) -> Result<Cow<'a, str>, DecodeError> {
+        match self.peek() {
+            Some(TAG_QUOTE) => self.text_string(),
+            Some(t) if self.mode == Mode::Liberal && t & !3 == TAG_STRING => {
+                self.string().map(Cow::Borrowed)
+            }
+            Some(_) => self.wrong_type(),
+            None => Err(DecodeError::Truncated),
+        }
+    }
+
+    /// The rest of a JSON text string whose opening quote was consumed.
+    ///
+    /// Scans for the closing unescaped quote (refusing raw control
+    /// characters on the way), checks UTF-8, then lets serde_json undo the
+    /// escapes of the quoted slice. After those checks an escape is the only
+    /// thing serde_json can refuse, so every other error is reported without
+    /// touching the heap; a bad escape is found by serde_json (whose error
+    /// is boxed) on the path that would have copied the string anyway.
+    fn quoted(&mut self) -> Result<Cow<'a, str>, DecodeError> {
+        let open = self.pos - 1;
+        let mut i = self.pos;
+        let mut escaped = false;
+        let close = loop {
+            match *self.buf.get(i).ok_or(DecodeError::Truncated)? {
+                TAG_QUOTE => break i,
+                // The escaped byte is skipped: `\"` does not close the string.
+                // A bad escape is serde_json's to find.
+                b'\\' => {
+                    escaped = true;
+                    i += 2;
+                }
+                0..=0x1F => return Err(DecodeError::ControlCharacter),
+                _ => i += 1,
+            }
+        };
+        let body = &self.buf[self.pos..close];
+        let quoted = &self.buf[open..=close];
+        std::str::from_utf8(body).map_err(|_| DecodeError::InvalidUtf8)?;
+        let text = if escaped {
+            serde_json::from_slice::<String>(quoted).map(Cow::Owned)
+        } else {
+            serde_json::from_slice::<&'a str>(quoted).map(Cow::Borrowed)
+        }
+        .map_err(|_| DecodeError::InvalidEscape)?;
+        self.pos = close + 1;
+        Ok(text)
     }
 
     /// A binary value.
@@ -409,6 +598,9 @@ impl<'a> Reader<'a> {
                     let len = self.number(t)?;
                     self.take(len).map(drop)
                 }
+                // A JSON text string (a DateTime, or a future field written
+                // that way), checked like any other item, in either mode.
+                _ if t == TAG_QUOTE => self.quoted().map(drop),
                 _ => Err(DecodeError::UnknownTag(t)),
             },
         }
@@ -487,6 +679,87 @@ mod tests {
         let mut ok = vec![b'['; 8];
         ok.extend([b']'; 8]);
         assert_eq!(Reader::new(&ok).skip_value(), Ok(()));
+    }
+
+    #[test]
+    fn datetime_is_written_as_json_text() {
+        let wire = *b"2026-11-21T12:00:00Z";
+        let bytes = written(|w| w.text_fixed(&wire));
+        assert_eq!(bytes, [&b"\""[..], &wire, b"\""].concat());
+        assert_eq!(bytes.len(), 22, "as long as the JSON-B string 80 14 ...");
+        // Anything that would need an escape goes through serde_json.
+        assert_eq!(written(|w| w.text_fixed(b"a\"\\\n")), br#""a\"\\\n""#);
+        assert_eq!(
+            written(|w| w.text_string("a\u{e9}")),
+            "\"a\u{e9}\"".as_bytes()
+        );
+        // Too small a buffer for the fixed form is reported, not a panic.
+        let mut buf = [0u8; 21];
+        let mut w = Writer::new(&mut buf);
+        w.text_fixed(&wire);
+        assert_eq!(w.finish(), Err(EncodeError { needed: 22 }));
+    }
+
+    #[test]
+    fn text_strings_borrow_unless_escaped() {
+        let mut r = Reader::new(br#""plain""#);
+        assert!(matches!(r.text_string(), Ok(Cow::Borrowed("plain"))));
+        assert!(r.at_end());
+        let mut r = Reader::new(br#""a\u00e9\n\"""#);
+        assert!(matches!(r.text_string(), Ok(Cow::Owned(s)) if s == "a\u{e9}\n\""));
+        assert!(r.at_end());
+        // The closing quote is the first unescaped one.
+        let mut r = Reader::new(br#""a\\"b""#);
+        assert_eq!(r.text_string().as_deref(), Ok("a\\"));
+        assert_eq!(r.peek(), Some(b'b'));
+    }
+
+    #[test]
+    fn malformed_text_strings_are_errors() {
+        for (bytes, error) in [
+            (&b"\""[..], DecodeError::Truncated),
+            (b"\"abc", DecodeError::Truncated),
+            (b"\"ab\\", DecodeError::Truncated),
+            (b"\"ab\\\"", DecodeError::Truncated),
+            (b"\"\\q\"", DecodeError::InvalidEscape),
+            (b"\"\\u12\"", DecodeError::InvalidEscape),
+            (b"\"\\udc00\"", DecodeError::InvalidEscape),
+            (b"\"\\\x01\"", DecodeError::InvalidEscape),
+            (b"\"\t\"", DecodeError::ControlCharacter),
+            (b"\"\x1f\"", DecodeError::ControlCharacter),
+            (b"\"\xff\"", DecodeError::InvalidUtf8),
+        ] {
+            assert_eq!(Reader::new(bytes).text_string(), Err(error), "{bytes:02x?}");
+            assert_eq!(Reader::new(bytes).skip_value(), Err(error), "{bytes:02x?}");
+        }
+        assert_eq!(Reader::new(b"").text_string(), Err(DecodeError::Truncated));
+        assert_eq!(
+            Reader::new(&[0xA0, 1]).text_string(),
+            Err(DecodeError::WrongType)
+        );
+    }
+
+    #[test]
+    fn modes_decide_the_forms_of_string_and_datetime_values() {
+        let text = br#""2026-11-21T12:00:00Z""#;
+        let string = [&[0x80, 20][..], &text[1..21]].concat();
+        for mode in [Mode::Strict, Mode::Liberal] {
+            let mut r = Reader::with_mode(text, mode);
+            assert_eq!(r.datetime_value().as_deref(), Ok("2026-11-21T12:00:00Z"));
+            let mut r = Reader::with_mode(&string, mode);
+            assert_eq!(r.string_value().as_deref(), Ok("2026-11-21T12:00:00Z"));
+        }
+        let mut r = Reader::with_mode(&string, Mode::Liberal);
+        assert_eq!(r.datetime_value().as_deref(), Ok("2026-11-21T12:00:00Z"));
+        let mut r = Reader::with_mode(text, Mode::Liberal);
+        assert_eq!(r.string_value().as_deref(), Ok("2026-11-21T12:00:00Z"));
+        let mut r = Reader::new(&string);
+        assert_eq!(r.datetime_value(), Err(DecodeError::WrongType));
+        assert!(r.at_end(), "the refused item is consumed");
+        let mut r = Reader::new(text);
+        assert_eq!(r.string_value(), Err(DecodeError::WrongType));
+        assert!(r.at_end(), "the refused item is consumed");
+        assert_eq!(Reader::new(text).skip_value(), Ok(()));
     }
 
     #[test]

@@ -9,14 +9,22 @@
 //! writer's order, which the test vectors pin down byte for byte.
 //!
 //! Decoding borrows strings and binaries from the input ([`Cow::Borrowed`]),
-//! so decoding a heartbeat, a status or a notify allocates nothing.
+//! so decoding a heartbeat, a status or a notify allocates nothing; only a
+//! JSON text string that holds an escape is copied ([`Cow::Owned`]).
+//!
+//! There are two decoders, differing only in the forms a string or DateTime
+//! field's value may take ([`super::jsonb`] has the table):
+//! [`Message::decode`] is strict and is what the node reads every packet
+//! with; [`Message::decode_liberal`] also accepts the older and the JSON text
+//! forms the reference reader accepts, and is what the client and the tools
+//! read a service's messages with.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
 use serde_json::{Map, Value as Json};
 
-use super::jsonb::{DecodeError, EncodeError, Reader, Writer};
+use super::jsonb::{DecodeError, EncodeError, Mode, Reader, Writer};
 use super::value::{FieldValue, TextError};
 use crate::time::UnixSeconds;
 
@@ -379,12 +387,28 @@ fn read_object<'a>(
 }
 
 impl<'a> Message<'a> {
-    /// Decodes one tagged message `{ name { fields } }`, borrowing from `bytes`.
+    /// Decodes one tagged message `{ name { fields } }`, borrowing from
+    /// `bytes`, strictly ([`Mode::Strict`]): a DateTime must be JSON text
+    /// (`22 … 22`, the reference writer's form) and a string a JSON-B string
+    /// (`80`+w). This is what the node reads every packet with.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        Self::decode_in(Reader::new(bytes))
+    }
+
+    /// Decodes one tagged message like [`Message::decode`], liberally
+    /// ([`Mode::Liberal`]): a DateTime may also be a JSON-B string (`80 14 …`,
+    /// as this project wrote it before) and a string field also JSON text
+    /// (`"…"` with JSON escapes, copied only if it holds one). This is what
+    /// the client state machine and the tools (`mpp decode`) read with.
+    pub fn decode_liberal(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        Self::decode_in(Reader::with_mode(bytes, Mode::Liberal))
+    }
+
+    #[inline(always)]
+    fn decode_in(mut r: Reader<'a>) -> Result<Self, DecodeError> {
         // `read_object` unrolled for its one field, so that the message is
         // built in place instead of moved through an `Option` (three copies
         // of the ~200-byte enum, a third of a heartbeat's decode).
-        let mut r = Reader::new(bytes);
         r.begin_object().map_err(|e| match e {
             DecodeError::WrongType => DecodeError::NotAMessage,
             e => e,

@@ -4,6 +4,20 @@
 //! to write itself as JSON-B, read itself from JSON-B (borrowing from the input
 //! where it can), and convert to and from the JSON text form (binary as
 //! unpadded base64url, PROTOCOL.md §1).
+//!
+//! Two of them have more than one JSON-B form (see [`super::jsonb`]):
+//!
+//! - **DateTime** is written as JSON text inside JSON-B, `22`, the 20 ASCII
+//!   characters `yyyy-MM-ddTHH:mm:ssZ`, `22` — what the reference writer
+//!   (Mathematical-Mesh release_1.0.2, commit 9f38fd02) writes, checked by
+//!   running that writer on our vectors. Both readers accept that form; the
+//!   liberal one also accepts the JSON-B string `80 14 …` this project wrote
+//!   before, and the strict one (the node's) refuses it as
+//!   [`DecodeError::WrongType`].
+//! - **string** is written as a JSON-B string (`80`+w, length in bytes: the
+//!   reference's UTF-16 length is a bug we do not copy). The liberal reader
+//!   also accepts a JSON text string with JSON escapes, `"a\u00e9\n"`; the
+//!   strict one does not.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -49,7 +63,7 @@ impl<'a> FieldValue<'a> for Cow<'a, str> {
         w.string(self);
     }
     fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
-        r.string().map(Cow::Borrowed)
+        r.string_value()
     }
     fn to_json(&self) -> Json {
         Json::from(self.as_ref())
@@ -84,11 +98,12 @@ impl<'a> FieldValue<'a> for Cow<'a, [u8]> {
 
 impl<'a> FieldValue<'a> for UnixSeconds {
     fn write(&self, w: &mut Writer<'_>) {
-        // The wire form is ASCII digits and punctuation.
-        w.string_fixed(&self.to_wire());
+        // JSON text, as the reference writes it; the wire form is ASCII
+        // digits and punctuation, so nothing needs an escape.
+        w.text_fixed(&self.to_wire());
     }
     fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
-        let s = r.string()?;
+        let s = r.datetime_value()?;
         UnixSeconds::parse(s.as_bytes()).map_err(|_| DecodeError::InvalidDateTime)
     }
     fn to_json(&self) -> Json {
