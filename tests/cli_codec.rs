@@ -5,7 +5,7 @@
 use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 
-/// The vectors of PROTOCOL.md §1 that have both a `.hex` and a `.json` form.
+/// The vectors of docs/PROTOCOL.md §1 that have both a `.hex` and a `.json` form.
 const VECTORS: [&str; 4] = ["heartbeat", "connect", "connect-response", "notify"];
 
 /// Status for invalid input and for usage errors.
@@ -173,6 +173,60 @@ fn unknown_message_exits_2() {
     // `{ B4 0D "PresenceHello" { } }`
     let hex = format!("7bb40d{}7b7d7d", hex::encode("PresenceHello"));
     assert_invalid(&mpp(&["decode", &hex], None), "unknown message");
+}
+
+/// The vector's hex with its DateTime as this project wrote it before:
+/// `80 14 …` instead of the reference's JSON text `22 … 22`.
+fn with_string_datetime(name: &str) -> String {
+    let hex = vector(name, "hex");
+    let quoted = format!("22{}22", hex::encode("2026-11-21T12:00:00Z"));
+    assert!(hex.contains(&quoted), "{name}: no quoted DateTime");
+    hex.trim().replace(
+        &quoted,
+        &format!("8014{}", hex::encode("2026-11-21T12:00:00Z")),
+    )
+}
+
+/// `{ B4 11 "PresenceHeartbeat" { B4 06 "Serial" A0 05 <more> } }` as hex.
+fn heartbeat_hex_with(more: &[u8]) -> String {
+    let mut bytes = b"{\xb4\x11PresenceHeartbeat{\xb4\x06Serial\xa0\x05".to_vec();
+    bytes.extend_from_slice(more);
+    bytes.extend_from_slice(b"}}");
+    hex::encode(bytes)
+}
+
+#[test]
+fn decode_reads_the_older_string_datetime() {
+    for name in ["connect-response", "notify"] {
+        let old = with_string_datetime(name);
+        assert_prints(&mpp(&["decode", &old], None), &one_line_json(name));
+        let bytes = hex::decode(&old).expect("hex");
+        assert_prints(&mpp(&["decode", "-"], Some(&bytes)), &one_line_json(name));
+    }
+}
+
+#[test]
+fn decode_reads_a_json_text_string() {
+    // Service as JSON text with escapes: `"a\u00e9\n"`.
+    let hex = heartbeat_hex_with(b"\xb4\x07Service\"a\\u00e9\\n\"");
+    assert_prints(
+        &mpp(&["decode", &hex], None),
+        r#"{"PresenceHeartbeat":{"Serial":5,"Service":"aé\n"}}"#,
+    );
+}
+
+#[test]
+fn malformed_json_text_exits_2() {
+    for (more, reason) in [
+        (&b"\xb4\x07Service\"abc"[..], "truncated"),
+        (b"\xb4\x07Service\"a\\x\"", "invalid escape"),
+        (b"\xb4\x07Service\"a\x01\"", "control character"),
+        (b"\xb4\x07Service\"\xff\"", "UTF-8"),
+        // An unknown field's text value, skipped, runs to the end.
+        (b"\xb4\x03Now\"2026-11-21T12:00:00Z", "truncated"),
+    ] {
+        assert_invalid(&mpp(&["decode", &heartbeat_hex_with(more)], None), reason);
+    }
 }
 
 #[test]

@@ -523,7 +523,9 @@ impl Client {
     }
 
     fn handle_plaintext(&mut self, now: UnixMillis, plain: &[u8]) {
-        let Ok(message) = Message::decode(plain) else {
+        // Liberal: the service may be the reference implementation or an
+        // older node (a DateTime as `80 14 …`, strings as JSON text).
+        let Ok(message) = Message::decode_liberal(plain) else {
             self.stats.dropped += 1;
             return;
         };

@@ -158,7 +158,8 @@ impl DecodeArgs {
         } else {
             parse_hex(&self.input)?
         };
-        let message = Message::decode(&bytes)
+        // Liberal: a tool reads whatever a node or the reference wrote.
+        let message = Message::decode_liberal(&bytes)
             .map_err(|e| InvalidInput(format!("cannot decode message: {e}")))?;
         let text = if self.pretty {
             message.to_json_pretty()
