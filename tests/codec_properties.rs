@@ -1,4 +1,4 @@
-//! Properties of the JSON-B codec (PROTOCOL.md §1–§2) over every message type,
+//! Properties of the JSON-B codec (docs/PROTOCOL.md §1–§2) over every message type,
 //! plus one hand-written case for each rejection and acceptance §1 lists.
 //!
 //! The generated messages cover all 14 variants with any subset of their fields
@@ -587,7 +587,7 @@ fn strategy_covers_every_message_type() {
 }
 
 // ---------------------------------------------------------------------------
-// Hand-written inputs: each rejection and acceptance of PROTOCOL.md §1
+// Hand-written inputs: each rejection and acceptance of docs/PROTOCOL.md §1
 // ---------------------------------------------------------------------------
 
 /// `{ B4 len name { body } }`: a tagged message around raw field bytes.

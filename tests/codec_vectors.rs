@@ -1,4 +1,4 @@
-//! The byte-exact vectors of PROTOCOL.md §1: each `.hex` and `.json` pair must
+//! The byte-exact vectors of docs/PROTOCOL.md §1: each `.hex` and `.json` pair must
 //! convert into each other in both directions. The vectors with a DateTime
 //! (`connect-response`, `notify`) hold it as the reference writer writes it,
 //! JSON text `22 "…" 22`; the form this project wrote before, `80 14 …`, is

@@ -1,12 +1,12 @@
 //! JSON-B items: the tag bytes, a writer into a caller's buffer and a borrowing reader.
 //!
-//! JSON-B (PROTOCOL.md §1) keeps JSON's brackets and replaces every other item
+//! JSON-B (docs/PROTOCOL.md §1) keeps JSON's brackets and replaces every other item
 //! by a tag byte whose low two bits give the width (1, 2, 4 or 8 bytes,
 //! big-endian) of the length or value that follows. The writer always picks
 //! the shortest width, which makes our output byte-identical to the reference
 //! writer; the reader accepts any width.
 //!
-//! # JSON text strings inside JSON-B
+//! # JSON text strings inside JSON-B (docs/PROTOCOL.md §1.4)
 //!
 //! JSON-B is a superset of JSON, and the reference writer (Mathematical-Mesh
 //! release_1.0.2, commit 9f38fd02) uses that for DateTime: it writes a
@@ -23,7 +23,7 @@
 //! quoted slice to `serde_json::from_slice`. A text string without escapes is
 //! borrowed from the input; only one with escapes is copied.
 //!
-//! # Strict and liberal reading
+//! # Strict and liberal reading (docs/PROTOCOL.md §1.5, D13)
 //!
 //! A [`Reader`] is [`Mode::Strict`] or [`Mode::Liberal`]; the mode decides
 //! only which forms a *string-typed* or *DateTime* field's value may take:
@@ -70,7 +70,7 @@ pub const TAG_NULL: u8 = 0xB2;
 /// reference writer writes a DateTime (see the module documentation).
 pub const TAG_QUOTE: u8 = b'"';
 
-/// Deepest nesting of objects and arrays a reader accepts (PROTOCOL.md §1).
+/// Deepest nesting of objects and arrays a reader accepts (docs/PROTOCOL.md §1).
 pub const MAX_DEPTH: u8 = 8;
 
 /// Why a JSON-B input was refused. Each variant is fieldless or `Copy` so the
@@ -104,7 +104,7 @@ pub enum DecodeError {
     /// An integer does not fit in a signed 64-bit value.
     #[error("an integer does not fit in 64 bits")]
     IntegerOverflow,
-    /// The message name is not one of PROTOCOL.md §2.
+    /// The message name is not one of docs/PROTOCOL.md §2.
     #[error("unknown message type")]
     UnknownMessage,
     /// The input is not shaped as `{ name { fields } }`.

@@ -1,4 +1,4 @@
-//! Every message of PROTOCOL.md §2 as a Rust type, with its JSON-B and JSON forms.
+//! Every message of docs/PROTOCOL.md §2 as a Rust type, with its JSON-B and JSON forms.
 //!
 //! A message is a struct of optional fields (absent and null are the same
 //! thing on the wire) plus the fields it inherits, kept in a `header`:
@@ -125,7 +125,7 @@ field_set! {
     /// Fields every client → service message inherits
     /// (`PresenceFromClient`, then `Request`).
     ClientHeader {
-        /// The client's packet serial number (replay window, PROTOCOL.md §7).
+        /// The client's packet serial number (replay window, docs/PROTOCOL.md §7).
         serial: i64 => "Serial",
         /// The Serial of the notify this message acknowledges.
         acknowledge: i64 => "Acknowledge",
@@ -166,7 +166,7 @@ field_set! {
         device: Cow<'a, str> => "Device",
         /// The credential's expiry.
         expires: UnixSeconds => "Expires",
-        /// The credential's binding MAC (PROTOCOL.md §4).
+        /// The credential's binding MAC (docs/PROTOCOL.md §4).
         binding: Cow<'a, [u8]> => "Binding",
     }
     inherits header: ClientHeader

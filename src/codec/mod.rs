@@ -1,4 +1,4 @@
-//! JSON-B and the protocol's messages (PROTOCOL.md §1–§2).
+//! JSON-B and the protocol's messages (docs/PROTOCOL.md §1–§2).
 //!
 //! # Wire encoding, in brief
 //!
@@ -20,7 +20,7 @@
 //! control character, invalid UTF-8) and trailing bytes are each a
 //! [`DecodeError`].
 //!
-//! # Compatibility with the reference
+//! # Compatibility with the reference (docs/PROTOCOL.md §1.6, §1.7)
 //!
 //! We are byte-compatible with the reference JSON-B writer of
 //! hallambaker/Mathematical-Mesh **release_1.0.2, commit 9f38fd02**. This
@@ -36,7 +36,7 @@
 //! this would only change the bytes our writer must produce to stay
 //! byte-identical; it has not been checked against a newer writer.
 //!
-//! # Strict and liberal decoding
+//! # Strict and liberal decoding (docs/PROTOCOL.md §1.5)
 //!
 //! - [`Message::decode`] (strict, [`Mode::Strict`]) is the node's decoder,
 //!   used on every packet: a DateTime must be the quoted JSON text form, a

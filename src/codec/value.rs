@@ -3,9 +3,10 @@
 //! Each schema type (integer, string, binary, DateTime, UdpEndpoint) knows how
 //! to write itself as JSON-B, read itself from JSON-B (borrowing from the input
 //! where it can), and convert to and from the JSON text form (binary as
-//! unpadded base64url, PROTOCOL.md §1).
+//! unpadded base64url, docs/PROTOCOL.md §1).
 //!
-//! Two of them have more than one JSON-B form (see [`super::jsonb`]):
+//! Two of them have more than one JSON-B form (see [`super::jsonb`] and
+//! docs/PROTOCOL.md §1.4–§1.6):
 //!
 //! - **DateTime** is written as JSON text inside JSON-B, `22`, the 20 ASCII
 //!   characters `yyyy-MM-ddTHH:mm:ssZ`, `22` — what the reference writer
@@ -120,7 +121,7 @@ impl<'a> FieldValue<'a> for UnixSeconds {
 const IP_ADDRESS: &str = "IpAddress";
 const PORT: &str = "Port";
 
-/// `UdpEndpoint { IpAddress: binary (4 or 16 bytes), Port: int }` (PROTOCOL.md §2).
+/// `UdpEndpoint { IpAddress: binary (4 or 16 bytes), Port: int }` (docs/PROTOCOL.md §2).
 impl<'a> FieldValue<'a> for SocketAddr {
     fn write(&self, w: &mut Writer<'_>) {
         w.begin_object();
