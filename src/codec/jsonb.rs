@@ -14,7 +14,7 @@
 //! as JSON text, a quote byte, the 20 characters, a quote byte
 //! (`22 "2026-11-21T12:00:00Z" 22`); both are 22 bytes. We checked this by
 //! running that writer on our vectors; every other item was already
-//! byte-identical. [`Writer::text_fixed`] writes that form, and a string of
+//! byte-identical. `Writer::text_fixed` writes that form, and a string of
 //! JSON text, `"…"` with JSON's escapes, is therefore an item the reader knows
 //! ([`TAG_QUOTE`], [`Reader::text_string`]). Its escapes are undone by
 //! serde_json, not by a parser of our own: the reader only scans for the
@@ -249,7 +249,7 @@ impl<'b> Writer<'b> {
 
     /// A string as JSON text: `"`, the string with JSON's escapes (those
     /// serde_json writes: `\"`, `\\` and control characters), `"`. Our
-    /// messages use it only for DateTime ([`Writer::text_fixed`]); the
+    /// messages use it only for DateTime (`Writer::text_fixed`); the
     /// reader accepts it wherever [`Reader::string_value`] or
     /// [`Reader::datetime_value`] does.
     pub fn text_string(&mut self, s: &str) {
