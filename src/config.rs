@@ -439,6 +439,11 @@ settings! {
     max_pending_resolves: usize = 1024, "N", check within(1, 1 << 20);
     /// How long a DNS query may wait for the upstream (ms) before a 504.
     resolve_timeout_ms: u64 = 5_000, "MS", check within(100, 60_000);
+    /// How long (s) an account's catch-up state outlives its last device or
+    /// publish: a device away for less is told what changed, one away longer
+    /// resynchronises everything.
+    catch_up_window_secs: u32 = crate::proto::DEFAULT_CATCH_UP_WINDOW_SECS, "SECS",
+        check within(1, 30 * 86_400);
 }
 
 /// The file-path variable, read before every other setting.
@@ -835,6 +840,7 @@ mod tests {
             "max_queued_replies" => "10",
             "max_pending_resolves" => "11",
             "resolve_timeout_ms" => "2000",
+            "catch_up_window_secs" => "3600",
             other => panic!("no example for setting {other}: add one"),
         }
     }

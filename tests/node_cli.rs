@@ -83,6 +83,11 @@ fn walk_through(io: IoChoice) {
         .parse()
         .expect("endpoint address");
     assert_eq!(endpoint.ip(), udp.ip());
+    // A first start has no mark: the node cannot know what the device
+    // missed and tells it to resynchronise everything.
+    let resync = subscribe.wait_line("a resync", |l| event(l)["event"] == "notify");
+    assert_eq!(event(&resync)["resync"], true, "{resync}");
+    assert_eq!(event(&resync)["bitmask"], "ff".repeat(32), "{resync}");
 
     let mut notify = command(MPP);
     notify
@@ -97,8 +102,11 @@ fn walk_through(io: IoChoice) {
         serde_json::json!({"accepted": 1})
     );
 
-    let line = subscribe.wait_line("a notify event", |l| event(l)["event"] == "notify");
+    let line = subscribe.wait_line("a notify event", |l| {
+        event(l)["event"] == "notify" && event(l)["resync"] != true
+    });
     assert_eq!(event(&line)["bitmask"], "05", "{line}");
+    assert_eq!(event(&line).get("catch_up"), None, "a live notify: {line}");
     let status = subscribe.wait_exit();
     assert_eq!(
         status.code(),

@@ -544,7 +544,8 @@ fn web_transport_answers_an_endpoint_request(io: IoChoice) {
     let n = d
         .client
         .poll_transmit(&mut buf)
-        .expect("an endpoint request");
+        .expect("an endpoint request")
+        .size;
     assert!(
         d.client.poll_transmit(&mut buf).is_none(),
         "one packet queued"

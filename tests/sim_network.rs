@@ -467,7 +467,8 @@ fn web_transport_answers_without_moving_the_endpoint() {
     let n = sim.devices[d]
         .client
         .poll_transmit(&mut buf)
-        .expect("a packet");
+        .expect("a packet")
+        .size;
     let peer: std::net::SocketAddr = "127.0.0.5:443".parse().expect("addr");
     let id = mpp::proto::WebRequestId(77);
     sim.server.handle_web_request(sim.now, peer, &buf[..n], id);
@@ -578,7 +579,8 @@ fn a_connect_over_the_web_transport_waits_for_udp_before_notifying() {
     let n = sim.devices[d]
         .client
         .poll_transmit(&mut buf)
-        .expect("the connect");
+        .expect("the connect")
+        .size;
     let peer: std::net::SocketAddr = "127.0.0.5:443".parse().expect("addr");
     sim.server
         .handle_web_request(sim.now, peer, &buf[..n], mpp::proto::WebRequestId(1));

@@ -215,6 +215,9 @@ fn notification(account: String, bitmask: &str) -> Result<Notification, String> 
     if bitmask.len() > MAX_BITMASK {
         return Err(format!("bitmask is longer than {MAX_BITMASK} bytes"));
     }
+    if bitmask.iter().all(|&b| b == 0) {
+        return Err("bitmask names no store (every bit is zero)".into());
+    }
     Ok(Notification { account, bitmask })
 }
 
@@ -391,7 +394,7 @@ mod tests {
             }]
         );
         let batch = parse_notify(
-            br#"{"notifications":[{"account":"a","bitmask":"FF"},{"account":"b","bitmask":"00"}]}"#,
+            br#"{"notifications":[{"account":"a","bitmask":"FF"},{"account":"b","bitmask":"0100"}]}"#,
         )
         .expect("valid");
         assert_eq!(batch.len(), 2);
@@ -410,7 +413,7 @@ mod tests {
         let long_mask = format!(r#"{{"account":"a","bitmask":"{}"}}"#, "01".repeat(33));
         let entries = vec![r#"{"account":"a","bitmask":"01"}"#; MAX_NOTIFY_BATCH + 1].join(",");
         let big_batch = format!(r#"{{"notifications":[{entries}]}}"#);
-        let cases: [(&str, &str); 14] = [
+        let cases: [(&str, &str); 15] = [
             ("{", "malformed JSON"),
             ("", "malformed JSON"),
             ("[]", "invalid request"),
@@ -433,6 +436,10 @@ mod tests {
             (r#"{"account":"a","bitmask":"0g"}"#, "bitmask is not hex"),
             (r#"{"account":"a","bitmask":""}"#, "bitmask is empty"),
             (&long_mask, "bitmask is longer than 32 bytes"),
+            (
+                r#"{"account":"a","bitmask":"0000"}"#,
+                "bitmask names no store",
+            ),
             (r#"{"notifications":[]}"#, "notifications is empty"),
         ];
         for (body, reason) in cases {

@@ -333,6 +333,7 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
         resolve_timeout_ms: config.resolve_timeout_ms,
         stun_rate_per_sec: config.stun_rate,
         stun_burst: config.stun_burst,
+        catch_up_window_secs: config.catch_up_window_secs,
     };
     let metrics: Vec<Arc<Mutex<ShardMetrics>>> = (0..shards)
         .map(|i| {

@@ -13,6 +13,19 @@
 //! carried by `PresenceConnectResponse` and `PresenceStatus` is treated the
 //! same way, which is how a notify lost five times is still recovered at the
 //! next heartbeat.
+//!
+//! The client keeps the device's *mark* (docs/PROTOCOL.md §6, "Catch-up"):
+//! the last notify Serial it processed. Every connect carries it as
+//! `Acknowledge`, so a node that held the account while the device was away
+//! answers with what changed meanwhile (a catch-up), or with all-ones (a
+//! resync) when it cannot know. The application persists [`Client::mark`]
+//! across its own restarts and hands it back in [`ClientConfig::mark`].
+//!
+//! Replies are accepted once: each must acknowledge a request this client
+//! sent recently and that has not been answered yet (a 64-wide window over
+//! its own Serials, like the node's over the client's), so a captured reply
+//! replayed later — a 503 that would take the device offline, say — is
+//! dropped (docs/PROTOCOL.md §7).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -20,7 +33,7 @@ use std::net::SocketAddr;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
-use super::MAX_BITMASK;
+use super::{Transmit, MAX_BITMASK};
 use crate::codec::{
     ClientHeader, Message, PresenceAcknowledge, PresenceConnectRequest, PresenceDisconnectRequest,
     PresenceEndpointRequest, PresenceHeartbeat, PresenceResolveRequest,
@@ -47,6 +60,13 @@ pub struct ClientConfig {
     /// Serial of the first packet; `None` starts at the current Unix time in
     /// seconds, so a restarted device is above the Serials it used before.
     pub first_serial: Option<i64>,
+    /// The device's mark from its last run: the last notify Serial it
+    /// processed (`None`: no history, e.g. a first start).
+    pub mark: Option<i64>,
+    /// Reconnects after the node forgot the connection (404) or shed it
+    /// (503) wait a random delay below this (ms), so a million devices do
+    /// not come back in the same millisecond.
+    pub reconnect_jitter_ms: u64,
 }
 
 impl Default for ClientConfig {
@@ -58,6 +78,8 @@ impl Default for ClientConfig {
             heartbeat_tries: 3,
             reconnect_ms: 60_000,
             first_serial: None,
+            mark: None,
+            reconnect_jitter_ms: 1_000,
         }
     }
 }
@@ -107,6 +129,12 @@ pub enum ClientEvent {
         serial: i64,
         /// Which stores changed (bit i = store i).
         bitmask: Vec<u8>,
+        /// Carried by a connect's answer: what changed while the device was
+        /// away (or not yet acknowledged).
+        catch_up: bool,
+        /// The node could not know what changed: every store must be
+        /// synchronised (a catch-up of 32 bytes of `FF`).
+        resync: bool,
     },
     /// Answer to [`Client::request_endpoint`].
     Endpoint(SocketAddr),
@@ -137,6 +165,8 @@ pub struct ClientStats {
     pub dropped: u64,
     /// Notifies received, including repeats of one Serial.
     pub notifies_received: u64,
+    /// Replies dropped because they answered no outstanding request (replays).
+    pub replays_dropped: u64,
 }
 
 /// One request a device sends, borrowed: what [`seal_request`] encodes.
@@ -189,11 +219,28 @@ pub fn seal_request(
     request: &Request<'_>,
     buf: &mut [u8],
 ) -> Result<usize, SealRequestError> {
+    seal_request_acknowledging(key, conn_id, nonce, serial, None, request, buf)
+}
+
+/// [`seal_request`] with `Acknowledge` set in the request's header: any
+/// request may acknowledge a notify Serial (docs/PROTOCOL.md, D8), and a
+/// connect carries the device's mark there (§6, "Catch-up"). For
+/// [`Request::Acknowledge`] the request's own Serial wins.
+pub fn seal_request_acknowledging(
+    key: &PacketKey,
+    conn_id: ConnId,
+    nonce: [u8; 12],
+    serial: i64,
+    acknowledge: Option<i64>,
+    request: &Request<'_>,
+    buf: &mut [u8],
+) -> Result<usize, SealRequestError> {
     if buf.len() < MAX_PACKET {
         return Err(SealRequestError::Packet);
     }
     let header = ClientHeader {
         serial: Some(serial),
+        acknowledge,
         ..ClientHeader::default()
     };
     let message = match *request {
@@ -232,6 +279,7 @@ pub fn seal_request(
 /// A device's MPP client.
 pub struct Client {
     config: ClientConfig,
+    node: SocketAddr,
     conn_id: ConnId,
     c2s: PacketKey,
     s2c: PacketKey,
@@ -246,7 +294,13 @@ pub struct Client {
     deadline: Option<UnixMillis>,
     heartbeat_ms: u64,
     disconnecting: bool,
-    last_notify: Option<i64>,
+    /// The last notify Serial processed (docs/PROTOCOL.md §6).
+    mark: Option<i64>,
+    /// The highest Serial sent.
+    sent_high: i64,
+    /// Our own Serials the node has answered: bit i = `sent_high - i` was
+    /// answered (or never sent).
+    answered: u64,
     endpoint: Option<SocketAddr>,
     outgoing: VecDeque<Outgoing>,
     events: VecDeque<ClientEvent>,
@@ -260,10 +314,12 @@ pub struct Client {
 const MAX_OUTGOING: usize = 64;
 
 impl Client {
-    /// A client for `credential`, starting to connect at `now`. `seed` seeds
-    /// the nonce generator (OS randomness in production).
+    /// A client for `credential` talking to the node at `node`, starting to
+    /// connect at `now`. `seed` seeds the nonce generator and the reconnect
+    /// jitter (OS randomness in production).
     pub fn new(
         credential: &Credential,
+        node: SocketAddr,
         config: ClientConfig,
         now: UnixMillis,
         seed: [u8; 32],
@@ -273,10 +329,12 @@ impl Client {
             .first_serial
             .unwrap_or(now.seconds().0)
             .clamp(1, i64::from(u32::MAX));
+        let mark = config.mark.filter(|&m| m > 0);
         let mut client = Client {
             c2s: credential.secret.key(Direction::ClientToServer, conn_id),
             s2c: credential.secret.key(Direction::ServerToClient, conn_id),
             conn_id,
+            node,
             account: credential.account.clone(),
             device: credential.device.clone(),
             expires: credential.expires,
@@ -291,7 +349,9 @@ impl Client {
             tries: 0,
             deadline: None,
             disconnecting: false,
-            last_notify: None,
+            mark,
+            sent_high: first_serial - 1,
+            answered: u64::MAX,
             endpoint: None,
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
@@ -318,6 +378,22 @@ impl Client {
         self.conn_id
     }
 
+    /// The device's mark: the last notify Serial it processed. Persist it
+    /// and hand it back in [`ClientConfig::mark`] after a restart.
+    pub fn mark(&self) -> Option<i64> {
+        self.mark
+    }
+
+    /// The node this client talks to.
+    pub fn node(&self) -> SocketAddr {
+        self.node
+    }
+
+    /// Talks to another node from now on (failover); the next connect goes there.
+    pub fn set_node(&mut self, node: SocketAddr) {
+        self.node = node;
+    }
+
     /// Counters.
     pub fn stats(&self) -> &ClientStats {
         &self.stats
@@ -339,9 +415,6 @@ impl Client {
     }
 
     fn start_connect(&mut self, now: UnixMillis) {
-        // A new connection may start a new series of notify Serials: report
-        // the next notify whatever its Serial (a duplicate beats a loss).
-        self.last_notify = None;
         // Keep Serials at or above the Unix time: the node only creates a
         // connection from a recent Connect (replay defence). An explicit
         // `first_serial` is honoured for the very first packet.
@@ -458,8 +531,9 @@ impl Client {
     }
 
     /// Writes the next datagram for the node into `buf` (at least
-    /// [`MAX_PACKET`] bytes) and returns its length.
-    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<usize> {
+    /// [`MAX_PACKET`] bytes) and says where it goes: always the node, by UDP
+    /// (the same [`Transmit`] the node's [`super::Service::poll_transmit`] gives).
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
         if buf.len() < MAX_PACKET {
             return None;
         }
@@ -482,12 +556,31 @@ impl Client {
                 Outgoing::Resolve(ref q) => Request::Resolve(q),
                 Outgoing::Disconnect => Request::Disconnect,
             };
+            // docs/PROTOCOL.md §6: a connect carries the device's mark.
+            let acknowledge = match o {
+                Outgoing::Connect => self.mark,
+                _ => None,
+            };
             let mut nonce = [0u8; 12];
             self.rng.fill_bytes(&mut nonce);
-            match seal_request(&self.c2s, self.conn_id, nonce, self.serial, &request, buf) {
+            let sealed = seal_request_acknowledging(
+                &self.c2s,
+                self.conn_id,
+                nonce,
+                self.serial,
+                acknowledge,
+                &request,
+                buf,
+            );
+            match sealed {
                 Ok(size) => {
                     self.stats.sent += 1;
-                    return Some(size);
+                    self.record_sent(self.serial);
+                    return Some(Transmit {
+                        destination: self.node,
+                        size,
+                        web: None,
+                    });
                 }
                 // Only an oversize DNS query can fail here; report it as a failed resolve.
                 Err(SealRequestError::TooLarge) => {
@@ -497,6 +590,37 @@ impl Client {
             }
         }
         None
+    }
+
+    /// Moves the window of answered Serials up to `sent`; Serials skipped
+    /// on the way were never sent and count as answered.
+    fn record_sent(&mut self, sent: i64) {
+        let shift = (sent - self.sent_high).clamp(1, 64) as u32;
+        if shift >= 64 {
+            self.answered = !1;
+        } else {
+            let skipped = ((1u64 << shift) - 1) & !1;
+            self.answered = (self.answered << shift) | skipped;
+        }
+        self.sent_high = sent;
+    }
+
+    /// True (and recorded) the first time a reply acknowledges `ack`, one of
+    /// the last 64 Serials sent; a replay, or a reply to nothing we sent
+    /// lately, is false.
+    fn fresh_reply(&mut self, ack: Option<i64>) -> bool {
+        let Some(delta) = ack.map(|a| self.sent_high - a) else {
+            return false;
+        };
+        if !(0..64).contains(&delta) {
+            return false;
+        }
+        let bit = 1u64 << delta;
+        if self.answered & bit != 0 {
+            return false;
+        }
+        self.answered |= bit;
+        true
     }
 
     /// Handles a datagram from the node.
@@ -533,6 +657,12 @@ impl Client {
             self.stats.dropped += 1;
             return;
         };
+        // docs/PROTOCOL.md §7: a reply counts once, and only for a request of
+        // ours; a notify answers nothing (and repeats are harmless).
+        if !matches!(message, Message::Notify(_)) && !self.fresh_reply(header.acknowledge) {
+            self.stats.replays_dropped += 1;
+            return;
+        }
         self.stats.received += 1;
         if self.state == ClientState::Aborted {
             return;
@@ -549,7 +679,7 @@ impl Client {
         match message {
             Message::ConnectResponse(r) => {
                 if self.state != ClientState::Connecting || self.disconnecting {
-                    self.pending(r.serial, r.bitmask.as_deref());
+                    self.pending(r.serial, r.bitmask.as_deref(), false);
                     return;
                 }
                 self.state = ClientState::Connected;
@@ -559,24 +689,29 @@ impl Client {
                     }
                 }
                 self.deadline = Some(now.plus_millis(self.heartbeat_ms));
-                // A new connection: Serials restart if the node lost our state.
-                self.last_notify = None;
                 let endpoint = r.header.endpoint.or(self.endpoint);
                 if let Some(endpoint) = endpoint {
                     self.events.push_back(ClientEvent::Connected { endpoint });
                 }
-                self.pending(r.serial, r.bitmask.as_deref());
+                // docs/PROTOCOL.md §6: the answer to a new connect carries the
+                // account's Serial, the device's next mark (the node may be a
+                // new life of the account whose Serials are lower), and what
+                // changed since the mark we sent.
+                self.pending(r.serial, r.bitmask.as_deref(), true);
+                if let Some(serial) = r.serial.filter(|&s| s > 0) {
+                    self.mark = Some(serial);
+                }
             }
             Message::Status(r) => {
                 if self.state == ClientState::Unacknowledged && !self.disconnecting {
                     self.state = ClientState::Connected;
                     self.deadline = Some(now.plus_millis(self.heartbeat_ms));
                 }
-                self.pending(r.serial, r.bitmask.as_deref());
+                self.pending(r.serial, r.bitmask.as_deref(), false);
             }
             Message::Notify(n) => {
                 self.stats.notifies_received += 1;
-                self.pending(n.serial, n.bitmask.as_deref());
+                self.pending(n.serial, n.bitmask.as_deref(), false);
             }
             Message::EndpointResponse(r) => {
                 if let Some(e) = r.header.endpoint {
@@ -610,17 +745,28 @@ impl Client {
                     status: code,
                     description,
                 };
+                let jitter = self.jitter();
                 match code {
                     404 if self.disconnecting => self.abort(DisconnectReason::Requested),
                     404 => {
-                        // The node forgot us (restart or expiry): connect again now.
-                        self.events.push_back(ClientEvent::Disconnected(reason));
-                        self.start_connect(now);
-                    }
-                    503 => {
+                        // The node forgot us (restart, crash or expiry):
+                        // connect again at once, give or take the jitter that
+                        // keeps a million devices from arriving together.
                         self.state = ClientState::Disconnected;
                         self.events.push_back(ClientEvent::Disconnected(reason));
-                        self.deadline = Some(now.plus_millis(self.config.reconnect_ms));
+                        self.deadline = Some(now.plus_millis(jitter));
+                    }
+                    503 => {
+                        // Shed: wait as long as the node asks (StatusExtended,
+                        // ms), or a reconnect period, plus the jitter.
+                        let wait = header
+                            .status_extended
+                            .and_then(|ms| u64::try_from(ms).ok())
+                            .filter(|&ms| ms > 0)
+                            .unwrap_or(self.config.reconnect_ms);
+                        self.state = ClientState::Disconnected;
+                        self.events.push_back(ClientEvent::Disconnected(reason));
+                        self.deadline = Some(now.plus_millis(wait.saturating_add(jitter)));
                     }
                     _ => self.abort(reason),
                 }
@@ -629,20 +775,32 @@ impl Client {
         }
     }
 
+    /// A random delay below [`ClientConfig::reconnect_jitter_ms`].
+    fn jitter(&mut self) -> u64 {
+        match self.config.reconnect_jitter_ms {
+            0 => 0,
+            j => self.rng.next_u64() % j,
+        }
+    }
+
     /// Pending notify state from a notify, status or connect response:
-    /// report it once per Serial, acknowledge it every time.
-    fn pending(&mut self, serial: Option<i64>, bitmask: Option<&[u8]>) {
+    /// report it once (a Serial above the mark, or any catch-up a new
+    /// connection brings), acknowledge it every time.
+    fn pending(&mut self, serial: Option<i64>, bitmask: Option<&[u8]>, catch_up: bool) {
         let (Some(serial), Some(bitmask)) = (serial, bitmask) else {
             return;
         };
         if bitmask.is_empty() || bitmask.len() > MAX_BITMASK {
             return;
         }
-        if self.last_notify != Some(serial) {
-            self.last_notify = Some(serial);
+        if catch_up || self.mark.is_none_or(|m| serial > m) {
+            self.mark = Some(serial);
+            let resync = bitmask.len() == MAX_BITMASK && bitmask.iter().all(|&b| b == 0xFF);
             self.events.push_back(ClientEvent::Notify {
                 serial,
                 bitmask: bitmask.to_vec(),
+                catch_up,
+                resync,
             });
         }
         self.push(Outgoing::Acknowledge(serial));

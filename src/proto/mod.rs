@@ -16,12 +16,13 @@ pub mod service;
 pub mod stun;
 
 pub use client::{
-    seal_request, Client, ClientConfig, ClientEvent, ClientState, ClientStats, DisconnectReason,
-    Request, SealRequestError,
+    seal_request, seal_request_acknowledging, Client, ClientConfig, ClientEvent, ClientState,
+    ClientStats, DisconnectReason, Request, SealRequestError,
 };
 pub use replay::{Freshness, ReplayWindow};
 pub use service::{
     PublishError, ResolveToken, Service, ServiceConfig, ServiceEvent, ServiceStats, WebRequestId,
+    DEFAULT_CATCH_UP_WINDOW_SECS,
 };
 
 use std::net::SocketAddr;

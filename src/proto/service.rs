@@ -35,7 +35,9 @@ use crate::packet::{
     Direction, MasterKey, PacketKey, FRAGMENT_HEADER_LEN, HEADER_LEN, MAX_FRAGMENT_DATA,
     MAX_PACKET, MAX_PLAINTEXT,
 };
-use crate::table::{AccountKey, Connection, Slot, Table, TimerWheel};
+use crate::table::{
+    Account, AccountKey, AccountSlot, CatchUp, Connection, Slot, Table, TimerWheel,
+};
 use crate::time::{UnixMillis, UnixSeconds};
 
 /// Tunables of one shard.
@@ -61,6 +63,10 @@ pub struct ServiceConfig {
     pub stun_rate_per_sec: u32,
     /// Burst of STUN requests allowed per source address.
     pub stun_burst: u32,
+    /// How long (s) an account's catch-up state is kept after its last
+    /// device left or its last publish (docs/PROTOCOL.md §6, "Catch-up"),
+    /// and how often at most the catch-up union restarts.
+    pub catch_up_window_secs: u32,
 }
 
 impl Default for ServiceConfig {
@@ -75,6 +81,7 @@ impl Default for ServiceConfig {
             resolve_timeout_ms: 5_000,
             stun_rate_per_sec: 100,
             stun_burst: 200,
+            catch_up_window_secs: DEFAULT_CATCH_UP_WINDOW_SECS,
         }
     }
 }
@@ -126,6 +133,12 @@ pub struct ServiceStats {
     pub refusals_rate_limited: u64,
     /// Dropped before decryption: the source failed authentication too often.
     pub dropped_auth_limited: u64,
+    /// New connections told what was published while their device was away.
+    pub catch_ups: u64,
+    /// New connections told to resynchronise everything (the node could not know).
+    pub resyncs: u64,
+    /// Account records whose catch-up window ran out with no device left.
+    pub accounts_expired: u64,
 }
 
 /// Identifies one DNS query waiting for the upstream.
@@ -151,6 +164,9 @@ pub enum PublishError {
     /// The bitmask is empty or longer than 32 bytes.
     #[error("bitmask must be 1 to {MAX_BITMASK} bytes")]
     BadBitmask,
+    /// Every bit of the bitmask is zero: it names no store.
+    #[error("bitmask names no store (every bit is zero)")]
+    NoStore,
 }
 
 /// `Status` codes of refusals (docs/PROTOCOL.md §2).
@@ -265,6 +281,9 @@ struct RetransmitTimer {
     tries: u8,
 }
 
+/// Default catch-up window: 24 hours (docs/PROTOCOL.md §6).
+pub const DEFAULT_CATCH_UP_WINDOW_SECS: u32 = 86_400;
+
 /// Failed authentications tolerated per second per source address; beyond,
 /// the source's packets are dropped before decryption (docs/PROTOCOL.md §7).
 const AUTH_FAILURES_PER_SEC: u32 = 100;
@@ -310,6 +329,7 @@ pub struct Service {
     events: VecDeque<ServiceEvent>,
     next_sweep: UnixMillis,
     sweep_cursor: u32,
+    account_cursor: u32,
     scratch: Vec<u8>,
     stats: ServiceStats,
 }
@@ -351,6 +371,7 @@ impl Service {
             events: VecDeque::new(),
             next_sweep: now.plus_millis(SWEEP_PERIOD_MS / SWEEP_STEPS),
             sweep_cursor: 0,
+            account_cursor: 0,
             scratch: Vec::with_capacity(MAX_PACKET),
             stats: ServiceStats::default(),
             config,
@@ -552,7 +573,8 @@ impl Service {
         };
         if UnixSeconds(i64::from(rec.expires)) <= now.seconds() {
             self.stats.expired += 1;
-            self.table.remove(slot);
+            let seconds = self.seconds_since_epoch(now);
+            self.table.remove(slot, seconds);
             self.queue_refusal(
                 now,
                 reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")),
@@ -568,7 +590,8 @@ impl Service {
             Message::Acknowledge(_) => {}
             Message::DisconnectRequest(_) => {
                 self.stats.disconnects += 1;
-                self.table.remove(slot);
+                let seconds = self.seconds_since_epoch(now);
+                self.table.remove(slot, seconds);
                 self.queue_reply(reply(ReplyKind::Disconnected));
             }
             Message::ResolveRequest(req) => {
@@ -626,8 +649,8 @@ impl Service {
         rec.set_window(window.bits);
         rec.last_seen = seconds;
         // Endpoint migration only on an authenticated, fresh UDP packet.
-        if via == Via::Udp && rec.endpoint() != from {
-            rec.set_endpoint(from);
+        if via == Via::Udp && self.table.endpoint(slot) != Some(from) {
+            self.table.set_endpoint(slot, from);
             self.stats.migrations += 1;
         }
         true
@@ -638,7 +661,7 @@ impl Service {
             return;
         };
         // Only an acknowledgement of the latest Serial clears the pending bits (§6).
-        if rec.mask_len > 0 && ack == i64::from(rec.notify_serial) {
+        if rec.mask_len > 0 && ack == i64::from(self.account_serial(slot)) {
             self.table.clear_pending(slot);
             self.stats.notifies_acked += 1;
         }
@@ -718,7 +741,11 @@ impl Service {
                     return;
                 }
             }
-            if rec.account_key() == key {
+            let same_account = self
+                .table
+                .account(self.table.account_of(slot))
+                .is_some_and(|a| a.affinity == key.affinity && a.low == key.low);
+            if same_account {
                 self.accept_fresh(now, slot, from, serial, via);
                 if let Some(rec) = self.table.get_mut(slot) {
                     rec.expires = expires_u32;
@@ -731,7 +758,7 @@ impl Service {
                 return;
             }
             // Same conn id bound to another account: start afresh.
-            self.table.remove(slot);
+            self.table.remove(slot, seconds);
         }
         // A new connection only from a recent Connect: clients keep their
         // Serials at or above the Unix time (README, "Where we decided"), so
@@ -744,38 +771,81 @@ impl Service {
             self.queue_refusal(now, reply(ReplyKind::InvalidSerial(now_serial)));
             return;
         }
+        // docs/PROTOCOL.md §6, "Catch-up": the account's record (created
+        // with its first device) tells what the device missed since its mark.
+        let account = match self.table.find_account(key) {
+            Some(a) => a,
+            // The first device of an account starts the account's notify
+            // Serials at the Unix time, so they never repeat the Serials of
+            // an earlier life of the account (node restart, all devices
+            // gone), which a client would take for duplicates.
+            None => match self.table.insert_account(Account::new(
+                key.affinity,
+                key.low,
+                now_serial,
+                seconds,
+            )) {
+                Ok(a) => a,
+                Err(_) => {
+                    self.refuse_full(now, origin);
+                    return;
+                }
+            },
+        };
+        let mark = req.header.acknowledge.and_then(|m| u32::try_from(m).ok());
+        let catch_up = self
+            .table
+            .account(account)
+            .map_or(CatchUp::Resync, |a| a.catch_up(mark));
         let mut rec = Connection {
             conn_id: conn_id.0,
-            account_low: key.low,
             highest_serial: serial,
             last_seen: seconds,
             expires: expires_u32,
-            // The first device of an account starts the account's notify
-            // Serials at the Unix time, so they never repeat the Serials of an
-            // earlier life of the account (node restart, all devices gone),
-            // which a client would take for duplicates.
-            notify_serial: now_serial,
             ..Connection::default()
         };
-        rec.set_window(1);
+        // docs/PROTOCOL.md §7: a new record's window starts full, so no packet
+        // of the device's earlier connections is accepted again.
+        rec.set_window(u64::MAX);
+        let slot = match self.table.insert(rec, account) {
+            Ok(slot) => slot,
+            Err(_) => {
+                self.refuse_full(now, origin);
+                return;
+            }
+        };
+        if let Some(a) = self.table.account_mut(account) {
+            a.stamp = seconds;
+        }
         // Notifies are UDP only: a connection made over the web transport has
         // no UDP endpoint until its first authenticated UDP packet.
         if via == Via::Udp {
-            rec.set_endpoint(from);
+            self.table.set_endpoint(slot, from);
         }
-        match self.table.insert(rec) {
-            Ok(slot) => {
-                self.stats.connects += 1;
-                self.queue_reply(origin.reply_for(slot, ReplyKind::Connected));
+        if let Some(mask) = catch_up.mask() {
+            match catch_up {
+                CatchUp::Resync => self.stats.resyncs += 1,
+                _ => self.stats.catch_ups += 1,
             }
-            Err(_) => {
-                self.stats.refused += 1;
-                self.queue_refusal(
-                    now,
-                    reply(ReplyKind::Refused(status::UNAVAILABLE, "node full")),
-                );
-            }
+            self.table.or_pending(slot, mask.as_bytes());
         }
+        self.stats.connects += 1;
+        self.queue_reply(origin.reply_for(slot, ReplyKind::Connected));
+    }
+
+    fn refuse_full(&mut self, now: UnixMillis, origin: Origin) {
+        self.stats.refused += 1;
+        self.queue_refusal(
+            now,
+            origin.reply(ReplyKind::Refused(status::UNAVAILABLE, "node full")),
+        );
+    }
+
+    /// The account Serial of a live connection (0 if the slot is not live).
+    fn account_serial(&self, slot: Slot) -> u32 {
+        self.table
+            .account(self.table.account_of(slot))
+            .map_or(0, |a| a.serial)
     }
 
     /// Publishes `bitmask` to every device of `account` held by this shard
@@ -784,36 +854,37 @@ impl Service {
     /// notify's retransmission timer starts when it is sent.
     pub fn handle_publish(
         &mut self,
-        _now: UnixMillis,
+        now: UnixMillis,
         account: &str,
         bitmask: &[u8],
     ) -> Result<usize, PublishError> {
         if bitmask.is_empty() || bitmask.len() > MAX_BITMASK {
             return Err(PublishError::BadBitmask);
         }
+        if bitmask.iter().all(|&b| b == 0) {
+            return Err(PublishError::NoStore);
+        }
         self.stats.publishes += 1;
-        let key = AccountKey::of(account);
-        let Some(head) = self.table.account_head(key) else {
+        // An account with no record here has no device here now and none
+        // within the catch-up window: nobody to tell, and a device that
+        // comes later resynchronises.
+        let Some(account) = self.table.find_account(AccountKey::of(account)) else {
             return Ok(0);
         };
-        let serial = match self
-            .table
-            .get(head)
-            .map(|r| r.notify_serial.wrapping_add(1))
-        {
-            Some(0) => 1,
-            Some(s) => s,
-            None => return Ok(0),
+        let seconds = self.seconds_since_epoch(now);
+        let window = self.config.catch_up_window_secs;
+        let Some(record) = self.table.account_mut(account) else {
+            return Ok(0);
         };
+        record.publish(bitmask, seconds, window);
+        let mut cursor = (record.head != 0).then(|| Slot(record.head - 1));
         let mut count = 0;
-        let mut cursor = Some(head);
         while let Some(slot) = cursor {
             cursor = self.table.next_in_account(slot);
             self.table.or_pending(slot, bitmask);
             let Some(rec) = self.table.get_mut(slot) else {
                 continue;
             };
-            rec.notify_serial = serial;
             rec.set_tries(0);
             // A device already queued gets one notify with the merged mask;
             // its retransmission timer is armed when that notify goes out.
@@ -847,7 +918,7 @@ impl Service {
     pub fn poll_timeout(&self) -> Option<UnixMillis> {
         let mut next = self.timers.next_deadline();
         let mut consider = |t: UnixMillis| next = Some(next.map_or(t, |n: UnixMillis| n.min(t)));
-        if !self.table.is_empty() {
+        if !self.table.is_empty() || self.table.accounts_len() > 0 {
             consider(self.next_sweep);
         }
         for r in &self.resolves {
@@ -885,15 +956,17 @@ impl Service {
     }
 
     fn retransmit(&mut self, t: RetransmitTimer) {
-        let Some(rec) = self.table.get_mut(Slot(t.slot)) else {
+        let slot = Slot(t.slot);
+        if !self.table.get(slot).is_some_and(Connection::in_use)
+            || self.account_serial(slot) != t.serial
+        {
+            return;
+        }
+        let Some(rec) = self.table.get_mut(slot) else {
             return;
         };
         // A stale timer: acknowledged, superseded by a newer publish, or the slot was reused.
-        if !rec.in_use()
-            || rec.mask_len == 0
-            || rec.notify_serial != t.serial
-            || rec.tries() != t.tries
-        {
+        if rec.mask_len == 0 || rec.tries() != t.tries {
             return;
         }
         if t.tries >= self.config.retransmit_tries {
@@ -912,28 +985,46 @@ impl Service {
     /// Removes connections silent for 2 × ConnectionTimeout or past their
     /// credential's expiry, a slice of the table per call.
     fn sweep(&mut self, now: UnixMillis) {
+        let seconds = self.seconds_since_epoch(now);
         let bound = self.table.slot_bound();
-        if bound == 0 {
-            return;
-        }
-        let chunk = bound.div_ceil(SWEEP_STEPS as u32).max(1);
-        let idle_limit = (2 * u64::from(self.config.connection_timeout_ms)).div_ceil(1000);
-        let seconds = u64::from(self.seconds_since_epoch(now));
-        let unix = now.seconds().0;
-        let end = self.sweep_cursor.saturating_add(chunk).min(bound);
-        for s in self.sweep_cursor..end {
-            let Some(rec) = self.table.get(Slot(s)) else {
-                continue;
-            };
-            if rec.in_use()
-                && (seconds.saturating_sub(u64::from(rec.last_seen)) > idle_limit
-                    || i64::from(rec.expires) <= unix)
-            {
-                self.table.remove(Slot(s));
-                self.stats.expired += 1;
+        if bound > 0 {
+            let chunk = bound.div_ceil(SWEEP_STEPS as u32).max(1);
+            let idle_limit = (2 * u64::from(self.config.connection_timeout_ms)).div_ceil(1000);
+            let unix = now.seconds().0;
+            let end = self.sweep_cursor.saturating_add(chunk).min(bound);
+            for s in self.sweep_cursor..end {
+                let Some(rec) = self.table.get(Slot(s)) else {
+                    continue;
+                };
+                if rec.in_use()
+                    && (u64::from(seconds).saturating_sub(u64::from(rec.last_seen)) > idle_limit
+                        || i64::from(rec.expires) <= unix)
+                {
+                    self.table.remove(Slot(s), seconds);
+                    self.stats.expired += 1;
+                }
             }
+            self.sweep_cursor = if end >= bound { 0 } else { end };
         }
-        self.sweep_cursor = if end >= bound { 0 } else { end };
+        // docs/PROTOCOL.md §6: an account with no device left keeps its
+        // catch-up state for the window after its last activity, no longer.
+        let bound = self.table.account_bound();
+        if bound > 0 {
+            let chunk = bound.div_ceil(SWEEP_STEPS as u32).max(1);
+            let window = self.config.catch_up_window_secs;
+            let end = self.account_cursor.saturating_add(chunk).min(bound);
+            for s in self.account_cursor..end {
+                let slot = AccountSlot(s);
+                let Some(a) = self.table.account(slot) else {
+                    continue;
+                };
+                if a.in_use() && a.head == 0 && seconds.saturating_sub(a.stamp) > window {
+                    self.table.remove_account(slot);
+                    self.stats.accounts_expired += 1;
+                }
+            }
+            self.account_cursor = if end >= bound { 0 } else { end };
+        }
     }
 
     /// Writes the next datagram to send into `buf` (at least
@@ -983,25 +1074,24 @@ impl Service {
         if !rec.in_use() || rec.mask_len == 0 {
             return None; // acknowledged meanwhile
         }
-        if rec.endpoint().port() == 0 {
-            return None; // no UDP endpoint yet: the next heartbeat's Status carries it
-        }
         let rec = *rec;
+        // No UDP endpoint yet: the next heartbeat's Status carries it.
+        let to = self.table.endpoint(slot)?;
+        let serial = self.account_serial(slot);
         let mut mask = [0u8; MAX_BITMASK];
         let pending = self.table.pending_mask(slot);
         let mask_len = pending.len().min(MAX_BITMASK);
         mask[..mask_len].copy_from_slice(&pending[..mask_len]);
         let message = Message::Notify(PresenceNotify {
             bitmask: Some((&mask[..mask_len]).into()),
-            serial: Some(i64::from(rec.notify_serial)),
+            serial: Some(i64::from(serial)),
             header: ServiceHeader {
-                endpoint: Some(rec.endpoint()),
+                endpoint: Some(to),
                 now: Some(now.seconds()),
                 acknowledge: Some(i64::from(rec.highest_serial)),
                 ..ServiceHeader::default()
             },
         });
-        let to = rec.endpoint();
         let conn_id = ConnId(rec.conn_id);
         let dest = Destination {
             conn_id,
@@ -1023,15 +1113,16 @@ impl Service {
             now.plus_millis(delay),
             RetransmitTimer {
                 slot: slot.0,
-                serial: rec.notify_serial,
+                serial,
                 tries,
             },
         );
         Some(sent)
     }
 
-    /// The pending notify state of a connection: its Serial and mask, copied
-    /// into `mask` (no allocation); `None` when nothing is pending.
+    /// The account's Serial and the connection's pending mask, copied into
+    /// `mask` (no allocation; length 0 when nothing is pending); `None` when
+    /// the connection is gone.
     fn pending_state(
         &self,
         conn_id: &ConnId,
@@ -1046,13 +1137,9 @@ impl Service {
             })
             .or_else(|| self.table.find(conn_id))?;
         let pending = self.table.pending_mask(slot);
-        if pending.is_empty() {
-            return None;
-        }
         let n = pending.len().min(MAX_BITMASK);
         mask[..n].copy_from_slice(&pending[..n]);
-        let serial = self.table.get(slot)?.notify_serial;
-        Some((i64::from(serial), n))
+        Some((i64::from(self.account_serial(slot)), n))
     }
 
     fn encode_reply(&mut self, now: UnixMillis, reply: Reply, buf: &mut [u8]) -> Option<Transmit> {
@@ -1064,10 +1151,20 @@ impl Service {
         };
         let mut mask_buf = [0u8; MAX_BITMASK];
         let (serial, bitmask) = match reply.kind {
-            ReplyKind::Connected | ReplyKind::Status => {
+            // docs/PROTOCOL.md §6: every ConnectResponse carries the account's
+            // Serial (the device's next mark), and the pending bits if any.
+            ReplyKind::Connected => {
                 match self.pending_state(&reply.conn_id, reply.slot, &mut mask_buf) {
+                    Some((serial, 0)) => (Some(serial), None),
                     Some((serial, n)) => (Some(serial), Some(&mask_buf[..n])),
                     None => (None, None),
+                }
+            }
+            // A Status carries the pending state only when there is one.
+            ReplyKind::Status => {
+                match self.pending_state(&reply.conn_id, reply.slot, &mut mask_buf) {
+                    Some((serial, n)) if n > 0 => (Some(serial), Some(&mask_buf[..n])),
+                    _ => (None, None),
                 }
             }
             _ => (None, None),

@@ -1,11 +1,13 @@
-//! One connection's record: 68 bytes, 4-byte aligned.
-
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-
-use super::AccountKey;
+//! One connection's record: 48 bytes, 4-byte aligned.
+//!
+//! The record is what a held device costs, so every byte is argued for. It
+//! holds no key (keys are derived per packet), no names (the account is an
+//! index into the account records), and an IPv4 endpoint inline; an IPv6
+//! endpoint's address lives in a side map of the table (the port stays
+//! here), and a pending mask longer than [`INLINE_MASK`] bytes in another.
 
 /// Pending-mask bytes kept inside the record; longer masks spill to a side map.
-pub const INLINE_MASK: usize = 8;
+pub const INLINE_MASK: usize = 4;
 
 const IN_USE: u8 = 1;
 const IPV6: u8 = 2;
@@ -13,15 +15,7 @@ const QUEUED: u8 = 4;
 const TRIES_SHIFT: u8 = 3;
 const TRIES_MASK: u8 = 0b0111_1000;
 
-/// A device's UDP address, stored in 18 bytes (IPv4 in the first 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[repr(C)]
-pub struct Endpoint {
-    addr: [u8; 16],
-    port: [u8; 2],
-}
-
-/// The state of one held connection. Field order keeps it at 68 bytes
+/// The state of one held connection. Field order keeps it at 48 bytes
 /// with 4-byte alignment (checked by a test).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
@@ -30,57 +24,27 @@ pub struct Connection {
     pub conn_id: [u8; 8],
     /// Replay window: bit i set = Serial `highest_serial - i` was seen (docs/PROTOCOL.md §7).
     pub replay_window: [u32; 2],
-    /// Where the device was last heard from.
-    pub endpoint: Endpoint,
-    /// Length of the pending mask in bytes (0 = nothing pending, ≤ 32).
-    pub mask_len: u8,
-    /// In use, IPv6, queued for sending, retransmission count.
-    pub flags: u8,
-    /// Bytes 4..8 of SHA-256 of the account name ([`AccountKey::low`]).
-    pub account_low: u32,
     /// Highest client Serial seen.
     pub highest_serial: u32,
-    /// The account's notify Serial as last sent to this device.
-    pub notify_serial: u32,
     /// Seconds since the table's epoch when an authenticated packet was last seen.
     pub last_seen: u32,
     /// Credential expiry, Unix seconds (clamped to `u32`).
     pub expires: u32,
+    /// The account's record (its slot in the account table).
+    pub account: u32,
     /// Next connection of the same account (slot + 1; 0 = end). In a free
     /// record: the next free slot + 1.
     pub next_in_account: u32,
+    /// IPv4 address (for IPv6, unused: the table keeps the address).
+    pub addr_v4: [u8; 4],
+    /// UDP port, big-endian (0 = no UDP endpoint yet).
+    pub port: [u8; 2],
+    /// Length of the pending mask in bytes (0 = nothing pending, ≤ 32).
+    pub mask_len: u8,
+    /// In use, IPv6, queued for sending, retransmission count.
+    pub flags: u8,
     /// Pending mask bytes when `mask_len` ≤ [`INLINE_MASK`].
     pub pending: [u8; INLINE_MASK],
-}
-
-impl Endpoint {
-    /// Packs a socket address.
-    pub fn from_socket_addr(a: SocketAddr) -> (Self, bool) {
-        let mut e = Endpoint {
-            addr: [0; 16],
-            port: a.port().to_be_bytes(),
-        };
-        match a.ip() {
-            IpAddr::V4(v4) => {
-                e.addr[..4].copy_from_slice(&v4.octets());
-                (e, false)
-            }
-            IpAddr::V6(v6) => {
-                e.addr = v6.octets();
-                (e, true)
-            }
-        }
-    }
-
-    fn to_socket_addr(self, v6: bool) -> SocketAddr {
-        let port = u16::from_be_bytes(self.port);
-        if v6 {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(self.addr)), port)
-        } else {
-            let [a, b, c, d, ..] = self.addr;
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(a, b, c, d)), port)
-        }
-    }
 }
 
 impl Connection {
@@ -121,29 +85,18 @@ impl Connection {
         self.flags = (self.flags & !TRIES_MASK) | (tries.min(15) << TRIES_SHIFT);
     }
 
-    /// The device's address.
-    pub fn endpoint(&self) -> SocketAddr {
-        self.endpoint.to_socket_addr(self.flags & IPV6 != 0)
+    /// True when the endpoint is IPv6 (its address is in the table's side map).
+    pub fn is_ipv6(&self) -> bool {
+        self.flags & IPV6 != 0
     }
 
-    /// Moves the connection to a new address.
-    pub fn set_endpoint(&mut self, a: SocketAddr) {
-        let (e, v6) = Endpoint::from_socket_addr(a);
-        self.endpoint = e;
-        self.set_flag(IPV6, v6);
+    pub(crate) fn set_ipv6(&mut self, on: bool) {
+        self.set_flag(IPV6, on);
     }
 
-    /// The account this connection belongs to.
-    pub fn account_key(&self) -> AccountKey {
-        AccountKey {
-            affinity: u32::from_be_bytes([
-                self.conn_id[4],
-                self.conn_id[5],
-                self.conn_id[6],
-                self.conn_id[7],
-            ]),
-            low: self.account_low,
-        }
+    /// The endpoint's UDP port (0: no UDP endpoint yet).
+    pub fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
     }
 
     /// The 64-bit replay window.
@@ -154,5 +107,15 @@ impl Connection {
     /// Stores the replay window.
     pub fn set_window(&mut self, w: u64) {
         self.replay_window = [w as u32, (w >> 32) as u32];
+    }
+
+    /// The account affinity: conn id bytes 4..8 (docs/PROTOCOL.md §4).
+    pub fn affinity(&self) -> u32 {
+        u32::from_be_bytes([
+            self.conn_id[4],
+            self.conn_id[5],
+            self.conn_id[6],
+            self.conn_id[7],
+        ])
     }
 }

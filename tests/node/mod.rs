@@ -554,7 +554,7 @@ impl Device {
         let socket = bind_udp(node);
         let seed: [u8; 32] = rand::random();
         Device {
-            client: Client::new(credential, config, now(), seed),
+            client: Client::new(credential, node, config, now(), seed),
             socket,
             node,
             events: Vec::new(),
@@ -576,10 +576,10 @@ impl Device {
 
     /// Sends everything the client has queued.
     pub(crate) fn flush(&mut self) {
-        while let Some(n) = self.client.poll_transmit(&mut self.buf) {
-            self.sent.push(self.buf[..n].to_vec());
+        while let Some(t) = self.client.poll_transmit(&mut self.buf) {
+            self.sent.push(self.buf[..t.size].to_vec());
             self.socket
-                .send_to(&self.buf[..n], self.node)
+                .send_to(&self.buf[..t.size], t.destination)
                 .expect("send to the node");
         }
     }
@@ -710,12 +710,33 @@ pub(crate) fn connected(events: &[ClientEvent]) -> Option<SocketAddr> {
     })
 }
 
-/// Every `Notify` event: Serial and bitmask.
+/// Every `Notify` event but the catch-ups given at connect: Serial and bitmask.
 pub(crate) fn notifies(events: &[ClientEvent]) -> Vec<(i64, Vec<u8>)> {
     events
         .iter()
         .filter_map(|e| match e {
-            ClientEvent::Notify { serial, bitmask } => Some((*serial, bitmask.clone())),
+            ClientEvent::Notify {
+                serial,
+                bitmask,
+                catch_up: false,
+                ..
+            } => Some((*serial, bitmask.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every catch-up given at connect: Serial, bitmask, and whether it is a resync.
+pub(crate) fn catch_ups(events: &[ClientEvent]) -> Vec<(i64, Vec<u8>, bool)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::Notify {
+                serial,
+                bitmask,
+                catch_up: true,
+                resync,
+            } => Some((*serial, bitmask.clone(), *resync)),
             _ => None,
         })
         .collect()

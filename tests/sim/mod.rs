@@ -63,6 +63,11 @@ pub(crate) struct Sim {
     pub(crate) capture: bool,
 }
 
+/// The simulated node's address.
+pub(crate) fn server_addr() -> SocketAddr {
+    SERVER_ADDR.parse().expect("addr")
+}
+
 impl Sim {
     pub(crate) fn new(seed: u64, knobs: Knobs, config: ServiceConfig) -> Self {
         let master = MasterKey::new([7; 32]);
@@ -105,7 +110,7 @@ impl Sim {
         let i = self.devices.len();
         let seed: [u8; 32] = self.rng.gen();
         self.devices.push(Device {
-            client: Client::new(cred, config, self.now, seed),
+            client: Client::new(cred, server_addr(), config, self.now, seed),
             addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
             events: Vec::new(),
             online: true,
@@ -146,10 +151,10 @@ impl Sim {
     pub(crate) fn flush(&mut self) {
         let mut buf = vec![0u8; 2048];
         for i in 0..self.devices.len() {
-            while let Some(n) = self.devices[i].client.poll_transmit(&mut buf) {
+            while let Some(t) = self.devices[i].client.poll_transmit(&mut buf) {
                 if self.devices[i].online {
                     let from = self.devices[i].addr;
-                    self.send(true, i, from, buf[..n].to_vec());
+                    self.send(true, i, from, buf[..t.size].to_vec());
                 }
             }
             while let Some(e) = self.devices[i].client.poll_event() {
@@ -247,13 +252,35 @@ impl Sim {
         n
     }
 
-    /// Notify events a device has seen: (serial, mask).
+    /// Notify events a device has seen, catch-ups at connect left out: (serial, mask).
     pub(crate) fn notifies(&self, device: usize) -> Vec<(i64, Vec<u8>)> {
         self.devices[device]
             .events
             .iter()
             .filter_map(|e| match e {
-                ClientEvent::Notify { serial, bitmask } => Some((*serial, bitmask.clone())),
+                ClientEvent::Notify {
+                    serial,
+                    bitmask,
+                    catch_up: false,
+                    ..
+                } => Some((*serial, bitmask.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Catch-ups a device was given at connect: (serial, mask, resync).
+    pub(crate) fn catch_ups(&self, device: usize) -> Vec<(i64, Vec<u8>, bool)> {
+        self.devices[device]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                ClientEvent::Notify {
+                    serial,
+                    bitmask,
+                    catch_up: true,
+                    resync,
+                } => Some((*serial, bitmask.clone(), *resync)),
                 _ => None,
             })
             .collect()

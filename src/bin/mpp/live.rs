@@ -96,10 +96,19 @@ struct Session {
 }
 
 impl Session {
-    fn new(credential: &Credential, socket: UdpSocket) -> Self {
+    fn new(
+        credential: &Credential,
+        node: SocketAddr,
+        socket: UdpSocket,
+        mark: Option<i64>,
+    ) -> Self {
         let mut seed = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
-        let client = Client::new(credential, ClientConfig::default(), now(), seed);
+        let config = ClientConfig {
+            mark,
+            ..ClientConfig::default()
+        };
+        let client = Client::new(credential, node, config, now(), seed);
         Session {
             client,
             socket,
@@ -110,10 +119,10 @@ impl Session {
     /// Sends what is queued, waits for one datagram or timer (at most
     /// `max_wait`), and returns the events that produced.
     fn step(&mut self, max_wait: Duration) -> anyhow::Result<Vec<ClientEvent>> {
-        while let Some(n) = self.client.poll_transmit(&mut self.buf) {
+        while let Some(t) = self.client.poll_transmit(&mut self.buf) {
             // A send error (no route, refused) is like a lost datagram: the
             // client's timers retry.
-            let _ = self.socket.send(&self.buf[..n]);
+            let _ = self.socket.send(&self.buf[..t.size]);
         }
         let t = now();
         let wait = self
@@ -144,8 +153,8 @@ impl Session {
         while let Some(e) = self.client.poll_event() {
             events.push(e);
         }
-        while let Some(n) = self.client.poll_transmit(&mut self.buf) {
-            let _ = self.socket.send(&self.buf[..n]);
+        while let Some(t) = self.client.poll_transmit(&mut self.buf) {
+            let _ = self.socket.send(&self.buf[..t.size]);
         }
         Ok(events)
     }
@@ -161,8 +170,21 @@ fn event_json(event: &ClientEvent) -> serde_json::Value {
         ClientEvent::Connected { endpoint } => {
             json!({"event": "connected", "endpoint": endpoint.to_string()})
         }
-        ClientEvent::Notify { serial, bitmask } => {
-            json!({"event": "notify", "serial": serial, "bitmask": hex::encode(bitmask)})
+        ClientEvent::Notify {
+            serial,
+            bitmask,
+            catch_up,
+            resync,
+        } => {
+            let mut e =
+                json!({"event": "notify", "serial": serial, "bitmask": hex::encode(bitmask)});
+            // docs/PROTOCOL.md §6: what changed while away, or "everything".
+            if *resync {
+                e["resync"] = json!(true);
+            } else if *catch_up {
+                e["catch_up"] = json!(true);
+            }
+            e
         }
         ClientEvent::Endpoint(a) => json!({"event": "endpoint", "endpoint": a.to_string()}),
         ClientEvent::Resolved(Ok(a)) => json!({"event": "resolved", "response": hex::encode(a)}),
@@ -191,16 +213,55 @@ pub(crate) struct SubscribeArgs {
     /// Stop after this long (e.g. 30s, 5m); default: until interrupted.
     #[arg(long, value_parser = mpp::time::parse_duration_secs)]
     duration: Option<u64>,
-    /// Stop after this many notifications.
+    /// Stop after this many notifications (catch-ups at connect not counted).
     #[arg(long)]
     count: Option<u64>,
+    /// Keep the device's mark (the last notify Serial processed) in this
+    /// file across runs, so the node can tell what changed while it was
+    /// away; created if missing.
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+/// The device state `--state` keeps: `{"mark": N}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DeviceState {
+    mark: Option<i64>,
+}
+
+fn read_state(path: &std::path::Path) -> anyhow::Result<Option<i64>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let state: DeviceState = serde_json::from_str(&text)
+                .map_err(|e| InvalidInput(format!("invalid state file {}: {e}", path.display())))?;
+            Ok(state.mark.filter(|&m| m > 0))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => {
+            Err(InvalidInput(format!("cannot read state file {}: {e}", path.display())).into())
+        }
+    }
+}
+
+/// Writes the state beside the file and renames it over, so a crash leaves
+/// the old mark or the new one, never half a file.
+fn write_state(path: &std::path::Path, mark: Option<i64>) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_string(&DeviceState { mark })?;
+    std::fs::write(&tmp, text + "\n")
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write state file {}", path.display()))
 }
 
 impl SubscribeArgs {
     pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
-        let (credential, _node, socket) = self.node.open()?;
+        let (credential, node, socket) = self.node.open()?;
+        let mut mark = match &self.state {
+            Some(path) => read_state(path)?,
+            None => None,
+        };
         install_signal_handlers();
-        let mut session = Session::new(&credential, socket);
+        let mut session = Session::new(&credential, node, socket, mark);
         let deadline = self
             .duration
             .map(|s| Instant::now() + Duration::from_secs(s));
@@ -213,11 +274,24 @@ impl SubscribeArgs {
                 break;
             }
             for event in session.step(Duration::from_millis(200))? {
-                if matches!(event, ClientEvent::Notify { .. }) {
+                if matches!(
+                    event,
+                    ClientEvent::Notify {
+                        catch_up: false,
+                        ..
+                    }
+                ) {
                     notifies += 1;
                 }
                 writeln!(out, "{}", event_json(&event)).context("cannot write standard output")?;
                 out.flush().context("cannot write standard output")?;
+            }
+            // The mark moves once an event is printed (processed).
+            if let Some(path) = &self.state {
+                if session.client.mark() != mark {
+                    mark = session.client.mark();
+                    write_state(path, mark)?;
+                }
             }
             if session.client.state() == ClientState::Aborted {
                 anyhow::bail!("the node refused the connection");
@@ -248,7 +322,7 @@ pub(crate) struct EndpointArgs {
 impl EndpointArgs {
     pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
         let (credential, node, socket) = self.node.open()?;
-        let mut session = Session::new(&credential, socket);
+        let mut session = Session::new(&credential, node, socket, None);
         let until = Instant::now() + Duration::from_secs(self.timeout);
         let mut asked = false;
         while Instant::now() < until {
