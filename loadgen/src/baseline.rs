@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use socket2::{SockAddr, Socket};
+use mpp::net::mmsg::MmsgBatch;
+use mpp::net::MAX_DATAGRAM;
+use socket2::Socket;
 
 use crate::engine::seal_notify;
 use crate::ident::Identity;
-use crate::io::{wait_readable, Batch};
+use crate::io::{send_all, wait_readable};
 
 /// A reflector bound to `listen`; `run` echoes until `stop`.
 pub(crate) struct Reflector {
@@ -47,7 +49,7 @@ impl Reflector {
             crate::sys::pin(cpu)?;
         }
         let fd = self.sock.as_raw_fd();
-        let mut b = Batch::new(batch);
+        let mut b = MmsgBatch::new(batch);
         while !stop.load(Relaxed) {
             let n = b.recv_from(fd).unwrap_or(0);
             if n == 0 {
@@ -55,7 +57,7 @@ impl Reflector {
                 continue;
             }
             b.echo(n);
-            let sent = b.send(fd).unwrap_or(0);
+            let sent = send_all(&mut b, fd);
             self.echoed.fetch_add(sent as u64, Relaxed);
         }
         Ok(())
@@ -67,7 +69,9 @@ impl Reflector {
 /// fast as one core can.
 pub(crate) struct RawSender {
     sock: Socket,
-    packets: Vec<(Vec<u8>, SockAddr)>,
+    /// Whether `sock` is IPv6 (destinations are written for its family).
+    is_v6: bool,
+    packets: Vec<(Vec<u8>, SocketAddr)>,
     /// Datagrams the kernel accepted.
     pub(crate) sent: Arc<AtomicU64>,
 }
@@ -89,16 +93,17 @@ impl RawSender {
         let mut packets = Vec::with_capacity(n as usize);
         for g in 0..n {
             let (t, s) = crate::engine::placement(g, threads, addrs[0].len());
-            let mut buf = [0u8; crate::io::BUF_LEN];
+            let mut buf = [0u8; MAX_DATAGRAM];
             let mut nonce = [0u8; 12];
             nonce[4..].copy_from_slice(&g.to_be_bytes());
             let Some(len) = seal_notify(ident, g, 1, bitmask, nonce, &mut buf) else {
                 continue;
             };
-            packets.push((buf[..len].to_vec(), SockAddr::from(addrs[t][s])));
+            packets.push((buf[..len].to_vec(), addrs[t][s]));
         }
         Ok(RawSender {
             sock,
+            is_v6: bind.is_ipv6(),
             packets,
             sent: Arc::new(AtomicU64::new(0)),
         })
@@ -121,17 +126,21 @@ impl RawSender {
             return Ok(());
         }
         let fd = self.sock.as_raw_fd();
-        let mut b = Batch::new(batch);
+        let mut b = MmsgBatch::new(batch);
         let mut i = 0;
-        let mut drain = Batch::new(batch);
+        let mut drain = MmsgBatch::new(batch);
         while !stop.load(Relaxed) {
-            while !b.is_full() {
+            while let Some(slot) = b.send_slot() {
                 let (p, to) = &self.packets[i];
                 i = (i + 1) % self.packets.len();
-                b.next_buf()[..p.len()].copy_from_slice(p);
-                b.push_to(p.len(), 0, to);
+                slot[..p.len()].copy_from_slice(p);
+                if !b.commit_to(p.len(), *to, self.is_v6) {
+                    // Not reachable from this socket's family: never
+                    // expected, and never a reason to spin.
+                    break;
+                }
             }
-            let sent = b.send(fd).unwrap_or(0);
+            let sent = send_all(&mut b, fd);
             self.sent.fetch_add(sent as u64, Relaxed);
             // Acknowledgements come back here; read and drop them.
             while drain.recv(fd).unwrap_or(0) == drain.capacity() {}

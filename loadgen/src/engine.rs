@@ -29,7 +29,8 @@ use mpp::proto::{seal_request, Request};
 use socket2::Socket;
 
 use crate::ident::{account_name, device_name, Identity, Keys};
-use crate::io::{wait_readable, Batch};
+use crate::io::{send_all, wait_readable};
+use mpp::net::mmsg::MmsgBatch;
 
 /// How long a worker keeps polling its sockets after its last datagram
 /// before it sleeps in poll(2).
@@ -354,8 +355,8 @@ struct Worker {
     shared: Arc<Shared>,
     devices: Vec<Device>,
     fds: Vec<i32>,
-    out: Vec<Batch>,
-    inb: Batch,
+    out: Vec<MmsgBatch>,
+    inb: MmsgBatch,
     pending: VecDeque<Pending>,
     to_connect: VecDeque<u32>,
     inflight: usize,
@@ -431,9 +432,9 @@ impl Worker {
         let cfg_loss = cfg.loss.clamp(0.0, 1.0);
         Ok(Worker {
             out: (0..cfg.sockets.len())
-                .map(|_| Batch::new(cfg.batch))
+                .map(|_| MmsgBatch::new(cfg.batch))
                 .collect(),
-            inb: Batch::new(cfg.batch),
+            inb: MmsgBatch::new(cfg.batch),
             cfg,
             ident,
             shared,
@@ -584,7 +585,10 @@ impl Worker {
             KIND_DISCONNECT => Request::Disconnect,
             _ => Request::Heartbeat,
         };
-        let buf = &mut self.out[s].next_buf()[..MAX_PACKET];
+        let Some(slot) = self.out[s].send_slot() else {
+            return;
+        };
+        let buf = &mut slot[..MAX_PACKET];
         let Ok(size) = seal_request(
             &dev.keys.c2s,
             conn_id,
@@ -606,7 +610,7 @@ impl Worker {
             kind,
         });
         if !self.lose() {
-            self.out[s].push(size, l as u32);
+            self.out[s].commit(size);
         }
         match kind {
             KIND_CONNECT => self.local.connects_sent += 1,
@@ -627,7 +631,10 @@ impl Worker {
         }
         let dev = &mut self.devices[l];
         dev.serial = dev.serial.wrapping_add(1).max(1);
-        let buf = &mut self.out[s].next_buf()[..MAX_PACKET];
+        let Some(slot) = self.out[s].send_slot() else {
+            return;
+        };
+        let buf = &mut slot[..MAX_PACKET];
         if let Ok(size) = seal_request(
             &dev.keys.c2s,
             conn_id,
@@ -638,18 +645,18 @@ impl Worker {
         ) {
             self.local.acks_sent += 1;
             if !self.lose() {
-                self.out[s].push(size, u32::MAX);
+                self.out[s].commit(size);
             }
         }
     }
 
     fn flush(&mut self, s: usize, _now_us: u64) {
-        let queued = self.out[s].len;
+        let queued = self.out[s].queued();
         if queued == 0 {
             return;
         }
         // An error sends nothing: counted below with the rest.
-        let sent = self.out[s].send(self.fds[s]).unwrap_or_default();
+        let sent = send_all(&mut self.out[s], self.fds[s]);
         self.local.sent += sent as u64;
         if sent < queued {
             // The kernel refused the rest (buffer full): those requests
@@ -871,7 +878,7 @@ impl Worker {
     fn receive(&mut self, now_us: u64) -> usize {
         let mut total = 0;
         // The batch is taken out while its packets are handled in place.
-        let mut inb = std::mem::replace(&mut self.inb, Batch::new(0));
+        let mut inb = std::mem::replace(&mut self.inb, MmsgBatch::new(0));
         for s in 0..self.fds.len() {
             for _ in 0..8 {
                 let n = match inb.recv(self.fds[s]) {
@@ -882,8 +889,11 @@ impl Worker {
                     }
                 };
                 for i in 0..n {
-                    let len = inb.lens[i];
-                    self.handle(s, &mut inb.buf(i)[..len], now_us);
+                    match inb.payload_mut(i) {
+                        Some(packet) => self.handle(s, packet, now_us),
+                        // Longer than any packet of the protocol.
+                        None => self.local.other += 1,
+                    }
                 }
                 total += n;
                 if n < inb.capacity() {

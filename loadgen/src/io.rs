@@ -1,13 +1,19 @@
-//! Batched UDP I/O: recvmmsg/sendmmsg over non-blocking sockets.
+//! The loadgen's UDP sockets and the two calls it makes around the library's
+//! [`MmsgBatch`]: sending a whole queued batch, and sleeping until a socket
+//! is readable.
+//!
+//! The batches themselves (buffers, addresses, mmsghdr arrays) and the
+//! socket buffer sizing are the node's own (`mpp::net::mmsg`,
+//! `mpp::net::socket`): this file must not grow a second copy of either.
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use mpp::net::mmsg::MmsgBatch;
+use socket2::{Domain, Protocol, Socket, Type};
 
-/// Largest datagram any scenario sends or receives.
-pub(crate) const BUF_LEN: usize = 1500;
+/// Receive and send buffer size asked for every loadgen socket.
+const SOCKET_BUFFER: usize = 8 << 20;
 
 /// A non-blocking UDP socket connected to `peer`, with large buffers.
 pub(crate) fn connected_socket(peer: SocketAddr) -> Result<Socket> {
@@ -26,7 +32,9 @@ pub(crate) fn unconnected_socket(peer: SocketAddr) -> Result<Socket> {
         Domain::IPV6
     };
     let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).context("UDP socket")?;
-    set_buffers(&sock);
+    // Forced past rmem_max when root, as the node's sockets are.
+    mpp::net::socket::set_buffers(&sock, SOCKET_BUFFER)
+        .context("setting a UDP socket's buffer sizes")?;
     // DF as the node sets it: the baselines and the devices pay what the
     // node pays per datagram, no more (no per-datagram IP identification).
     mpp::net::socket::set_dont_fragment(&sock, peer.is_ipv6())
@@ -35,222 +43,21 @@ pub(crate) fn unconnected_socket(peer: SocketAddr) -> Result<Socket> {
     Ok(sock)
 }
 
-/// Asks for 8 MiB buffers, forcing them past rmem_max when root.
-pub(crate) fn set_buffers(sock: &Socket) {
-    const SIZE: libc::c_int = 8 << 20;
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        // SAFETY: setsockopt reads an int of the given size.
-        let ok = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                force,
-                (&SIZE as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        } == 0;
-        if !ok {
-            // SAFETY: as above.
-            unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    plain,
-                    (&SIZE as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
+/// Sends every datagram queued in `batch` on `fd` and empties the queue;
+/// returns how many the kernel took. It stops at the first refusal (a full
+/// send buffer, above all): the caller counts the difference as send errors
+/// and its timers resend what matters.
+pub(crate) fn send_all(batch: &mut MmsgBatch, fd: i32) -> usize {
+    let queued = batch.queued();
+    let mut sent = 0;
+    while sent < queued {
+        match batch.send(fd, sent) {
+            Ok(n) if n > 0 => sent += n,
+            _ => break,
         }
     }
-}
-
-/// Buffers for one recvmmsg or sendmmsg batch.
-pub(crate) struct Batch {
-    bufs: Vec<[u8; BUF_LEN]>,
-    iovs: Vec<libc::iovec>,
-    hdrs: Vec<libc::mmsghdr>,
-    addrs: Vec<libc::sockaddr_storage>,
-    /// Length of each datagram.
-    pub(crate) lens: Vec<usize>,
-    /// A tag per queued datagram (the device index, for the caller).
-    pub(crate) tags: Vec<u32>,
-    /// Datagrams queued for sending.
-    pub(crate) len: usize,
-}
-
-// SAFETY: the raw pointers in iovs/hdrs point into this struct's own heap
-// buffers, which move with it; nothing is shared.
-unsafe impl Send for Batch {}
-
-impl Batch {
-    /// Room for `n` datagrams.
-    pub(crate) fn new(n: usize) -> Batch {
-        let mut b = Batch {
-            bufs: vec![[0u8; BUF_LEN]; n],
-            // SAFETY: iovec, mmsghdr and sockaddr_storage are plain C structs;
-            // all-zero is a valid value of each.
-            iovs: vec![unsafe { std::mem::zeroed() }; n],
-            hdrs: vec![unsafe { std::mem::zeroed() }; n],
-            addrs: vec![unsafe { std::mem::zeroed() }; n],
-            lens: vec![0; n],
-            tags: vec![0; n],
-            len: 0,
-        };
-        for i in 0..n {
-            b.iovs[i].iov_base = b.bufs[i].as_mut_ptr().cast();
-            b.iovs[i].iov_len = BUF_LEN;
-            b.hdrs[i].msg_hdr.msg_iov = &mut b.iovs[i];
-            b.hdrs[i].msg_hdr.msg_iovlen = 1;
-        }
-        b
-    }
-
-    /// Datagrams the batch holds.
-    pub(crate) fn capacity(&self) -> usize {
-        self.bufs.len()
-    }
-
-    /// Whether no more datagrams can be queued.
-    pub(crate) fn is_full(&self) -> bool {
-        self.len == self.capacity()
-    }
-
-    /// Buffer `i`.
-    pub(crate) fn buf(&mut self, i: usize) -> &mut [u8; BUF_LEN] {
-        &mut self.bufs[i]
-    }
-
-    /// The next free send buffer; commit it with [`Batch::push`].
-    pub(crate) fn next_buf(&mut self) -> &mut [u8; BUF_LEN] {
-        &mut self.bufs[self.len]
-    }
-
-    /// Queues the datagram written into [`Batch::next_buf`].
-    pub(crate) fn push(&mut self, len: usize, tag: u32) {
-        self.lens[self.len] = len;
-        self.tags[self.len] = tag;
-        self.len += 1;
-    }
-
-    /// Queues the datagram written into [`Batch::next_buf`] for `to` (on an
-    /// unconnected socket).
-    pub(crate) fn push_to(&mut self, len: usize, tag: u32, to: &SockAddr) {
-        let i = self.len;
-        // SAFETY: SockAddr holds a valid sockaddr of `len()` bytes, at most
-        // the size of sockaddr_storage.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                to.as_ptr().cast::<u8>(),
-                (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast::<u8>(),
-                to.len() as usize,
-            );
-        }
-        self.hdrs[i].msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-        self.hdrs[i].msg_hdr.msg_namelen = to.len();
-        self.push(len, tag);
-    }
-
-    /// Receives up to a batch without blocking; returns how many arrived
-    /// (their lengths in `lens`), or the error.
-    pub(crate) fn recv(&mut self, fd: i32) -> std::io::Result<usize> {
-        self.recv_batch(fd, false)
-    }
-
-    /// Receives up to a batch, keeping each sender's address (for a
-    /// reflector); returns how many arrived.
-    pub(crate) fn recv_from(&mut self, fd: i32) -> std::io::Result<usize> {
-        self.recv_batch(fd, true)
-    }
-
-    fn recv_batch(&mut self, fd: i32, keep_addr: bool) -> std::io::Result<usize> {
-        let n = self.capacity();
-        for i in 0..n {
-            self.iovs[i].iov_len = BUF_LEN;
-            self.hdrs[i].msg_len = 0;
-            if keep_addr {
-                self.hdrs[i].msg_hdr.msg_name =
-                    (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-                self.hdrs[i].msg_hdr.msg_namelen =
-                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            } else {
-                self.hdrs[i].msg_hdr.msg_name = std::ptr::null_mut();
-                self.hdrs[i].msg_hdr.msg_namelen = 0;
-            }
-        }
-        // SAFETY: hdrs point at iovs which point at bufs, and msg_name (when
-        // set) at this batch's address storage, all alive and sized.
-        let got = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.hdrs.as_mut_ptr(),
-                n as u32,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if got < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.kind() == std::io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        let got = got as usize;
-        for i in 0..got {
-            self.lens[i] = self.hdrs[i].msg_len as usize;
-        }
-        Ok(got)
-    }
-
-    /// Sends the first `len` queued datagrams (to the addresses they were
-    /// received from or queued for, or the connected peer); returns how many
-    /// the kernel took and empties the batch. Datagrams it did not take are
-    /// reported as the difference.
-    pub(crate) fn send(&mut self, fd: i32) -> std::io::Result<usize> {
-        let len = self.len;
-        self.len = 0;
-        if len == 0 {
-            return Ok(0);
-        }
-        for i in 0..len {
-            self.iovs[i].iov_len = self.lens[i];
-        }
-        let mut sent = 0;
-        while sent < len {
-            // SAFETY: as in recv; only the first `len` entries are passed.
-            let n = unsafe {
-                libc::sendmmsg(fd, self.hdrs[sent..].as_mut_ptr(), (len - sent) as u32, 0)
-            };
-            if n <= 0 {
-                let e = std::io::Error::last_os_error();
-                for i in 0..len {
-                    self.hdrs[i].msg_hdr.msg_name = std::ptr::null_mut();
-                    self.hdrs[i].msg_hdr.msg_namelen = 0;
-                }
-                return if sent > 0 || e.kind() == std::io::ErrorKind::WouldBlock {
-                    Ok(sent)
-                } else {
-                    Err(e)
-                };
-            }
-            sent += n as usize;
-        }
-        for i in 0..len {
-            self.hdrs[i].msg_hdr.msg_name = std::ptr::null_mut();
-            self.hdrs[i].msg_hdr.msg_namelen = 0;
-        }
-        Ok(sent)
-    }
-
-    /// Marks the first `n` received datagrams as queued for sending back
-    /// (a reflector echoes in place).
-    pub(crate) fn echo(&mut self, n: usize) {
-        self.len = n;
-    }
+    batch.clear();
+    sent
 }
 
 /// Blocks up to `ms` for any of `fds` to become readable.

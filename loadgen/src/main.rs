@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use mpp::config::CpuList;
 
 mod baseline;
 mod engine;
@@ -71,8 +72,10 @@ pub(crate) struct Common {
     /// Worker threads (each owns a share of the devices and sockets).
     #[arg(long, global = true, default_value_t = 1)]
     pub(crate) threads: usize,
-    /// Pin worker i to the i-th CPU of this list, e.g. 1 or 2-3,6.
+    /// Pin worker i to the i-th CPU of this list, e.g. 1 or 2-3,6. An empty
+    /// list (--cpus '') pins nothing, the same as leaving the flag out.
     #[arg(long, global = true, value_parser = parse_cpus)]
+    #[serde(serialize_with = "cpus_json")]
     pub(crate) cpus: Option<CpuList>,
     /// UDP sockets, shared by the devices (spread over the workers).
     #[arg(long, global = true, default_value_t = 8)]
@@ -97,9 +100,11 @@ pub(crate) struct Common {
     /// run and report the ratio.
     #[arg(long, global = true)]
     pub(crate) baseline: bool,
-    /// CPU for the in-process baseline server (use the node's CPU).
-    #[arg(long, global = true)]
-    pub(crate) baseline_cpu: Option<usize>,
+    /// CPU for the in-process baseline server (use the node's CPU). Empty
+    /// (--baseline-cpu '') leaves it unpinned, the same as leaving the flag out.
+    #[arg(long, global = true, value_parser = parse_one_cpu)]
+    #[serde(serialize_with = "one_cpu_json")]
+    pub(crate) baseline_cpu: Option<CpuList>,
     /// Write the full report as JSON.
     #[arg(long, global = true)]
     pub(crate) json: Option<PathBuf>,
@@ -233,12 +238,56 @@ fn parse_secs(text: &str) -> Result<u64, String> {
     mpp::time::parse_duration_secs(text)
 }
 
-/// A list of CPUs (`--cpus`).
-#[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct CpuList(pub(crate) Vec<usize>);
+impl Common {
+    /// The CPUs of `--cpus`, or `None` when workers stay unpinned (no
+    /// flag, or an empty list).
+    pub(crate) fn worker_cpus(&self) -> Option<&[usize]> {
+        self.cpus
+            .as_ref()
+            .map(|l| l.0.as_slice())
+            .filter(|l| !l.is_empty())
+    }
 
+    /// The CPU of `--baseline-cpu`, or `None` (no flag, or empty).
+    pub(crate) fn baseline_cpu(&self) -> Option<usize> {
+        self.baseline_cpu
+            .as_ref()
+            .and_then(|l| l.0.first().copied())
+    }
+}
+
+/// A CPU list in the library's syntax (`mpp::config::CpuList`: `0,2-5`,
+/// empty = no pinning here), each CPU one a CPU set can name.
 fn parse_cpus(text: &str) -> Result<CpuList, String> {
-    sys::parse_cpu_list(text).map(CpuList)
+    let list: CpuList = text.parse()?;
+    if let Some(&cpu) = list.0.iter().find(|&&c| c >= sys::MAX_CPUS) {
+        return Err(format!(
+            "invalid CPU list {text:?}: CPU {cpu} is beyond the {} a CPU set holds",
+            sys::MAX_CPUS
+        ));
+    }
+    Ok(list)
+}
+
+/// One CPU, or none for an empty value.
+fn parse_one_cpu(text: &str) -> Result<CpuList, String> {
+    let list = parse_cpus(text)?;
+    if list.0.len() > 1 {
+        return Err(format!("{text:?} names {} CPUs: give one", list.0.len()));
+    }
+    Ok(list)
+}
+
+/// `--cpus` in the JSON report: the list, or null when nothing is pinned.
+fn cpus_json<S: serde::Serializer>(cpus: &Option<CpuList>, s: S) -> Result<S::Ok, S::Error> {
+    let list = cpus.as_ref().map(|l| &l.0).filter(|l| !l.is_empty());
+    serde::Serialize::serialize(&list, s)
+}
+
+/// `--baseline-cpu` in the JSON report: the CPU, or null.
+fn one_cpu_json<S: serde::Serializer>(cpu: &Option<CpuList>, s: S) -> Result<S::Ok, S::Error> {
+    let cpu = cpu.as_ref().and_then(|l| l.0.first());
+    serde::Serialize::serialize(&cpu, s)
 }
 
 fn main() -> ExitCode {
@@ -248,6 +297,45 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("mpp-loadgen: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(args: &[&str]) -> Result<Common, clap::Error> {
+        let mut all = vec!["mpp-loadgen"];
+        all.extend_from_slice(args);
+        all.push("heartbeat");
+        Cli::try_parse_from(all).map(|c| c.common)
+    }
+
+    #[test]
+    fn cpu_flags_use_the_library_lists_and_empty_pins_nothing() {
+        let c = common(&["--cpus", "0,2-3", "--baseline-cpu", "1"]).unwrap();
+        assert_eq!(c.worker_cpus(), Some(&[0, 2, 3][..]));
+        assert_eq!(c.baseline_cpu(), Some(1));
+        let j = serde_json::to_value(&c).unwrap();
+        assert_eq!(j["cpus"], serde_json::json!([0, 2, 3]));
+        assert_eq!(j["baseline_cpu"], 1);
+        for empty in [
+            common(&["--cpus", "", "--baseline-cpu", ""]).unwrap(),
+            common(&[]).unwrap(),
+        ] {
+            assert_eq!(empty.worker_cpus(), None);
+            assert_eq!(empty.baseline_cpu(), None);
+            let j = serde_json::to_value(&empty).unwrap();
+            assert!(j["cpus"].is_null() && j["baseline_cpu"].is_null(), "{j}");
+        }
+        for bad in [
+            &["--cpus", "x"][..],
+            &["--cpus", "3-1"],
+            &["--cpus", "5000"],
+            &["--baseline-cpu", "0,1"],
+        ] {
+            assert!(common(bad).is_err(), "{bad:?}");
         }
     }
 }

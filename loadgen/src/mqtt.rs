@@ -581,7 +581,7 @@ pub(crate) fn run(common: &Common, args: &MqttArgs) -> Result<Report> {
         connect_rate: args.connect_rate as f64 / workers as f64,
         handshakes: (HANDSHAKES_IN_PROGRESS / workers).max(8),
         settle_timeout_ns: SETTLE_TIMEOUT.as_nanos() as u64,
-        cpus: common.cpus.clone().map(|c| c.0),
+        cpus: common.worker_cpus().map(<[usize]>::to_vec),
         pid: std::process::id(),
     });
     if let Some(cpus) = &cfg.cpus {

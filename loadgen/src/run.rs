@@ -87,7 +87,7 @@ pub(crate) fn finish(common: &Common, report: &Report) -> Result<()> {
 
 /// The CPU for worker `i`.
 fn cpu_for(c: &Common, i: usize) -> Option<usize> {
-    c.cpus.as_ref().map(|l| l.0[i % l.0.len()])
+    c.worker_cpus().map(|l| l[i % l.len()])
 }
 
 fn master(c: &Common) -> Result<MasterKey> {
@@ -590,7 +590,7 @@ fn with_reflector<T>(
     let refl = Reflector::bind(loopback_any(c.node))?;
     let addr = refl.addr()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu, c.batch);
+    let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu(), c.batch);
     let (th, tid) = spawn_server(move || refl.run(cpu, batch, &s2));
     let result = load(addr, tid);
     stop.store(true, Relaxed);
@@ -728,7 +728,7 @@ fn raw_fanout_baseline(c: &Common, ident: Arc<Identity>, mask: Vec<u8>) -> Resul
         "raw notifications delivered",
         delivered,
     );
-    plan.raw_sender = Some((mask, c.baseline_cpu));
+    plan.raw_sender = Some((mask, c.baseline_cpu()));
     plan.label = "baseline";
     let o = run_plan(plan)?;
     Ok(Baseline {

@@ -9,7 +9,9 @@ use hdrhistogram::Histogram;
 use socket2::Socket;
 
 use crate::engine::{histogram, Shared};
-use crate::io::{wait_readable, Batch};
+use mpp::net::mmsg::MmsgBatch;
+
+use crate::io::{send_all, wait_readable};
 
 const BINDING_REQUEST: u16 = 0x0001;
 const BINDING_SUCCESS: u16 = 0x0101;
@@ -72,8 +74,8 @@ pub(crate) fn run_worker(cfg: StunWorker, shared: Arc<Shared>) -> anyhow::Result
     let socks = fds.len().max(1);
     let window = cfg.window.max(1);
     let mut slots = vec![Slot::default(); window];
-    let mut out: Vec<Batch> = (0..socks).map(|_| Batch::new(cfg.batch)).collect();
-    let mut inb = Batch::new(cfg.batch);
+    let mut out: Vec<MmsgBatch> = (0..socks).map(|_| MmsgBatch::new(cfg.batch)).collect();
+    let mut inb = MmsgBatch::new(cfg.batch);
     let mut rtt = histogram();
     let mut gen = 0u64;
     let mut free: Vec<u32> = (0..window as u32).rev().collect();
@@ -95,8 +97,7 @@ pub(crate) fn run_worker(cfg: StunWorker, shared: Arc<Shared>) -> anyhow::Result
                     }
                 };
                 for i in 0..n {
-                    let len = inb.lens[i];
-                    match answer(&inb.buf(i)[..len], cfg.accept_echo) {
+                    match inb.payload(i).and_then(|p| answer(p, cfg.accept_echo)) {
                         Some((slot, g))
                             if (slot as usize) < window && slots[slot as usize].gen == g =>
                         {
@@ -145,21 +146,23 @@ pub(crate) fn run_worker(cfg: StunWorker, shared: Arc<Shared>) -> anyhow::Result
             let s = slot as usize % socks;
             let b = &mut out[s];
             if b.is_full() {
-                let q = b.len;
-                let sent = b.send(fds[s]).unwrap_or(0);
+                let q = b.queued();
+                let sent = send_all(b, fds[s]);
                 sent_total += sent;
                 if sent < q {
                     c.send_errors.fetch_add((q - sent) as u64, Relaxed);
                 }
             }
-            let len = request(b.next_buf(), slot, gen);
-            b.push(len, slot);
+            if let Some(buf) = b.send_slot() {
+                let len = request(buf, slot, gen);
+                b.commit(len);
+            }
             slots[slot as usize] = Slot { gen, sent_us: now };
             queued += 1;
         }
         for (s, b) in out.iter_mut().enumerate() {
-            let q = b.len;
-            let sent = b.send(fds[s]).unwrap_or(0);
+            let q = b.queued();
+            let sent = send_all(b, fds[s]);
             sent_total += sent;
             if sent < q {
                 c.send_errors.fetch_add((q - sent) as u64, Relaxed);

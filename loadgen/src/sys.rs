@@ -1,45 +1,30 @@
-//! Process-level helpers: CPU lists and pinning, CPU time, the node's RSS.
+//! Process-level helpers: pinning a thread (through the library's
+//! `pin_current_thread`), CPU time, the node's RSS, the open-files limit.
+//!
+//! It reads and adjusts the process from outside the scenarios; it must not
+//! parse CPU lists (that is `mpp::config::CpuList`) nor set CPU affinity by
+//! itself.
 
 use anyhow::{bail, Result};
 
-/// Parses `0,2-5` into `[0, 2, 3, 4, 5]`.
-pub(crate) fn parse_cpu_list(text: &str) -> Result<Vec<usize>, String> {
-    let bad = || format!("invalid CPU list {text:?}: expected e.g. 1 or 0,2-5");
-    let mut cpus = Vec::new();
-    for part in text.split(',') {
-        let part = part.trim();
-        let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (a, b),
-            None => (part, part),
-        };
-        let a: usize = a.trim().parse().map_err(|_| bad())?;
-        let b: usize = b.trim().parse().map_err(|_| bad())?;
-        if a > b || b >= 1024 {
-            return Err(bad());
-        }
-        cpus.extend(a..=b);
-    }
-    if cpus.is_empty() {
-        return Err(bad());
-    }
-    Ok(cpus)
-}
+/// CPUs a CPU set can name (`CPU_SETSIZE`): `--cpus` refuses larger numbers.
+pub(crate) const MAX_CPUS: usize = libc::CPU_SETSIZE as usize;
 
-/// Pins the calling thread to `cpu`.
+/// Pins the calling thread to `cpu` with the node's own
+/// [`mpp::node::pin_current_thread`].
 pub(crate) fn pin(cpu: usize) -> Result<()> {
-    if cpu >= libc::CPU_SETSIZE as usize {
-        bail!("CPU {cpu} is out of range");
+    // The library indexes a CPU set with `cpu`: keep it inside.
+    if cpu >= MAX_CPUS {
+        bail!(
+            "cannot pin to CPU {cpu}: a CPU set holds CPUs 0 to {}",
+            MAX_CPUS - 1
+        );
     }
-    // SAFETY: cpu_set_t is a plain bit set; sched_setaffinity only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!(
-                "cannot pin to CPU {cpu}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+    if !mpp::node::pin_current_thread(cpu) {
+        bail!(
+            "cannot pin to CPU {cpu}: the system refused (no such CPU, or not one this \
+             process may run on: see `nproc` and `taskset -p $$`)"
+        );
     }
     Ok(())
 }
@@ -97,12 +82,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_lists() {
-        assert_eq!(parse_cpu_list("1").unwrap(), vec![1]);
-        assert_eq!(parse_cpu_list("0,2-4").unwrap(), vec![0, 2, 3, 4]);
-        assert!(parse_cpu_list("").is_err());
-        assert!(parse_cpu_list("3-1").is_err());
-        assert!(parse_cpu_list("x").is_err());
+    fn pinning_outside_a_cpu_set_is_an_error_not_a_panic() {
+        let e = pin(MAX_CPUS).unwrap_err().to_string();
+        assert!(e.contains("a CPU set holds"), "{e}");
     }
 
     #[test]

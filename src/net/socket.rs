@@ -150,12 +150,7 @@ fn open_member(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Socket> {
         }
     }
     if buffer_bytes > 0 {
-        set_buffer(&socket, libc::SO_RCVBUFFORCE, buffer_bytes, |s, n| {
-            s.set_recv_buffer_size(n)
-        })?;
-        set_buffer(&socket, libc::SO_SNDBUFFORCE, buffer_bytes, |s, n| {
-            s.set_send_buffer_size(n)
-        })?;
+        set_buffers(&socket, buffer_bytes)?;
     }
     set_dont_fragment(&socket, addr.is_ipv6())?;
     socket.set_nonblocking(true)?;
@@ -209,6 +204,24 @@ fn set_int_option(
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Asks for receive and send buffers of `bytes` each on any socket: with
+/// SO_RCVBUFFORCE / SO_SNDBUFFORCE, which go past `net.core.rmem_max` /
+/// `wmem_max` but need CAP_NET_ADMIN (root), and otherwise, silently, with
+/// the plain SO_RCVBUF / SO_SNDBUF, which the kernel caps at those sysctls.
+/// [`buffer_sizes`] tells what the kernel granted (twice the request on
+/// Linux). The node's sockets get theirs through [`bind_group`]; the load
+/// generator calls it for its own.
+///
+/// Errors: only the capped option's failure (not expected on a UDP socket).
+pub fn set_buffers(socket: &Socket, bytes: usize) -> io::Result<()> {
+    set_buffer(socket, libc::SO_RCVBUFFORCE, bytes, |s, n| {
+        s.set_recv_buffer_size(n)
+    })?;
+    set_buffer(socket, libc::SO_SNDBUFFORCE, bytes, |s, n| {
+        s.set_send_buffer_size(n)
+    })
 }
 
 /// Sets a buffer size with the `*FORCE` option (needs CAP_NET_ADMIN, ignores
