@@ -444,6 +444,9 @@ settings! {
     /// resynchronises everything.
     catch_up_window_secs: u32 = crate::proto::DEFAULT_CATCH_UP_WINDOW_SECS, "SECS",
         check within(1, 30 * 86_400);
+    /// Save the connections and catch-up state on a graceful stop and take
+    /// them back on the next start (in data_dir/state/).
+    keep_state: bool = true, "BOOL";
 }
 
 /// The file-path variable, read before every other setting.
@@ -841,6 +844,7 @@ mod tests {
             "max_pending_resolves" => "11",
             "resolve_timeout_ms" => "2000",
             "catch_up_window_secs" => "3600",
+            "keep_state" => "false",
             other => panic!("no example for setting {other}: add one"),
         }
     }

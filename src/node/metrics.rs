@@ -112,6 +112,31 @@ const PROTOCOL_FAMILIES: &[Family<ShardMetrics>] = &[
     counter("mpp_notifies_acked_total", "Notifies acknowledged.", |s| {
         s.service.notifies_acked
     }),
+    counter(
+        "mpp_catch_ups_total",
+        "New connections told what was published while their device was away.",
+        |s| s.service.catch_ups,
+    ),
+    counter(
+        "mpp_resyncs_total",
+        "New connections told to resynchronise every store (the node could not know what they missed).",
+        |s| s.service.resyncs,
+    ),
+    counter(
+        "mpp_catch_ups_acked_total",
+        "Catch-ups and resyncs acknowledged.",
+        |s| s.service.catch_ups_acked,
+    ),
+    gauge(
+        "mpp_accounts",
+        "Account records held: with devices, or within their catch-up window.",
+        |s| s.accounts,
+    ),
+    counter(
+        "mpp_accounts_expired_total",
+        "Account records dropped: no device left and the catch-up window over.",
+        |s| s.service.accounts_expired,
+    ),
     counter("mpp_heartbeats_total", "Heartbeats answered.", |s| {
         s.service.heartbeats
     }),
@@ -186,6 +211,7 @@ mod tests {
             shard: i,
             cpu: Some(i),
             connections: base + 1,
+            accounts: base + 28,
             service: ServiceStats {
                 dropped_malformed: base + 2,
                 dropped_auth: base + 3,

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod router;
 pub mod shard;
 mod signals;
+pub mod snapshot;
 
 use std::io;
 use std::net::SocketAddr;
@@ -335,6 +336,53 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
         stun_burst: config.stun_burst,
         catch_up_window_secs: config.catch_up_window_secs,
     };
+    // docs/PROTOCOL.md §6, "Restarts": take back what the last graceful
+    // stop saved, split by this node's shard count; anything wrong with it
+    // is one log line and an empty start.
+    let master = MasterKey::new(data.master);
+    let mut restored: Vec<Option<snapshot::ShardState>> = (0..shards).map(|_| None).collect();
+    let mut restored_epoch = clock.now();
+    if config.keep_state {
+        let owner = |affinity| router.shard_of_affinity(affinity);
+        let now = clock.now();
+        match snapshot::load(
+            &config.data_dir,
+            &master,
+            shards,
+            owner,
+            now,
+            config.catch_up_window_secs,
+        ) {
+            Ok(Some(state)) => {
+                let (accounts, connections) = state.shards.iter().fold((0, 0), |(a, c), s| {
+                    (a + s.accounts.len(), c + s.connections.len())
+                });
+                tracing::info!(
+                    accounts,
+                    connections,
+                    bytes = state.bytes,
+                    age_ms = now.millis_since(state.saved),
+                    "saved state read"
+                );
+                restored_epoch = state.epoch;
+                restored = state.shards.into_iter().map(Some).collect();
+                if let Err(e) = snapshot::discard(&config.data_dir) {
+                    tracing::warn!(%e, "could not remove the state files once read");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "saved state not used: starting empty (devices reconnect and resynchronise)");
+                if let Err(e) = snapshot::set_aside(&config.data_dir) {
+                    tracing::warn!(%e, "could not move the rejected state aside");
+                }
+            }
+        }
+    }
+    let save = config.keep_state.then(|| snapshot::SaveId {
+        generation: rand::random(),
+        count: shards as u32,
+    });
     let metrics: Vec<Arc<Mutex<ShardMetrics>>> = (0..shards)
         .map(|i| {
             Arc::new(Mutex::new(ShardMetrics {
@@ -345,7 +393,9 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
         .collect();
 
     let mut shard_threads = Vec::with_capacity(shards);
-    for (i, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
+    for (i, ((socket, inbox), restore)) in
+        sockets.into_iter().zip(inboxes).zip(restored).enumerate()
+    {
         let setup = ShardSetup {
             id: i,
             cpu: if config.pin && !cpus.is_empty() {
@@ -365,6 +415,11 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
             dns: dns.clone(),
             metrics: metrics[i].clone(),
             clock,
+            restore: restore.map(|state| (restored_epoch, state)),
+            save: save.map(|id| shard::SaveTarget {
+                data_dir: config.data_dir.clone(),
+                id,
+            }),
         };
         let t = std::thread::Builder::new()
             .name(format!("mpp-shard-{i}"))
@@ -375,7 +430,7 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
 
     let handle = Arc::new(NodeHandle {
         router: router.clone(),
-        master: MasterKey::new(data.master),
+        master,
         endpoints: public_endpoints(config, udp),
         metrics,
         backend,

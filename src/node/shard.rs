@@ -47,6 +47,8 @@ pub struct ShardMetrics {
     pub cpu: Option<usize>,
     /// Connections the shard holds.
     pub connections: u64,
+    /// Account records the shard holds.
+    pub accounts: u64,
     /// The shard state machine's counters.
     pub service: crate::proto::ServiceStats,
     /// Datagrams read from the socket.
@@ -98,6 +100,20 @@ pub struct ShardSetup {
     pub metrics: Arc<Mutex<ShardMetrics>>,
     /// Wall-clock anchor shared by all shards.
     pub clock: Clock,
+    /// State saved by the last graceful stop, to take back before the first
+    /// datagram (times relative to the epoch given).
+    pub restore: Option<(UnixMillis, super::snapshot::ShardState)>,
+    /// Where to save the state when told to stop (None: `keep_state` off).
+    pub save: Option<SaveTarget>,
+}
+
+/// Where a stopping shard writes its state (docs/PROTOCOL.md §6, "Restarts").
+#[derive(Debug, Clone)]
+pub struct SaveTarget {
+    /// The node's data directory.
+    pub data_dir: std::path::PathBuf,
+    /// The save this shard's file belongs to.
+    pub id: super::snapshot::SaveId,
 }
 
 /// Runs a shard until it is told to shut down. Errors only at set-up.
@@ -113,9 +129,23 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
     let now = setup.clock.now();
+    let mut server = Service::new(setup.server, MasterKey::new(setup.master), seed, now);
+    if let Some((epoch, state)) = &setup.restore {
+        let started = Instant::now();
+        let done = server.restore(*epoch, &state.accounts, &state.connections);
+        tracing::info!(
+            shard = setup.id,
+            accounts = done.accounts,
+            connections = done.connections,
+            skipped = done.skipped,
+            ms = started.elapsed().as_millis() as u64,
+            "state restored"
+        );
+    }
+    drop(setup.restore);
     let mut shard = Shard {
         id: setup.id,
-        server: Service::new(setup.server, MasterKey::new(setup.master), seed, now),
+        server,
         router: setup.router,
         dns: setup.dns,
         web: HashMap::new(),
@@ -180,6 +210,9 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
             );
         }
         if shard.stopping {
+            if let Some(target) = &setup.save {
+                shard.save(target, setup.clock.now(), MasterKey::new(setup.master));
+            }
             tracing::info!(shard = shard.id, "shard stopped");
             return Ok(());
         }
@@ -262,6 +295,29 @@ struct Shard {
 }
 
 impl Shard {
+    /// Writes the shard's state for the next start; a failure is logged (the
+    /// next start then finds an incomplete save and starts empty).
+    fn save(&self, target: &SaveTarget, now: UnixMillis, master: MasterKey) {
+        let started = Instant::now();
+        match super::snapshot::save_shard(
+            &target.data_dir,
+            &master,
+            target.id,
+            self.id,
+            &self.server,
+            now,
+        ) {
+            Ok(bytes) => tracing::info!(
+                shard = self.id,
+                connections = self.server.connections(),
+                bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "state saved"
+            ),
+            Err(e) => tracing::error!(shard = self.id, %e, "state not saved"),
+        }
+    }
+
     fn on_datagram(&mut self, now: UnixMillis, from: SocketAddr, bytes: &[u8]) {
         // docs/PROTOCOL.md §8: a datagram on the wrong socket (fallback mode) goes
         // to its owner through the router. STUN is answered by any shard.
@@ -390,6 +446,7 @@ impl Shard {
             shard: self.id,
             cpu,
             connections: self.server.connections() as u64,
+            accounts: self.server.table().accounts_len() as u64,
             service: self.server.stats().clone(),
             datagrams_received: d.received,
             datagrams_sent: d.sent,

@@ -30,6 +30,9 @@ const LABEL_BIND: &[u8; 4] = b"bind";
 const LABEL_C2S: &[u8; 4] = b"c2s ";
 /// docs/PROTOCOL.md §3: label of the service → client packet key.
 const LABEL_S2C: &[u8; 4] = b"s2c ";
+/// docs/PROTOCOL.md §6 ("Restarts"): label of the key that authenticates
+/// the node's saved state.
+const LABEL_STATE: &[u8; 4] = b"stat";
 
 /// Why a hex key was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -135,6 +138,12 @@ impl MasterKey {
     /// The binding key `KDF(master, "bind", 0⁸)` (docs/PROTOCOL.md §4).
     pub fn bind_key(&self) -> [u8; KEY_LEN] {
         kdf_expanded(&self.cipher, LABEL_BIND, &[0; 8])
+    }
+
+    /// The saved-state key `KDF(master, "stat", 0⁸)` (docs/PROTOCOL.md §6):
+    /// a state file made under another master key does not verify.
+    pub fn state_key(&self) -> [u8; KEY_LEN] {
+        kdf_expanded(&self.cipher, LABEL_STATE, &[0; 8])
     }
 
     /// `self.secret(conn_id).expand(conn_id)`: where a node starts for each

@@ -429,6 +429,18 @@ impl Client {
         self.deadline = Some(now.plus_millis(self.config.retry_ms));
     }
 
+    /// Sends a heartbeat now instead of at the next period (a status request,
+    /// docs/PROTOCOL.md §2): the answer carries any pending state, and the
+    /// state returns to `Connected` when it arrives. Only while connected.
+    pub fn request_status(&mut self, now: UnixMillis) {
+        if self.state == ClientState::Connected && !self.disconnecting {
+            self.state = ClientState::Unacknowledged;
+            self.tries = 1;
+            self.push(Outgoing::Heartbeat);
+            self.deadline = Some(now.plus_millis(self.config.retry_ms));
+        }
+    }
+
     /// Asks the node for the address it sees (answered by [`ClientEvent::Endpoint`]).
     pub fn request_endpoint(&mut self) {
         self.push(Outgoing::Endpoint);

@@ -21,8 +21,8 @@ pub use client::{
 };
 pub use replay::{Freshness, ReplayWindow};
 pub use service::{
-    PublishError, ResolveToken, Service, ServiceConfig, ServiceEvent, ServiceStats, WebRequestId,
-    DEFAULT_CATCH_UP_WINDOW_SECS,
+    PublishError, ResolveToken, Restored, SavedConnection, Service, ServiceConfig, ServiceEvent,
+    ServiceStats, WebRequestId, DEFAULT_CATCH_UP_WINDOW_SECS,
 };
 
 use std::net::SocketAddr;

@@ -137,8 +137,50 @@ pub struct ServiceStats {
     pub catch_ups: u64,
     /// New connections told to resynchronise everything (the node could not know).
     pub resyncs: u64,
+    /// Catch-ups (and resyncs) acknowledged before a publish joined them.
+    pub catch_ups_acked: u64,
     /// Account records whose catch-up window ran out with no device left.
     pub accounts_expired: u64,
+}
+
+/// One connection as a saved state holds it (docs/PROTOCOL.md §6,
+/// "Restarts"): everything its record says, with its account by key and its
+/// times in seconds since the [`Service::epoch`] it was saved under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedConnection {
+    /// The connection id.
+    pub conn_id: ConnId,
+    /// The account it belongs to.
+    pub account: AccountKey,
+    /// Highest client Serial seen.
+    pub highest_serial: u32,
+    /// Replay window below it.
+    pub window: u64,
+    /// Seconds since the epoch of the last authenticated packet.
+    pub last_seen: u32,
+    /// Credential expiry, Unix seconds.
+    pub expires: u32,
+    /// The UDP endpoint, if one is known.
+    pub endpoint: Option<SocketAddr>,
+    /// Pending bits not yet acknowledged (`pending_len` bytes of `pending`).
+    pub pending: [u8; MAX_BITMASK],
+    /// Length of the pending mask (0: nothing pending).
+    pub pending_len: u8,
+    /// Retransmissions of the current notify so far.
+    pub tries: u8,
+    /// The pending bits are a catch-up not yet joined by a publish.
+    pub catch_up: bool,
+}
+
+/// What [`Service::restore`] took back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Account records restored.
+    pub accounts: usize,
+    /// Connections restored.
+    pub connections: usize,
+    /// Records left out: a duplicate, an unknown account, or no room.
+    pub skipped: usize,
 }
 
 /// Identifies one DNS query waiting for the upstream.
@@ -410,6 +452,117 @@ impl Service {
         &self.table
     }
 
+    /// The time the shard's relative times (seconds in the records) count from.
+    pub fn epoch(&self) -> UnixMillis {
+        self.epoch
+    }
+
+    /// Every account record, for saving (times relative to [`Service::epoch`]).
+    pub fn saved_accounts(&self) -> impl Iterator<Item = Account> + '_ {
+        (0..self.table.account_bound())
+            .filter_map(|s| self.table.account(AccountSlot(s)))
+            .filter(|a| a.in_use())
+            .map(|a| Account { head: 0, ..*a })
+    }
+
+    /// Every connection, for saving.
+    pub fn saved_connections(&self) -> impl Iterator<Item = SavedConnection> + '_ {
+        (0..self.table.slot_bound()).filter_map(|s| {
+            let slot = Slot(s);
+            let rec = self.table.get(slot).filter(|r| r.in_use())?;
+            let account = self.table.account(self.table.account_of(slot))?;
+            let mut pending = [0u8; MAX_BITMASK];
+            let mask = self.table.pending_mask(slot);
+            pending[..mask.len()].copy_from_slice(mask);
+            Some(SavedConnection {
+                conn_id: ConnId(rec.conn_id),
+                account: AccountKey {
+                    affinity: account.affinity,
+                    low: account.low,
+                },
+                highest_serial: rec.highest_serial,
+                window: rec.window(),
+                last_seen: rec.last_seen,
+                expires: rec.expires,
+                endpoint: self.table.endpoint(slot),
+                pending,
+                pending_len: mask.len() as u8,
+                tries: rec.tries(),
+                catch_up: rec.catch_up(),
+            })
+        })
+    }
+
+    /// Takes back a saved state into an empty shard: its times count from
+    /// `epoch` from now on. A connection with pending bits is queued for a
+    /// notify at once (its retransmission timer was not saved), so a device
+    /// hears of what it has not acknowledged without waiting for a heartbeat.
+    pub fn restore(
+        &mut self,
+        epoch: UnixMillis,
+        accounts: &[Account],
+        connections: &[SavedConnection],
+    ) -> Restored {
+        let mut done = Restored::default();
+        if !self.table.is_empty() || self.table.accounts_len() > 0 {
+            done.skipped = accounts.len() + connections.len();
+            return done;
+        }
+        self.epoch = epoch;
+        for a in accounts {
+            let key = AccountKey {
+                affinity: a.affinity,
+                low: a.low,
+            };
+            if !a.in_use() || self.table.find_account(key).is_some() {
+                done.skipped += 1;
+                continue;
+            }
+            match self.table.insert_account(Account { head: 0, ..*a }) {
+                Ok(_) => done.accounts += 1,
+                Err(_) => done.skipped += 1,
+            }
+        }
+        for c in connections {
+            let Some(account) = self.table.find_account(c.account) else {
+                done.skipped += 1;
+                continue;
+            };
+            if self.table.find(&c.conn_id).is_some() {
+                done.skipped += 1;
+                continue;
+            }
+            let mut rec = Connection {
+                conn_id: c.conn_id.0,
+                highest_serial: c.highest_serial,
+                last_seen: c.last_seen,
+                expires: c.expires,
+                ..Connection::default()
+            };
+            rec.set_window(c.window);
+            rec.set_tries(c.tries);
+            let Ok(slot) = self.table.insert(rec, account) else {
+                done.skipped += 1;
+                continue;
+            };
+            if let Some(e) = c.endpoint {
+                self.table.set_endpoint(slot, e);
+            }
+            let n = usize::from(c.pending_len).min(MAX_BITMASK);
+            if n > 0 {
+                self.table.or_pending(slot, &c.pending[..n]);
+                if let Some(rec) = self.table.get_mut(slot) {
+                    rec.set_tries(c.tries);
+                    rec.set_catch_up(c.catch_up);
+                    rec.set_queued(true);
+                    self.notifies.push_back(slot.0);
+                }
+            }
+            done.connections += 1;
+        }
+        done
+    }
+
     fn seconds_since_epoch(&self, now: UnixMillis) -> u32 {
         (now.millis_since(self.epoch) / 1000).min(u64::from(u32::MAX)) as u32
     }
@@ -662,8 +815,12 @@ impl Service {
         };
         // Only an acknowledgement of the latest Serial clears the pending bits (§6).
         if rec.mask_len > 0 && ack == i64::from(self.account_serial(slot)) {
+            if rec.catch_up() {
+                self.stats.catch_ups_acked += 1;
+            } else {
+                self.stats.notifies_acked += 1;
+            }
             self.table.clear_pending(slot);
-            self.stats.notifies_acked += 1;
         }
     }
 
@@ -828,6 +985,9 @@ impl Service {
                 _ => self.stats.catch_ups += 1,
             }
             self.table.or_pending(slot, mask.as_bytes());
+            if let Some(rec) = self.table.get_mut(slot) {
+                rec.set_catch_up(true);
+            }
         }
         self.stats.connects += 1;
         self.queue_reply(origin.reply_for(slot, ReplyKind::Connected));
@@ -886,6 +1046,7 @@ impl Service {
                 continue;
             };
             rec.set_tries(0);
+            rec.set_catch_up(false);
             // A device already queued gets one notify with the merged mask;
             // its retransmission timer is armed when that notify goes out.
             if !rec.queued() {

@@ -451,6 +451,7 @@ impl Table {
         r.mask_len = 0;
         r.pending = [0; INLINE_MASK];
         r.set_tries(0);
+        r.set_catch_up(false);
         if wide {
             self.wide_masks.remove(&slot.0);
         }

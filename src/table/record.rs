@@ -14,6 +14,7 @@ const IPV6: u8 = 2;
 const QUEUED: u8 = 4;
 const TRIES_SHIFT: u8 = 3;
 const TRIES_MASK: u8 = 0b0111_1000;
+const CATCH_UP: u8 = 0b1000_0000;
 
 /// The state of one held connection. Field order keeps it at 48 bytes
 /// with 4-byte alignment (checked by a test).
@@ -41,7 +42,8 @@ pub struct Connection {
     pub port: [u8; 2],
     /// Length of the pending mask in bytes (0 = nothing pending, ≤ 32).
     pub mask_len: u8,
-    /// In use, IPv6, queued for sending, retransmission count.
+    /// In use, IPv6, queued for sending, retransmission count, pending
+    /// bits from a catch-up.
     pub flags: u8,
     /// Pending mask bytes when `mask_len` ≤ [`INLINE_MASK`].
     pub pending: [u8; INLINE_MASK],
@@ -83,6 +85,17 @@ impl Connection {
     /// Sets the retransmission count (saturates at 15).
     pub fn set_tries(&mut self, tries: u8) {
         self.flags = (self.flags & !TRIES_MASK) | (tries.min(15) << TRIES_SHIFT);
+    }
+
+    /// True while the pending bits are a catch-up given at connect, not yet
+    /// joined by a publish (counted apart when acknowledged).
+    pub fn catch_up(&self) -> bool {
+        self.flags & CATCH_UP != 0
+    }
+
+    /// Marks the pending bits as a catch-up (or no longer).
+    pub fn set_catch_up(&mut self, on: bool) {
+        self.set_flag(CATCH_UP, on);
     }
 
     /// True when the endpoint is IPv6 (its address is in the table's side map).

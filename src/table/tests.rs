@@ -158,10 +158,14 @@ fn flags_do_not_collide() {
     r.set_queued(true);
     r.set_tries(5);
     r.set_ipv6(true);
-    assert!(r.in_use() && r.queued() && r.is_ipv6());
+    r.set_catch_up(true);
+    assert!(r.in_use() && r.queued() && r.is_ipv6() && r.catch_up());
     assert_eq!(r.tries(), 5);
     r.set_tries(200);
     assert_eq!(r.tries(), 15);
     r.set_queued(false);
-    assert!(r.in_use() && !r.queued() && r.is_ipv6());
+    assert!(r.in_use() && !r.queued() && r.is_ipv6() && r.catch_up());
+    r.set_catch_up(false);
+    assert!(r.in_use() && r.is_ipv6() && !r.catch_up());
+    assert_eq!(r.tries(), 15);
 }

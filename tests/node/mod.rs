@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use mpp::config::{IoChoice, NodeConfig};
 use mpp::node::Node;
 use mpp::packet::{Credential, MAX_PACKET};
-use mpp::proto::{Client, ClientConfig, ClientEvent};
+use mpp::proto::{Client, ClientConfig, ClientEvent, ClientState};
 use mpp::time::UnixMillis;
 
 /// How long any wait may last before the test fails. Only reached on failure.
@@ -677,7 +677,27 @@ impl Device {
             self.local_addr(),
             "the node reports the address we sent from"
         );
+        self.settle_catch_up();
         endpoint
+    }
+
+    /// A new connection brings a catch-up (a resync for a device with no
+    /// mark), which the client acknowledges at once. So that a test's
+    /// counts start clean, wait until the node has processed that
+    /// acknowledgement: a status request sent after it on the same flow is
+    /// answered only after it.
+    pub(crate) fn settle_catch_up(&mut self) {
+        if catch_ups(&self.events).is_empty() {
+            return;
+        }
+        self.flush();
+        self.client.request_status(now());
+        assert_eq!(self.client.state(), ClientState::Unacknowledged);
+        assert!(
+            self.pump_until(|d| d.client.state() == ClientState::Connected, deadline()),
+            "device {}: no status after its catch-up",
+            self.client.conn_id()
+        );
     }
 
     /// Pumps until a notify arrived; all notifies so far.

@@ -1,0 +1,575 @@
+//! The node's saved state (docs/PROTOCOL.md §6, "Restarts"): what a graceful
+//! stop writes to the data directory and the next start reads back, so
+//! devices keep their connections across `systemctl restart`.
+//!
+//! Each shard writes its own file, `state/shard-<i>.bin`, in parallel, when
+//! it stops: its account records (Serials and catch-up state) and its
+//! connections (endpoints, replay windows, pending bits, retransmission
+//! count). A file is versioned, names the save it belongs to (a random
+//! generation, the shard's index, the shard count) and ends with an
+//! HMAC-SHA256 under `KDF(master, "stat", 0⁸)`, so a file from another save,
+//! another master key, or with one bit changed is refused.
+//!
+//! Loading is all or nothing: every file of one generation must be present
+//! and verify, and the save must be younger than the catch-up window;
+//! anything else is one log line and an empty start (devices then get 404,
+//! connect again and catch up), never a crash. Records are handed to the
+//! shard that owns them under the *new* shard count. The files are removed
+//! once read, so a later crash cannot bring back a stale state; a rejected
+//! set is moved to `state.rejected/` for inspection.
+//!
+//! This module knows the file format and nothing of sockets or threads.
+
+use std::fs;
+use std::io::{self, BufWriter, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::packet::{ConnId, MasterKey};
+use crate::proto::{SavedConnection, Service, MAX_BITMASK};
+use crate::table::{Account, AccountKey};
+use crate::time::UnixMillis;
+
+/// First bytes of a state file.
+const MAGIC: &[u8; 8] = b"MPPSTATE";
+/// The format version this code writes and reads.
+pub const VERSION: u32 = 1;
+/// Fixed header: magic, version, generation, index, count, saved, epoch,
+/// accounts, connections.
+const HEADER_LEN: usize = 8 + 4 + 8 + 4 + 4 + 8 + 8 + 8 + 8;
+/// Bytes of one saved account.
+const ACCOUNT_LEN: usize = 7 * 4;
+/// Bytes of one saved IPv4 connection without pending bits (the least a
+/// connection takes: the bound on how many a file of a given size can hold).
+const MIN_CONNECTION_LEN: usize = 8 + 8 + 4 + 4 + 4 + 4 + 2 + 1 + 1;
+/// The HMAC at the end.
+const TAG_LEN: usize = 32;
+
+/// Flag bits of a saved connection.
+const FLAG_IPV6: u8 = 1;
+const FLAG_ENDPOINT: u8 = 2;
+const FLAG_CATCH_UP: u8 = 8;
+const TRIES_SHIFT: u8 = 4;
+
+/// The directory, inside the data directory, that holds the state files.
+pub fn state_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("state")
+}
+
+fn shard_file(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("shard-{index}.bin"))
+}
+
+/// Identifies one save: every shard's file of it carries the same values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaveId {
+    /// Random, chosen when the node starts.
+    pub generation: u64,
+    /// The number of shard files in the save.
+    pub count: u32,
+}
+
+type StateMac = Hmac<Sha256>;
+
+fn mac(master: &MasterKey) -> StateMac {
+    // HMAC pads a short key with zeros to its block: the same MAC as keying
+    // it with the 32 bytes, without a fallible constructor.
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(&master.state_key());
+    <StateMac as KeyInit>::new(&block.into())
+}
+
+/// A writer that feeds the HMAC with every byte it writes.
+struct Signed<W: Write> {
+    out: W,
+    mac: StateMac,
+}
+
+impl<W: Write> Signed<W> {
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.mac.update(bytes);
+        self.out.write_all(bytes)
+    }
+}
+
+/// Writes `service`'s state as shard `index` of save `id`, to a temporary
+/// file renamed into place once complete (a crash mid-save leaves no
+/// half-written file under the real name). Returns the bytes written.
+pub fn save_shard(
+    data_dir: &Path,
+    master: &MasterKey,
+    id: SaveId,
+    index: usize,
+    service: &Service,
+    now: UnixMillis,
+) -> io::Result<u64> {
+    let dir = state_dir(data_dir);
+    fs::create_dir_all(&dir)?;
+    let path = shard_file(&dir, index);
+    let tmp = path.with_extension("tmp");
+    let accounts: Vec<Account> = service.saved_accounts().collect();
+    let count = service.table().len();
+    let file = fs::File::create(&tmp)?;
+    let mut w = Signed {
+        out: BufWriter::with_capacity(1 << 20, file),
+        mac: mac(master),
+    };
+    w.put(MAGIC)?;
+    w.put(&VERSION.to_le_bytes())?;
+    w.put(&id.generation.to_le_bytes())?;
+    w.put(&(index as u32).to_le_bytes())?;
+    w.put(&id.count.to_le_bytes())?;
+    w.put(&now.0.to_le_bytes())?;
+    w.put(&service.epoch().0.to_le_bytes())?;
+    w.put(&(accounts.len() as u64).to_le_bytes())?;
+    w.put(&(count as u64).to_le_bytes())?;
+    let mut index_of = std::collections::HashMap::with_capacity(accounts.len());
+    for (i, a) in accounts.iter().enumerate() {
+        index_of.insert((a.affinity, a.low), i as u32);
+        let mut rec = [0u8; ACCOUNT_LEN];
+        for (chunk, v) in rec.chunks_exact_mut(4).zip([
+            a.affinity, a.low, a.serial, a.since, a.catch_up, a.epoch, a.stamp,
+        ]) {
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        w.put(&rec)?;
+    }
+    let mut written = 0usize;
+    let mut buf = Vec::with_capacity(MIN_CONNECTION_LEN + 16 + MAX_BITMASK);
+    for c in service.saved_connections() {
+        let Some(&account) = index_of.get(&(c.account.affinity, c.account.low)) else {
+            continue;
+        };
+        buf.clear();
+        encode_connection(&c, account, &mut buf);
+        w.put(&buf)?;
+        written += 1;
+    }
+    if written != count {
+        return Err(io::Error::other(format!(
+            "{count} connections held but {written} saved"
+        )));
+    }
+    let tag = w.mac.finalize().into_bytes();
+    let mut out = w.out;
+    out.write_all(&tag)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    let bytes = file.metadata()?.len();
+    drop(file);
+    fs::rename(&tmp, &path)?;
+    Ok(bytes)
+}
+
+fn encode_connection(c: &SavedConnection, account: u32, out: &mut Vec<u8>) {
+    out.extend_from_slice(&c.conn_id.0);
+    out.extend_from_slice(&c.window.to_le_bytes());
+    out.extend_from_slice(&c.highest_serial.to_le_bytes());
+    out.extend_from_slice(&c.last_seen.to_le_bytes());
+    out.extend_from_slice(&c.expires.to_le_bytes());
+    out.extend_from_slice(&account.to_le_bytes());
+    let mut flags = (c.tries.min(15)) << TRIES_SHIFT;
+    if c.catch_up {
+        flags |= FLAG_CATCH_UP;
+    }
+    let (port, addr): (u16, Vec<u8>) = match c.endpoint {
+        None => (0, Vec::new()),
+        Some(a) => {
+            flags |= FLAG_ENDPOINT;
+            match a.ip() {
+                IpAddr::V4(v4) => (a.port(), v4.octets().to_vec()),
+                IpAddr::V6(v6) => {
+                    flags |= FLAG_IPV6;
+                    (a.port(), v6.octets().to_vec())
+                }
+            }
+        }
+    };
+    out.extend_from_slice(&port.to_le_bytes());
+    out.push(flags);
+    let n = usize::from(c.pending_len).min(MAX_BITMASK);
+    out.push(n as u8);
+    out.extend_from_slice(&addr);
+    out.extend_from_slice(&c.pending[..n]);
+}
+
+/// The state one shard of the new node takes back.
+#[derive(Debug, Default)]
+pub struct ShardState {
+    /// Account records, times relative to `epoch`.
+    pub accounts: Vec<Account>,
+    /// Connections, times relative to `epoch`.
+    pub connections: Vec<SavedConnection>,
+}
+
+/// A saved state, read and verified, split by the new shard count.
+#[derive(Debug)]
+pub struct LoadedState {
+    /// The time every record's relative times count from.
+    pub epoch: UnixMillis,
+    /// One entry per new shard.
+    pub shards: Vec<ShardState>,
+    /// When it was saved.
+    pub saved: UnixMillis,
+    /// Bytes read.
+    pub bytes: u64,
+}
+
+/// Why a saved state was not used. Each is reported in one log line, and
+/// the node starts empty.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A file is shorter than its header and tag, or its counts run past its end.
+    #[error("{0}: truncated")]
+    Truncated(PathBuf),
+    /// A file does not start with the state magic.
+    #[error("{0}: not a state file")]
+    NotState(PathBuf),
+    /// A file was written by another format version.
+    #[error("{path}: format version {found}, this node reads {VERSION}")]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    /// The HMAC does not verify: changed, or made under another master key.
+    #[error("{0}: authentication failed (tampered, or saved under another master key)")]
+    Tampered(PathBuf),
+    /// The files do not form one complete save.
+    #[error("incomplete save: {0}")]
+    Incomplete(String),
+    /// A record inside a verified file is inconsistent.
+    #[error("{path}: bad record: {what}")]
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// The save is older than the catch-up window: what it holds is no
+    /// longer worth more than a resync.
+    #[error("saved {age_secs} s ago, longer than the catch-up window ({window_secs} s)")]
+    Stale {
+        /// Its age.
+        age_secs: u64,
+        /// The window.
+        window_secs: u32,
+    },
+}
+
+/// One verified file, decoded.
+struct ShardFile {
+    id: SaveId,
+    index: u32,
+    saved: UnixMillis,
+    epoch: UnixMillis,
+    accounts: Vec<Account>,
+    connections: Vec<SavedConnection>,
+}
+
+/// A bounds-checked little-endian reader over a verified file's body.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(s)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2)
+            .and_then(|b| b.try_into().ok())
+            .map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    }
+}
+
+/// Verifies and decodes one file's bytes.
+fn decode_file(path: &Path, bytes: &[u8], master: &MasterKey) -> Result<ShardFile, LoadError> {
+    let truncated = || LoadError::Truncated(path.to_path_buf());
+    if bytes.len() < HEADER_LEN + TAG_LEN {
+        return Err(if bytes.starts_with(MAGIC) || bytes.is_empty() {
+            truncated()
+        } else {
+            LoadError::NotState(path.to_path_buf())
+        });
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(LoadError::NotState(path.to_path_buf()));
+    }
+    let (body, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+    // The header is read before the HMAC is checked only to name what is
+    // wrong (another version, a file cut short); nothing else trusts it
+    // until the HMAC verifies.
+    let mut c = Cursor {
+        bytes: body,
+        pos: 8,
+    };
+    let version = c.u32().ok_or_else(truncated)?;
+    if version != VERSION {
+        return Err(LoadError::Version {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    let generation = c.u64().ok_or_else(truncated)?;
+    let index = c.u32().ok_or_else(truncated)?;
+    let count = c.u32().ok_or_else(truncated)?;
+    let saved = UnixMillis(c.u64().ok_or_else(truncated)?);
+    let epoch = UnixMillis(c.u64().ok_or_else(truncated)?);
+    let n_accounts = c.u64().ok_or_else(truncated)?;
+    let n_connections = c.u64().ok_or_else(truncated)?;
+    let room = (body.len() - HEADER_LEN) as u64;
+    let needed = n_accounts
+        .checked_mul(ACCOUNT_LEN as u64)
+        .and_then(|a| {
+            n_connections
+                .checked_mul(MIN_CONNECTION_LEN as u64)
+                .and_then(|b| a.checked_add(b))
+        })
+        .ok_or_else(truncated)?;
+    if needed > room {
+        return Err(truncated());
+    }
+    let mut m = mac(master);
+    m.update(body);
+    if m.verify_slice(tag).is_err() {
+        return Err(LoadError::Tampered(path.to_path_buf()));
+    }
+    let bad = |what| LoadError::BadRecord {
+        path: path.to_path_buf(),
+        what,
+    };
+    let mut accounts = Vec::with_capacity(n_accounts as usize);
+    for _ in 0..n_accounts {
+        let mut v = [0u32; 7];
+        for x in &mut v {
+            *x = c.u32().ok_or_else(truncated)?;
+        }
+        let [affinity, low, serial, since, catch_up, epoch, stamp] = v;
+        if serial == 0 {
+            return Err(bad("an account with Serial 0"));
+        }
+        accounts.push(Account {
+            affinity,
+            low,
+            head: 0,
+            serial,
+            since,
+            catch_up,
+            epoch,
+            stamp,
+        });
+    }
+    let mut connections = Vec::with_capacity(n_connections as usize);
+    for _ in 0..n_connections {
+        let conn_id: [u8; 8] = c
+            .take(8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(truncated)?;
+        let window = c.u64().ok_or_else(truncated)?;
+        let highest_serial = c.u32().ok_or_else(truncated)?;
+        let last_seen = c.u32().ok_or_else(truncated)?;
+        let expires = c.u32().ok_or_else(truncated)?;
+        let account = c.u32().ok_or_else(truncated)?;
+        let port = c.u16().ok_or_else(truncated)?;
+        let flags = c.u8().ok_or_else(truncated)?;
+        let pending_len = c.u8().ok_or_else(truncated)?;
+        if usize::from(pending_len) > MAX_BITMASK {
+            return Err(bad("a pending mask longer than 32 bytes"));
+        }
+        let endpoint = if flags & FLAG_ENDPOINT == 0 {
+            None
+        } else if flags & FLAG_IPV6 != 0 {
+            let b: [u8; 16] = c
+                .take(16)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(truncated)?;
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(b)), port))
+        } else {
+            let b: [u8; 4] = c
+                .take(4)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(truncated)?;
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(b)), port))
+        };
+        let mut pending = [0u8; MAX_BITMASK];
+        let mask = c.take(usize::from(pending_len)).ok_or_else(truncated)?;
+        pending[..mask.len()].copy_from_slice(mask);
+        let Some(a) = accounts.get(account as usize) else {
+            return Err(bad("a connection of an account not in the file"));
+        };
+        connections.push(SavedConnection {
+            conn_id: ConnId(conn_id),
+            account: AccountKey {
+                affinity: a.affinity,
+                low: a.low,
+            },
+            highest_serial,
+            window,
+            last_seen,
+            expires,
+            endpoint,
+            pending,
+            pending_len,
+            tries: flags >> TRIES_SHIFT,
+            catch_up: flags & FLAG_CATCH_UP != 0,
+        });
+    }
+    if c.pos != body.len() {
+        return Err(bad("bytes after the last record"));
+    }
+    Ok(ShardFile {
+        id: SaveId { generation, count },
+        index,
+        saved,
+        epoch,
+        accounts,
+        connections,
+    })
+}
+
+/// Reads the saved state, if any: `Ok(None)` when there is none. The
+/// records are split among `shards` new shards by `owner(affinity)`.
+pub fn load(
+    data_dir: &Path,
+    master: &MasterKey,
+    shards: usize,
+    owner: impl Fn(u32) -> usize,
+    now: UnixMillis,
+    window_secs: u32,
+) -> Result<Option<LoadedState>, LoadError> {
+    let dir = state_dir(data_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(LoadError::Read { path: dir, source }),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("shard-") && n.ends_with(".bin"))
+        })
+        .collect();
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    paths.sort();
+    let mut files = Vec::with_capacity(paths.len());
+    let mut bytes = 0u64;
+    for path in &paths {
+        let data = fs::read(path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        bytes += data.len() as u64;
+        files.push(decode_file(path, &data, master)?);
+    }
+    let id = files[0].id;
+    if files.iter().any(|f| f.id != id) {
+        return Err(LoadError::Incomplete(
+            "files of different saves (generation or shard count differ)".into(),
+        ));
+    }
+    let mut seen = vec![false; id.count as usize];
+    for f in &files {
+        match seen.get_mut(f.index as usize) {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(LoadError::Incomplete(format!(
+                    "shard {} of {} twice or out of range",
+                    f.index, id.count
+                )))
+            }
+        }
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(LoadError::Incomplete(format!(
+            "shard {missing} of {} is missing",
+            id.count
+        )));
+    }
+    let saved = files.iter().map(|f| f.saved).max().unwrap_or(now);
+    let age_secs = now.millis_since(saved) / 1000;
+    if age_secs > u64::from(window_secs) {
+        return Err(LoadError::Stale {
+            age_secs,
+            window_secs,
+        });
+    }
+    // Every record's times become relative to the earliest epoch.
+    let epoch = files.iter().map(|f| f.epoch).min().unwrap_or(now);
+    let mut out: Vec<ShardState> = (0..shards.max(1)).map(|_| ShardState::default()).collect();
+    for f in files {
+        let shift = (f.epoch.millis_since(epoch) / 1000).min(u64::from(u32::MAX)) as u32;
+        for mut a in f.accounts {
+            a.epoch = a.epoch.saturating_add(shift);
+            a.stamp = a.stamp.saturating_add(shift);
+            let i = owner(a.affinity).min(out.len() - 1);
+            out[i].accounts.push(a);
+        }
+        for mut c in f.connections {
+            c.last_seen = c.last_seen.saturating_add(shift);
+            let i = owner(c.account.affinity).min(out.len() - 1);
+            out[i].connections.push(c);
+        }
+    }
+    Ok(Some(LoadedState {
+        epoch,
+        shards: out,
+        saved,
+        bytes,
+    }))
+}
+
+/// Removes the state files once read (so a later crash cannot restore them).
+pub fn discard(data_dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(state_dir(data_dir)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Moves a rejected state aside, to `state.rejected/`, replacing an older one.
+pub fn set_aside(data_dir: &Path) -> io::Result<()> {
+    let aside = data_dir.join("state.rejected");
+    let _ = fs::remove_dir_all(&aside);
+    fs::rename(state_dir(data_dir), aside)
+}
+
+#[cfg(test)]
+mod tests;
