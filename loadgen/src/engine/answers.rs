@@ -1,0 +1,263 @@
+//! What the node sent a worker's devices: receiving a batch per socket,
+//! opening each packet with its device's key (found from the conn id, no
+//! hash table), and acting on the answer: a connect or heartbeat answered,
+//! a notify counted against its publish and acknowledged, a refusal.
+//!
+//! It must not decide what to send next beyond the acknowledgement and the
+//! reconnect an answer asks for.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use mpp::codec::{Message, PresenceNotify, ServiceHeader};
+use mpp::net::mmsg::MmsgBatch;
+use mpp::packet::open_in_place;
+
+use super::device::DeviceState;
+use super::worker::Worker;
+use super::{Mode, RING};
+
+impl Worker {
+    /// Receives and handles what is waiting on every socket.
+    pub(super) fn receive(&mut self, now_us: u64) -> usize {
+        let mut total = 0;
+        // The batch is taken out while its packets are handled in place.
+        let mut inb = std::mem::replace(&mut self.inb, MmsgBatch::new(0));
+        for s in 0..self.fds.len() {
+            for _ in 0..8 {
+                let n = match inb.recv(self.fds[s]) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        self.local.recv_errors += 1;
+                        0
+                    }
+                };
+                for i in 0..n {
+                    match inb.payload_mut(i) {
+                        Some(packet) => self.handle(s, packet, now_us),
+                        // Longer than any packet of the protocol.
+                        None => self.local.other += 1,
+                    }
+                }
+                total += n;
+                if n < inb.capacity() {
+                    break;
+                }
+            }
+        }
+        self.inb = inb;
+        total
+    }
+
+    pub(super) fn handle(&mut self, s: usize, packet: &mut [u8], now_us: u64) {
+        self.local.received += 1;
+        if self.lose() {
+            return;
+        }
+        let Some(g) = self.ident.index_of(packet, self.cfg.devices) else {
+            self.local.unknown += 1;
+            return;
+        };
+        let threads = self.cfg.threads as u64;
+        if g % threads != self.cfg.index as u64 {
+            self.local.unknown += 1;
+            return;
+        }
+        let l = (g / threads) as usize;
+        let Some(dev) = self.devices.get_mut(l) else {
+            self.local.unknown += 1;
+            return;
+        };
+        let key = if self.cfg.mode == Mode::Echo {
+            &dev.keys.c2s
+        } else {
+            &dev.keys.s2c
+        };
+        let Ok(plain) = open_in_place(key, packet) else {
+            self.local.unauthentic += 1;
+            return;
+        };
+        let Ok(message) = Message::decode(plain) else {
+            self.local.other += 1;
+            return;
+        };
+        match message {
+            Message::Heartbeat(h) if self.cfg.mode == Mode::Echo => {
+                if dev.outstanding != 0 && h.header.serial == Some(i64::from(dev.outstanding)) {
+                    self.answered(l, now_us);
+                    self.local.replies += 1;
+                }
+            }
+            Message::Notify(n) if self.cfg.mode == Mode::RawReceive => {
+                self.local.delivered += 1;
+                if let Some(serial) = n.serial {
+                    self.send_ack(l, serial, now_us);
+                }
+            }
+            Message::ConnectResponse(r) => {
+                let ours = self.is_answer(l, &r.header);
+                if ours && self.devices[l].state == DeviceState::Connecting {
+                    self.answered(l, now_us);
+                    self.set_state(l, DeviceState::Connected);
+                    self.devices[l].tries = 0;
+                    self.local.connected += 1;
+                }
+                self.pending_notify(l, r.serial, r.bitmask.as_deref(), now_us);
+            }
+            Message::Status(r) => {
+                if self.is_answer(l, &r.header) {
+                    let was_rebinding = self.devices[l].rebinding;
+                    self.answered(l, now_us);
+                    self.local.replies += 1;
+                    let dev = &mut self.devices[l];
+                    dev.tries = 0;
+                    if was_rebinding {
+                        dev.rebinding = false;
+                        if dev.sock as usize == s {
+                            self.local.rebinds_confirmed += 1;
+                        }
+                    }
+                }
+                self.pending_notify(l, r.serial, r.bitmask.as_deref(), now_us);
+            }
+            Message::Notify(PresenceNotify {
+                serial, bitmask, ..
+            }) => {
+                self.pending_notify(l, serial, bitmask.as_deref(), now_us);
+            }
+            Message::DisconnectResponse(r) => {
+                if self.is_answer(l, &r.header)
+                    && self.devices[l].state == DeviceState::Disconnecting
+                {
+                    self.free(l);
+                    self.set_state(l, DeviceState::Idle);
+                    self.devices[l].tries = 0;
+                    self.local.dropped += 1;
+                    self.local.disconnects += 1;
+                    self.to_connect.push_front(l as u32);
+                }
+            }
+            Message::ErrorInvalidSerial(e) => {
+                self.local.invalid_serial += 1;
+                let dev = &mut self.devices[l];
+                if let Some(h) = e.serial.and_then(|s| u32::try_from(s).ok()) {
+                    dev.serial = dev.serial.max(h);
+                }
+                if dev.outstanding != 0 && self.is_answer(l, &e.header) {
+                    let state = self.devices[l].state;
+                    self.free(l);
+                    if state == DeviceState::Connecting {
+                        self.to_connect.push_front(l as u32);
+                    }
+                }
+            }
+            Message::ErrorRefused(e) => {
+                let status = e.header.status.unwrap_or(0);
+                let state = self.devices[l].state;
+                self.free(l);
+                if state == DeviceState::Connected || state == DeviceState::Disconnecting {
+                    self.local.dropped += 1;
+                }
+                match status {
+                    404 => {
+                        self.set_state(l, DeviceState::Idle);
+                        self.devices[l].tries = 0;
+                        self.to_connect.push_back(l as u32);
+                    }
+                    503 => {
+                        self.local.refused_full += 1;
+                        self.set_state(l, DeviceState::Dead);
+                    }
+                    _ => {
+                        self.local.refused += 1;
+                        self.set_state(l, DeviceState::Dead);
+                    }
+                }
+                if status != 404 {
+                    if let Ok(mut first) = self.shared.first_refusal.lock() {
+                        if first.is_none() {
+                            *first = Some(format!(
+                                "{status} {}",
+                                e.header.status_description.as_deref().unwrap_or("")
+                            ));
+                        }
+                    }
+                }
+            }
+            _ => self.local.other += 1,
+        }
+    }
+
+    pub(super) fn is_answer(&self, l: usize, header: &ServiceHeader<'_>) -> bool {
+        let dev = &self.devices[l];
+        dev.outstanding != 0 && header.acknowledge == Some(i64::from(dev.outstanding))
+    }
+
+    /// The request in flight got its answer.
+    pub(super) fn answered(&mut self, l: usize, now_us: u64) {
+        let sent = self.devices[l].sent_us;
+        self.free(l);
+        if self.shared.measuring.load(Relaxed) {
+            let rtt = (now_us as u32).wrapping_sub(sent).max(1);
+            let _ = self.rtt.record(u64::from(rtt));
+        }
+    }
+
+    /// A notify (or pending state in a response): count it once per
+    /// publish, time it against its publish, acknowledge it every time.
+    pub(super) fn pending_notify(
+        &mut self,
+        l: usize,
+        serial: Option<i64>,
+        bitmask: Option<&[u8]>,
+        now_us: u64,
+    ) {
+        let (Some(serial), Some(bitmask)) = (serial, bitmask) else {
+            return;
+        };
+        if bitmask.is_empty() {
+            return;
+        }
+        let Ok(s) = u32::try_from(serial) else {
+            self.local.other += 1;
+            return;
+        };
+        let account = self.ident.account_of(self.global(l)) as usize;
+        let clock = self.shared.accounts.get(account);
+        let dev = &mut self.devices[l];
+        let first = dev.last_notify == 0;
+        if first {
+            // The first notify this device sees. The publisher waits until
+            // its account's priming Serial is known (the first notify any
+            // of its devices saw) before publishing more, so counting from
+            // that base also counts publishes whose own notify this device
+            // missed (it sees a later, merged one).
+            self.local.primed += 1;
+            dev.last_notify = match clock {
+                Some(c) => match c.base.compare_exchange(0, s, Relaxed, Relaxed) {
+                    Ok(_) => s,
+                    Err(base) => base.min(s),
+                },
+                None => s,
+            };
+        }
+        if s > dev.last_notify {
+            let delta = s - dev.last_notify;
+            let measuring = self.shared.measuring.load(Relaxed);
+            if let Some(c) = clock {
+                for j in (dev.last_notify + 1..=s).rev().take(RING) {
+                    let t = c.ring[j as usize % RING].load(Relaxed);
+                    if measuring && t != 0 && t <= now_us {
+                        let _ = self.notify.record((now_us - t).max(1));
+                    }
+                }
+                c.delivered.fetch_add(u64::from(delta), Relaxed);
+            }
+            dev.last_notify = s;
+            self.local.delivered += u64::from(delta);
+            self.local.notifications += 1;
+        } else if !first {
+            self.local.duplicates += 1;
+        }
+        self.send_ack(l, serial, now_us);
+    }
+}

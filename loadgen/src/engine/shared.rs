@@ -1,0 +1,209 @@
+//! What the device workers share with the monitor and the publisher: the
+//! counters (added once per loop from each worker's local copy), the flags
+//! that stop the workers and open the measured window, the run's clock, and
+//! each account's publish clock (fanout).
+//!
+//! It must hold nothing a worker needs per datagram: workers keep their own
+//! state and touch this once per loop.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::RING;
+
+/// Counters shared with the monitor; workers add to them once per loop.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) connects_sent: AtomicU64,
+    pub(crate) connected: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) connect_failed: AtomicU64,
+    pub(crate) heartbeats_sent: AtomicU64,
+    pub(crate) replies: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) lost: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) primed: AtomicU64,
+    pub(crate) acks_sent: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
+    pub(crate) rebinds: AtomicU64,
+    pub(crate) rebinds_confirmed: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) refused_full: AtomicU64,
+    pub(crate) invalid_serial: AtomicU64,
+    pub(crate) unauthentic: AtomicU64,
+    pub(crate) unknown: AtomicU64,
+    pub(crate) other: AtomicU64,
+    pub(crate) send_errors: AtomicU64,
+    pub(crate) recv_errors: AtomicU64,
+    pub(crate) loss_dropped: AtomicU64,
+    pub(crate) notifications: AtomicU64,
+}
+
+/// A plain copy of [`Counters`].
+#[derive(Default, Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct Snapshot {
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    pub(crate) connects_sent: u64,
+    pub(crate) connected: u64,
+    pub(crate) dropped: u64,
+    pub(crate) connect_failed: u64,
+    pub(crate) heartbeats_sent: u64,
+    pub(crate) replies: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) lost: u64,
+    pub(crate) delivered: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) primed: u64,
+    pub(crate) acks_sent: u64,
+    pub(crate) disconnects: u64,
+    pub(crate) rebinds: u64,
+    pub(crate) rebinds_confirmed: u64,
+    pub(crate) refused: u64,
+    pub(crate) refused_full: u64,
+    pub(crate) invalid_serial: u64,
+    pub(crate) unauthentic: u64,
+    pub(crate) unknown: u64,
+    pub(crate) other: u64,
+    pub(crate) send_errors: u64,
+    pub(crate) recv_errors: u64,
+    pub(crate) loss_dropped: u64,
+    pub(crate) notifications: u64,
+}
+
+macro_rules! each_counter {
+    ($m:ident) => {
+        $m!(
+            sent,
+            received,
+            connects_sent,
+            connected,
+            dropped,
+            connect_failed,
+            heartbeats_sent,
+            replies,
+            timeouts,
+            lost,
+            delivered,
+            duplicates,
+            primed,
+            acks_sent,
+            disconnects,
+            rebinds,
+            rebinds_confirmed,
+            refused,
+            refused_full,
+            invalid_serial,
+            unauthentic,
+            unknown,
+            other,
+            send_errors,
+            recv_errors,
+            loss_dropped,
+            notifications
+        )
+    };
+}
+
+impl Counters {
+    /// The current values.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        macro_rules! load {
+            ($($f:ident),*) => { Snapshot { $($f: self.$f.load(Relaxed)),* } };
+        }
+        each_counter!(load)
+    }
+
+    /// Adds a worker's local counts and clears them.
+    pub(super) fn add(&self, local: &mut Snapshot) {
+        macro_rules! add {
+            ($($f:ident),*) => { $(if local.$f != 0 { self.$f.fetch_add(local.$f, Relaxed); })* };
+        }
+        each_counter!(add);
+        *local = Snapshot::default();
+    }
+}
+
+impl Snapshot {
+    /// Counts since `earlier`.
+    pub(crate) fn since(&self, earlier: &Snapshot) -> Snapshot {
+        macro_rules! sub {
+            ($($f:ident),*) => { Snapshot { $($f: self.$f.saturating_sub(earlier.$f)),* } };
+        }
+        each_counter!(sub)
+    }
+
+    /// Devices connected now.
+    pub(crate) fn held(&self) -> u64 {
+        self.connected.saturating_sub(self.dropped)
+    }
+}
+
+/// One account's publish clock (fanout): the notify Serial its first
+/// notify had, and the time each later Serial was published.
+pub(crate) struct AccountClock {
+    /// Serial of the priming notify (0 until a device saw it).
+    pub(crate) base: AtomicU32,
+    /// Publish time (µs since the epoch) of Serial `s`, at `s % RING`.
+    pub(crate) ring: [AtomicU64; RING],
+    /// Deliveries counted by the devices (one per publish per device).
+    pub(crate) delivered: AtomicU64,
+}
+
+impl AccountClock {
+    fn new() -> Self {
+        AccountClock {
+            base: AtomicU32::new(0),
+            ring: std::array::from_fn(|_| AtomicU64::new(0)),
+            delivered: AtomicU64::new(0),
+        }
+    }
+}
+
+/// State shared by the workers and the monitor.
+pub(crate) struct Shared {
+    pub(crate) counters: Counters,
+    /// Workers return when set.
+    pub(crate) stop: AtomicBool,
+    /// Latencies are recorded while set.
+    pub(crate) measuring: AtomicBool,
+    /// Workers whose initial connects are all answered or given up.
+    pub(crate) connect_done: AtomicU64,
+    /// Time zero of the run.
+    pub(crate) epoch: Instant,
+    /// The Unix time (seconds) at `epoch`.
+    pub(crate) epoch_unix_s: u64,
+    /// Per-account publish clocks (fanout only; empty otherwise).
+    pub(crate) accounts: Vec<AccountClock>,
+    /// The first refusal's Status and description, for the report.
+    pub(crate) first_refusal: std::sync::Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Shared state; `clocks` accounts get publish clocks.
+    pub(crate) fn new(clocks: u64) -> Arc<Shared> {
+        Arc::new(Shared {
+            counters: Counters::default(),
+            stop: AtomicBool::new(false),
+            measuring: AtomicBool::new(false),
+            connect_done: AtomicU64::new(0),
+            epoch: Instant::now(),
+            epoch_unix_s: mpp::time::UnixMillis::from_system_clock()
+                .seconds()
+                .0
+                .max(0) as u64,
+            accounts: (0..clocks).map(|_| AccountClock::new()).collect(),
+            first_refusal: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Microseconds since the epoch.
+    pub(crate) fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+}
