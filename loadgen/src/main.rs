@@ -18,6 +18,7 @@ mod engine;
 mod html;
 mod ident;
 mod io;
+mod monitor;
 mod mqtt;
 mod publisher;
 mod report;

@@ -1,6 +1,6 @@
 //! Runs a scenario: sockets and workers, the phases (connect, warm-up,
-//! measure, drain), the per-second monitor and progress bar, the baseline
-//! run, and the report.
+//! measure, drain) through the shared [`Monitor`], the baseline run, and
+//! the report.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressStyle};
 use mpp::packet::MasterKey;
 use serde_json::json;
 
 use crate::baseline::{RawSender, Reflector};
 use crate::engine::{self, histogram, Mode, Shared, Snapshot, WorkerConfig};
 use crate::ident::{load_master, load_token, Identity};
+use crate::monitor::{Monitor, Probe, Reading, Window};
 use crate::publisher::{self, Http, PublishConfig, PublishStats, MAX_AHEAD};
-use crate::report::{human, Baseline, Report, Sample};
+use crate::report::{Baseline, Report, Sample};
 use crate::{Cli, Command, Common};
 
 /// Runs the command line's scenario and prints/writes its report.
@@ -162,116 +162,37 @@ struct Outcome {
     rss_after: Option<u64>,
 }
 
-fn progress(c: &Common) -> ProgressBar {
-    if c.no_progress {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar
-}
-
-/// The monitor: samples once a second into the timeline and the bar.
-struct Monitor<'a> {
+/// The device workers' counters, as the monitor reads them.
+struct Devices<'a> {
     shared: &'a Shared,
-    bar: ProgressBar,
-    rate_name: &'a str,
     rate_of: RateOf,
-    last: Snapshot,
-    last_t: f64,
-    timeline: Vec<Sample>,
 }
 
-/// The measured window: counters at its start and end, its length, and the
-/// CPU the loadgen and the server (the node, or an in-process baseline
-/// server) used per second of it.
-struct Window {
-    before: Snapshot,
-    after: Snapshot,
-    wall_s: f64,
-    loadgen_cpu: f64,
-    node_cpu: Option<f64>,
-}
+impl Probe for Devices<'_> {
+    type Mark = Snapshot;
 
-impl Monitor<'_> {
-    /// Runs `--warmup`, then the measured window (`--duration`, labelled
-    /// `label` in the timeline) with the workers' `measuring` flag set.
-    /// The server whose CPU is measured is the in-process baseline server
-    /// `server` (a thread id, 0 if it has not started) when given, else
-    /// `--node-pid`; the loadgen's own CPU leaves that thread out.
-    fn measure(&mut self, c: &Common, label: &'static str, server: Option<&AtomicU32>) -> Window {
-        let shared = self.shared;
-        self.phase("warmup", c.warmup as f64, &|_| false);
-        let server_tid = server.map(|t| t.load(Relaxed)).filter(|&t| t != 0);
-        let server_cpu = || match (server, server_tid) {
-            (Some(_), Some(tid)) => crate::sys::thread_cpu_seconds(tid),
-            (Some(_), None) => None,
-            (None, _) => c.node_pid.and_then(crate::sys::proc_cpu_seconds),
-        };
-        let before = shared.counters.snapshot();
-        let cpu0 = crate::sys::own_cpu_seconds();
-        let server0 = server_cpu();
-        let t0 = shared.epoch.elapsed().as_secs_f64();
-        shared.measuring.store(true, Relaxed);
-        self.phase(label, c.duration as f64, &|_| false);
-        shared.measuring.store(false, Relaxed);
-        let wall_s = shared.epoch.elapsed().as_secs_f64() - t0;
-        let after = shared.counters.snapshot();
-        let server_s = server_cpu().zip(server0).map(|(b, a)| b - a);
-        let mut loadgen_s = crate::sys::own_cpu_seconds() - cpu0;
-        if server_tid.is_some() {
-            loadgen_s -= server_s.unwrap_or(0.0);
-        }
-        let loadgen_cpu = loadgen_s.max(0.0) / wall_s;
-        let node_cpu = server_s.map(|s| s / wall_s);
-        Window {
-            before,
-            after,
-            wall_s,
-            loadgen_cpu,
-            node_cpu,
+    fn elapsed_s(&self) -> f64 {
+        self.shared.epoch.elapsed().as_secs_f64()
+    }
+
+    fn read(&self) -> Reading {
+        let snap = self.shared.counters.snapshot();
+        Reading {
+            count: (self.rate_of)(&snap),
+            held: snap.held(),
+            connecting: None,
+            lost: Some(snap.lost),
         }
     }
 
-    /// Waits `secs` (or until `done` says so), sampling each second.
-    fn phase(&mut self, label: &'static str, secs: f64, done: &dyn Fn(&Snapshot) -> bool) {
-        let start = self.shared.epoch.elapsed().as_secs_f64();
-        loop {
-            std::thread::sleep(Duration::from_millis(50));
-            let now = self.shared.epoch.elapsed().as_secs_f64();
+    fn mark(&self, measuring: bool) -> Snapshot {
+        if measuring {
             let snap = self.shared.counters.snapshot();
-            if now - self.last_t >= 1.0 {
-                let dt = now - self.last_t;
-                let rate = ((self.rate_of)(&snap) - (self.rate_of)(&self.last)) as f64 / dt;
-                self.timeline.push(Sample {
-                    t_s: now,
-                    phase: label,
-                    rate_per_s: rate,
-                    devices_held: snap.held(),
-                });
-                self.bar.set_message(format!(
-                    "{label} {:.0}/{} s · {}/s {} · held {} · lost {}",
-                    now - start,
-                    if secs.is_finite() {
-                        format!("{secs:.0}")
-                    } else {
-                        "-".into()
-                    },
-                    self.rate_name,
-                    human(rate),
-                    snap.held(),
-                    snap.lost
-                ));
-                self.bar.tick();
-                self.last = snap;
-                self.last_t = now;
-            }
-            if now - start >= secs || done(&snap) {
-                return;
-            }
+            self.shared.measuring.store(true, Relaxed);
+            snap
+        } else {
+            self.shared.measuring.store(false, Relaxed);
+            self.shared.counters.snapshot()
         }
     }
 }
@@ -323,22 +244,18 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
                 .spawn(move || engine::run_worker(cfg, ident, shared))?,
         );
     }
-    let mut mon = Monitor {
+    let probe = Devices {
         shared: &shared,
-        bar: progress(c),
-        rate_name: plan.rate_name,
         rate_of: plan.rate_of,
-        last: Snapshot::default(),
-        last_t: 0.0,
-        timeline: Vec::new(),
     };
+    let mut mon = Monitor::new(c, probe, plan.rate_name);
     let result = (|| -> Result<Outcome> {
         let threads = c.threads as u64;
         let devices = c.devices;
         let connect_limit = devices as f64 / plan.connect_rate.max(1.0) * 2.0 + 30.0;
-        mon.phase("connect", connect_limit, &|_| {
+        mon.phase("connect", connect_limit, &|| {
             shared.connect_done.load(Relaxed) >= threads
-        });
+        })?;
         if workers.iter().any(|w| w.is_finished()) {
             bail!("a worker stopped during the connect phase");
         }
@@ -361,13 +278,13 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
         if let Some((mut http, pcfg)) = plan.publish.take() {
             publisher::prime(&mut http, plan.clocks)?;
             let accounts = plan.clocks as usize;
-            mon.phase("prime", 10.0, &|_| {
+            mon.phase("prime", 10.0, &|| {
                 shared
                     .accounts
                     .iter()
                     .take(accounts)
                     .all(|a| a.base.load(Relaxed) != 0)
-            });
+            })?;
             let (sh, stop) = (shared.clone(), stop_aux.clone());
             publisher = Some(std::thread::spawn(move || {
                 publisher::run(&mut http, &pcfg, &sh, &stop)
@@ -379,13 +296,13 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
             wall_s,
             loadgen_cpu,
             node_cpu,
-        } = mon.measure(c, plan.label, plan.server_tid.as_deref());
+        } = mon.measure(c, plan.label, plan.server_tid.as_deref())?;
         let rss_after = c.node_pid.and_then(crate::sys::proc_rss_bytes);
         let mut publish = None;
         if let Some(p) = publisher {
             stop_aux.store(true, Relaxed);
             publish = Some(p.join().map_err(|_| anyhow!("the publisher panicked"))??);
-            mon.phase("drain", plan.drain_s as f64, &|_| false);
+            mon.phase("drain", plan.drain_s as f64, &|| false)?;
         }
         Ok(Outcome {
             measured: after.since(&before),
@@ -407,7 +324,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
     })();
     shared.stop.store(true, Relaxed);
     stop_aux.store(true, Relaxed);
-    mon.bar.finish_and_clear();
+    let timeline = mon.finish();
     let mut rtt = histogram();
     let mut notify = histogram();
     let mut worker_error = None;
@@ -434,7 +351,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
     };
     out.rtt = rtt;
     out.notify = notify;
-    out.timeline = mon.timeline;
+    out.timeline = timeline;
     Ok(out)
 }
 
@@ -826,18 +743,15 @@ fn stun_run(
         let sh = shared.clone();
         workers.push(std::thread::spawn(move || crate::stun::run_worker(cfg, sh)));
     }
-    let mut mon = Monitor {
+    let probe = Devices {
         shared: &shared,
-        bar: progress(c),
-        rate_name: "STUN responses",
         rate_of: replies,
-        last: Snapshot::default(),
-        last_t: 0.0,
-        timeline: Vec::new(),
     };
+    let mut mon = Monitor::new(c, probe, "STUN responses");
     let window = mon.measure(c, label, server);
     shared.stop.store(true, Relaxed);
-    mon.bar.finish_and_clear();
+    let timeline = mon.finish();
+    let window = window?;
     let mut rtt = histogram();
     for w in workers {
         let h = w.join().map_err(|_| anyhow!("a STUN worker panicked"))??;
@@ -847,7 +761,7 @@ fn stun_run(
         measured: window.after.since(&window.before),
         wall: window.wall_s,
         rtt,
-        timeline: mon.timeline,
+        timeline,
         cpu: window.loadgen_cpu,
         node_cpu: window.node_cpu,
     })

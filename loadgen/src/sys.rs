@@ -77,6 +77,39 @@ pub(crate) fn proc_rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Raises the open-files limit to at least `need`.
+pub(crate) fn raise_nofile(need: u64) -> Result<()> {
+    // SAFETY: getrlimit/setrlimit read and write a plain struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Ok(());
+        }
+        if lim.rlim_cur >= need {
+            return Ok(());
+        }
+        let want = libc::rlimit {
+            rlim_cur: need.max(lim.rlim_cur),
+            rlim_max: need.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return Ok(());
+        }
+        let soft = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        if lim.rlim_max < need {
+            bail!(
+                "{need} file descriptors needed but the limit is {} (raise it with ulimit -n)",
+                lim.rlim_max
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
