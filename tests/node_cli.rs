@@ -14,12 +14,16 @@ use std::path::Path;
 use mpp::config::IoChoice;
 use serde_json::Value;
 
-use node::{command, io_name, run, Proc, TempDir, TestNode};
+use node::{command, io_name, now, run, Proc, TempDir, TestNode};
 
 const MPPD: &str = env!("CARGO_BIN_EXE_mppd");
 const MPP: &str = env!("CARGO_BIN_EXE_mpp");
 
-on_both_drivers!(walk_through, endpoint_prints_the_clients_address);
+on_both_drivers!(
+    walk_through,
+    endpoint_prints_the_clients_address,
+    crash_and_immediate_restart
+);
 
 /// The value of `key=` in a start-up line.
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
@@ -440,4 +444,139 @@ fn config_show_reports_each_value_and_its_source() {
         stderr.contains("unknown environment setting MPPD_THREAD"),
         "{stderr}"
     );
+}
+
+/// `mpp subscribe --state FILE` keeps the device's mark across runs: what
+/// was published while it was not running comes as a catch-up at its next
+/// start, not as a resync (docs/PROTOCOL.md §6).
+#[test]
+fn subscribe_state_keeps_the_mark_across_runs() {
+    let dir = TempDir::new("state");
+    let data = dir.join("data");
+    let mut mppd = command(MPPD);
+    mppd.args([
+        "--udp",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(&data)
+    .args(["--threads", "1", "--no-pin", "--io", "mmsg"]);
+    let mut mppd = Proc::spawn("mppd", mppd);
+    let listening = mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+    let udp: SocketAddr = field(&listening, "udp=").parse().expect("udp address");
+    let http: SocketAddr = field(&listening, "http=").parse().expect("http address");
+    let mut issue = command(MPPD);
+    issue
+        .args(["credential", "issue", "--data-dir"])
+        .arg(&data)
+        .args(["--account", "s@x", "--device", "phone", "--endpoint"])
+        .arg(udp.to_string());
+    let (status, credential, stderr) = run("mppd credential issue", issue);
+    assert!(status.success(), "{stderr}");
+    let file = dir.join("phone.json");
+    std::fs::write(&file, &credential).expect("write credential");
+    let state = dir.join("phone.state");
+    let notify = |mask: &str| {
+        let mut cmd = command(MPP);
+        cmd.args(["notify", "--account", "s@x", "--bitmask", mask, "--control"])
+            .arg(format!("http://{http}"))
+            .arg("--data-dir")
+            .arg(&data);
+        let (status, _, stderr) = run("mpp notify", cmd);
+        assert!(status.success(), "mpp notify: {stderr}");
+    };
+    let subscribe = |count: &str| {
+        let mut cmd = command(MPP);
+        cmd.args(["subscribe", "--credential"])
+            .arg(&file)
+            .arg("--state")
+            .arg(&state)
+            .args(["--count", count, "--duration", "20s"]);
+        Proc::spawn("mpp subscribe", cmd)
+    };
+
+    // First run: no mark yet, so a resync; then one live notify.
+    let mut first = subscribe("1");
+    first.wait_line("a resync", |l| event(l)["resync"] == true);
+    notify("05");
+    first.wait_line("the notify", |l| event(l)["bitmask"] == "05");
+    assert_eq!(first.wait_exit().code(), Some(0));
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("state file")).expect("JSON");
+    assert!(saved["mark"].as_i64().is_some(), "{saved}");
+    assert!(saved["serial"].as_i64().is_some(), "{saved}");
+
+    // Away: a publish nobody hears.
+    notify("0a");
+
+    // Second run: the mark brings a catch-up covering what was missed.
+    let mut second = subscribe("1");
+    let line = second.wait_line("a catch-up", |l| event(l)["event"] == "notify");
+    let e = event(&line);
+    assert_eq!(e["catch_up"], true, "{line}");
+    assert_eq!(e.get("resync"), None, "the node knew what changed: {line}");
+    let mask = hex::decode(e["bitmask"].as_str().expect("hex")).expect("hex");
+    assert_eq!(mask[0] & 0x0a, 0x0a, "covers the missed publish: {line}");
+    notify("01");
+    second.wait_line("the live notify", |l| event(l)["bitmask"] == "01");
+    assert_eq!(second.wait_exit().code(), Some(0));
+    mppd.signal(libc::SIGTERM);
+    assert_eq!(mppd.wait_exit().code(), Some(0));
+}
+
+/// After `kill -9`, a node started at once on the same port binds it (the
+/// killed node's sockets may still be in teardown, an io_uring ring's later
+/// than the process), and a device that was connected gets 404, connects
+/// again and is told to resynchronise (docs/PROTOCOL.md §6, "Restarts").
+fn crash_and_immediate_restart(io: IoChoice) {
+    let dir = TempDir::new(&format!("crash-{}", io_name(io)));
+    let data = dir.join("data");
+    let start = |udp: &str| {
+        let mut cmd = command(MPPD);
+        cmd.args(["--udp", udp, "--http", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(["--threads", "2", "--no-pin", "--io", io_name(io)]);
+        Proc::spawn("mppd", cmd)
+    };
+    let mut first = start("127.0.0.1:0");
+    let listening = first.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+    let udp: SocketAddr = field(&listening, "udp=").parse().expect("udp address");
+    let master =
+        mpp::packet::MasterKey::new(mpp::node::open_data_dir(&data).expect("data dir").master);
+    let credential = mpp::packet::Credential::issue(
+        &master,
+        "k@x",
+        "phone",
+        mpp::time::UnixSeconds(now().seconds().0 + 3600),
+        vec![udp.to_string()],
+        &mut rand::thread_rng(),
+    )
+    .expect("credential");
+    let mut d = node::Device::new(&credential, udp);
+    d.connect();
+
+    first.signal(libc::SIGKILL);
+    first.wait_exit();
+    let started = std::time::Instant::now();
+    let mut second = start(&udp.to_string());
+    second.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    d.client.request_status(now());
+    assert!(
+        d.pump(|e| node::catch_ups(e).len() >= 2, node::deadline()),
+        "no reconnect and resync: {:?}",
+        d.events
+    );
+    assert!(
+        node::catch_ups(&d.events).pop().expect("catch-up").2,
+        "a resync"
+    );
+    second.signal(libc::SIGTERM);
+    assert_eq!(second.wait_exit().code(), Some(0));
 }

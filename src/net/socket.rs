@@ -101,6 +101,33 @@ pub fn bind_group(
     Ok(sockets)
 }
 
+/// [`bind_group`], retried while the port is in use for at most `patience`:
+/// a node killed a moment ago may still hold its port while the kernel tears
+/// its sockets down (an io_uring ring releases its registered socket later,
+/// from a worker), and a restart must not fail on that. A port held by a
+/// live process is still refused, `patience` later.
+pub fn bind_group_retrying(
+    addr: SocketAddr,
+    count: usize,
+    buffer_bytes: usize,
+    patience: std::time::Duration,
+) -> io::Result<Vec<UdpSocket>> {
+    let until = std::time::Instant::now() + patience;
+    let mut logged = false;
+    loop {
+        match bind_group(addr, count, buffer_bytes) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < until => {
+                if !logged {
+                    tracing::debug!(%addr, "UDP port busy (a stopped node's socket in teardown?): retrying");
+                    logged = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The port a bound socket is bound to.
 pub fn local_port(socket: &UdpSocket) -> io::Result<u16> {
     Ok(socket.local_addr()?.port())

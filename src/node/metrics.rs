@@ -127,6 +127,11 @@ const PROTOCOL_FAMILIES: &[Family<ShardMetrics>] = &[
         "Catch-ups and resyncs acknowledged.",
         |s| s.service.catch_ups_acked,
     ),
+    counter(
+        "mpp_connects_shed_total",
+        "New connects refused with 503 and a retry-after while the shard's socket overflowed.",
+        |s| s.service.connects_shed,
+    ),
     gauge(
         "mpp_accounts",
         "Account records held: with devices, or within their catch-up window.",

@@ -41,6 +41,10 @@ use router::{Router, ShardMessage};
 use shard::{ShardMetrics, ShardSetup};
 use signals::Signals;
 
+/// How long start-up waits for a UDP port still held by a node that stopped
+/// or was killed a moment ago.
+pub const BIND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -288,12 +292,14 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
         cpus
     };
     let backend = choose_backend(config.io)?;
+    // docs/PROTOCOL.md §8 (one node per port): a port held by a live process
+    // is refused; one still held by a node stopped a moment ago (its sockets
+    // in teardown) is waited for, up to BIND_PATIENCE.
     let sockets =
-        net::socket::bind_group(config.udp, shards, config.socket_buffer).map_err(|source| {
-            StartError::BindUdp {
-                addr: config.udp,
-                source,
-            }
+        net::socket::bind_group_retrying(config.udp, shards, config.socket_buffer, BIND_PATIENCE)
+            .map_err(|source| StartError::BindUdp {
+            addr: config.udp,
+            source,
         })?;
     let udp = sockets
         .first()

@@ -35,6 +35,8 @@ const SEND_PER_TURN: usize = 1024;
 /// the router then refuses them and the publisher hears 503), instead of
 /// piling retransmission timers onto notifies that cannot go out yet.
 const BACKLOG_HIGH: usize = 16 * SEND_PER_TURN;
+/// How long a shard sheds new connects after it saw its socket overflow.
+const SHED_FOR_MS: u64 = 1_000;
 /// How often a shard publishes its counters for `/metrics`.
 const METRICS_PERIOD: Duration = Duration::from_millis(200);
 
@@ -160,6 +162,7 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         IoErrors::default(),
     );
     let mut last_work = Instant::now();
+    let mut last_drops = 0u64;
     loop {
         let now = setup.clock.now();
         // Messages left in the inbox (more than one turn takes) and datagrams
@@ -202,12 +205,18 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         send_errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
         if last_metrics.elapsed() >= METRICS_PERIOD || shard.stopping {
             last_metrics = Instant::now();
-            shard.publish_metrics(
-                driver.as_ref(),
-                socket_drops.total(),
-                &setup.metrics,
-                setup.cpu,
-            );
+            let drops = socket_drops.total();
+            // docs/PROTOCOL.md §6 (crash recovery): the kernel dropped
+            // datagrams at our socket, or replies pile up: shed new connects
+            // for a while with a 503 that says when to come back, instead
+            // of letting the socket overflow silently.
+            if drops > last_drops || shard.server.transmit_backlog() >= BACKLOG_HIGH {
+                shard
+                    .server
+                    .shed_connects(setup.clock.now().plus_millis(SHED_FOR_MS));
+            }
+            last_drops = drops;
+            shard.publish_metrics(driver.as_ref(), drops, &setup.metrics, setup.cpu);
         }
         if shard.stopping {
             if let Some(target) = &setup.save {

@@ -384,6 +384,14 @@ impl Client {
         self.mark
     }
 
+    /// The highest Serial sent so far. A device that persists it (with its
+    /// mark) and starts above it after a restart never reuses a Serial,
+    /// whatever its clock (docs/PROTOCOL.md §6.2): a packet captured from its
+    /// earlier connection then finds a full replay window.
+    pub fn serial(&self) -> i64 {
+        self.sent_high
+    }
+
     /// The node this client talks to.
     pub fn node(&self) -> SocketAddr {
         self.node

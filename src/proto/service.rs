@@ -139,6 +139,9 @@ pub struct ServiceStats {
     pub resyncs: u64,
     /// Catch-ups (and resyncs) acknowledged before a publish joined them.
     pub catch_ups_acked: u64,
+    /// New connects refused with 503 and a retry-after while the shard was
+    /// overloaded (its socket overflowing).
+    pub connects_shed: u64,
     /// Account records whose catch-up window ran out with no device left.
     pub accounts_expired: u64,
 }
@@ -227,7 +230,8 @@ enum ReplyKind {
     Status,
     Endpoint,
     InvalidSerial(u32),
-    Refused(u16, &'static str),
+    /// A refusal: Status, StatusDescription, StatusExtended (a retry-after in ms).
+    Refused(u16, &'static str, Option<i64>),
     Disconnected,
     Resolved(Result<Box<[u8]>, u16>),
 }
@@ -323,6 +327,16 @@ struct RetransmitTimer {
     tries: u8,
 }
 
+/// A new life of an account starts its notify Serials at a random point of
+/// `[FIRST_SERIAL_MIN, FIRST_SERIAL_MIN + FIRST_SERIAL_SPAN)`, leaving more
+/// than 2^31 publishes before they wrap.
+const FIRST_SERIAL_MIN: u32 = 1 << 20;
+const FIRST_SERIAL_SPAN: u32 = 1 << 30;
+
+/// A shed connect is told to come back after this long, plus as much again
+/// at random (ms), so the devices it turns away come back spread out.
+const SHED_RETRY_AFTER_MS: u64 = 1_000;
+
 /// Default catch-up window: 24 hours (docs/PROTOCOL.md §6).
 pub const DEFAULT_CATCH_UP_WINDOW_SECS: u32 = 86_400;
 
@@ -370,6 +384,8 @@ pub struct Service {
     next_resolve: u64,
     events: VecDeque<ServiceEvent>,
     next_sweep: UnixMillis,
+    /// New connects are shed (503 + retry-after) until then.
+    shed_until: UnixMillis,
     sweep_cursor: u32,
     account_cursor: u32,
     scratch: Vec<u8>,
@@ -412,6 +428,7 @@ impl Service {
             next_resolve: 1,
             events: VecDeque::new(),
             next_sweep: now.plus_millis(SWEEP_PERIOD_MS / SWEEP_STEPS),
+            shed_until: now,
             sweep_cursor: 0,
             account_cursor: 0,
             scratch: Vec::with_capacity(MAX_PACKET),
@@ -563,6 +580,15 @@ impl Service {
         done
     }
 
+    /// Sheds connects that would create a connection until `until`: they get
+    /// `PresenceErrorRefused` 503 with a retry-after (StatusExtended, ms),
+    /// so an overloaded shard turns a reconnect storm away cheaply instead of
+    /// letting its socket overflow (docs/PROTOCOL.md §6). Connects of held
+    /// connections and every other packet are served as usual.
+    pub fn shed_connects(&mut self, until: UnixMillis) {
+        self.shed_until = self.shed_until.max(until);
+    }
+
     fn seconds_since_epoch(&self, now: UnixMillis) -> u32 {
         (now.millis_since(self.epoch) / 1000).min(u64::from(u32::MAX)) as u32
     }
@@ -711,6 +737,7 @@ impl Service {
                 reply(ReplyKind::Refused(
                     status::NOT_FOUND,
                     "no such connection: connect again",
+                    None,
                 )),
             );
             return;
@@ -730,7 +757,11 @@ impl Service {
             self.table.remove(slot, seconds);
             self.queue_refusal(
                 now,
-                reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")),
+                reply(ReplyKind::Refused(
+                    status::FORBIDDEN,
+                    "credential expired",
+                    None,
+                )),
             );
             return;
         }
@@ -847,10 +878,26 @@ impl Service {
                 reply(ReplyKind::Refused(
                     status::UNAUTHORIZED,
                     "connect needs Account, Device, Expires and Binding",
+                    None,
                 )),
             );
             return;
         };
+        // Shedding: a connect for a connection the node does not hold gets
+        // 503 and a retry-after before the costly binding check and insert.
+        if now < self.shed_until && self.table.find(&conn_id).is_none() {
+            self.stats.connects_shed += 1;
+            let retry_after = SHED_RETRY_AFTER_MS + self.rng.next_u64() % SHED_RETRY_AFTER_MS;
+            self.queue_refusal(
+                now,
+                reply(ReplyKind::Refused(
+                    status::UNAVAILABLE,
+                    "overloaded: retry later",
+                    Some(retry_after as i64),
+                )),
+            );
+            return;
+        }
         match self
             .binder
             .verify(conn_id, expires, account, device, binding, now.seconds())
@@ -860,7 +907,11 @@ impl Service {
                 self.stats.refused += 1;
                 self.queue_refusal(
                     now,
-                    reply(ReplyKind::Refused(status::FORBIDDEN, "credential expired")),
+                    reply(ReplyKind::Refused(
+                        status::FORBIDDEN,
+                        "credential expired",
+                        None,
+                    )),
                 );
                 return;
             }
@@ -868,7 +919,11 @@ impl Service {
                 self.stats.refused += 1;
                 self.queue_refusal(
                     now,
-                    reply(ReplyKind::Refused(status::UNAUTHORIZED, "invalid binding")),
+                    reply(ReplyKind::Refused(
+                        status::UNAUTHORIZED,
+                        "invalid binding",
+                        None,
+                    )),
                 );
                 return;
             }
@@ -930,30 +985,32 @@ impl Service {
         }
         // docs/PROTOCOL.md §6, "Catch-up": the account's record (created
         // with its first device) tells what the device missed since its mark.
-        let account = match self.table.find_account(key) {
-            Some(a) => a,
-            // The first device of an account starts the account's notify
-            // Serials at the Unix time, so they never repeat the Serials of
-            // an earlier life of the account (node restart, all devices
-            // gone), which a client would take for duplicates.
-            None => match self.table.insert_account(Account::new(
-                key.affinity,
-                key.low,
-                now_serial,
-                seconds,
-            )) {
-                Ok(a) => a,
-                Err(_) => {
-                    self.refuse_full(now, origin);
-                    return;
+        let (account, created) = match self.table.find_account(key) {
+            Some(a) => (a, false),
+            // A new life of the account starts its notify Serials at a random
+            // point (docs/PROTOCOL.md D4), so a mark from an earlier life (a
+            // node restart, all devices gone) is unlikely to equal one of
+            // this life; and the device that creates the account is told to
+            // resynchronise, since the node had no state for it.
+            None => {
+                let first = FIRST_SERIAL_MIN + (self.rng.next_u32() % FIRST_SERIAL_SPAN);
+                match self
+                    .table
+                    .insert_account(Account::new(key.affinity, key.low, first, seconds))
+                {
+                    Ok(a) => (a, true),
+                    Err(_) => {
+                        self.refuse_full(now, origin);
+                        return;
+                    }
                 }
-            },
+            }
         };
         let mark = req.header.acknowledge.and_then(|m| u32::try_from(m).ok());
-        let catch_up = self
-            .table
-            .account(account)
-            .map_or(CatchUp::Resync, |a| a.catch_up(mark));
+        let catch_up = match self.table.account(account) {
+            Some(a) if !created => a.catch_up(mark),
+            _ => CatchUp::Resync,
+        };
         let mut rec = Connection {
             conn_id: conn_id.0,
             highest_serial: serial,
@@ -997,7 +1054,7 @@ impl Service {
         self.stats.refused += 1;
         self.queue_refusal(
             now,
-            origin.reply(ReplyKind::Refused(status::UNAVAILABLE, "node full")),
+            origin.reply(ReplyKind::Refused(status::UNAVAILABLE, "node full", None)),
         );
     }
 
@@ -1349,13 +1406,16 @@ impl Service {
                     header,
                 })
             }
-            ReplyKind::Refused(code, why) => Message::ErrorRefused(PresenceErrorRefused {
-                header: ServiceHeader {
-                    status: Some(i64::from(code)),
-                    status_description: Some(why.into()),
-                    ..header
-                },
-            }),
+            ReplyKind::Refused(code, why, extended) => {
+                Message::ErrorRefused(PresenceErrorRefused {
+                    header: ServiceHeader {
+                        status: Some(i64::from(code)),
+                        status_extended: extended,
+                        status_description: Some(why.into()),
+                        ..header
+                    },
+                })
+            }
             ReplyKind::Disconnected => {
                 Message::DisconnectResponse(PresenceDisconnectResponse { header })
             }

@@ -394,6 +394,7 @@ pub(crate) fn node_config(io: IoChoice, data_dir: &Path) -> NodeConfig {
 /// A node started in-process; stopped (bounded) and its directory removed on drop.
 pub(crate) struct TestNode {
     node: Option<Node>,
+    config: NodeConfig,
     pub(crate) udp: SocketAddr,
     pub(crate) http: SocketAddr,
     pub(crate) token: String,
@@ -425,8 +426,33 @@ impl TestNode {
             token: node.admin_token.clone(),
             shards: node.shards,
             node: Some(node),
+            config,
             dir,
         }
+    }
+
+    /// Stops the node gracefully (as SIGTERM does: it saves its state) and
+    /// starts a new one on the same ports and data directory, its
+    /// configuration changed by `adjust`; how long the node was down.
+    pub(crate) fn restart(&mut self, adjust: impl FnOnce(&mut NodeConfig)) -> Duration {
+        let started = Instant::now();
+        let (result, _) = self.stop();
+        result.expect("the node stopped cleanly");
+        adjust(&mut self.config);
+        self.start_again();
+        started.elapsed()
+    }
+
+    /// Starts the node again after [`TestNode::stop`], on the same ports
+    /// and data directory.
+    pub(crate) fn start_again(&mut self) {
+        assert!(self.node.is_none(), "stop it first");
+        self.config.udp = self.udp;
+        self.config.http = self.http;
+        let node = mpp::node::start(&self.config, false)
+            .unwrap_or_else(|e| panic!("the node did not start again: {e}"));
+        assert_eq!((node.udp, node.http), (self.udp, self.http), "same ports");
+        self.node = Some(node);
     }
 
     /// The node's master key, read from its data directory.

@@ -100,12 +100,17 @@ impl Session {
         credential: &Credential,
         node: SocketAddr,
         socket: UdpSocket,
-        mark: Option<i64>,
+        state: DeviceState,
     ) -> Self {
         let mut seed = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        // Above every Serial of the last run (and at least the clock).
+        let first_serial = state
+            .serial
+            .map(|s| s.saturating_add(1).max(now().seconds().0));
         let config = ClientConfig {
-            mark,
+            mark: state.mark,
+            first_serial,
             ..ClientConfig::default()
         };
         let client = Client::new(credential, node, config, now(), seed);
@@ -223,20 +228,26 @@ pub(crate) struct SubscribeArgs {
     state: Option<PathBuf>,
 }
 
-/// The device state `--state` keeps: `{"mark": N}`.
-#[derive(serde::Serialize, serde::Deserialize)]
+/// The device state `--state` keeps: `{"mark": N, "serial": S}`, the last
+/// notify Serial processed and the last request Serial sent.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Default, PartialEq, Eq)]
 struct DeviceState {
     mark: Option<i64>,
+    #[serde(default)]
+    serial: Option<i64>,
 }
 
-fn read_state(path: &std::path::Path) -> anyhow::Result<Option<i64>> {
+fn read_state(path: &std::path::Path) -> anyhow::Result<DeviceState> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let state: DeviceState = serde_json::from_str(&text)
                 .map_err(|e| InvalidInput(format!("invalid state file {}: {e}", path.display())))?;
-            Ok(state.mark.filter(|&m| m > 0))
+            Ok(DeviceState {
+                mark: state.mark.filter(|&m| m > 0),
+                serial: state.serial.filter(|&s| s > 0),
+            })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DeviceState::default()),
         Err(e) => {
             Err(InvalidInput(format!("cannot read state file {}: {e}", path.display())).into())
         }
@@ -245,9 +256,9 @@ fn read_state(path: &std::path::Path) -> anyhow::Result<Option<i64>> {
 
 /// Writes the state beside the file and renames it over, so a crash leaves
 /// the old mark or the new one, never half a file.
-fn write_state(path: &std::path::Path, mark: Option<i64>) -> anyhow::Result<()> {
+fn write_state(path: &std::path::Path, state: DeviceState) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    let text = serde_json::to_string(&DeviceState { mark })?;
+    let text = serde_json::to_string(&state)?;
     std::fs::write(&tmp, text + "\n")
         .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("cannot write state file {}", path.display()))
@@ -256,12 +267,12 @@ fn write_state(path: &std::path::Path, mark: Option<i64>) -> anyhow::Result<()> 
 impl SubscribeArgs {
     pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
         let (credential, node, socket) = self.node.open()?;
-        let mut mark = match &self.state {
+        let mut state = match &self.state {
             Some(path) => read_state(path)?,
-            None => None,
+            None => DeviceState::default(),
         };
         install_signal_handlers();
-        let mut session = Session::new(&credential, node, socket, mark);
+        let mut session = Session::new(&credential, node, socket, state);
         let deadline = self
             .duration
             .map(|s| Instant::now() + Duration::from_secs(s));
@@ -288,9 +299,12 @@ impl SubscribeArgs {
             }
             // The mark moves once an event is printed (processed).
             if let Some(path) = &self.state {
-                if session.client.mark() != mark {
-                    mark = session.client.mark();
-                    write_state(path, mark)?;
+                if session.client.mark() != state.mark {
+                    state = DeviceState {
+                        mark: session.client.mark(),
+                        serial: Some(session.client.serial()),
+                    };
+                    write_state(path, state)?;
                 }
             }
             if session.client.state() == ClientState::Aborted {
@@ -303,6 +317,16 @@ impl SubscribeArgs {
         while session.client.state() != ClientState::Aborted && Instant::now() < until {
             for event in session.step(Duration::from_millis(100))? {
                 writeln!(out, "{}", event_json(&event)).context("cannot write standard output")?;
+            }
+        }
+        // The last Serial sent, so the next run starts above it.
+        if let Some(path) = &self.state {
+            let last = DeviceState {
+                mark: session.client.mark(),
+                serial: Some(session.client.serial()),
+            };
+            if last != state {
+                write_state(path, last)?;
             }
         }
         Ok(())
@@ -322,7 +346,7 @@ pub(crate) struct EndpointArgs {
 impl EndpointArgs {
     pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
         let (credential, node, socket) = self.node.open()?;
-        let mut session = Session::new(&credential, node, socket, None);
+        let mut session = Session::new(&credential, node, socket, DeviceState::default());
         let until = Instant::now() + Duration::from_secs(self.timeout);
         let mut asked = false;
         while Instant::now() < until {
