@@ -215,7 +215,7 @@ fn replay_after_reconnect_is_not_answered(io: IoChoice) {
     // Serial (as `mpp subscribe --state` keeps them).
     let config = ClientConfig {
         mark: first.client.mark(),
-        first_serial: Some(first.client.serial() + 1),
+        first_serial: Some(first.client.highest_serial_sent() + 1),
         ..ClientConfig::default()
     };
     let mut back = Device::with_config(&credential, node.udp, config);

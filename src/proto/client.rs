@@ -388,7 +388,7 @@ impl Client {
     /// mark) and starts above it after a restart never reuses a Serial,
     /// whatever its clock (docs/PROTOCOL.md §6.2): a packet captured from its
     /// earlier connection then finds a full replay window.
-    pub fn serial(&self) -> i64 {
+    pub fn highest_serial_sent(&self) -> i64 {
         self.sent_high
     }
 

@@ -302,7 +302,7 @@ impl SubscribeArgs {
                 if session.client.mark() != state.mark {
                     state = DeviceState {
                         mark: session.client.mark(),
-                        serial: Some(session.client.serial()),
+                        serial: Some(session.client.highest_serial_sent()),
                     };
                     write_state(path, state)?;
                 }
@@ -323,7 +323,7 @@ impl SubscribeArgs {
         if let Some(path) = &self.state {
             let last = DeviceState {
                 mark: session.client.mark(),
-                serial: Some(session.client.serial()),
+                serial: Some(session.client.highest_serial_sent()),
             };
             if last != state {
                 write_state(path, last)?;
