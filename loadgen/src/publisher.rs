@@ -222,13 +222,12 @@ pub(crate) struct PublishStats {
     pub(crate) http_rtt_max_us: u64,
 }
 
-/// Sends one priming publish to every account (bitmask `01`), so each
-/// device learns its account's Serial before the measured publishes.
-pub(crate) fn prime(http: &mut Http, accounts: u64) -> Result<()> {
-    let mut a = 0;
-    while a < accounts {
-        let end = (a + 1000).min(accounts);
-        let body = batch_body((a..end).map(account_name), "01");
+/// Sends one priming publish to each of `accounts` (bitmask `01`), so each
+/// device learns its account's Serial before the measured publishes (a node
+/// with catch-up tells it at connect, and then no account needs one).
+pub(crate) fn prime(http: &mut Http, accounts: &[u64]) -> Result<()> {
+    for chunk in accounts.chunks(1000) {
+        let body = batch_body(chunk.iter().map(|&a| account_name(a)), "01");
         let ans = http.post(NOTIFY, &body)?;
         if ans.status != 202 {
             bail!(
@@ -237,7 +236,6 @@ pub(crate) fn prime(http: &mut Http, accounts: u64) -> Result<()> {
                 ans.body.trim()
             );
         }
-        a = end;
     }
     Ok(())
 }

@@ -276,8 +276,14 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
         }
         let mut publisher = None;
         if let Some((mut http, pcfg)) = plan.publish.take() {
-            publisher::prime(&mut http, plan.clocks)?;
+            // A node with catch-up (docs/PROTOCOL.md §6.7) told every
+            // device its account's Serial when it connected; an older one
+            // did not, and a priming publish to those accounts does.
             let accounts = plan.clocks as usize;
+            let unprimed: Vec<u64> = (0..plan.clocks)
+                .filter(|&a| shared.accounts[a as usize].base.load(Relaxed) == 0)
+                .collect();
+            publisher::prime(&mut http, &unprimed)?;
             mon.phase("prime", 10.0, &|| {
                 shared
                     .accounts

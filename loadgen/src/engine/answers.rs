@@ -101,7 +101,12 @@ impl Worker {
                     self.devices[l].tries = 0;
                     self.local.connected += 1;
                 }
-                self.pending_notify(l, r.serial, r.bitmask.as_deref(), now_us);
+                match (r.serial, r.bitmask.as_deref()) {
+                    // docs/PROTOCOL.md §6.7: a connect answer carries the
+                    // account's current Serial even with nothing pending.
+                    (Some(serial), None | Some([])) => self.learn_serial(l, serial),
+                    (serial, bitmask) => self.pending_notify(l, serial, bitmask, now_us),
+                }
             }
             Message::Status(r) => {
                 if self.is_answer(l, &r.header) {
@@ -202,6 +207,38 @@ impl Worker {
         }
     }
 
+    /// The account's Serial from a connect answer with nothing pending
+    /// (docs/PROTOCOL.md §6.7): the device's first mark, if it has none.
+    fn learn_serial(&mut self, l: usize, serial: i64) {
+        match u32::try_from(serial) {
+            Ok(s) if s > 0 => {
+                if self.devices[l].last_notify == 0 {
+                    self.first_serial(l, s);
+                }
+            }
+            _ => self.local.other += 1,
+        }
+    }
+
+    /// The first account Serial device `l` learns: with catch-up
+    /// (docs/PROTOCOL.md §6.7) the one its first connect answer carries, from
+    /// an older node the priming publish's. Deliveries count from its
+    /// account's base, the first such Serial any of its devices saw: the
+    /// publisher waits until every account has one before publishing, so
+    /// counting from it also counts publishes whose own notify this device
+    /// missed (it sees a later, merged one).
+    fn first_serial(&mut self, l: usize, s: u32) {
+        let account = self.ident.account_of(self.global(l)) as usize;
+        self.local.primed += 1;
+        self.devices[l].last_notify = match self.shared.accounts.get(account) {
+            Some(c) => match c.base.compare_exchange(0, s, Relaxed, Relaxed) {
+                Ok(_) => s,
+                Err(base) => base.min(s),
+            },
+            None => s,
+        };
+    }
+
     /// A notify (or pending state in a response): count it once per
     /// publish, time it against its publish, acknowledge it every time.
     pub(super) fn pending_notify(
@@ -221,25 +258,13 @@ impl Worker {
             self.local.other += 1;
             return;
         };
+        let first = self.devices[l].last_notify == 0;
+        if first {
+            self.first_serial(l, s);
+        }
         let account = self.ident.account_of(self.global(l)) as usize;
         let clock = self.shared.accounts.get(account);
         let dev = &mut self.devices[l];
-        let first = dev.last_notify == 0;
-        if first {
-            // The first notify this device sees. The publisher waits until
-            // its account's priming Serial is known (the first notify any
-            // of its devices saw) before publishing more, so counting from
-            // that base also counts publishes whose own notify this device
-            // missed (it sees a later, merged one).
-            self.local.primed += 1;
-            dev.last_notify = match clock {
-                Some(c) => match c.base.compare_exchange(0, s, Relaxed, Relaxed) {
-                    Ok(_) => s,
-                    Err(base) => base.min(s),
-                },
-                None => s,
-            };
-        }
         if s > dev.last_notify {
             let delta = s - dev.last_notify;
             let measuring = self.shared.measuring.load(Relaxed);
