@@ -50,6 +50,13 @@ fn leave(d: &mut Device) {
         "no disconnect confirmation: {:?}",
         d.events
     );
+    assert!(
+        d.events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Disconnected(DisconnectReason::Requested))),
+        "{:?}",
+        d.events
+    );
 }
 
 /// The phone is away (disconnected) while two publishes happen; coming back
@@ -64,6 +71,10 @@ fn absence_then_catch_up(io: IoChoice) {
 
     node.publish("ann@example.com", "05");
     node.publish("ann@example.com", "10");
+    // 202 means the publish is queued for its shard; wait until it is applied.
+    node.wait_metrics("both publishes applied", |m| {
+        m.sum("mpp_publishes_total", &[]) >= 2
+    });
 
     let back = phone(&node, &credential, Some(mark));
     let got = catch_ups(&back.events);
@@ -92,6 +103,9 @@ fn absence_beyond_the_window_gets_a_resync(io: IoChoice) {
         m.sum("mpp_accounts_expired_total", &[]) >= 1
     });
     node.publish("bob@example.com", "02");
+    node.wait_metrics("the publish applied", |m| {
+        m.sum("mpp_publishes_total", &[]) >= 1
+    });
     let back = phone(&node, &credential, Some(mark));
     let got = catch_ups(&back.events);
     assert_eq!(got.len(), 1, "{:?}", back.events);
@@ -153,6 +167,9 @@ fn restart_without_state_gets_a_resync(io: IoChoice) {
     let mut d = phone(&node, &credential, None);
     node.restart(|c| c.keep_state = false);
     node.publish("dan@example.com", "01");
+    node.wait_metrics("the publish applied", |m| {
+        m.sum("mpp_publishes_total", &[]) >= 1
+    });
     d.client.request_status(now());
     assert!(
         d.pump(|e| catch_ups(e).len() >= 2, deadline()),

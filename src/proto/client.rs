@@ -1,4 +1,4 @@
-//! The client's state machine (PROTOCOL.md §6), shared by the `mpp` CLI, the
+//! The client's state machine (docs/PROTOCOL.md §6), shared by the `mpp` CLI, the
 //! load generator and the tests.
 //!
 //! States follow the reference: `Connecting` (the connect is retried 3 times,
@@ -44,7 +44,7 @@ use crate::packet::{
 };
 use crate::time::{UnixMillis, UnixSeconds};
 
-/// Client timers and retry counts (PROTOCOL.md §6 defaults).
+/// Client timers and retry counts (docs/PROTOCOL.md §6 defaults).
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Heartbeat period (ms); `None` uses the ConnectionTimeout the node announces.
@@ -533,7 +533,7 @@ impl Client {
                 self.deadline = Some(retry);
             }
             ClientState::Unacknowledged => {
-                // PROTOCOL.md §6: heartbeats unanswered: reconnect.
+                // docs/PROTOCOL.md §6: heartbeats unanswered: reconnect.
                 self.events
                     .push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
                 self.start_connect(now);
@@ -746,7 +746,7 @@ impl Client {
                 self.events.push_back(ClientEvent::Resolved(result));
             }
             Message::ErrorInvalidSerial(e) => {
-                // PROTOCOL.md §6: resume above the highest Serial the node has seen.
+                // docs/PROTOCOL.md §6: resume above the highest Serial the node has seen.
                 if let Some(highest) = e.serial {
                     self.serial = self.serial.max(highest);
                 }

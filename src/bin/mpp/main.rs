@@ -2,7 +2,7 @@
 //!
 //! It subscribes to a node and prints what arrives (`subscribe`), asks for the
 //! address the node sees (`endpoint`), publishes (`notify`), and converts
-//! single messages between their two forms (PROTOCOL.md §1): the JSON-B wire
+//! single messages between their two forms (docs/PROTOCOL.md §1): the JSON-B wire
 //! bytes and the JSON text form people read and type. Each subcommand is one
 //! variant of [`Command`] with its own argument struct and `run` method.
 //!
@@ -83,7 +83,7 @@ Examples:
         messages between their JSON-B wire form (shown as hex) and their JSON \
         text form, e.g. {\"PresenceHeartbeat\":{\"Serial\":5,\"Acknowledge\":3}}. \
         Binary fields are unpadded base64url in the text form and DateTimes are \
-        yyyy-MM-ddTHH:mm:ssZ (PROTOCOL.md §1).",
+        yyyy-MM-ddTHH:mm:ssZ (docs/PROTOCOL.md §1).",
     after_help = EXAMPLES
 )]
 struct Cli {
