@@ -1,9 +1,10 @@
 //! Memory per held connection: connects N devices (default 1,000,000, or the
 //! first argument) to one server shard through real ConnectRequest packets,
-//! one device per account (the worst case for the account index), and prints
-//! the heap bytes and RSS growth per connection.
+//! in A accounts (the second argument; default N: one device per account,
+//! the worst case for the account records and their catch-up state), and
+//! prints the heap bytes and RSS growth per connection.
 //!
-//! `cargo bench --bench table_memory [-- N]`
+//! `cargo bench --bench table_memory [-- N [A]]`
 //!
 //! Allocations go to mimalloc, the allocator `mppd` runs on, through a
 //! wrapper that counts live bytes: the heap figure is what the table holds,
@@ -56,10 +57,12 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() {
-    let n: usize = std::env::args()
+    let numbers: Vec<usize> = std::env::args()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let n = numbers.first().copied().unwrap_or(1_000_000);
+    let accounts = numbers.get(1).copied().unwrap_or(n).clamp(1, n);
     let now = UnixMillis(1_795_262_400_000);
     let master = MasterKey::new([7; 32]);
     let binder = BindingKey::from_master(&master);
@@ -77,17 +80,18 @@ fn main() {
     let rss_before = rss_bytes();
     let started = std::time::Instant::now();
     for i in 0..n {
-        let account = format!("account{i}@example.com");
+        let account = format!("account{}@example.com", i % accounts);
         let mut id = [0u8; 8];
         id[..4].copy_from_slice(&(i as u32 | 0x4000_0000).to_be_bytes());
         id[4..].copy_from_slice(&mpp::packet::account_affinity(&account).to_be_bytes());
         let conn_id = ConnId(id);
+        let device = format!("device{i}");
         let binding = binder
-            .binding(conn_id, expires, &account, "phone")
+            .binding(conn_id, expires, &account, &device)
             .expect("binding");
         let m = Message::ConnectRequest(PresenceConnectRequest {
             account: Some(account.as_str().into()),
-            device: Some("phone".into()),
+            device: Some(device.as_str().into()),
             expires: Some(expires),
             binding: Some((&binding[..]).into()),
             header: ClientHeader {
@@ -114,6 +118,10 @@ fn main() {
     let rss = rss_bytes().saturating_sub(rss_before);
     assert_eq!(held, n, "every connect accepted");
     println!("connections held:           {held}");
+    println!(
+        "accounts:                   {}",
+        server.table().accounts_len()
+    );
     println!("heap growth:                {heap} bytes");
     println!(
         "heap bytes per connection:  {:.1}",
@@ -128,7 +136,8 @@ fn main() {
         held as f64 / elapsed.as_secs_f64()
     );
     println!(
-        "record size:                {} bytes",
-        std::mem::size_of::<mpp::table::Connection>()
+        "record sizes:               {} bytes per connection, {} per account",
+        std::mem::size_of::<mpp::table::Connection>(),
+        std::mem::size_of::<mpp::table::Account>()
     );
 }

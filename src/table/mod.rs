@@ -49,6 +49,11 @@ pub struct AccountSlot(pub u32);
 /// Records per page.
 const PAGE: usize = 4096;
 
+/// `mask_len` of a connection whose pending mask is 32 bytes of `FF` (a
+/// resync, docs/PROTOCOL.md §6.7), held without a side-map entry.
+pub const MASK_ALL_ONES: u8 = 0xFF;
+static ALL_ONES: [u8; 32] = [0xFF; 32];
+
 /// An account's identity inside a shard: the affinity (first 4 bytes of
 /// SHA-256 of the name, also conn id bytes 4..8) and the next 4 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -413,6 +418,9 @@ impl Table {
     /// The pending notify mask of a connection (empty when nothing is pending).
     pub fn pending_mask(&self, slot: Slot) -> &[u8] {
         let r = self.conns.at(slot.0);
+        if r.mask_len == MASK_ALL_ONES {
+            return &ALL_ONES;
+        }
         let n = r.mask_len as usize;
         if n <= INLINE_MASK {
             &r.pending[..n]
@@ -427,6 +435,22 @@ impl Table {
     /// ORs `bits` (≤ 32 bytes) into the pending mask of `slot`.
     pub fn or_pending(&mut self, slot: Slot, bits: &[u8]) {
         let bits = &bits[..bits.len().min(32)];
+        // All ones (a resync) stays all ones, and is kept without a side
+        // entry: after a node restart every reconnecting device holds one
+        // until it acknowledges.
+        if self.conns.at(slot.0).mask_len == MASK_ALL_ONES {
+            return;
+        }
+        if bits == ALL_ONES {
+            let r = self.conns.at_mut(slot.0);
+            let wide = (r.mask_len as usize) > INLINE_MASK;
+            r.mask_len = MASK_ALL_ONES;
+            r.pending = [0xFF; INLINE_MASK];
+            if wide {
+                self.wide_masks.remove(&slot.0);
+            }
+            return;
+        }
         let mut mask = [0u8; 32];
         let old = self.pending_mask(slot);
         let old_len = old.len();
@@ -447,7 +471,7 @@ impl Table {
     /// Clears the pending mask of `slot`.
     pub fn clear_pending(&mut self, slot: Slot) {
         let r = self.conns.at_mut(slot.0);
-        let wide = r.mask_len as usize > INLINE_MASK;
+        let wide = r.mask_len as usize > INLINE_MASK && r.mask_len != MASK_ALL_ONES;
         r.mask_len = 0;
         r.pending = [0; INLINE_MASK];
         r.set_tries(0);

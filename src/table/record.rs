@@ -40,7 +40,8 @@ pub struct Connection {
     pub addr_v4: [u8; 4],
     /// UDP port, big-endian (0 = no UDP endpoint yet).
     pub port: [u8; 2],
-    /// Length of the pending mask in bytes (0 = nothing pending, ≤ 32).
+    /// Length of the pending mask in bytes (0 = nothing pending, ≤ 32), or
+    /// [`super::MASK_ALL_ONES`] for 32 bytes of `FF`.
     pub mask_len: u8,
     /// In use, IPv6, queued for sending, retransmission count, pending
     /// bits from a catch-up.

@@ -169,3 +169,18 @@ fn flags_do_not_collide() {
     assert!(r.in_use() && r.is_ipv6() && !r.catch_up());
     assert_eq!(r.tries(), 15);
 }
+
+#[test]
+fn an_all_ones_mask_takes_no_side_entry_and_absorbs_publishes() {
+    let mut t = Table::new(10);
+    let a = insert(&mut t, 1, "alice").expect("room");
+    t.or_pending(a, &[0x01, 0, 0, 0, 0, 7]);
+    assert_eq!(t.wide_masks.len(), 1);
+    t.or_pending(a, &[0xFF; 32]);
+    assert_eq!(t.pending_mask(a), &[0xFF; 32]);
+    assert!(t.wide_masks.is_empty(), "held as a flag");
+    t.or_pending(a, &[0x02]);
+    assert_eq!(t.pending_mask(a), &[0xFF; 32], "stays all ones");
+    t.clear_pending(a);
+    assert!(t.pending_mask(a).is_empty());
+}
