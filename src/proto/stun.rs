@@ -3,29 +3,67 @@
 //! an amplifier (docs/PROTOCOL.md §7).
 //!
 //! It exists so that stock STUN clients and ICE agents can learn their
-//! server-reflexive address from any node without a separate STUN server. The
-//! Binding response is the one answer the node gives to unauthenticated
-//! traffic, so this module must stay small and strict: it answers only a
-//! well-formed Binding request (RFC 8489 §6.3.1), with a response no larger than
-//! [`MAX_RESPONSE_LEN`] bytes, and the caller must pass every request through a
-//! [`SourceRateLimiter`] first.
+//! server-reflexive address from any node without a separate STUN server. It
+//! is a STUN server for Binding requests with no authentication, answering as
+//! RFC 8489 §6.3 requires, error responses included, with every answer no
+//! larger than [`MAX_RESPONSE_LEN`] bytes; the caller must pass every request
+//! through a [`SourceRateLimiter`] first. `request` decides what a datagram
+//! gets, `response` writes it, `fingerprint` is the CRC both need.
 //!
 //! It must not do I/O or read the clock (time comes in as [`UnixMillis`]), must
-//! not allocate per datagram, and must never panic on any input: every bad
-//! datagram is a [`StunError`] and gets no answer.
+//! not allocate per datagram, must keep no state per request (Binding is
+//! idempotent, so a retransmission is answered by answering it again,
+//! §6.3.1), and must never panic on any input: a datagram that gets no answer
+//! is a [`StunError`].
 //!
-//! What it deliberately leaves out: we hold no STUN credentials, so a request
-//! carrying USERNAME, MESSAGE-INTEGRITY or MESSAGE-INTEGRITY-SHA256 is refused
-//! with [`StunError::AuthNotSupported`] and not answered: its sender expects
-//! the authentication of RFC 8489 §9, which we cannot give, and an error
-//! response would be one more unauthenticated answer. Other unknown
-//! attributes, comprehension-required or not, are ignored rather than answered
-//! with 420 (RFC 8489 §6.3.1.1). No SOFTWARE attribute is added to responses.
+//! # RFC 8489 checklist
+//!
+//! Every MUST of §6.3 that applies to a server answering Binding requests over
+//! UDP with no authentication configured, and the rules of §5, §9 and §14 it
+//! relies on; SHOULDs where we chose. Tests are in `stun/tests.rs` unless
+//! named with a file.
+//!
+//! | RFC 8489 | rule | what we do | test |
+//! | --- | --- | --- | --- |
+//! | §5, §6.3 | the first two bits MUST be 0 | otherwise not STUN ([`is_stun`]: an MPP packet, docs/PROTOCOL.md §8.1) | `is_stun_rules`, `header_checks` |
+//! | §5, §6.3 | the magic cookie MUST be `0x2112A442` | otherwise not STUN (same) | `is_stun_rules`, `header_checks` |
+//! | §5, §6.3 | the length MUST count the bytes after the header, a multiple of 4; "the message length is sensible" | a length that is not a multiple of 4 or does not end at the end of the datagram: silently discarded ([`StunError::Malformed`]) | `length_must_be_sensible` |
+//! | §6.3 | the method must be supported and the class allowed for it, else silently discarded | only method Binding: a request of any other method (Shared Secret, Allocate, ...) is discarded ([`StunError::NotBindingRequest`]) | `only_binding_requests_are_answered` |
+//! | §6.3 | a success or error response must match a transaction in progress, else silently discarded | the node sends no STUN requests: every response is discarded ([`StunError::NotBindingRequest`]) | `only_binding_requests_are_answered` |
+//! | §6.3.2 | no response is generated for an indication (one with unknown comprehension-required attributes is discarded) | a Binding indication is never answered ([`StunError::Indication`]); processing it is nothing | `only_binding_requests_are_answered` |
+//! | §14 | each attribute MUST be TLV encoded and end on a 32-bit boundary; its length is the value's, before padding | the walk steps over value and padding; an attribute that runs past the end: 400 Bad Request (the header passed every check that §6.3 answers with silence; 400 is "the request was malformed", §14.8) | `truncated_attribute_gets_400` |
+//! | §14 | padding bits MUST be ignored by the receiver | not read | `padding_bytes_are_ignored` |
+//! | §6.3, §7, §14.7 | a FINGERPRINT that is present MUST be correct (CRC-32 of the message before it, XOR `0x5354554E`), else silently discarded | discarded ([`StunError::BadFingerprint`]) | `bad_fingerprint_is_discarded`, `rfc5769_request_fingerprint_matches_our_crc` |
+//! | §14.7 | FINGERPRINT, when present, MUST be the last attribute | one of another length, or followed by anything: discarded ([`StunError::BadFingerprint`]) | `fingerprint_must_be_last_and_four_bytes` |
+//! | §12, §7 | a basic server MAY use FINGERPRINT but MUST NOT require it | a request without it is answered | `ipv4_without_fingerprint`, `ipv6_without_fingerprint` |
+//! | §7, §14.7 | (usage: FINGERPRINT in what we send when the peer uses it) | every response, success or 420, to a request with a FINGERPRINT ends with one, computed with the length field counting it; none otherwise; a 400 has none (its request could not be read) | `ipv4_with_fingerprint`, `unknown_attribute_gets_420`, `truncated_attribute_gets_400` |
+//! | §6.3 | unknown comprehension-optional attributes (0x8000–0xFFFF) MUST be ignored | ignored | `comprehension_optional_attributes_are_ignored` |
+//! | §6.3 | known-but-unexpected attributes SHOULD be ignored | ignored: every comprehension-required type RFC 8489 defines (USERNAME, USERHASH, MESSAGE-INTEGRITY(-SHA256), REALM, NONCE, PASSWORD-ALGORITHM, MAPPED-ADDRESS, XOR-MAPPED-ADDRESS, ERROR-CODE, UNKNOWN-ATTRIBUTES) | `known_but_unexpected_attributes_are_ignored` |
+//! | §6.3.1 | unknown comprehension-required attributes (0x0000–0x7FFF not in RFC 8489, the reserved RFC 3489 types such as CHANGE-REQUEST, and other documents' such as ICE's PRIORITY) get a 420 error response with UNKNOWN-ATTRIBUTES listing them | 420, each type once, in order of first appearance | `unknown_attribute_gets_420`, `duplicate_unknown_attributes_are_listed_once`, `rfc5769_request_gets_420_for_priority` |
+//! | §14.8 | 420: the server MUST put the unknown attribute in UNKNOWN-ATTRIBUTES | all of them when they fit in [`MAX_RESPONSE_LEN`] (see the last line) | `many_unknown_attributes_stay_within_64_bytes` |
+//! | §9, §9.1.3, §9.2 | authentication is used only when the usage says so; a server with none configured has no §9 checks to run (no 400 or 401 from §9) | a request with USERNAME, MESSAGE-INTEGRITY(-SHA256), REALM, NONCE, USERHASH is answered as one without them, and the answer carries no MESSAGE-INTEGRITY (docs/PROTOCOL.md **D26**) | `authentication_attributes_are_ignored`, `rfc5769_request_gets_420_for_priority` |
+//! | §9 | agents MUST ignore all attributes after MESSAGE-INTEGRITY but MESSAGE-INTEGRITY-SHA256 and FINGERPRINT, and after MESSAGE-INTEGRITY-SHA256 all but FINGERPRINT | ignored: an unknown comprehension-required attribute there gets no 420; the FINGERPRINT there is still checked | `attributes_after_message_integrity_are_ignored` |
+//! | §6.3.1 | responses to retransmissions: recomputing the answer is allowed only for idempotent requests; Binding is one | no state: the same request gets the same bytes | `a_retransmission_gets_the_same_answer` |
+//! | §5, §6.3.1.1 | the response has the request's method and class success or error response, and MUST carry the request's transaction id | type `0x0101` or `0x0111`, the transaction id copied | `decode` in every answered test, `error_responses_echo_the_transaction_id` |
+//! | §6.3.1.1, §14.8 | an error response MUST carry ERROR-CODE: class 3–6, number 0–99, a UTF-8 reason phrase of fewer than 128 characters that SHOULD suit the code | `04 14` "Unknown Attribute", `04 00` "Bad Request"; reserved bits and padding zero | `error_code_encoding` |
+//! | §14.13 | UNKNOWN-ATTRIBUTES only in a 420, with the normal padding | only there; zero padding | `unknown_attribute_gets_420`, `decode` |
+//! | §6.3.1.1, §14.2 | the success response carries XOR-MAPPED-ADDRESS, the request's source address and port: port XOR the cookie's top half, IPv4 address XOR the cookie, IPv6 address XOR cookie ‖ transaction id; first byte 0 | as written (an IPv4-mapped source as IPv4) | `ipv4_without_fingerprint` (RFC 5769 §2.2), `ipv6_without_fingerprint` (§2.3), `ipv4_mapped_source_is_answered_as_ipv4`, `other_transaction_ids_and_ports`, `tests/stun_interop.rs` |
+//! | §6.3.1.2 | over UDP the response goes to the request's source, from the address it came to | the caller sends to `from` on the socket it read from | `tests/stun_port_sharing.rs`, `tests/stun_interop.rs` |
+//! | §6.3.1.1, §14.14 | the server SHOULD add SOFTWARE | not added: no bytes to spare under the bound, none on the hot path, and no version to tell an attacker (§16.1.2) | `decode` (no attribute but those listed) |
+//! | §6.1 | messages over UDP SHOULD be smaller than the path MTU | at most 64 bytes | every test |
+//! | docs/PROTOCOL.md §7.6 | one answer of at most 64 bytes per request, rate-limited per source | success 32 (IPv4), 44 (IPv6), +8 with FINGERPRINT; 400 is 40; 420 at most 64: its reason phrase is dropped, then the list cut to its first 16 types (12 with FINGERPRINT), when it would not fit | `many_unknown_attributes_stay_within_64_bytes`, `layout_420_tiers`, `prop_no_panic_and_bounded`, `prop_mutated_requests_stay_bounded`, `tests/stun_port_sharing.rs` |
+//!
+//! Left out on purpose: RFC 3489 clients (§11, optional) send no magic cookie,
+//! which on this port makes their datagrams MPP packets; the §12 basic server's
+//! TCP transport (this is a UDP port).
 
 use std::net::{IpAddr, SocketAddr};
 
 use crate::time::UnixMillis;
 
+mod fingerprint;
+mod request;
+mod response;
 #[cfg(test)]
 mod tests;
 
@@ -33,61 +71,52 @@ mod tests;
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 /// Length of the fixed STUN header (RFC 8489 §5).
 pub const HEADER_LEN: usize = 20;
-/// Largest Binding response this module writes: the amplification bound of
-/// docs/PROTOCOL.md §7. The largest actual response (IPv6 with FINGERPRINT) is
-/// 20 + 24 + 8 = 52 bytes.
+/// Largest answer this module writes: the amplification bound of
+/// docs/PROTOCOL.md §7.6. A success response is at most 52 bytes (IPv6 with
+/// FINGERPRINT), a 400 is 40, a 420 is cut to fit.
 pub const MAX_RESPONSE_LEN: usize = 64;
 
 /// Message type of a Binding request: method 0x001, class request (RFC 8489 §5, §18.2).
 const BINDING_REQUEST: u16 = 0x0001;
-/// Message type of a Binding success response (RFC 8489 §5, §18.2).
-const BINDING_SUCCESS_RESPONSE: u16 = 0x0101;
+/// Message type of a Binding indication (RFC 8489 §5, §18.2).
+const BINDING_INDICATION: u16 = 0x0011;
 
 /// Attribute header: type and length, two bytes each (RFC 8489 §14).
 const ATTR_HEADER_LEN: usize = 4;
-/// USERNAME (RFC 8489 §14.3, §18.3.1).
-const ATTR_USERNAME: u16 = 0x0006;
 /// MESSAGE-INTEGRITY (RFC 8489 §14.5, §18.3.1).
 const ATTR_MESSAGE_INTEGRITY: u16 = 0x0008;
 /// MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6, §18.3.1).
 const ATTR_MESSAGE_INTEGRITY_SHA256: u16 = 0x001C;
-/// XOR-MAPPED-ADDRESS (RFC 8489 §14.2, §18.3.1).
-const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 /// FINGERPRINT (RFC 8489 §14.7, §18.3.2).
 const ATTR_FINGERPRINT: u16 = 0x8028;
 /// Value length of FINGERPRINT: one CRC-32 (RFC 8489 §14.7).
 const FINGERPRINT_VALUE_LEN: usize = 4;
 /// Whole FINGERPRINT attribute, header included.
 const FINGERPRINT_ATTR_LEN: usize = ATTR_HEADER_LEN + FINGERPRINT_VALUE_LEN;
-/// XORed into the CRC-32 to make FINGERPRINT (RFC 8489 §14.7: "STUN" in ASCII).
-const FINGERPRINT_XOR: u32 = 0x5354_554E;
 
-/// Address family of an IPv4 XOR-MAPPED-ADDRESS (RFC 8489 §14.1).
-const FAMILY_IPV4: u8 = 0x01;
-/// Address family of an IPv6 XOR-MAPPED-ADDRESS (RFC 8489 §14.1).
-const FAMILY_IPV6: u8 = 0x02;
-
-/// Why a datagram got no Binding response.
+/// Why a datagram that looks like STUN gets no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum StunError {
     /// Not a STUN message: too short, first two bits not zero, or no magic cookie.
     #[error("not a STUN message")]
     NotStun,
-    /// A STUN message, but not a Binding request (another method or class).
+    /// A STUN message, but not a Binding request or indication: another
+    /// method, or a response (RFC 8489 §6.3: silently discarded).
     #[error("not a STUN Binding request")]
     NotBindingRequest,
-    /// Length field wrong, or the attributes are not well-formed padded TLVs, or
-    /// FINGERPRINT is not the last attribute or has the wrong length.
-    #[error("malformed STUN message")]
+    /// A Binding indication: processed, which is nothing, and never answered
+    /// (RFC 8489 §6.3.2).
+    #[error("STUN Binding indication (never answered)")]
+    Indication,
+    /// The length field is not a multiple of 4 or does not match the
+    /// datagram (RFC 8489 §5, §6.3: silently discarded).
+    #[error("STUN message length does not match the datagram")]
     Malformed,
-    /// The FINGERPRINT attribute does not match the message (RFC 8489 §14.7).
+    /// A FINGERPRINT that does not verify, is not 4 bytes long, or is not
+    /// the last attribute (RFC 8489 §6.3, §14.7: silently discarded).
     #[error("STUN FINGERPRINT does not verify")]
     BadFingerprint,
-    /// The request carries USERNAME or MESSAGE-INTEGRITY(-SHA256); this node holds
-    /// no STUN credentials and does not answer authenticated requests.
-    #[error("STUN authentication is not supported")]
-    AuthNotSupported,
-    /// The output buffer cannot hold the response.
+    /// The output buffer cannot hold the answer.
     #[error("buffer too small for the STUN response")]
     BufferTooSmall,
 }
@@ -100,182 +129,55 @@ pub fn is_stun(datagram: &[u8]) -> bool {
         && datagram[4..8] == MAGIC_COOKIE.to_be_bytes()
 }
 
-/// Checks that `request` is a Binding request we answer and writes the Binding
-/// success response for a request received from `from` into `out`, returning
-/// its length (at most [`MAX_RESPONSE_LEN`]).
+/// Checks `request`, received from `from`, as RFC 8489 §6.3 says and writes
+/// its answer into `out`, returning the answer's length (at most
+/// [`MAX_RESPONSE_LEN`]), or says why it gets none.
 ///
-/// The response carries the request's transaction id, an XOR-MAPPED-ADDRESS of
-/// `from` (RFC 8489 §14.2) and, if and only if the request had one, a
-/// FINGERPRINT (RFC 8489 §14.7). An IPv4-mapped IPv6 `from` (as seen on a
-/// dual-stack socket) is reported as the IPv4 address it stands for, which is
-/// what the client sent from. The caller is responsible for rate limiting
-/// (docs/PROTOCOL.md §7, [`SourceRateLimiter`]).
+/// A Binding request is answered with a Binding success response carrying
+/// an XOR-MAPPED-ADDRESS of `from` (an IPv4-mapped IPv6 `from`, as seen on a
+/// dual-stack socket, as the IPv4 address it stands for), with a 420 error
+/// response if it carries unknown comprehension-required attributes, or
+/// with a 400 if its attributes are not well-formed. Every answer echoes the
+/// transaction id and, if the request carried a FINGERPRINT, ends with one.
+/// The module documentation lists each rule. The caller is responsible for
+/// rate limiting (docs/PROTOCOL.md §7, [`SourceRateLimiter`]).
 pub fn binding_response(
     request: &[u8],
     from: SocketAddr,
     out: &mut [u8],
 ) -> Result<usize, StunError> {
-    let had_fingerprint = check_binding_request(request)?;
-
-    let ip = from.ip().to_canonical();
-    let xma_value_len = match ip {
-        IpAddr::V4(_) => 8,
-        IpAddr::V6(_) => 20,
-    };
-    let fp_len = if had_fingerprint {
-        FINGERPRINT_ATTR_LEN
-    } else {
-        0
-    };
-    let total = HEADER_LEN + ATTR_HEADER_LEN + xma_value_len + fp_len;
-    debug_assert!(total <= MAX_RESPONSE_LEN);
-    let out = out.get_mut(..total).ok_or(StunError::BufferTooSmall)?;
-
-    // Header (RFC 8489 §5): type, length of everything after the header,
-    // magic cookie, the request's transaction id.
-    let cookie = MAGIC_COOKIE.to_be_bytes();
-    out[0..2].copy_from_slice(&BINDING_SUCCESS_RESPONSE.to_be_bytes());
-    out[2..4].copy_from_slice(&((total - HEADER_LEN) as u16).to_be_bytes());
-    out[4..8].copy_from_slice(&cookie);
-    out[8..20].copy_from_slice(&request[8..20]);
-
-    // XOR-MAPPED-ADDRESS (RFC 8489 §14.2): port XOR the cookie's top 16 bits,
-    // address XOR the cookie (IPv4) or cookie ‖ transaction id (IPv6).
-    let xma = &mut out[HEADER_LEN..HEADER_LEN + ATTR_HEADER_LEN + xma_value_len];
-    xma[0..2].copy_from_slice(&ATTR_XOR_MAPPED_ADDRESS.to_be_bytes());
-    xma[2..4].copy_from_slice(&(xma_value_len as u16).to_be_bytes());
-    xma[4] = 0;
-    let x_port = from.port() ^ (MAGIC_COOKIE >> 16) as u16;
-    xma[6..8].copy_from_slice(&x_port.to_be_bytes());
-    match ip {
-        IpAddr::V4(v4) => {
-            xma[5] = FAMILY_IPV4;
-            for (o, (a, k)) in xma[8..12].iter_mut().zip(v4.octets().iter().zip(&cookie)) {
-                *o = a ^ k;
-            }
-        }
-        IpAddr::V6(v6) => {
-            xma[5] = FAMILY_IPV6;
-            let key = cookie.iter().chain(&request[8..20]);
-            for (o, (a, k)) in xma[8..24].iter_mut().zip(v6.octets().iter().zip(key)) {
-                *o = a ^ k;
-            }
-        }
+    let checked = request::check(request)?;
+    // `check` made sure of the header; this cannot fail.
+    let txid: &[u8; 12] = request[8..HEADER_LEN]
+        .try_into()
+        .map_err(|_| StunError::NotStun)?;
+    match checked.answer {
+        request::Answer::Success => response::success(out, txid, from, checked.fingerprint),
+        answer => error_response(request, answer, checked.fingerprint, out),
     }
-
-    // FINGERPRINT last, over everything before it with the length field
-    // already counting it (RFC 8489 §14.7).
-    if had_fingerprint {
-        let at = total - FINGERPRINT_ATTR_LEN;
-        let fp = fingerprint(&out[..at]);
-        out[at..at + 2].copy_from_slice(&ATTR_FINGERPRINT.to_be_bytes());
-        out[at + 2..at + 4].copy_from_slice(&(FINGERPRINT_VALUE_LEN as u16).to_be_bytes());
-        out[at + 4..total].copy_from_slice(&fp.to_be_bytes());
-    }
-    Ok(total)
 }
 
-/// Validates a Binding request; returns whether it carried a FINGERPRINT.
-fn check_binding_request(request: &[u8]) -> Result<bool, StunError> {
-    if !is_stun(request) {
-        return Err(StunError::NotStun);
-    }
-    if u16::from_be_bytes([request[0], request[1]]) != BINDING_REQUEST {
-        return Err(StunError::NotBindingRequest);
-    }
-    // RFC 8489 §5: the length field counts the bytes after the header and is a
-    // multiple of 4, since every attribute is padded to 4 bytes.
-    let declared = usize::from(u16::from_be_bytes([request[2], request[3]]));
-    if declared != request.len() - HEADER_LEN || declared % 4 != 0 {
-        return Err(StunError::Malformed);
-    }
-
-    let mut wants_auth = false;
-    let mut fingerprint_at = None;
-    let mut at = HEADER_LEN;
-    while at < request.len() {
-        // RFC 8489 §15: FINGERPRINT, when present, is the last attribute.
-        if fingerprint_at.is_some() {
-            return Err(StunError::Malformed);
+/// The 420 or 400 answer to `request`: out of the success path, which stays
+/// small.
+#[cold]
+#[inline(never)]
+fn error_response(
+    request: &[u8],
+    answer: request::Answer,
+    with_fingerprint: bool,
+    out: &mut [u8],
+) -> Result<usize, StunError> {
+    let txid: &[u8; 12] = request
+        .get(8..HEADER_LEN)
+        .and_then(|t| t.try_into().ok())
+        .ok_or(StunError::NotStun)?;
+    match answer {
+        request::Answer::UnknownAttributes => {
+            let unknown = request::unknown_attributes(request);
+            response::unknown_attributes(out, txid, &unknown, with_fingerprint)
         }
-        let header = request
-            .get(at..at + ATTR_HEADER_LEN)
-            .ok_or(StunError::Malformed)?;
-        let kind = u16::from_be_bytes([header[0], header[1]]);
-        let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
-        // RFC 8489 §14: the value is padded to a multiple of 4 bytes, and the
-        // padding is part of the message.
-        let next = at + ATTR_HEADER_LEN + len.next_multiple_of(4);
-        if next > request.len() {
-            return Err(StunError::Malformed);
-        }
-        match kind {
-            ATTR_USERNAME | ATTR_MESSAGE_INTEGRITY | ATTR_MESSAGE_INTEGRITY_SHA256 => {
-                wants_auth = true;
-            }
-            ATTR_FINGERPRINT => {
-                if len != FINGERPRINT_VALUE_LEN {
-                    return Err(StunError::Malformed);
-                }
-                fingerprint_at = Some(at);
-            }
-            // Everything else is ignored (see the module doc).
-            _ => {}
-        }
-        at = next;
+        _ => response::bad_request(out, txid),
     }
-
-    if let Some(fp_at) = fingerprint_at {
-        // The value is the CRC over everything before the attribute, with the
-        // length field as sent, which already counts the FINGERPRINT (§14.7).
-        let value = &request[fp_at + ATTR_HEADER_LEN..fp_at + FINGERPRINT_ATTR_LEN];
-        let sent = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
-        if sent != fingerprint(&request[..fp_at]) {
-            return Err(StunError::BadFingerprint);
-        }
-    }
-    if wants_auth {
-        return Err(StunError::AuthNotSupported);
-    }
-    Ok(fingerprint_at.is_some())
-}
-
-/// FINGERPRINT value of the message bytes before the attribute (RFC 8489 §14.7).
-fn fingerprint(message: &[u8]) -> u32 {
-    crc32(message) ^ FINGERPRINT_XOR
-}
-
-/// Lookup table of the reflected CRC-32 polynomial 0xEDB88320.
-const CRC32_TABLE: [u32; 256] = crc32_table();
-
-/// Builds [`CRC32_TABLE`] at compile time.
-const fn crc32_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            bit += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-}
-
-/// CRC-32/ISO-HDLC, the zlib and Ethernet CRC that FINGERPRINT uses (RFC 8489 §14.7).
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c = CRC32_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
 }
 
 /// Default number of buckets of a [`SourceRateLimiter`].
