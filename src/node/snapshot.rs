@@ -52,6 +52,7 @@ const TAG_LEN: usize = 32;
 /// Flag bits of a saved connection.
 const FLAG_IPV6: u8 = 1;
 const FLAG_ENDPOINT: u8 = 2;
+const FLAG_VALIDATED: u8 = 4;
 const FLAG_CATCH_UP: u8 = 8;
 const TRIES_SHIFT: u8 = 4;
 
@@ -175,6 +176,9 @@ fn encode_connection(c: &SavedConnection, account: u32, out: &mut Vec<u8>) {
     let mut flags = (c.tries.min(15)) << TRIES_SHIFT;
     if c.catch_up {
         flags |= FLAG_CATCH_UP;
+    }
+    if c.validated {
+        flags |= FLAG_VALIDATED;
     }
     let (port, addr): (u16, Vec<u8>) = match c.endpoint {
         None => (0, Vec::new()),
@@ -446,6 +450,7 @@ fn decode_file(path: &Path, bytes: &[u8], master: &MasterKey) -> Result<ShardFil
             pending_len,
             tries: flags >> TRIES_SHIFT,
             catch_up: flags & FLAG_CATCH_UP != 0,
+            validated: flags & FLAG_VALIDATED != 0,
         });
     }
     if c.pos != body.len() {

@@ -149,6 +149,8 @@ enum Outgoing {
     Connect,
     Heartbeat,
     Acknowledge(i64),
+    /// A `PresenceAcknowledge` of the mark, sent to echo a challenge.
+    Echo,
     Endpoint,
     Resolve(Vec<u8>),
     Disconnect,
@@ -235,12 +237,42 @@ pub fn seal_request_acknowledging(
     request: &Request<'_>,
     buf: &mut [u8],
 ) -> Result<usize, SealRequestError> {
+    let header = RequestHeader {
+        serial,
+        acknowledge,
+        echo: None,
+    };
+    seal_request_with(key, conn_id, nonce, &header, request, buf)
+}
+
+/// The inherited fields of a request that [`seal_request_with`] sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// The request's Serial.
+    pub serial: i64,
+    /// A notify Serial to acknowledge (or, in a connect, the device's mark).
+    pub acknowledge: Option<i64>,
+    /// The node's endpoint challenge to echo in `ID` (docs/PROTOCOL.md §7.9).
+    pub echo: Option<[u8; 8]>,
+}
+
+/// Encodes `request` with `header` and seals it for the node: the general
+/// form of [`seal_request`].
+pub fn seal_request_with(
+    key: &PacketKey,
+    conn_id: ConnId,
+    nonce: [u8; 12],
+    header: &RequestHeader,
+    request: &Request<'_>,
+    buf: &mut [u8],
+) -> Result<usize, SealRequestError> {
     if buf.len() < MAX_PACKET {
         return Err(SealRequestError::Packet);
     }
     let header = ClientHeader {
-        serial: Some(serial),
-        acknowledge,
+        serial: Some(header.serial),
+        acknowledge: header.acknowledge,
+        id: header.echo.as_ref().map(|e| (&e[..]).into()),
         ..ClientHeader::default()
     };
     let message = match *request {
@@ -298,6 +330,9 @@ pub struct Client {
     mark: Option<i64>,
     /// The highest Serial sent.
     sent_high: i64,
+    /// The node's challenge for our current address, echoed in every request
+    /// until a reply comes without one (docs/PROTOCOL.md §7.9).
+    echo: Option<[u8; 8]>,
     /// Our own Serials the node has answered: bit i = `sent_high - i` was
     /// answered (or never sent).
     answered: u64,
@@ -351,6 +386,7 @@ impl Client {
             disconnecting: false,
             mark,
             sent_high: first_serial - 1,
+            echo: None,
             answered: u64::MAX,
             endpoint: None,
             outgoing: VecDeque::new(),
@@ -572,6 +608,7 @@ impl Client {
                 },
                 Outgoing::Heartbeat => Request::Heartbeat,
                 Outgoing::Acknowledge(serial) => Request::Acknowledge(serial),
+                Outgoing::Echo => Request::Acknowledge(self.mark.unwrap_or(0)),
                 Outgoing::Endpoint => Request::Endpoint,
                 Outgoing::Resolve(ref q) => Request::Resolve(q),
                 Outgoing::Disconnect => Request::Disconnect,
@@ -583,15 +620,12 @@ impl Client {
             };
             let mut nonce = [0u8; 12];
             self.rng.fill_bytes(&mut nonce);
-            let sealed = seal_request_acknowledging(
-                &self.c2s,
-                self.conn_id,
-                nonce,
-                self.serial,
+            let header = RequestHeader {
+                serial: self.serial,
                 acknowledge,
-                &request,
-                buf,
-            );
+                echo: self.echo,
+            };
+            let sealed = seal_request_with(&self.c2s, self.conn_id, nonce, &header, &request, buf);
             match sealed {
                 Ok(size) => {
                     self.stats.sent += 1;
@@ -687,6 +721,30 @@ impl Client {
         if self.state == ClientState::Aborted {
             return;
         }
+        // docs/PROTOCOL.md §7.9: a challenge means the node has not validated
+        // our address yet: echo it at once (and in every request until a
+        // reply comes without one).
+        let new_challenge = match header.id.as_deref().map(<[u8; 8]>::try_from) {
+            Some(Ok(id)) if self.echo != Some(id) => {
+                self.echo = Some(id);
+                true
+            }
+            Some(_) => false,
+            None => {
+                self.echo = None;
+                false
+            }
+        };
+        self.handle_message(now, message);
+        if new_challenge && self.outgoing.is_empty() && self.state != ClientState::Aborted {
+            self.push(Outgoing::Echo);
+        }
+    }
+
+    fn handle_message(&mut self, now: UnixMillis, message: Message<'_>) {
+        let Some(header) = message.service_header() else {
+            return;
+        };
         if let Some(e) = header.endpoint {
             self.endpoint = Some(e);
         }

@@ -16,8 +16,8 @@ pub mod service;
 pub mod stun;
 
 pub use client::{
-    seal_request, seal_request_acknowledging, Client, ClientConfig, ClientEvent, ClientState,
-    ClientStats, DisconnectReason, Request, SealRequestError,
+    seal_request, seal_request_acknowledging, seal_request_with, Client, ClientConfig, ClientEvent,
+    ClientState, ClientStats, DisconnectReason, Request, RequestHeader, SealRequestError,
 };
 pub use replay::{Freshness, ReplayWindow};
 pub use service::{

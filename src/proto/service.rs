@@ -36,7 +36,7 @@ use crate::packet::{
     MAX_PACKET, MAX_PLAINTEXT,
 };
 use crate::table::{
-    Account, AccountKey, AccountSlot, CatchUp, Connection, Slot, Table, TimerWheel,
+    Account, AccountKey, AccountSlot, CatchUp, Connection, Slot, Table, TimerWheel, MAX_TRIES,
 };
 use crate::time::{UnixMillis, UnixSeconds};
 
@@ -142,6 +142,15 @@ pub struct ServiceStats {
     /// New connects refused with 503 and a retry-after while the shard was
     /// overloaded (its socket overflowing).
     pub connects_shed: u64,
+    /// Endpoints validated: a device echoed the challenge sent to it.
+    pub validations: u64,
+    /// Answers not sent because they would have exceeded three times the
+    /// bytes received from an address not yet validated (a smaller refusal
+    /// went instead, where one fits).
+    pub replies_capped: u64,
+    /// Notify retransmissions held back: the endpoint is not validated, so
+    /// the pending state waits for the device's next packet.
+    pub retransmits_held: u64,
     /// Account records whose catch-up window ran out with no device left.
     pub accounts_expired: u64,
 }
@@ -173,6 +182,8 @@ pub struct SavedConnection {
     pub tries: u8,
     /// The pending bits are a catch-up not yet joined by a publish.
     pub catch_up: bool,
+    /// The endpoint was validated (docs/PROTOCOL.md §7.9).
+    pub validated: bool,
 }
 
 /// What [`Service::restore`] took back.
@@ -222,6 +233,9 @@ mod status {
     pub(super) const BAD_GATEWAY: u16 = 502;
     pub(super) const UNAVAILABLE: u16 = 503;
     pub(super) const GATEWAY_TIMEOUT: u16 = 504;
+    /// RFC 8470 "Too Early": the answer is withheld until the device's
+    /// address is validated (docs/PROTOCOL.md §7.9); ask again.
+    pub(super) const TOO_EARLY: u16 = 425;
 }
 
 #[derive(Debug)]
@@ -260,6 +274,9 @@ struct Reply {
     /// Where the connection was when the request was handled (checked
     /// against `conn_id` before use), to skip a second table lookup.
     slot: Option<Slot>,
+    /// Bytes of the request: an address not yet validated is sent at most
+    /// three times this in answer (docs/PROTOCOL.md §7.9).
+    request_bytes: u16,
     kind: ReplyKind,
 }
 
@@ -267,6 +284,18 @@ struct PendingResolve {
     token: ResolveToken,
     origin: Origin,
     deadline: UnixMillis,
+}
+
+/// An authenticated packet's circumstances, as [`Service::handle_message`]
+/// takes them.
+struct Arrival {
+    from: SocketAddr,
+    conn_id: ConnId,
+    via: Via,
+    /// `k_s2c`, derived while opening the packet.
+    key: [u8; 32],
+    /// Bytes of the datagram.
+    bytes: u16,
 }
 
 /// Who sent an authenticated request, and what its replies need.
@@ -278,6 +307,8 @@ struct Origin {
     via: Via,
     /// `k_s2c`, derived while opening the request.
     key: [u8; 32],
+    /// Bytes of the request datagram.
+    bytes: u16,
 }
 
 impl Origin {
@@ -289,6 +320,7 @@ impl Origin {
             via: self.via,
             key: self.key,
             slot: None,
+            request_bytes: self.bytes,
             kind,
         }
     }
@@ -327,11 +359,24 @@ struct RetransmitTimer {
     tries: u8,
 }
 
+/// The MAC behind the endpoint challenges, keyed with `KDF(master, "vali",
+/// 0⁸)` padded to HMAC's block (the same MAC as keying it with the 32 bytes).
+fn validation_mac(master: &MasterKey) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::digest::KeyInit;
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(&crate::packet::kdf(master.as_bytes(), b"vali", &[0; 8]));
+    <hmac::Hmac<sha2::Sha256> as KeyInit>::new(&block.into())
+}
+
 /// A new life of an account starts its notify Serials at a random point of
 /// `[FIRST_SERIAL_MIN, FIRST_SERIAL_MIN + FIRST_SERIAL_SPAN)`, leaving more
 /// than 2^31 publishes before they wrap.
 const FIRST_SERIAL_MIN: u32 = 1 << 20;
 const FIRST_SERIAL_SPAN: u32 = 1 << 30;
+
+/// Bytes a `PresenceResolveResponse` and its packet add to the DNS answer
+/// (header fields with an IPv6 endpoint, framing), rounded up.
+const RESOLVE_OVERHEAD: usize = 200;
 
 /// A shed connect is told to come back after this long, plus as much again
 /// at random (ms), so the devices it turns away come back spread out.
@@ -361,6 +406,8 @@ pub struct Service {
     config: ServiceConfig,
     master: MasterKey,
     binder: BindingKey,
+    /// Keyed with `KDF(master, "vali", 0⁸)`: the challenges of §7.9.
+    validator: hmac::Hmac<sha2::Sha256>,
     table: Table,
     rng: StdRng,
     epoch: UnixMillis,
@@ -398,6 +445,7 @@ impl Service {
     pub fn new(config: ServiceConfig, master: MasterKey, seed: [u8; 32], now: UnixMillis) -> Self {
         Service {
             binder: BindingKey::from_master(&master),
+            validator: validation_mac(&master),
             table: Table::new(config.max_connections),
             master,
             rng: StdRng::from_seed(seed),
@@ -506,6 +554,7 @@ impl Service {
                 pending_len: mask.len() as u8,
                 tries: rec.tries(),
                 catch_up: rec.catch_up(),
+                validated: rec.validated(),
             })
         })
     }
@@ -558,6 +607,7 @@ impl Service {
             };
             rec.set_window(c.window);
             rec.set_tries(c.tries);
+            rec.set_validated(c.validated);
             let Ok(slot) = self.table.insert(rec, account) else {
                 done.skipped += 1;
                 continue;
@@ -647,7 +697,14 @@ impl Service {
             self.stats.dropped_malformed += 1;
             return;
         }
-        if !self.auth_failure_limiter.has_token(now, from.ip()) {
+        // docs/PROTOCOL.md §7.8: a packet for a connection the node holds is
+        // always opened, whatever else its source address sends, so garbage
+        // from (or spoofed as) a device's address cannot cut the device off.
+        // Only packets for unknown conn ids — new connects, or garbage — are
+        // throttled per source once that source fails authentication too
+        // often.
+        let known = self.table.find(&conn_id).is_some();
+        if !known && !self.auth_failure_limiter.has_token(now, from.ip()) {
             self.stats.dropped_auth_limited += 1;
             return;
         }
@@ -661,12 +718,23 @@ impl Service {
         scratch.extend_from_slice(datagram);
         match open_in_place(&key, &mut scratch) {
             Ok(plaintext) => match Message::decode(plaintext) {
-                Ok(message) => self.handle_message(now, from, conn_id, message, via, reply_key),
+                Ok(message) => {
+                    let arrival = Arrival {
+                        from,
+                        conn_id,
+                        via,
+                        key: reply_key,
+                        bytes: datagram.len() as u16,
+                    };
+                    self.handle_message(now, arrival, message)
+                }
                 Err(_) => self.stats.dropped_malformed += 1,
             },
             Err(_) => {
                 self.stats.dropped_auth += 1;
-                self.auth_failure_limiter.allow(now, from.ip());
+                if !known {
+                    self.auth_failure_limiter.allow(now, from.ip());
+                }
             }
         }
         self.scratch = scratch;
@@ -691,15 +759,14 @@ impl Service {
         }
     }
 
-    fn handle_message(
-        &mut self,
-        now: UnixMillis,
-        from: SocketAddr,
-        conn_id: ConnId,
-        message: Message<'_>,
-        via: Via,
-        key: [u8; 32],
-    ) {
+    fn handle_message(&mut self, now: UnixMillis, arrival: Arrival, message: Message<'_>) {
+        let Arrival {
+            from,
+            conn_id,
+            via,
+            key,
+            bytes,
+        } = arrival;
         let Some(header) = message.client_header() else {
             self.stats.dropped_unexpected += 1;
             return;
@@ -714,17 +781,22 @@ impl Service {
             return;
         };
         let ack = header.acknowledge;
+        let echo = header
+            .id
+            .as_deref()
+            .and_then(|id| <[u8; 8]>::try_from(id).ok());
         let origin = Origin {
             from,
             conn_id,
             serial,
             via,
             key,
+            bytes,
         };
         let reply = |kind| origin.reply(kind);
 
         if let Message::ConnectRequest(req) = &message {
-            self.handle_connect(now, origin, req);
+            self.handle_connect(now, origin, req, echo);
             return;
         }
 
@@ -745,6 +817,7 @@ impl Service {
         if !self.accept_fresh(now, slot, from, serial, via) {
             return;
         }
+        self.validate(slot, from, via, echo);
         if let Some(ack) = ack {
             self.acknowledge(slot, ack);
         }
@@ -832,12 +905,58 @@ impl Service {
         rec.highest_serial = window.highest;
         rec.set_window(window.bits);
         rec.last_seen = seconds;
-        // Endpoint migration only on an authenticated, fresh UDP packet.
+        // Endpoint migration only on an authenticated, fresh UDP packet; the
+        // new address is not validated yet (docs/PROTOCOL.md §7.9).
         if via == Via::Udp && self.table.endpoint(slot) != Some(from) {
             self.table.set_endpoint(slot, from);
+            if let Some(rec) = self.table.get_mut(slot) {
+                rec.set_validated(false);
+            }
             self.stats.migrations += 1;
         }
         true
+    }
+
+    /// The challenge the node sends to an endpoint it has not validated:
+    /// eight bytes only a receiver at that address learns (the device cannot
+    /// compute them: they come from the master key), to be echoed in
+    /// `Request.ID` (docs/PROTOCOL.md §7.9).
+    fn challenge(&self, conn_id: ConnId, to: SocketAddr) -> [u8; 8] {
+        use hmac::Mac as _;
+        let mut mac = self.validator.clone();
+        mac.update(b"mpp1 validate");
+        mac.update(&conn_id.0);
+        let ip = match to.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        mac.update(&ip);
+        mac.update(&to.port().to_be_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&tag[..8]);
+        out
+    }
+
+    /// Marks the connection's endpoint validated when a fresh packet from it
+    /// echoes its challenge.
+    fn validate(&mut self, slot: Slot, from: SocketAddr, via: Via, echo: Option<[u8; 8]>) {
+        let (Via::Udp, Some(echo)) = (via, echo) else {
+            return;
+        };
+        let Some(rec) = self.table.get(slot) else {
+            return;
+        };
+        if rec.validated() || self.table.endpoint(slot) != Some(from) {
+            return;
+        }
+        let conn_id = ConnId(rec.conn_id);
+        if self.challenge(conn_id, from) == echo {
+            if let Some(rec) = self.table.get_mut(slot) {
+                rec.set_validated(true);
+            }
+            self.stats.validations += 1;
+        }
     }
 
     fn acknowledge(&mut self, slot: Slot, ack: i64) {
@@ -860,6 +979,7 @@ impl Service {
         now: UnixMillis,
         origin: Origin,
         req: &crate::codec::PresenceConnectRequest<'_>,
+        echo: Option<[u8; 8]>,
     ) {
         let Origin {
             from,
@@ -959,6 +1079,7 @@ impl Service {
                 .is_some_and(|a| a.affinity == key.affinity && a.low == key.low);
             if same_account {
                 self.accept_fresh(now, slot, from, serial, via);
+                self.validate(slot, from, via, echo);
                 if let Some(rec) = self.table.get_mut(slot) {
                     rec.expires = expires_u32;
                 }
@@ -1035,6 +1156,7 @@ impl Service {
         // no UDP endpoint until its first authenticated UDP packet.
         if via == Via::Udp {
             self.table.set_endpoint(slot, from);
+            self.validate(slot, from, via, echo);
         }
         if let Some(mask) = catch_up.mask() {
             match catch_up {
@@ -1187,7 +1309,8 @@ impl Service {
         if rec.mask_len == 0 || rec.tries() != t.tries {
             return;
         }
-        if t.tries >= self.config.retransmit_tries {
+        // A record counts at most MAX_TRIES retransmissions.
+        if t.tries >= self.config.retransmit_tries.min(MAX_TRIES) {
             // docs/PROTOCOL.md §6: now the pending state waits for the next heartbeat.
             return;
         }
@@ -1295,6 +1418,13 @@ impl Service {
         let rec = *rec;
         // No UDP endpoint yet: the next heartbeat's Status carries it.
         let to = self.table.endpoint(slot)?;
+        // docs/PROTOCOL.md §7.9: an endpoint not validated gets the notify
+        // once, with the challenge; its retransmissions wait until it is.
+        if !rec.validated() && rec.tries() > 0 {
+            self.stats.retransmits_held += 1;
+            return None;
+        }
+        let challenge = (!rec.validated()).then(|| self.challenge(ConnId(rec.conn_id), to));
         let serial = self.account_serial(slot);
         let mut mask = [0u8; MAX_BITMASK];
         let pending = self.table.pending_mask(slot);
@@ -1307,6 +1437,7 @@ impl Service {
                 endpoint: Some(to),
                 now: Some(now.seconds()),
                 acknowledge: Some(i64::from(rec.highest_serial)),
+                id: challenge.as_ref().map(|c| (&c[..]).into()),
                 ..ServiceHeader::default()
             },
         });
@@ -1347,24 +1478,47 @@ impl Service {
         hint: Option<Slot>,
         mask: &mut [u8; MAX_BITMASK],
     ) -> Option<(i64, usize)> {
-        let slot = hint
-            .filter(|&s| {
-                self.table
-                    .get(s)
-                    .is_some_and(|r| r.in_use() && r.conn_id == conn_id.0)
-            })
-            .or_else(|| self.table.find(conn_id))?;
+        let slot = self.live_slot(conn_id, hint)?;
         let pending = self.table.pending_mask(slot);
         let n = pending.len().min(MAX_BITMASK);
         mask[..n].copy_from_slice(&pending[..n]);
         Some((i64::from(self.account_serial(slot)), n))
     }
 
-    fn encode_reply(&mut self, now: UnixMillis, reply: Reply, buf: &mut [u8]) -> Option<Transmit> {
+    fn encode_reply(
+        &mut self,
+        now: UnixMillis,
+        mut reply: Reply,
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
+        // docs/PROTOCOL.md §7.9: to an address the node has not validated it
+        // sends at most three times what it received, and the challenge
+        // that validates it (when the connection exists).
+        let slot = self.live_slot(&reply.conn_id, reply.slot);
+        let validated = reply.via != Via::Udp
+            || slot.is_some_and(|s| {
+                self.table.get(s).is_some_and(|r| r.validated())
+                    && self.table.endpoint(s) == Some(reply.to)
+            });
+        let budget = if validated {
+            usize::MAX
+        } else {
+            3 * usize::from(reply.request_bytes)
+        };
+        let challenge =
+            (!validated && slot.is_some()).then(|| self.challenge(reply.conn_id, reply.to));
+        if let ReplyKind::Resolved(Ok(ref answer)) = reply.kind {
+            // A DNS answer may need many packets: "validate first" instead.
+            if answer.len() + RESOLVE_OVERHEAD > budget {
+                self.stats.replies_capped += 1;
+                reply.kind = ReplyKind::Resolved(Err(status::TOO_EARLY));
+            }
+        }
         let header = ServiceHeader {
             endpoint: Some(reply.to),
             now: Some(now.seconds()),
             acknowledge: Some(reply.ack),
+            id: challenge.as_ref().map(|c| (&c[..]).into()),
             ..ServiceHeader::default()
         };
         let mut mask_buf = [0u8; MAX_BITMASK];
@@ -1433,7 +1587,25 @@ impl Service {
             via: reply.via,
             key: reply.key,
         };
-        self.seal_message(dest, &message, buf)
+        let sent = self.seal_message(dest, &message, buf)?;
+        if sent.size > budget || (self.fragmented.is_some() && budget != usize::MAX) {
+            // Never expected (every single-packet answer fits three times
+            // the smallest request), but the rule holds whatever the sizes.
+            self.fragmented = None;
+            self.stats.replies_capped += 1;
+            return None;
+        }
+        Some(sent)
+    }
+
+    /// `hint` if it still holds `conn_id`, else the table's slot for it.
+    fn live_slot(&self, conn_id: &ConnId, hint: Option<Slot>) -> Option<Slot> {
+        hint.filter(|&s| {
+            self.table
+                .get(s)
+                .is_some_and(|r| r.in_use() && r.conn_id == conn_id.0)
+        })
+        .or_else(|| self.table.find(conn_id))
     }
 
     /// Encodes `message` into `buf` and seals it; a message larger than one

@@ -27,7 +27,7 @@ mod record;
 mod wheel;
 
 pub use account::{Account, CatchUp, CatchUpMask};
-pub use record::{Connection, INLINE_MASK};
+pub use record::{Connection, INLINE_MASK, MAX_TRIES};
 pub use wheel::TimerWheel;
 
 use std::collections::HashMap;

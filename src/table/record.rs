@@ -13,7 +13,10 @@ const IN_USE: u8 = 1;
 const IPV6: u8 = 2;
 const QUEUED: u8 = 4;
 const TRIES_SHIFT: u8 = 3;
-const TRIES_MASK: u8 = 0b0111_1000;
+const TRIES_MASK: u8 = 0b0011_1000;
+/// The highest retransmission count a record holds.
+pub const MAX_TRIES: u8 = 7;
+const VALIDATED: u8 = 0b0100_0000;
 const CATCH_UP: u8 = 0b1000_0000;
 
 /// The state of one held connection. Field order keeps it at 48 bytes
@@ -43,8 +46,8 @@ pub struct Connection {
     /// Length of the pending mask in bytes (0 = nothing pending, ≤ 32), or
     /// [`super::MASK_ALL_ONES`] for 32 bytes of `FF`.
     pub mask_len: u8,
-    /// In use, IPv6, queued for sending, retransmission count, pending
-    /// bits from a catch-up.
+    /// In use, IPv6, queued for sending, retransmission count (3 bits),
+    /// endpoint validated, pending bits from a catch-up.
     pub flags: u8,
     /// Pending mask bytes when `mask_len` ≤ [`INLINE_MASK`].
     pub pending: [u8; INLINE_MASK],
@@ -83,9 +86,20 @@ impl Connection {
         (self.flags & TRIES_MASK) >> TRIES_SHIFT
     }
 
-    /// Sets the retransmission count (saturates at 15).
+    /// Sets the retransmission count (saturates at [`MAX_TRIES`]).
     pub fn set_tries(&mut self, tries: u8) {
-        self.flags = (self.flags & !TRIES_MASK) | (tries.min(15) << TRIES_SHIFT);
+        self.flags = (self.flags & !TRIES_MASK) | (tries.min(MAX_TRIES) << TRIES_SHIFT);
+    }
+
+    /// True once the device proved it receives at its current endpoint
+    /// (docs/PROTOCOL.md §7.9); cleared when the endpoint moves.
+    pub fn validated(&self) -> bool {
+        self.flags & VALIDATED != 0
+    }
+
+    /// Marks the current endpoint validated (or no longer).
+    pub fn set_validated(&mut self, on: bool) {
+        self.set_flag(VALIDATED, on);
     }
 
     /// True while the pending bits are a catch-up given at connect, not yet

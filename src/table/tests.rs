@@ -162,12 +162,17 @@ fn flags_do_not_collide() {
     assert!(r.in_use() && r.queued() && r.is_ipv6() && r.catch_up());
     assert_eq!(r.tries(), 5);
     r.set_tries(200);
-    assert_eq!(r.tries(), 15);
+    assert_eq!(r.tries(), 7);
     r.set_queued(false);
     assert!(r.in_use() && !r.queued() && r.is_ipv6() && r.catch_up());
     r.set_catch_up(false);
     assert!(r.in_use() && r.is_ipv6() && !r.catch_up());
-    assert_eq!(r.tries(), 15);
+    assert_eq!(r.tries(), 7);
+    r.set_validated(true);
+    assert!(r.validated() && r.in_use() && r.is_ipv6() && !r.catch_up());
+    assert_eq!(r.tries(), 7);
+    r.set_tries(0);
+    assert!(r.validated());
 }
 
 #[test]

@@ -66,6 +66,7 @@ fn connection(
         pending_len: pending.len() as u8,
         tries: id % 6,
         catch_up: id == 3,
+        validated: id.is_multiple_of(2),
     }
 }
 
