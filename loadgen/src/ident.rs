@@ -107,42 +107,55 @@ pub(crate) fn device_name(g: u64) -> String {
     format!("dev-{g}")
 }
 
-/// The master key from `--master-key FILE`, `--data-dir DIR`, or `None`.
-pub(crate) fn load_master(
-    master_key: Option<&Path>,
-    data_dir: Option<&Path>,
-) -> Result<Option<MasterKey>> {
+/// The master key from `--master-key FILE`, else from `--data-dir`'s
+/// `master.key` (`./mppd-data`, mppd's own default, unless given).
+pub(crate) fn load_master(master_key: Option<&Path>, data_dir: &Path) -> Result<MasterKey> {
     if let Some(path) = master_key {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading master key {}", path.display()))?;
-        let key = MasterKey::from_hex(&text)
-            .map_err(|e| anyhow::anyhow!("master key {}: {e}", path.display()))?;
-        return Ok(Some(key));
+        return read_master(path);
     }
-    if let Some(dir) = data_dir {
-        let path = dir.join("master.key");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (is --data-dir the node's data directory?)",
-                path.display()
-            )
-        })?;
-        let key = MasterKey::from_hex(&text)
-            .map_err(|e| anyhow::anyhow!("master key {}: {e}", path.display()))?;
-        return Ok(Some(key));
-    }
-    Ok(None)
+    let path = data_dir.join("master.key");
+    read_master(&path).with_context(|| {
+        format!(
+            "devices need the node's master key: give --data-dir DIR (the node's data \
+             directory; {} has none) or --master-key FILE",
+            data_dir.display()
+        )
+    })
 }
 
-/// The admin token from `--token-file FILE` or `--data-dir DIR`.
-pub(crate) fn load_token(token_file: Option<&Path>, data_dir: Option<&Path>) -> Result<String> {
-    let path = match (token_file, data_dir) {
-        (Some(p), _) => p.to_path_buf(),
-        (None, Some(d)) => d.join("admin.token"),
-        (None, None) => bail!("publishing needs the admin token: give --data-dir or --token-file"),
+/// The node's master key where there is one (`--master-key`, or
+/// `--data-dir` holding a `master.key`), else a random one: for the
+/// scenarios that talk to themselves (echo, raw fan-out), any key will do.
+pub(crate) fn load_master_or_random(
+    master_key: Option<&Path>,
+    data_dir: &Path,
+) -> Result<MasterKey> {
+    if master_key.is_some() || data_dir.join("master.key").exists() {
+        return load_master(master_key, data_dir);
+    }
+    Ok(MasterKey::new(rand::random()))
+}
+
+fn read_master(path: &Path) -> Result<MasterKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading master key {}", path.display()))?;
+    MasterKey::from_hex(&text).map_err(|e| anyhow::anyhow!("master key {}: {e}", path.display()))
+}
+
+/// The admin token from `--token-file FILE`, else from `--data-dir`'s
+/// `admin.token`.
+pub(crate) fn load_token(token_file: Option<&Path>, data_dir: &Path) -> Result<String> {
+    let path = match token_file {
+        Some(p) => p.to_path_buf(),
+        None => data_dir.join("admin.token"),
     };
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading admin token {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "publishing needs the node's admin token: reading {} (give --data-dir DIR or \
+             --token-file FILE)",
+            path.display()
+        )
+    })?;
     let token = text.trim().to_owned();
     if token.is_empty() || token.chars().any(|c| c.is_control() || c.is_whitespace()) {
         bail!("admin token {} is empty or has spaces", path.display());

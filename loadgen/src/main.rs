@@ -49,9 +49,10 @@ pub(crate) struct Common {
     #[arg(long, global = true, default_value = "http://127.0.0.1:15099")]
     pub(crate) control: String,
     /// The node's data directory: credentials are minted from its master.key
-    /// and publishes authorized with its admin.token.
-    #[arg(long, global = true)]
-    pub(crate) data_dir: Option<PathBuf>,
+    /// and publishes authorized with its admin.token. The default is mppd's
+    /// own, so a loadgen started beside a default mppd needs no flag.
+    #[arg(long, global = true, default_value = "./mppd-data")]
+    pub(crate) data_dir: PathBuf,
     /// A master key file (64 hex digits) instead of --data-dir's.
     #[arg(long, global = true)]
     pub(crate) master_key: Option<PathBuf>,
@@ -84,10 +85,16 @@ pub(crate) struct Common {
     /// Datagrams per recvmmsg/sendmmsg call.
     #[arg(long, global = true, default_value_t = 64)]
     pub(crate) batch: usize,
-    /// A request unanswered this long (ms) is retried, then counted lost.
+    /// A connect or heartbeat unanswered this long (ms) is sent again. A
+    /// connect's later waits double (2x, 4x this) up to 4 s (or this, if
+    /// longer), each with random jitter (between half and all of it), and
+    /// never end: a device keeps connecting for as long as the run lasts.
     #[arg(long, global = true, default_value_t = 1000)]
     pub(crate) timeout_ms: u64,
-    /// Tries per connect or heartbeat before giving up.
+    /// Sends of one heartbeat, --timeout-ms apart, before the device takes
+    /// its connection for lost (each such heartbeat counts as lost) and
+    /// connects again, retrying as above (at least 1). Connects have no
+    /// such limit.
     #[arg(long, global = true, default_value_t = 3)]
     pub(crate) tries: u8,
     /// Simulated path loss: drop this percentage of the datagrams the

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::baseline::{RawSender, Reflector};
 use crate::engine::{self, histogram, Mode, Shared, Snapshot, WorkerConfig};
-use crate::ident::{load_master, load_token, Identity};
+use crate::ident::{load_master, load_master_or_random, load_token, Identity};
 use crate::monitor::{Monitor, Probe, Reading, Window};
 use crate::publisher::{self, Http, PublishConfig, PublishStats, MAX_AHEAD};
 use crate::report::{Baseline, Report, Sample};
@@ -70,6 +70,9 @@ fn validate(c: &Common) -> Result<()> {
     if c.timeout_ms == 0 {
         bail!("--timeout-ms must be positive");
     }
+    if c.tries == 0 {
+        bail!("--tries must be at least 1");
+    }
     Ok(())
 }
 
@@ -91,9 +94,7 @@ fn cpu_for(c: &Common, i: usize) -> Option<usize> {
 }
 
 fn master(c: &Common) -> Result<MasterKey> {
-    load_master(c.master_key.as_deref(), c.data_dir.as_deref())?.ok_or_else(|| {
-        anyhow!("devices need the node's master key: give --data-dir DIR (the node's data directory) or --master-key FILE")
-    })
+    load_master(c.master_key.as_deref(), &c.data_dir)
 }
 
 fn identity(c: &Common, master: MasterKey) -> Result<Arc<Identity>> {
@@ -155,6 +156,9 @@ struct Outcome {
     timeline: Vec<Sample>,
     connect_s: f64,
     held_at_measure_end: u64,
+    /// Devices still connecting at the end of the measured window (None
+    /// for the baselines, whose devices do not connect).
+    connecting: Option<u64>,
     publish: Option<PublishStats>,
     raw_sent: Option<u64>,
     first_refusal: Option<String>,
@@ -166,6 +170,8 @@ struct Outcome {
 struct Devices<'a> {
     shared: &'a Shared,
     rate_of: RateOf,
+    /// Devices that connect (None for the baselines, whose do not).
+    connecting: Option<u64>,
 }
 
 impl Probe for Devices<'_> {
@@ -180,7 +186,7 @@ impl Probe for Devices<'_> {
         Reading {
             count: (self.rate_of)(&snap),
             held: snap.held(),
-            connecting: None,
+            connecting: self.connecting.map(|d| snap.connecting(d)),
             lost: Some(snap.lost),
         }
     }
@@ -244,24 +250,33 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
                 .spawn(move || engine::run_worker(cfg, ident, shared))?,
         );
     }
+    let connects = plan.mode != Mode::Echo && plan.mode != Mode::RawReceive;
     let probe = Devices {
         shared: &shared,
         rate_of: plan.rate_of,
+        connecting: connects.then_some(c.devices),
     };
     let mut mon = Monitor::new(c, probe, plan.rate_name);
     let result = (|| -> Result<Outcome> {
         let threads = c.threads as u64;
-        let devices = c.devices;
-        let connect_limit = devices as f64 / plan.connect_rate.max(1.0) * 2.0 + 30.0;
-        mon.phase("connect", connect_limit, &|| {
+        // No time limit: devices never give up, so the phase ends when every
+        // one has connected (or was refused for good); heartbeats that go
+        // unanswered meanwhile make some connect again. Only a node that
+        // answers nobody at all ends the run, after a few connect timeouts.
+        let silence_s = (c.timeout_ms as f64 / 1000.0 * 5.0).max(5.0);
+        mon.phase("connect", f64::INFINITY, &|| {
             shared.connect_done.load(Relaxed) >= threads
+                || workers.iter().any(|w| w.is_finished())
+                || (shared.counters.connected.load(Relaxed) == 0
+                    && shared.epoch.elapsed().as_secs_f64() >= silence_s)
         })?;
         if workers.iter().any(|w| w.is_finished()) {
             bail!("a worker stopped during the connect phase");
         }
         let connect_s = shared.epoch.elapsed().as_secs_f64();
         let held = shared.counters.snapshot().held();
-        if plan.mode != Mode::Echo && plan.mode != Mode::RawReceive && held == 0 {
+        let silent = shared.connect_done.load(Relaxed) < threads;
+        if connects && (held == 0 || silent) {
             let why = shared
                 .first_refusal
                 .lock()
@@ -269,8 +284,10 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
                 .and_then(|f| f.clone())
                 .map(|r| format!(" (the node refused: {r})"))
                 .unwrap_or_else(|| {
-                    " (no answer: is the node running there, with this data directory's key?)"
-                        .into()
+                    format!(
+                        " (no answer in {silence_s:.0} s: is the node running there, with \
+                         this data directory's key?)"
+                    )
                 });
             bail!("no device connected to {}{why}", plan.target);
         }
@@ -321,6 +338,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
             timeline: Vec::new(),
             connect_s,
             held_at_measure_end: after.held(),
+            connecting: connects.then(|| after.connecting(c.devices)),
             publish,
             raw_sent: raw_sent.as_ref().map(|s| s.load(Relaxed)),
             first_refusal: shared.first_refusal.lock().ok().and_then(|f| f.clone()),
@@ -367,6 +385,10 @@ fn common_figures(r: &mut Report, o: &Outcome) {
     r.node_cpu = o.node_cpu;
     r.devices_held = o.held_at_measure_end;
     r.figure("connect_phase_s", (o.connect_s * 10.0).round() / 10.0);
+    if let Some(n) = o.connecting {
+        r.figure("devices_connected", o.end.first_connects);
+        r.figure("connecting", n);
+    }
     if let Some(f) = &o.first_refusal {
         r.figure("first_refusal", f.as_str());
     }
@@ -440,7 +462,7 @@ fn hold(c: &Common, a: &crate::HoldArgs, config: serde_json::Value) -> Result<Re
     r.lost = o.measured.lost;
     r.set_latency(&o.rtt);
     common_figures(&mut r, &o);
-    r.figure("connect_failed", o.end.connect_failed);
+    r.figure("connect_retries", o.end.connect_retries);
     r.figure("heartbeat_s", a.heartbeat);
     if let (Some(b), Some(e)) = (o.rss_before, o.rss_after) {
         r.figure("node_rss_before_bytes", b);
@@ -540,8 +562,7 @@ fn echo_baseline(c: &Common, ident: Arc<Identity>, window: usize) -> Result<Base
 
 fn echo(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
     // The reflector echoes our packets: any key will do.
-    let master = load_master(c.master_key.as_deref(), c.data_dir.as_deref())?
-        .unwrap_or_else(|| MasterKey::new(rand::random()));
+    let master = load_master_or_random(c.master_key.as_deref(), &c.data_dir)?;
     let ident = identity(c, master)?;
     let window = a.window.min(c.devices as usize);
     let mut plan = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
@@ -580,7 +601,7 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     }
     let mask = bitmask(a.bitmask_bytes)?;
     let ident = identity(c, master(c)?)?;
-    let token = load_token(c.token_file.as_deref(), c.data_dir.as_deref())?;
+    let token = load_token(c.token_file.as_deref(), &c.data_dir)?;
     let http = Http::new(&c.control, token)?;
     let accounts = ident.accounts();
     let per_account: Vec<u64> = (0..accounts)
@@ -662,8 +683,7 @@ fn raw_fanout_baseline(c: &Common, ident: Arc<Identity>, mask: Vec<u8>) -> Resul
 }
 
 fn raw_fanout(c: &Common, a: &crate::RawFanoutArgs, config: serde_json::Value) -> Result<Report> {
-    let master = load_master(c.master_key.as_deref(), c.data_dir.as_deref())?
-        .unwrap_or_else(|| MasterKey::new(rand::random()));
+    let master = load_master_or_random(c.master_key.as_deref(), &c.data_dir)?;
     let ident = identity(c, master)?;
     let mut plan = device_plan(
         c,
@@ -702,7 +722,7 @@ fn churn(c: &Common, a: &crate::ChurnArgs, config: serde_json::Value) -> Result<
     let mut r = Report::new("churn", "disconnect/reconnect cycles", config);
     r.devices = c.devices;
     r.rate_per_s = o.measured.disconnects as f64 / o.wall_s;
-    r.lost = o.measured.lost + o.measured.connect_failed;
+    r.lost = o.measured.lost;
     r.set_latency(&o.rtt);
     common_figures(&mut r, &o);
     r.figure("reconnects_per_s", o.measured.connected as f64 / o.wall_s);
@@ -752,6 +772,7 @@ fn stun_run(
     let probe = Devices {
         shared: &shared,
         rate_of: replies,
+        connecting: None,
     };
     let mut mon = Monitor::new(c, probe, "STUN responses");
     let window = mon.measure(c, label, server);

@@ -4,7 +4,8 @@
 //! bad flags give a one-line error.
 //!
 //! Timeouts are generous (`--timeout-ms 5000`) so a stalled CI machine
-//! delays a reply instead of losing it; nothing asserts a speed.
+//! delays a reply instead of losing it, except where a test is about the
+//! default timers; nothing asserts a speed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -65,11 +66,11 @@ fn loadgen(args: &[&str]) -> Output {
 /// Runs a scenario against `node` with the common small-scale flags and
 /// returns its JSON report.
 fn scenario(node: &TestNode, extra: &[&str]) -> Value {
-    scenario_with_timeout(node, "5000", extra)
+    scenario_with_timeout(node, Some("5000"), extra)
 }
 
-/// [`scenario`] with another `--timeout-ms`.
-fn scenario_with_timeout(node: &TestNode, timeout_ms: &str, extra: &[&str]) -> Value {
+/// [`scenario`] with another `--timeout-ms`, or (`None`) the default.
+fn scenario_with_timeout(node: &TestNode, timeout_ms: Option<&str>, extra: &[&str]) -> Value {
     let json: PathBuf = node
         .data_dir()
         .join(format!("report-{}.json", extra.join("-")));
@@ -86,12 +87,13 @@ fn scenario_with_timeout(node: &TestNode, timeout_ms: &str, extra: &[&str]) -> V
         "2s",
         "--warmup",
         "1s",
-        "--timeout-ms",
-        timeout_ms,
         "--no-progress",
         "--json",
         &json_s,
     ];
+    if let Some(ms) = timeout_ms {
+        args.extend_from_slice(&["--timeout-ms", ms]);
+    }
     args.extend_from_slice(extra);
     let out = loadgen(&args);
     assert!(
@@ -280,11 +282,12 @@ fn fanout_ahead_zero_sends_each_publish_in_its_own_notify() {
 fn fanout_loses_nothing_with_ten_percent_loss_each_way() {
     // The loadgen drops 10 % of what the devices send and of what they
     // receive. Retransmissions, acknowledgements and the pending state in
-    // heartbeat answers must still bring every publish to every device.
+    // heartbeat answers must still bring every publish to every device,
+    // with the default timers and tries.
     let node = TestNode::start();
     let r = scenario_with_timeout(
         &node,
-        "1000",
+        None,
         &[
             "--devices",
             "1000",
@@ -292,8 +295,6 @@ fn fanout_loses_nothing_with_ten_percent_loss_each_way() {
             "100",
             "--loss",
             "10",
-            "--tries",
-            "20",
             "fanout",
             "--rate",
             "200",
@@ -311,6 +312,52 @@ fn fanout_loses_nothing_with_ten_percent_loss_each_way() {
     assert!(u(&f["published"]) > 0);
     assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
     assert_eq!(u(&r["lost"]), 0);
+}
+
+#[test]
+fn fanout_at_thirty_percent_loss_holds_every_device_with_default_retries() {
+    // A simulated device never gives up, as a real one does not. At 30 %
+    // loss each way a connect round trip fails half the time: with the
+    // old give-up after three unanswered connects, about one device in
+    // eight stopped for good and every publish to it counted as lost. With
+    // the default --tries and --timeout-ms, connects are retried with
+    // backoff until every device is held; heartbeats that go unanswered
+    // make a device connect again the same way, and the pending state its
+    // answers carry still brings it every publish.
+    let node = TestNode::start();
+    let r = scenario_with_timeout(
+        &node,
+        None,
+        &[
+            "--devices",
+            "200",
+            "--accounts",
+            "20",
+            "--loss",
+            "30",
+            "fanout",
+            "--rate",
+            "100",
+            "--heartbeat",
+            "2s",
+            "--drain",
+            "12s",
+        ],
+    );
+    let f = &r["figures"];
+    assert!(
+        u(&f["whole_run"]["loss_dropped"]) > 0,
+        "the loss was simulated"
+    );
+    assert!(u(&f["published"]) > 0, "{r}");
+    assert_eq!(u(&r["lost"]), 0, "{r}");
+    assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
+    // Every device connected, and none was given up since: each is held
+    // or connecting again.
+    assert_eq!(u(&f["devices_connected"]), 200, "{r}");
+    assert_eq!(u(&r["devices_held"]) + u(&f["connecting"]), 200, "{r}");
+    assert_eq!(u(&f["whole_run"]["refused_devices"]), 0, "{r}");
+    assert!(u(&f["whole_run"]["connect_retries"]) > 0, "{r}");
 }
 
 #[test]
@@ -430,10 +477,21 @@ fn bad_flags_give_clear_errors() {
         "invalid duration",
     );
     one_line_error(&loadgen(&["nonsense"]), 2, "unrecognized subcommand");
+    // Without --data-dir, mppd's default ./mppd-data (none here).
     one_line_error(
         &loadgen(&["--devices", "10", "heartbeat"]),
         1,
         "give --data-dir DIR",
+    );
+    one_line_error(
+        &loadgen(&["--tries", "0", "heartbeat"]),
+        1,
+        "--tries must be at least 1",
+    );
+    one_line_error(
+        &loadgen(&["--baseline-cpu", "0,1", "heartbeat"]),
+        2,
+        "give one",
     );
     one_line_error(
         &loadgen(&["--devices", "10", "--accounts", "11", "heartbeat"]),

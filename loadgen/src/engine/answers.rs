@@ -169,12 +169,17 @@ impl Worker {
                         self.to_connect.push_back(l as u32);
                     }
                     503 => {
+                        // The node is full: ask again later, as after an
+                        // unanswered connect (docs/PROTOCOL.md §6.9).
                         self.local.refused_full += 1;
-                        self.set_state(l, DeviceState::Dead);
+                        self.connect_later(l, now_us);
                     }
                     _ => {
                         self.local.refused += 1;
-                        self.set_state(l, DeviceState::Dead);
+                        if state != DeviceState::Refused {
+                            self.local.refused_devices += 1;
+                            self.set_state(l, DeviceState::Refused);
+                        }
                     }
                 }
                 if status != 404 {

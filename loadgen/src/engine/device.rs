@@ -1,6 +1,6 @@
 //! One simulated device as a worker holds it: a compact record (its two
-//! packet keys, Serials, the request in flight, a state byte), and the
-//! record of a request in flight.
+//! packet keys, Serials, the request in flight, a state byte), the record of
+//! a heartbeat or disconnect in flight, and a connect's timer.
 //!
 //! It exists so that the record's size is visible and tested: ten million
 //! of them must fit in memory, so it must not grow a field without a test
@@ -14,14 +14,17 @@ use crate::ident::Keys;
 pub(super) enum DeviceState {
     /// Not connected; waiting in the connect queue.
     Idle,
-    /// A connect is in flight (or queued again after a timeout).
+    /// Connecting: a connect in flight, queued to be sent again after a
+    /// timeout, or waiting out a 503. A device never leaves this state by
+    /// giving up.
     Connecting,
     /// Connected: heartbeats and notifies.
     Connected,
     /// A disconnect is in flight (churn).
     Disconnecting,
-    /// Refused for good, or out of connect tries.
-    Dead,
+    /// Refused for good: 401, 403 or another status a retry cannot fix
+    /// (not 404 or 503). It stops, as `proto::Client` aborts.
+    Refused,
 }
 
 /// What a request in flight asks.
@@ -48,16 +51,20 @@ pub(super) struct Device {
     /// Highest notify Serial seen, 0 before the first.
     pub(super) last_notify: u32,
     pub(super) state: DeviceState,
-    /// Sends of the request in flight (or connect attempts).
+    /// Sends of the heartbeat in flight, or connects sent since the device
+    /// last connected (the connect backoff's exponent).
     pub(super) tries: u8,
     /// The device's socket (changes on rebinding).
     pub(super) sock: u16,
     /// Set while a heartbeat from a new socket waits for its answer.
     pub(super) rebinding: bool,
+    /// Set when the device's first connect ended: answered, or refused for
+    /// good (the connect phase lasts until every device's has).
+    pub(super) settled: bool,
 }
 
-/// A request in flight, in the order sent (one timeout for all, so the
-/// queue is in deadline order).
+/// A heartbeat or disconnect in flight, in the order sent (one timeout for
+/// all, so the queue is in deadline order).
 #[derive(Clone, Copy)]
 pub(super) struct Pending {
     pub(super) device: u32,
@@ -66,16 +73,35 @@ pub(super) struct Pending {
     pub(super) kind: RequestKind,
 }
 
+/// When a connect in flight (`serial`) is given up on and sent again, or,
+/// with `serial` 0, when a device refused with 503 connects again. Each
+/// connect waits a backoff of its own, so these sit in a heap, soonest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct ConnectTimer {
+    /// Milliseconds since the run's epoch (compared first).
+    pub(super) due_ms: u64,
+    pub(super) device: u32,
+    pub(super) serial: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The record is what ten million devices cost: 480 bytes of AES round
-    /// keys and 32 of state (the keys' 16-byte alignment rounds it to 512).
+    /// keys (two `PacketKey`s of 240) and 32 of state, the keys' 16-byte
+    /// alignment rounding it to 512 (5.1 GB for ten million).
     #[test]
     fn a_device_record_stays_compact() {
-        assert_eq!(std::mem::size_of::<Keys>(), 480);
-        assert_eq!(std::mem::size_of::<Device>(), 512);
+        use std::mem::size_of;
+        let own = size_of::<Device>() - size_of::<Keys>();
+        assert!(own <= 32, "a device's own state grew to {own} bytes");
+        assert_eq!(
+            size_of::<Keys>(),
+            480,
+            "mpp::packet::PacketKey is no longer 240 bytes: every simulated device grows"
+        );
+        assert_eq!(size_of::<Device>(), 512);
         assert_eq!(std::mem::size_of::<DeviceState>(), 1);
         assert_eq!(std::mem::size_of::<Pending>(), 16);
     }

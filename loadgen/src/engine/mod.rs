@@ -5,10 +5,11 @@
 //! flight, the last notify Serial, a state byte), not a `proto::Client`: ten
 //! million `Client`s would not fit. The requests are built by the library's
 //! `proto::seal_request` and the node's answers read with `packet` and
-//! `codec`, so the wire format has one implementation. The timers are the
-//! client's (docs/PROTOCOL.md §6): a request unanswered for `--timeout-ms` is
-//! resent up to `--tries` times; a device whose heartbeats all go unanswered
-//! connects again.
+//! `codec`, so the wire format has one implementation. The timers follow
+//! the client's (docs/PROTOCOL.md §6.9), except that a simulated device never
+//! gives up on a silent node: a connect is retried with exponential backoff
+//! and jitter for as long as the run lasts, a heartbeat is sent up to
+//! `--tries` times before the device connects again ([`schedule`]).
 //!
 //! Scheduling is by rate, not per-device timers: a connect queue drained at
 //! `--connect-rate`, and a heartbeat sweep that visits every device once per

@@ -10,7 +10,9 @@ use mpp::codec::{Message, PresenceNotify, ServiceHeader};
 use mpp::packet::{seal_in_place, ConnId, HEADER_LEN, MAX_PACKET, MAX_PLAINTEXT};
 use mpp::proto::{seal_request, Request};
 
-use super::device::{Pending, RequestKind};
+use std::cmp::Reverse;
+
+use super::device::{ConnectTimer, Pending, RequestKind};
 use super::worker::Worker;
 use crate::ident::{account_name, device_name, Identity};
 
@@ -77,13 +79,24 @@ impl Worker {
         };
         dev.outstanding = serial;
         dev.sent_us = now_us as u32;
+        let tries = dev.tries;
         self.inflight += 1;
-        self.pending.push_back(Pending {
-            device: l as u32,
-            serial,
-            at_ms: (now_us / 1000) as u32,
-            kind,
-        });
+        if kind == RequestKind::Connect {
+            // Each connect waits a backoff of its own (schedule.rs).
+            let wait = self.connect_wait_ms(tries);
+            self.connect_timers.push(Reverse(ConnectTimer {
+                due_ms: now_us / 1000 + wait,
+                device: l as u32,
+                serial,
+            }));
+        } else {
+            self.pending.push_back(Pending {
+                device: l as u32,
+                serial,
+                at_ms: (now_us / 1000) as u32,
+                kind,
+            });
+        }
         if !self.lose() {
             self.out[s].commit(size);
         }

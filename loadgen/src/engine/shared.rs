@@ -20,7 +20,9 @@ pub(crate) struct Counters {
     pub(crate) connects_sent: AtomicU64,
     pub(crate) connected: AtomicU64,
     pub(crate) dropped: AtomicU64,
-    pub(crate) connect_failed: AtomicU64,
+    pub(crate) connect_retries: AtomicU64,
+    pub(crate) first_connects: AtomicU64,
+    pub(crate) refused_devices: AtomicU64,
     pub(crate) heartbeats_sent: AtomicU64,
     pub(crate) replies: AtomicU64,
     pub(crate) timeouts: AtomicU64,
@@ -52,7 +54,12 @@ pub(crate) struct Snapshot {
     pub(crate) connects_sent: u64,
     pub(crate) connected: u64,
     pub(crate) dropped: u64,
-    pub(crate) connect_failed: u64,
+    /// Connects sent again: unanswered within their backoff, or after a 503.
+    pub(crate) connect_retries: u64,
+    /// Devices connected for the first time (each counts once).
+    pub(crate) first_connects: u64,
+    /// Devices refused for good (401, 403…): they stop, neither held nor connecting.
+    pub(crate) refused_devices: u64,
     pub(crate) heartbeats_sent: u64,
     pub(crate) replies: u64,
     pub(crate) timeouts: u64,
@@ -84,7 +91,9 @@ macro_rules! each_counter {
             connects_sent,
             connected,
             dropped,
-            connect_failed,
+            connect_retries,
+            first_connects,
+            refused_devices,
             heartbeats_sent,
             replies,
             timeouts,
@@ -142,6 +151,12 @@ impl Snapshot {
     pub(crate) fn held(&self) -> u64 {
         self.connected.saturating_sub(self.dropped)
     }
+
+    /// Of `devices`, those neither held nor refused for good: connecting
+    /// (or reconnecting), however long that takes.
+    pub(crate) fn connecting(&self, devices: u64) -> u64 {
+        devices.saturating_sub(self.held() + self.refused_devices)
+    }
 }
 
 /// One account's publish clock (fanout): the notify Serial its first
@@ -172,7 +187,8 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     /// Latencies are recorded while set.
     pub(crate) measuring: AtomicBool,
-    /// Workers whose initial connects are all answered or given up.
+    /// Workers whose devices are all held or refused for good (reported
+    /// once, when the connect phase's work is done).
     pub(crate) connect_done: AtomicU64,
     /// Time zero of the run.
     pub(crate) epoch: Instant,

@@ -6,7 +6,8 @@
 //! timeouts) and [`super::requests`] (sealing requests into the batches).
 //! This file must not build or read packets itself.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use hdrhistogram::Histogram;
 use mpp::net::mmsg::MmsgBatch;
 
-use super::device::{Device, DeviceState, Pending};
+use super::device::{ConnectTimer, Device, DeviceState, Pending};
 use super::{histogram, Mode, Shared, Snapshot, WorkerConfig, WorkerResult, SPIN_US};
 use crate::ident::Identity;
 use crate::io::{send_all, wait_readable};
@@ -64,8 +65,11 @@ pub(super) struct Worker {
     pub(super) rtt: Histogram<u64>,
     pub(super) notify: Histogram<u64>,
     pub(super) connect_reported: bool,
-    /// Devices in state DeviceState::Connecting.
-    pub(super) connecting: usize,
+    /// Connects in flight and 503 waits, soonest first.
+    pub(super) connect_timers: BinaryHeap<Reverse<ConnectTimer>>,
+    /// Devices that have not connected once yet and were not refused for
+    /// good: the connect phase lasts until there are none.
+    pub(super) never_connected: usize,
     /// Drop threshold out of 2³² (simulated loss), and its generator.
     pub(super) loss: u64,
     pub(super) rng: u64,
@@ -111,6 +115,7 @@ impl Worker {
                 tries: 0,
                 sock: (l % socks as u64) as u16,
                 rebinding: false,
+                settled: false,
             });
             if needs_connect {
                 to_connect.push_back(l as u32);
@@ -126,6 +131,7 @@ impl Worker {
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce_salt);
         let now_ms = shared.now_us() / 1000;
         let cfg_loss = cfg.loss.clamp(0.0, 1.0);
+        let never_connected = if needs_connect { devices.len() } else { 0 };
         Ok(Worker {
             out: (0..cfg.sockets.len())
                 .map(|_| MmsgBatch::new(cfg.batch))
@@ -137,6 +143,7 @@ impl Worker {
             devices,
             fds,
             pending: VecDeque::new(),
+            connect_timers: BinaryHeap::new(),
             to_connect,
             inflight: 0,
             cursor: 0,
@@ -157,7 +164,7 @@ impl Worker {
             loss: (cfg_loss * 4_294_967_296.0) as u64,
             rng: u64::from(rand::random::<u32>()) | 1,
             connect_reported: false,
-            connecting: 0,
+            never_connected,
         })
     }
 
@@ -177,10 +184,7 @@ impl Worker {
             let sent = self.generate(now_us);
             self.flush_all(now_us);
             self.shared.counters.add(&mut self.local);
-            if !self.connect_reported
-                && self.to_connect.is_empty()
-                && self.connects_in_flight() == 0
-            {
+            if !self.connect_reported && self.never_connected == 0 {
                 self.report_connect_done();
             }
             if got > 0 || sent > 0 {
@@ -203,19 +207,27 @@ impl Worker {
         self.swept = 0;
     }
 
-    pub(super) fn connects_in_flight(&self) -> usize {
-        self.connecting
-    }
-
-    /// Changes device `l`'s state, keeping the DeviceState::Connecting count.
+    /// Changes device `l`'s state, counting its first connect (and a device
+    /// refused before it ever connected) for the connect phase.
     pub(super) fn set_state(&mut self, l: usize, state: DeviceState) {
         let dev = &mut self.devices[l];
-        if dev.state == DeviceState::Connecting && state != DeviceState::Connecting {
-            self.connecting -= 1;
-        } else if dev.state != DeviceState::Connecting && state == DeviceState::Connecting {
-            self.connecting += 1;
+        let settles = matches!(state, DeviceState::Connected | DeviceState::Refused);
+        if settles && !dev.settled {
+            dev.settled = true;
+            self.never_connected -= 1;
+            if state == DeviceState::Connected {
+                self.local.first_connects += 1;
+            }
         }
         dev.state = state;
+    }
+
+    /// 32 random bits (xorshift64*: simulated loss, backoff jitter).
+    pub(super) fn random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32
     }
 
     /// Whether simulated path loss takes this datagram.
@@ -223,12 +235,7 @@ impl Worker {
         if self.loss == 0 {
             return false;
         }
-        // xorshift64*
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        let x = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
-        if x < self.loss {
+        if self.random() < self.loss {
             self.local.loss_dropped += 1;
             true
         } else {
