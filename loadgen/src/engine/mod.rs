@@ -11,10 +11,12 @@
 //! and jitter for as long as the run lasts, a heartbeat is sent up to
 //! `--tries` times before the device connects again ([`schedule`]).
 //!
-//! Scheduling is by rate, not per-device timers: a connect queue drained at
+//! Scheduling is by rate, not a timer per device: a connect queue drained at
 //! `--connect-rate`, and a heartbeat sweep that visits every device once per
 //! heartbeat period (hold, fanout, churn) or keeps `--window` heartbeats in
-//! flight round-robin (heartbeat, echo).
+//! flight round-robin (heartbeat, echo). Only requests in flight have
+//! deadlines: heartbeats and disconnects in one queue (one timeout), connects
+//! in a heap (each its own backoff).
 //!
 //! Files: [`shared`] (counters and flags the monitor reads), [`device`] (the
 //! device record and its state), [`worker`] (a worker's loop),
