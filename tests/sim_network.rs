@@ -5,7 +5,7 @@
 mod sim;
 
 use mpp::proto::{ClientConfig, ClientEvent, ClientState, DisconnectReason, ServiceConfig};
-use sim::{Knobs, Sim};
+use sim::{Knobs, Sim, SERVER_ADDR};
 
 fn connected(sim: &Sim, d: usize) -> bool {
     sim.devices[d].client.state() == ClientState::Connected
@@ -866,4 +866,113 @@ fn every_publish_is_delivered_or_caught_up_across_absence_and_restarts() {
             );
         }
     }
+}
+
+/// docs/PROTOCOL.md §7.11: revoking a device drops its account's held
+/// connections; the others come back, the revoked credential is refused
+/// (401), and a credential issued after the revocation works.
+#[test]
+fn revoking_a_device_refuses_its_credential_and_only_its() {
+    let mut sim = Sim::new(31, Knobs::default(), ServiceConfig::default());
+    let phone = sim.credential("ann@x", "phone", 3600);
+    let laptop = sim.credential("ann@x", "laptop", 3600);
+    let p = sim.add_device_with(&phone, ClientConfig::default());
+    let l = sim.add_device_with(&laptop, ClientConfig::default());
+    sim.run_for(2_000);
+    assert!(connected(&sim, p) && connected(&sim, l));
+
+    let mut revocations = mpp::proto::revocation::Revocations::new();
+    revocations.revoke_device("ann@x", "phone");
+    let generation = revocations.generation("ann@x", "phone");
+    sim.server
+        .set_revocations(sim.now, std::sync::Arc::new(revocations));
+    assert_eq!(
+        sim.server.stats().revoked,
+        2,
+        "both of the account's connections dropped"
+    );
+    // Their next packets find no connection: 404, connect again.
+    sim.devices[p].client.request_status(sim.now);
+    sim.devices[l].client.request_status(sim.now);
+    sim.run_for(10_000);
+    assert!(connected(&sim, l), "the laptop's credential still verifies");
+    assert_eq!(sim.devices[p].client.state(), ClientState::Aborted);
+    assert!(sim.devices[p].events.iter().any(|e| matches!(
+        e,
+        mpp::proto::ClientEvent::Disconnected(mpp::proto::DisconnectReason::Refused {
+            status: 401,
+            ..
+        })
+    )));
+    // A new credential for the phone, issued at the new generation.
+    let expires = mpp::time::UnixSeconds(sim.now.seconds().0 + 3600);
+    let fresh = mpp::packet::Credential::issue_at_generation(
+        &sim.master,
+        generation,
+        "ann@x",
+        "phone",
+        expires,
+        vec![SERVER_ADDR.into()],
+        &mut sim.rng,
+    )
+    .expect("credential");
+    let again = sim.add_device_with(&fresh, ClientConfig::default());
+    sim.run_for(2_000);
+    assert!(connected(&sim, again));
+    sim.publish("ann@x", &[4]);
+    sim.run_for(2_000);
+    assert!(sim.masks(again).iter().any(|m| m[0] & 4 == 4));
+    assert!(sim.masks(l).iter().any(|m| m[0] & 4 == 4));
+}
+
+/// docs/PROTOCOL.md §7.11: after a key rotation, credentials of the
+/// previous master key keep working until the grace period ends (their
+/// notifies sealed with their key); credentials of the new key work at
+/// once; after the grace, the old ones no longer authenticate.
+#[test]
+fn a_key_rotation_keeps_old_credentials_for_the_grace_period_only() {
+    let mut sim = Sim::new(37, Knobs::default(), ServiceConfig::default());
+    let old_cred = sim.credential("bo@x", "phone", 86_400);
+    let old = sim.add_device_with(&old_cred, ClientConfig::default());
+    sim.run_for(2_000);
+    assert!(connected(&sim, old));
+
+    let previous = sim.master.clone();
+    let new_master = mpp::packet::MasterKey::new([0x77; 32]);
+    let grace_ends = sim.now.plus_millis(300_000);
+    sim.server.set_keys(mpp::proto::KeySet {
+        current: new_master.clone(),
+        parity: 1,
+        previous: Some((previous, grace_ends)),
+    });
+    sim.master = new_master;
+    let new_cred = sim.credential("bo@x", "laptop", 86_400);
+    let new = sim.add_device_with(&new_cred, ClientConfig::default());
+    sim.run_for(2_000);
+    assert!(connected(&sim, new), "a new-key credential connects");
+    sim.publish("bo@x", &[2]);
+    sim.run_for(2_000);
+    for d in [old, new] {
+        assert!(
+            sim.masks(d).iter().any(|m| m[0] & 2 == 2),
+            "device {d} notified during the grace period"
+        );
+    }
+    // The old credential still connects (a reconnect) during the grace.
+    let old_again = sim.add_device_with(&old_cred, ClientConfig::default());
+    sim.run_for(2_000);
+    assert!(connected(&sim, old_again));
+
+    // Past the grace period, only the new key authenticates.
+    sim.run_until(grace_ends.plus_millis(1));
+    let before = sim.server.stats().dropped_auth;
+    sim.publish("bo@x", &[8]);
+    sim.run_for(300_000);
+    assert!(
+        sim.server.stats().dropped_auth > before,
+        "old-key packets fail"
+    );
+    assert!(sim.masks(new).iter().any(|m| m[0] & 8 == 8));
+    assert!(!sim.masks(old).iter().any(|m| m[0] & 8 == 8));
+    assert!(!connected(&sim, old), "the old credential is out");
 }

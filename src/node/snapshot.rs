@@ -53,6 +53,7 @@ const TAG_LEN: usize = 32;
 const FLAG_IPV6: u8 = 1;
 const FLAG_ENDPOINT: u8 = 2;
 const FLAG_VALIDATED: u8 = 4;
+const FLAG_KEY_PARITY: u8 = 0x80;
 const FLAG_CATCH_UP: u8 = 8;
 const TRIES_SHIFT: u8 = 4;
 
@@ -173,12 +174,15 @@ fn encode_connection(c: &SavedConnection, account: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(&c.last_seen.to_le_bytes());
     out.extend_from_slice(&c.expires.to_le_bytes());
     out.extend_from_slice(&account.to_le_bytes());
-    let mut flags = (c.tries.min(15)) << TRIES_SHIFT;
+    let mut flags = (c.tries.min(7)) << TRIES_SHIFT;
     if c.catch_up {
         flags |= FLAG_CATCH_UP;
     }
     if c.validated {
         flags |= FLAG_VALIDATED;
+    }
+    if c.key_parity & 1 == 1 {
+        flags |= FLAG_KEY_PARITY;
     }
     let (port, addr): (u16, Vec<u8>) = match c.endpoint {
         None => (0, Vec::new()),
@@ -448,9 +452,10 @@ fn decode_file(path: &Path, bytes: &[u8], master: &MasterKey) -> Result<ShardFil
             endpoint,
             pending,
             pending_len,
-            tries: flags >> TRIES_SHIFT,
+            tries: (flags >> TRIES_SHIFT) & 0x7,
             catch_up: flags & FLAG_CATCH_UP != 0,
             validated: flags & FLAG_VALIDATED != 0,
+            key_parity: u8::from(flags & FLAG_KEY_PARITY != 0),
         });
     }
     if c.pos != body.len() {

@@ -22,6 +22,9 @@ use crate::time::UnixSeconds;
 /// is a u16be (docs/PROTOCOL.md §4).
 pub const MAX_BINDING_FIELD: usize = u16::MAX as usize;
 
+/// docs/PROTOCOL.md §4: the KDF label of the binding key.
+const BIND_LABEL: &[u8; 4] = b"bind";
+
 /// docs/PROTOCOL.md §4: the domain-separation prefix of every binding.
 const BINDING_PREFIX: &[u8] = b"mpp1 binding";
 
@@ -64,6 +67,20 @@ impl BindingKey {
     /// The binding key of a master key (docs/PROTOCOL.md §4).
     pub fn from_master(master: &MasterKey) -> Self {
         Self::new(&master.bind_key())
+    }
+
+    /// The binding key of a revocation generation (docs/PROTOCOL.md §7.11):
+    /// `KDF(master, "bind", u64be(generation))`; generation 0 is the plain
+    /// binding key of [`BindingKey::from_master`].
+    pub fn for_generation(master: &MasterKey, generation: u64) -> Self {
+        if generation == 0 {
+            return Self::from_master(master);
+        }
+        Self::new(&super::kdf::kdf(
+            master.as_bytes(),
+            BIND_LABEL,
+            &generation.to_be_bytes(),
+        ))
     }
 
     fn mac(
@@ -162,6 +179,22 @@ pub fn verify_binding(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn generation_zero_is_the_plain_binding_key_and_others_differ() {
+        let master = MasterKey::new([3; 32]);
+        let id = ConnId([1, 2, 3, 4, 0, 0, 0, 9]);
+        let t = UnixSeconds(2_000_000_000);
+        let plain = BindingKey::from_master(&master).binding(id, t, "a", "d");
+        let g0 = BindingKey::for_generation(&master, 0).binding(id, t, "a", "d");
+        let g1 = BindingKey::for_generation(&master, 1).binding(id, t, "a", "d");
+        let expected =
+            BindingKey::new(&super::super::kdf::kdf(master.as_bytes(), b"bind", &[0; 8]))
+                .binding(id, t, "a", "d");
+        assert_eq!(plain, g0);
+        assert_eq!(plain, expected, "the label is KDF(master, \"bind\", 0^8)");
+        assert_ne!(plain, g1);
+    }
+
     use super::*;
 
     const KEY: [u8; 32] = [5; 32];

@@ -183,11 +183,27 @@ impl Credential {
         endpoints: Vec<String>,
         rng: &mut impl rand::RngCore,
     ) -> Result<Credential, CredentialError> {
+        Self::issue_at_generation(master, 0, account, device, expires, endpoints, rng)
+    }
+
+    /// [`Credential::issue`] with the binding made under a revocation
+    /// generation (docs/PROTOCOL.md §7.11): what a node issues for an
+    /// account or device that was revoked before.
+    pub fn issue_at_generation(
+        master: &MasterKey,
+        generation: u64,
+        account: &str,
+        device: &str,
+        expires: UnixSeconds,
+        endpoints: Vec<String>,
+        rng: &mut impl rand::RngCore,
+    ) -> Result<Credential, CredentialError> {
         check_name("account", account, MAX_ACCOUNT_LEN)?;
         check_name("device", device, MAX_DEVICE_LEN)?;
         check_endpoints(&endpoints)?;
         let conn_id = ConnId::generate(account, rng);
-        let binding = BindingKey::from_master(master).binding(conn_id, expires, account, device)?;
+        let binding = BindingKey::for_generation(master, generation)
+            .binding(conn_id, expires, account, device)?;
         Ok(Credential {
             conn_id,
             secret: master.secret(conn_id),

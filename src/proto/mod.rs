@@ -12,6 +12,7 @@
 
 pub mod client;
 mod replay;
+pub mod revocation;
 pub mod service;
 pub mod stun;
 
@@ -21,8 +22,8 @@ pub use client::{
 };
 pub use replay::{Freshness, ReplayWindow};
 pub use service::{
-    PublishError, ResolveToken, Restored, SavedConnection, Service, ServiceConfig, ServiceEvent,
-    ServiceStats, WebRequestId, DEFAULT_CATCH_UP_WINDOW_SECS,
+    KeySet, PublishError, ResolveToken, Restored, SavedConnection, Service, ServiceConfig,
+    ServiceEvent, ServiceStats, WebRequestId, DEFAULT_CATCH_UP_WINDOW_SECS,
 };
 
 use std::net::SocketAddr;

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
+use super::revocation::Revocations;
 use super::{
     stun, Freshness, ReplayWindow, Transmit, CONNECTION_TIMEOUT_MS, MAX_BITMASK,
     RETRANSMIT_INITIAL_MS, RETRANSMIT_TRIES,
@@ -151,6 +152,8 @@ pub struct ServiceStats {
     /// Notify retransmissions held back: the endpoint is not validated, so
     /// the pending state waits for the device's next packet.
     pub retransmits_held: u64,
+    /// Connections dropped because a revocation named their account.
+    pub revoked: u64,
     /// Account records whose catch-up window ran out with no device left.
     pub accounts_expired: u64,
 }
@@ -184,6 +187,8 @@ pub struct SavedConnection {
     pub catch_up: bool,
     /// The endpoint was validated (docs/PROTOCOL.md §7.9).
     pub validated: bool,
+    /// The parity of the master key the connection uses (§7.11).
+    pub key_parity: u8,
 }
 
 /// What [`Service::restore`] took back.
@@ -296,6 +301,8 @@ struct Arrival {
     key: [u8; 32],
     /// Bytes of the datagram.
     bytes: u16,
+    /// The parity of the master key that opened it.
+    parity: u8,
 }
 
 /// Who sent an authenticated request, and what its replies need.
@@ -359,6 +366,44 @@ struct RetransmitTimer {
     tries: u8,
 }
 
+/// A master key in use, with what the node derives from it once.
+struct MasterKeyState {
+    master: MasterKey,
+    /// The binding key of generation 0 (nothing revoked).
+    binder: BindingKey,
+    /// Until then (the end of a rotation's grace period); `None`: for good.
+    until: Option<UnixMillis>,
+}
+
+impl MasterKeyState {
+    fn new(master: MasterKey, until: Option<UnixMillis>) -> Self {
+        MasterKeyState {
+            binder: BindingKey::from_master(&master),
+            master,
+            until,
+        }
+    }
+
+    fn usable(&self, now: UnixMillis) -> bool {
+        self.until.is_none_or(|u| now < u)
+    }
+}
+
+/// The node's master keys (docs/PROTOCOL.md §7.11): the current one, and
+/// during a rotation's grace period the previous one, whose credentials
+/// still verify until then.
+#[derive(Clone)]
+pub struct KeySet {
+    /// The master key new connections and credentials use.
+    pub current: MasterKey,
+    /// The current key's parity (0 or 1); each rotation flips it, so the
+    /// previous key has the other one. A connection remembers the parity of
+    /// the key it was opened with.
+    pub parity: u8,
+    /// The previous master key, and the end of its grace period.
+    pub previous: Option<(MasterKey, UnixMillis)>,
+}
+
 /// The MAC behind the endpoint challenges, keyed with `KDF(master, "vali",
 /// 0⁸)` padded to HMAC's block (the same MAC as keying it with the 32 bytes).
 fn validation_mac(master: &MasterKey) -> hmac::Hmac<sha2::Sha256> {
@@ -404,8 +449,13 @@ const SWEEP_STEPS: u64 = 10;
 /// The state of one server shard.
 pub struct Service {
     config: ServiceConfig,
-    master: MasterKey,
-    binder: BindingKey,
+    /// The master keys by parity: the current one, and during a rotation's
+    /// grace period the previous one (docs/PROTOCOL.md §7.11).
+    keys: [Option<MasterKeyState>; 2],
+    /// The parity of the current master key.
+    current: u8,
+    /// Revoked accounts and devices, by generation.
+    revocations: std::sync::Arc<Revocations>,
     /// Keyed with `KDF(master, "vali", 0⁸)`: the challenges of §7.9.
     validator: hmac::Hmac<sha2::Sha256>,
     table: Table,
@@ -444,10 +494,11 @@ impl Service {
     /// fresh OS randomness in production, a constant in tests.
     pub fn new(config: ServiceConfig, master: MasterKey, seed: [u8; 32], now: UnixMillis) -> Self {
         Service {
-            binder: BindingKey::from_master(&master),
             validator: validation_mac(&master),
+            keys: [Some(MasterKeyState::new(master, None)), None],
+            current: 0,
+            revocations: std::sync::Arc::new(Revocations::new()),
             table: Table::new(config.max_connections),
-            master,
             rng: StdRng::from_seed(seed),
             epoch: now,
             replies: VecDeque::new(),
@@ -555,6 +606,7 @@ impl Service {
                 tries: rec.tries(),
                 catch_up: rec.catch_up(),
                 validated: rec.validated(),
+                key_parity: rec.key_parity(),
             })
         })
     }
@@ -608,6 +660,7 @@ impl Service {
             rec.set_window(c.window);
             rec.set_tries(c.tries);
             rec.set_validated(c.validated);
+            rec.set_key_parity(c.key_parity);
             let Ok(slot) = self.table.insert(rec, account) else {
                 done.skipped += 1;
                 continue;
@@ -703,21 +756,36 @@ impl Service {
         // Only packets for unknown conn ids — new connects, or garbage — are
         // throttled per source once that source fails authentication too
         // often.
-        let known = self.table.find(&conn_id).is_some();
-        if !known && !self.auth_failure_limiter.has_token(now, from.ip()) {
+        let held = self.table.find(&conn_id);
+        if held.is_none() && !self.auth_failure_limiter.has_token(now, from.ip()) {
             self.stats.dropped_auth_limited += 1;
             return;
         }
-        // docs/PROTOCOL.md §3: keys derived per packet from the master key.
-        let secret = self.master.expanded_secret(conn_id);
-        let key = secret.key(Direction::ClientToServer);
-        let reply_key = secret.key_bytes(Direction::ServerToClient);
+        // The key to try first: the one the connection uses, else the
+        // current one; the other (during a rotation's grace) second.
+        let first = held
+            .and_then(|s| self.table.get(s))
+            .map_or(self.current, |r| r.key_parity());
         // Decrypt in a reused buffer (its capacity is kept, so no allocation).
         let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        scratch.extend_from_slice(datagram);
-        match open_in_place(&key, &mut scratch) {
-            Ok(plaintext) => match Message::decode(plaintext) {
+        for parity in [first, first ^ 1] {
+            let Some(master) = self.keys[usize::from(parity)]
+                .as_ref()
+                .filter(|k| k.usable(now))
+                .map(|k| &k.master)
+            else {
+                continue;
+            };
+            // docs/PROTOCOL.md §3: keys derived per packet from the master key.
+            let secret = master.expanded_secret(conn_id);
+            let key = secret.key(Direction::ClientToServer);
+            let reply_key = secret.key_bytes(Direction::ServerToClient);
+            scratch.clear();
+            scratch.extend_from_slice(datagram);
+            let Ok(plaintext) = open_in_place(&key, &mut scratch) else {
+                continue;
+            };
+            match Message::decode(plaintext) {
                 Ok(message) => {
                     let arrival = Arrival {
                         from,
@@ -725,19 +793,50 @@ impl Service {
                         via,
                         key: reply_key,
                         bytes: datagram.len() as u16,
+                        parity,
                     };
-                    self.handle_message(now, arrival, message)
+                    self.handle_message(now, arrival, message);
                 }
                 Err(_) => self.stats.dropped_malformed += 1,
-            },
-            Err(_) => {
-                self.stats.dropped_auth += 1;
-                if !known {
-                    self.auth_failure_limiter.allow(now, from.ip());
-                }
             }
+            self.scratch = scratch;
+            return;
+        }
+        self.stats.dropped_auth += 1;
+        if held.is_none() {
+            self.auth_failure_limiter.allow(now, from.ip());
         }
         self.scratch = scratch;
+    }
+
+    /// Takes new master keys (a rotation, docs/PROTOCOL.md §7.11): the
+    /// current one for new connections, the previous one until its grace
+    /// ends. Connections opened with a key the node no longer has stop
+    /// authenticating, and their devices need new credentials.
+    pub fn set_keys(&mut self, keys: KeySet) {
+        let parity = keys.parity & 1;
+        self.validator = validation_mac(&keys.current);
+        self.keys[usize::from(parity)] = Some(MasterKeyState::new(keys.current, None));
+        self.keys[usize::from(parity ^ 1)] = keys
+            .previous
+            .map(|(master, until)| MasterKeyState::new(master, Some(until)));
+        self.current = parity;
+    }
+
+    /// Takes a new table of revocations (docs/PROTOCOL.md §7.11). The held
+    /// connections of every account some of whose credentials it newly
+    /// revokes are dropped: each of their devices must connect again, and
+    /// only those whose credentials still verify get back in (with a
+    /// catch-up, so they miss nothing).
+    pub fn set_revocations(&mut self, now: UnixMillis, revocations: std::sync::Arc<Revocations>) {
+        let seconds = self.seconds_since_epoch(now);
+        for account in revocations.newly_revoked_accounts(&self.revocations) {
+            while let Some(slot) = self.table.account_head(AccountKey::of(account)) {
+                self.table.remove(slot, seconds);
+                self.stats.revoked += 1;
+            }
+        }
+        self.revocations = revocations;
     }
 
     /// docs/PROTOCOL.md §7: the one unauthenticated answer, ≤ 64 bytes, one per
@@ -766,6 +865,7 @@ impl Service {
             via,
             key,
             bytes,
+            parity,
         } = arrival;
         let Some(header) = message.client_header() else {
             self.stats.dropped_unexpected += 1;
@@ -796,7 +896,7 @@ impl Service {
         let reply = |kind| origin.reply(kind);
 
         if let Message::ConnectRequest(req) = &message {
-            self.handle_connect(now, origin, req, echo);
+            self.handle_connect(now, origin, req, echo, parity);
             return;
         }
 
@@ -964,7 +1064,7 @@ impl Service {
             return;
         };
         // Only an acknowledgement of the latest Serial clears the pending bits (§6).
-        if rec.mask_len > 0 && ack == i64::from(self.account_serial(slot)) {
+        if rec.has_pending() && ack == i64::from(self.account_serial(slot)) {
             if rec.catch_up() {
                 self.stats.catch_ups_acked += 1;
             } else {
@@ -980,6 +1080,7 @@ impl Service {
         origin: Origin,
         req: &crate::codec::PresenceConnectRequest<'_>,
         echo: Option<[u8; 8]>,
+        parity: u8,
     ) {
         let Origin {
             from,
@@ -1018,10 +1119,25 @@ impl Service {
             );
             return;
         }
-        match self
-            .binder
-            .verify(conn_id, expires, account, device, binding, now.seconds())
-        {
+        // docs/PROTOCOL.md §7.11: the binding is checked under the key the
+        // packet opened with, at the device's revocation generation.
+        let generation = self.revocations.generation(account, device);
+        let verified = match &self.keys[usize::from(parity)] {
+            None => Err(BindingError::Invalid),
+            Some(k) if generation == 0 => {
+                k.binder
+                    .verify(conn_id, expires, account, device, binding, now.seconds())
+            }
+            Some(k) => BindingKey::for_generation(&k.master, generation).verify(
+                conn_id,
+                expires,
+                account,
+                device,
+                binding,
+                now.seconds(),
+            ),
+        };
+        match verified {
             Ok(()) => {}
             Err(BindingError::Expired) => {
                 self.stats.refused += 1;
@@ -1080,6 +1196,9 @@ impl Service {
             if same_account {
                 self.accept_fresh(now, slot, from, serial, via);
                 self.validate(slot, from, via, echo);
+                if let Some(rec) = self.table.get_mut(slot) {
+                    rec.set_key_parity(parity);
+                }
                 if let Some(rec) = self.table.get_mut(slot) {
                     rec.expires = expires_u32;
                 }
@@ -1142,6 +1261,7 @@ impl Service {
         // docs/PROTOCOL.md §7: a new record's window starts full, so no packet
         // of the device's earlier connections is accepted again.
         rec.set_window(u64::MAX);
+        rec.set_key_parity(parity);
         let slot = match self.table.insert(rec, account) {
             Ok(slot) => slot,
             Err(_) => {
@@ -1306,7 +1426,7 @@ impl Service {
             return;
         };
         // A stale timer: acknowledged, superseded by a newer publish, or the slot was reused.
-        if rec.mask_len == 0 || rec.tries() != t.tries {
+        if !rec.has_pending() || rec.tries() != t.tries {
             return;
         }
         // A record counts at most MAX_TRIES retransmissions.
@@ -1412,7 +1532,7 @@ impl Service {
             return None; // the slot was freed (and maybe reused) since it was queued
         }
         rec.set_queued(false);
-        if !rec.in_use() || rec.mask_len == 0 {
+        if !rec.in_use() || !rec.has_pending() {
             return None; // acknowledged meanwhile
         }
         let rec = *rec;
@@ -1442,12 +1562,17 @@ impl Service {
             },
         });
         let conn_id = ConnId(rec.conn_id);
+        // Sealed with the key the connection was opened with; none left (its
+        // rotation's grace is over): the device needs a new credential.
+        let master = &self.keys[usize::from(rec.key_parity())]
+            .as_ref()
+            .filter(|k| k.usable(now))?
+            .master;
         let dest = Destination {
             conn_id,
             to,
             via: Via::Udp,
-            key: self
-                .master
+            key: master
                 .expanded_secret(conn_id)
                 .key_bytes(Direction::ServerToClient),
         };

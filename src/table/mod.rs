@@ -27,7 +27,7 @@ mod record;
 mod wheel;
 
 pub use account::{Account, CatchUp, CatchUpMask};
-pub use record::{Connection, INLINE_MASK, MAX_TRIES};
+pub use record::{Connection, INLINE_MASK, MASK_ALL_ONES, MAX_TRIES};
 pub use wheel::TimerWheel;
 
 use std::collections::HashMap;
@@ -49,9 +49,6 @@ pub struct AccountSlot(pub u32);
 /// Records per page.
 const PAGE: usize = 4096;
 
-/// `mask_len` of a connection whose pending mask is 32 bytes of `FF` (a
-/// resync, docs/PROTOCOL.md §6.7), held without a side-map entry.
-pub const MASK_ALL_ONES: u8 = 0xFF;
 static ALL_ONES: [u8; 32] = [0xFF; 32];
 
 /// An account's identity inside a shard: the affinity (first 4 bytes of
@@ -418,10 +415,10 @@ impl Table {
     /// The pending notify mask of a connection (empty when nothing is pending).
     pub fn pending_mask(&self, slot: Slot) -> &[u8] {
         let r = self.conns.at(slot.0);
-        if r.mask_len == MASK_ALL_ONES {
+        if r.mask_len() == MASK_ALL_ONES {
             return &ALL_ONES;
         }
-        let n = r.mask_len as usize;
+        let n = r.mask_len() as usize;
         if n <= INLINE_MASK {
             &r.pending[..n]
         } else {
@@ -438,13 +435,13 @@ impl Table {
         // All ones (a resync) stays all ones, and is kept without a side
         // entry: after a node restart every reconnecting device holds one
         // until it acknowledges.
-        if self.conns.at(slot.0).mask_len == MASK_ALL_ONES {
+        if self.conns.at(slot.0).mask_len() == MASK_ALL_ONES {
             return;
         }
         if bits == ALL_ONES {
             let r = self.conns.at_mut(slot.0);
-            let wide = (r.mask_len as usize) > INLINE_MASK;
-            r.mask_len = MASK_ALL_ONES;
+            let wide = (r.mask_len() as usize) > INLINE_MASK;
+            r.set_mask_len(MASK_ALL_ONES);
             r.pending = [0xFF; INLINE_MASK];
             if wide {
                 self.wide_masks.remove(&slot.0);
@@ -460,7 +457,7 @@ impl Table {
         }
         let n = old_len.max(bits.len());
         let r = self.conns.at_mut(slot.0);
-        r.mask_len = n as u8;
+        r.set_mask_len(n as u8);
         if n <= INLINE_MASK {
             r.pending[..n].copy_from_slice(&mask[..n]);
         } else {
@@ -471,8 +468,8 @@ impl Table {
     /// Clears the pending mask of `slot`.
     pub fn clear_pending(&mut self, slot: Slot) {
         let r = self.conns.at_mut(slot.0);
-        let wide = r.mask_len as usize > INLINE_MASK && r.mask_len != MASK_ALL_ONES;
-        r.mask_len = 0;
+        let wide = r.mask_len() as usize > INLINE_MASK && r.mask_len() != MASK_ALL_ONES;
+        r.set_mask_len(0);
         r.pending = [0; INLINE_MASK];
         r.set_tries(0);
         r.set_catch_up(false);

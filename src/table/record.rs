@@ -9,6 +9,12 @@
 /// Pending-mask bytes kept inside the record; longer masks spill to a side map.
 pub const INLINE_MASK: usize = 4;
 
+/// The pending-mask length meaning 32 bytes of `FF` (a resync,
+/// docs/PROTOCOL.md §6.7), held without a side-map entry.
+pub const MASK_ALL_ONES: u8 = 0x3F;
+const MASK_LEN_BITS: u8 = 0x3F;
+const KEY_PARITY: u8 = 0x80;
+
 const IN_USE: u8 = 1;
 const IPV6: u8 = 2;
 const QUEUED: u8 = 4;
@@ -43,9 +49,11 @@ pub struct Connection {
     pub addr_v4: [u8; 4],
     /// UDP port, big-endian (0 = no UDP endpoint yet).
     pub port: [u8; 2],
-    /// Length of the pending mask in bytes (0 = nothing pending, ≤ 32), or
-    /// [`super::MASK_ALL_ONES`] for 32 bytes of `FF`.
-    pub mask_len: u8,
+    /// Low 6 bits: the length of the pending mask in bytes (0 = nothing
+    /// pending, ≤ 32), or [`MASK_ALL_ONES`] for 32 bytes of `FF`. Bit 7:
+    /// which of the node's two master keys the connection uses (its key
+    /// parity, docs/PROTOCOL.md §7.11).
+    pub mask_state: u8,
     /// In use, IPv6, queued for sending, retransmission count (3 bits),
     /// endpoint validated, pending bits from a catch-up.
     pub flags: u8,
@@ -111,6 +119,34 @@ impl Connection {
     /// Marks the pending bits as a catch-up (or no longer).
     pub fn set_catch_up(&mut self, on: bool) {
         self.set_flag(CATCH_UP, on);
+    }
+
+    /// The pending mask's length field: 0 to 32, or [`MASK_ALL_ONES`].
+    pub fn mask_len(&self) -> u8 {
+        self.mask_state & MASK_LEN_BITS
+    }
+
+    /// True while notify bits wait for an acknowledgement.
+    pub fn has_pending(&self) -> bool {
+        self.mask_len() != 0
+    }
+
+    pub(crate) fn set_mask_len(&mut self, len: u8) {
+        self.mask_state = (self.mask_state & !MASK_LEN_BITS) | (len & MASK_LEN_BITS);
+    }
+
+    /// Which of the node's two master keys (0 or 1) the connection uses.
+    pub fn key_parity(&self) -> u8 {
+        u8::from(self.mask_state & KEY_PARITY != 0)
+    }
+
+    /// Records which master key the connection uses.
+    pub fn set_key_parity(&mut self, parity: u8) {
+        if parity & 1 == 1 {
+            self.mask_state |= KEY_PARITY;
+        } else {
+            self.mask_state &= !KEY_PARITY;
+        }
     }
 
     /// True when the endpoint is IPv6 (its address is in the table's side map).

@@ -189,3 +189,20 @@ fn an_all_ones_mask_takes_no_side_entry_and_absorbs_publishes() {
     t.clear_pending(a);
     assert!(t.pending_mask(a).is_empty());
 }
+
+#[test]
+fn key_parity_and_the_pending_length_share_a_byte_without_colliding() {
+    let mut t = Table::new(10);
+    let a = insert(&mut t, 1, "alice").expect("room");
+    t.get_mut(a).expect("live").set_key_parity(1);
+    t.or_pending(a, &[0x01, 0x02]);
+    assert_eq!(t.get(a).expect("live").key_parity(), 1);
+    assert_eq!(t.pending_mask(a), &[0x01, 0x02]);
+    t.or_pending(a, &[0xFF; 32]);
+    assert_eq!(t.get(a).expect("live").key_parity(), 1);
+    assert_eq!(t.pending_mask(a), &[0xFF; 32]);
+    t.clear_pending(a);
+    let r = t.get(a).expect("live");
+    assert!(!r.has_pending());
+    assert_eq!(r.key_parity(), 1);
+}

@@ -67,6 +67,7 @@ fn connection(
         tries: id % 6,
         catch_up: id == 3,
         validated: id.is_multiple_of(2),
+        key_parity: u8::from(id == 4),
     }
 }
 
