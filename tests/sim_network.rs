@@ -557,19 +557,111 @@ fn replayed_packets_of_a_gone_connection_get_rate_limited_refusals() {
     sim.add_device("alice", ClientConfig::default());
     sim.run_for(61_000); // connect + a heartbeat
     let (_, heartbeat) = sim.captured_to_server.last().cloned().expect("captured");
+    let conn_id = sim.devices[0].client.conn_id();
     sim.devices[0].online = false;
     sim.run_for(200_000); // the connection expires
     assert_eq!(sim.server.connections(), 0);
     let victim: std::net::SocketAddr = "127.0.0.77:5000".parse().expect("addr");
+    let key = sim
+        .master
+        .secret(conn_id)
+        .key(mpp::packet::Direction::ServerToClient, conn_id);
     let mut buf = vec![0u8; 2048];
-    let mut answered = 0;
+    let mut refusals = 0;
     for _ in 0..100 {
         sim.server.handle_datagram(sim.now, victim, &heartbeat);
-        while sim.server.poll_transmit(sim.now, &mut buf).is_some() {
-            answered += 1;
+        while let Some(t) = sim.server.poll_transmit(sim.now, &mut buf) {
+            assert_eq!(t.destination, victim);
+            let plain = mpp::packet::open(&key, &buf[..t.size]).expect("sealed for the device");
+            match mpp::codec::Message::decode_liberal(&plain).expect("a message") {
+                mpp::codec::Message::ErrorRefused(r) => {
+                    assert_eq!(r.header.status, Some(404));
+                    refusals += 1;
+                }
+                other => panic!("not a 404: {other:?}"),
+            }
         }
     }
-    assert!(answered <= 20, "{answered} 404s to a forged source");
+    assert_eq!(
+        refusals, 20,
+        "the burst of one (source, conn id), then nothing"
+    );
+}
+
+/// docs/PROTOCOL.md §7.8: refusals are limited per source *and* conn id, so
+/// a host replaying one device's packets from an address does not use up
+/// the refusals another device behind that address is owed.
+#[test]
+fn refusals_are_limited_per_source_and_conn_id() {
+    let mut sim = Sim::new(41, Knobs::default(), ServiceConfig::default());
+    sim.capture = true;
+    let a = sim.add_device("alice", ClientConfig::default());
+    let b = sim.add_device("bob", ClientConfig::default());
+    sim.run_for(2_000);
+    let packet_of = |sim: &Sim, d: usize| {
+        let id = sim.devices[d].client.conn_id();
+        sim.captured_to_server
+            .iter()
+            .rev()
+            .find(|(_, p)| p[..8] == id.0)
+            .map(|(_, p)| p.clone())
+            .expect("captured")
+    };
+    let (pa, pb) = (packet_of(&sim, a), packet_of(&sim, b));
+    // The node forgets both connections (as after a crash).
+    sim.server = mpp::proto::Service::new(
+        ServiceConfig::default(),
+        sim.master.clone(),
+        [9; 32],
+        sim.now,
+    );
+    let nat: std::net::SocketAddr = "198.51.100.1:7000".parse().expect("addr");
+    let mut buf = vec![0u8; 2048];
+    let mut count = |sim: &mut Sim, packet: &[u8], n: usize| {
+        let mut answered = 0;
+        for _ in 0..n {
+            sim.server.handle_datagram(sim.now, nat, packet);
+            while sim.server.poll_transmit(sim.now, &mut buf).is_some() {
+                answered += 1;
+            }
+        }
+        answered
+    };
+    assert_eq!(count(&mut sim, &pa, 100), 20, "a's burst");
+    assert_eq!(count(&mut sim, &pb, 1), 1, "b still gets its 404");
+}
+
+/// docs/PROTOCOL.md §7.9: a connection's resolves are rate-limited (10/s,
+/// burst 20); beyond, each gets Status 429 at once.
+#[test]
+fn resolves_are_rate_limited_per_connection() {
+    let mut sim = Sim::new(43, Knobs::default(), ServiceConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    sim.run_for(2_000);
+    for _ in 0..30 {
+        sim.devices[d].client.resolve(vec![0x12, 0x34, 1, 0, 0, 1]);
+    }
+    sim.run_for(10);
+    let mut asked = 0;
+    while let Some(e) = sim.server.poll_event() {
+        let mpp::proto::ServiceEvent::ResolveUpstream { token, .. } = e;
+        sim.server
+            .handle_resolve_answer(token, Ok(&[0x12, 0x34, 0x81, 0x80]));
+        asked += 1;
+    }
+    sim.run_for(100);
+    let statuses: Vec<_> = sim.devices[d]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::Resolved(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, 20, "the burst went upstream");
+    assert_eq!(statuses.iter().filter(|r| r.is_ok()).count(), 20);
+    assert_eq!(statuses.iter().filter(|r| **r == Err(429)).count(), 10);
+    assert_eq!(sim.server.stats().resolves_limited, 10);
 }
 
 #[test]

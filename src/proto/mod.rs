@@ -11,6 +11,7 @@
 //! CLI and the load generator share one implementation.
 
 pub mod client;
+pub mod limit;
 mod replay;
 pub mod revocation;
 pub mod service;

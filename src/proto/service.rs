@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
+use super::limit::{RateLimiter, DEFAULT_BUCKETS};
 use super::revocation::Revocations;
 use super::{
     stun, Freshness, ReplayWindow, Transmit, CONNECTION_TIMEOUT_MS, MAX_BITMASK,
@@ -154,6 +155,8 @@ pub struct ServiceStats {
     pub retransmits_held: u64,
     /// Connections dropped because a revocation named their account.
     pub revoked: u64,
+    /// Resolves refused (429): the connection asked more than its rate.
+    pub resolves_limited: u64,
     /// Account records whose catch-up window ran out with no device left.
     pub accounts_expired: u64,
 }
@@ -238,6 +241,8 @@ mod status {
     pub(super) const BAD_GATEWAY: u16 = 502;
     pub(super) const UNAVAILABLE: u16 = 503;
     pub(super) const GATEWAY_TIMEOUT: u16 = 504;
+    /// Too many requests: a connection's resolve rate (docs/PROTOCOL.md §7.9).
+    pub(super) const TOO_MANY: u16 = 429;
     /// RFC 8470 "Too Early": the answer is withheld until the device's
     /// address is validated (docs/PROTOCOL.md §7.9); ask again.
     pub(super) const TOO_EARLY: u16 = 425;
@@ -436,7 +441,12 @@ const AUTH_FAILURES_PER_SEC: u32 = 100;
 /// Burst of failed authentications per source address.
 const AUTH_FAILURE_BURST: u32 = 200;
 
-/// Refusals answered per second per source address (docs/PROTOCOL.md §7).
+/// DNS resolves per second per connection (docs/PROTOCOL.md §7.9).
+const RESOLVES_PER_SEC: u32 = 10;
+/// Burst of resolves per connection.
+const RESOLVE_BURST: u32 = 20;
+
+/// Refusals answered per second per source address and conn id (docs/PROTOCOL.md §7.7).
 const REFUSALS_PER_SEC: u32 = 10;
 /// Burst of refusals per source address.
 const REFUSAL_BURST: u32 = 20;
@@ -456,6 +466,8 @@ pub struct Service {
     current: u8,
     /// Revoked accounts and devices, by generation.
     revocations: std::sync::Arc<Revocations>,
+    /// Resolves per connection (docs/PROTOCOL.md §7.9).
+    resolve_limiter: RateLimiter,
     /// Keyed with `KDF(master, "vali", 0⁸)`: the challenges of §7.9.
     validator: hmac::Hmac<sha2::Sha256>,
     table: Table,
@@ -463,15 +475,15 @@ pub struct Service {
     epoch: UnixMillis,
     replies: VecDeque<Reply>,
     stun_replies: VecDeque<(SocketAddr, [u8; stun::MAX_RESPONSE_LEN], u8)>,
-    stun_limiter: stun::SourceRateLimiter,
+    stun_limiter: RateLimiter,
     /// Refusals (404, 403, InvalidSerial, ...) answer packets that are
     /// authenticated but may be replays with a forged source: rate-limited
     /// per source address like every other answer a replay could trigger.
-    refusal_limiter: stun::SourceRateLimiter,
+    refusal_limiter: RateLimiter,
     /// Packets that fail authentication, per source (docs/PROTOCOL.md §7: rate
     /// limits on all unauthenticated traffic). Only failures are charged, so
     /// many honest devices behind one NAT address are never limited.
-    auth_failure_limiter: stun::SourceRateLimiter,
+    auth_failure_limiter: RateLimiter,
     notifies: VecDeque<u32>,
     fragmented: Option<FragmentedSend>,
     next_fragment_id: u16,
@@ -503,20 +515,17 @@ impl Service {
             epoch: now,
             replies: VecDeque::new(),
             stun_replies: VecDeque::new(),
-            auth_failure_limiter: stun::SourceRateLimiter::new(
+            auth_failure_limiter: RateLimiter::new(
                 AUTH_FAILURES_PER_SEC,
                 AUTH_FAILURE_BURST,
-                stun::DEFAULT_BUCKETS,
+                DEFAULT_BUCKETS,
             ),
-            refusal_limiter: stun::SourceRateLimiter::new(
-                REFUSALS_PER_SEC,
-                REFUSAL_BURST,
-                stun::DEFAULT_BUCKETS,
-            ),
-            stun_limiter: stun::SourceRateLimiter::new(
+            resolve_limiter: RateLimiter::new(RESOLVES_PER_SEC, RESOLVE_BURST, DEFAULT_BUCKETS),
+            refusal_limiter: RateLimiter::new(REFUSALS_PER_SEC, REFUSAL_BURST, DEFAULT_BUCKETS),
+            stun_limiter: RateLimiter::new(
                 config.stun_rate_per_sec,
                 config.stun_burst,
-                stun::DEFAULT_BUCKETS,
+                DEFAULT_BUCKETS,
             ),
             notifies: VecDeque::new(),
             fragmented: None,
@@ -708,7 +717,11 @@ impl Service {
     /// an attacker replaying captured packets with a forged source must not
     /// turn the node into an amplifier).
     fn queue_refusal(&mut self, now: UnixMillis, reply: Reply) {
-        if self.refusal_limiter.allow(now, reply.to.ip()) {
+        // Per source and conn id (docs/PROTOCOL.md §7.8): replays of another
+        // device's packets from an address do not use up the refusals owed
+        // to the devices behind it.
+        let key = u64::from_ne_bytes(reply.conn_id.0);
+        if self.refusal_limiter.allow_pair(now, reply.to.ip(), key) {
             self.queue_reply(reply);
         } else {
             self.stats.refusals_rate_limited += 1;
@@ -952,6 +965,15 @@ impl Service {
                 self.queue_reply(reply(ReplyKind::Disconnected));
             }
             Message::ResolveRequest(req) => {
+                // docs/PROTOCOL.md §7.9: a connection's resolves are rate-limited.
+                if !self
+                    .resolve_limiter
+                    .allow_key(now, u64::from_ne_bytes(conn_id.0))
+                {
+                    self.stats.resolves_limited += 1;
+                    self.queue_reply(reply(ReplyKind::Resolved(Err(status::TOO_MANY))));
+                    return;
+                }
                 let query = req.dns_request.as_deref().unwrap_or_default();
                 if query.is_empty() || self.resolves.len() >= self.config.max_pending_resolves {
                     let code = if query.is_empty() {

@@ -7,7 +7,7 @@
 //! is a STUN server for Binding requests with no authentication, answering as
 //! RFC 8489 §6.3 requires, error responses included, with every answer no
 //! larger than [`MAX_RESPONSE_LEN`] bytes; the caller must pass every request
-//! through a [`SourceRateLimiter`] first. `request` decides what a datagram
+//! through a [`super::limit::RateLimiter`] first. `request` decides what a datagram
 //! gets, `response` writes it, `fingerprint` is the CRC both need.
 //!
 //! It must not do I/O or read the clock (time comes in as [`UnixMillis`]), must
@@ -57,9 +57,7 @@
 //! which on this port makes their datagrams MPP packets; the §12 basic server's
 //! TCP transport (this is a UDP port).
 
-use std::net::{IpAddr, SocketAddr};
-
-use crate::time::UnixMillis;
+use std::net::SocketAddr;
 
 mod fingerprint;
 mod request;
@@ -140,7 +138,7 @@ pub fn is_stun(datagram: &[u8]) -> bool {
 /// with a 400 if its attributes are not well-formed. Every answer echoes the
 /// transaction id and, if the request carried a FINGERPRINT, ends with one.
 /// The module documentation lists each rule. The caller is responsible for
-/// rate limiting (docs/PROTOCOL.md §7, [`SourceRateLimiter`]).
+/// rate limiting (docs/PROTOCOL.md §7, [`super::limit::RateLimiter`]).
 pub fn binding_response(
     request: &[u8],
     from: SocketAddr,
@@ -177,171 +175,5 @@ fn error_response(
             response::unknown_attributes(out, txid, &unknown, with_fingerprint)
         }
         _ => response::bad_request(out, txid),
-    }
-}
-
-/// Default number of buckets of a [`SourceRateLimiter`].
-pub const DEFAULT_BUCKETS: usize = 4096;
-/// Most buckets a [`SourceRateLimiter`] will allocate (8 MiB of state).
-pub const MAX_BUCKETS: usize = 1 << 20;
-/// Token amounts are kept in thousandths of a token, so a refill of
-/// `elapsed_ms × rate_per_sec` thousandths is exact.
-const MILLI_TOKENS: u32 = 1000;
-/// Bucket timestamps are milliseconds since an epoch held by the limiter; once
-/// that offset reaches this value every bucket is brought up to date and the
-/// epoch moves to now, so the offsets always fit in a `u32`.
-const REBASE_AFTER_MS: u64 = 1 << 31;
-
-/// One token bucket: 8 bytes.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    /// Tokens available, in thousandths of a token.
-    milli_tokens: u32,
-    /// Time of the last refill, in milliseconds since the limiter's epoch.
-    last_ms: u32,
-}
-
-impl Bucket {
-    /// Adds the tokens earned up to `now_ms` (since the epoch), capped at `cap`.
-    fn refill(&mut self, now_ms: u64, rate_per_sec: u32, cap: u32) {
-        let elapsed = now_ms.saturating_sub(u64::from(self.last_ms));
-        // tokens/s is the same number as thousandths of a token per ms.
-        let earned = elapsed.saturating_mul(u64::from(rate_per_sec));
-        let total = u64::from(self.milli_tokens).saturating_add(earned);
-        self.milli_tokens = total.min(u64::from(cap)) as u32;
-    }
-}
-
-/// Per-source-address token buckets in fixed memory, for the rate limit on
-/// unauthenticated answers (docs/PROTOCOL.md §7), STUN Binding responses first.
-///
-/// Buckets are found by a keyed hash (random keys per limiter) of the source:
-/// an IPv4 address, or the /64 prefix of an IPv6 address, since one host
-/// usually holds a whole /64 and a spoofer could otherwise cycle through it.
-/// Sources whose hashes collide share a bucket, which can only make the limit
-/// stricter for them; memory never grows with the number of sources.
-pub struct SourceRateLimiter {
-    /// The buckets; the length is a power of two.
-    buckets: Box<[Bucket]>,
-    /// Keys of the hash from source to bucket.
-    hasher: ahash::RandomState,
-    /// Tokens added per second; 0 means unlimited.
-    rate_per_sec: u32,
-    /// Bucket capacity in thousandths of a token.
-    cap: u32,
-    /// Origin of the bucket timestamps, set on the first call.
-    epoch: Option<UnixMillis>,
-    /// From this time on every bucket holds at least one token: a token
-    /// taken at `t` leaves its bucket at ≥ 0 and one token's refill time
-    /// later it holds ≥ 1 again. Lets [`has_token`](Self::has_token), which
-    /// a node asks for every packet, answer without hashing the source while
-    /// nothing has been charged lately.
-    every_bucket_has_token_from: UnixMillis,
-}
-
-impl SourceRateLimiter {
-    /// A limiter allowing each source `burst` answers at once and `rate_per_sec`
-    /// more per second, with `buckets` buckets (rounded up to a power of two,
-    /// at least 1 and at most [`MAX_BUCKETS`]; [`DEFAULT_BUCKETS`] is a good
-    /// size). `burst` is at least 1 and at most 4 294 967.
-    ///
-    /// `rate_per_sec == 0` means unlimited: every call to
-    /// [`allow`](Self::allow) says yes. That is meant for benchmarks and load
-    /// tests only; a node facing the Internet must set a rate.
-    pub fn new(rate_per_sec: u32, burst: u32, buckets: usize) -> Self {
-        // Clamped first, so the rounding cannot overflow.
-        let n = buckets.clamp(1, MAX_BUCKETS).next_power_of_two();
-        let cap = burst.clamp(1, u32::MAX / MILLI_TOKENS) * MILLI_TOKENS;
-        let full = Bucket {
-            milli_tokens: cap,
-            last_ms: 0,
-        };
-        SourceRateLimiter {
-            buckets: vec![full; if rate_per_sec == 0 { 1 } else { n }].into_boxed_slice(),
-            hasher: ahash::RandomState::new(),
-            rate_per_sec,
-            cap,
-            epoch: None,
-            every_bucket_has_token_from: UnixMillis(0),
-        }
-    }
-
-    /// Whether `ip` may be answered at `now`: refills its bucket for the time
-    /// elapsed (up to the burst) and takes one token if there is one.
-    pub fn allow(&mut self, now: UnixMillis, ip: IpAddr) -> bool {
-        let refill_ms = u64::from(MILLI_TOKENS.div_ceil(self.rate_per_sec.max(1)));
-        match self.bucket_at(now, ip) {
-            None => true,
-            Some(bucket) if bucket.milli_tokens >= MILLI_TOKENS => {
-                bucket.milli_tokens -= MILLI_TOKENS;
-                let full_again = now.plus_millis(refill_ms);
-                if full_again > self.every_bucket_has_token_from {
-                    self.every_bucket_has_token_from = full_again;
-                }
-                true
-            }
-            Some(_) => false,
-        }
-    }
-
-    /// Whether `ip` has a token at `now`, without taking it: for limits
-    /// that only charge what went wrong (a failed authentication).
-    pub fn has_token(&mut self, now: UnixMillis, ip: IpAddr) -> bool {
-        if now >= self.every_bucket_has_token_from {
-            return true;
-        }
-        self.bucket_at(now, ip)
-            .is_none_or(|bucket| bucket.milli_tokens >= MILLI_TOKENS)
-    }
-
-    /// `ip`'s bucket refilled up to `now`; `None` when unlimited.
-    fn bucket_at(&mut self, now: UnixMillis, ip: IpAddr) -> Option<&mut Bucket> {
-        if self.rate_per_sec == 0 {
-            return None;
-        }
-        let epoch = *self.epoch.get_or_insert(now);
-        let mut now_ms = now.millis_since(epoch);
-        if now_ms >= REBASE_AFTER_MS {
-            self.rebase(now, now_ms);
-            now_ms = 0;
-        }
-        let (rate, cap) = (self.rate_per_sec, self.cap);
-        let i = self.bucket_index(ip);
-        let bucket = &mut self.buckets[i];
-        bucket.refill(now_ms, rate, cap);
-        // now_ms < REBASE_AFTER_MS < 2^32 here; never move a bucket's clock back.
-        bucket.last_ms = bucket.last_ms.max(now_ms as u32);
-        Some(bucket)
-    }
-
-    /// Brings every bucket up to `now` (`now_ms` after the old epoch) and makes
-    /// `now` the epoch. Refilling in two steps gives the same tokens as in one.
-    fn rebase(&mut self, now: UnixMillis, now_ms: u64) {
-        let (rate, cap) = (self.rate_per_sec, self.cap);
-        for bucket in self.buckets.iter_mut() {
-            bucket.refill(now_ms, rate, cap);
-            bucket.last_ms = 0;
-        }
-        self.epoch = Some(now);
-    }
-
-    /// The bucket of a source: IPv4 address or IPv6 /64, canonicalised so an
-    /// IPv4-mapped IPv6 address shares the bucket of its IPv4 address.
-    fn bucket_index(&self, ip: IpAddr) -> usize {
-        let key: (u8, u64) = match ip.to_canonical() {
-            IpAddr::V4(v4) => (4, u64::from(u32::from(v4))),
-            IpAddr::V6(v6) => (6, (u128::from(v6) >> 64) as u64),
-        };
-        (self.hasher.hash_one(key) as usize) & (self.buckets.len() - 1)
-    }
-}
-
-impl std::fmt::Debug for SourceRateLimiter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceRateLimiter")
-            .field("rate_per_sec", &self.rate_per_sec)
-            .field("burst", &(self.cap / MILLI_TOKENS))
-            .field("buckets", &self.buckets.len())
-            .finish_non_exhaustive()
     }
 }
