@@ -261,10 +261,10 @@ fn modified(path: &Path) -> Option<SystemTime> {
 impl Watch {
     /// A watch that takes the files as they are now as seen.
     pub fn new(dir: &Path) -> Self {
-        let mut w = Watch::default();
-        w.keys = Self::key_times(dir);
-        w.revocations = modified(&dir.join(REVOCATIONS_FILE));
-        w
+        Watch {
+            keys: Self::key_times(dir),
+            revocations: modified(&dir.join(REVOCATIONS_FILE)),
+        }
     }
 
     fn key_times(dir: &Path) -> Vec<Option<SystemTime>> {
