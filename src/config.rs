@@ -386,6 +386,23 @@ settings! {
     /// HTTP control address (publish, credentials, metrics, web transport);
     /// port 0 picks a free port.
     http: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 15099)), "ADDR";
+    /// Public HTTP address for the web transport alone (POST
+    /// /.well-known/mmmpresence/); unset = served on the http address.
+    web: Option<SocketAddr> = None, "ADDR";
+    /// How long an HTTP client may take to send a request head (ms), from
+    /// its connection or its first byte; slower connections are closed.
+    http_header_timeout_ms: u64 = 5_000, "MS", check within(100, 600_000);
+    /// How long an HTTP client may take to send a request body after its
+    /// head, and a write to it may stall (ms); then the connection is closed.
+    http_body_timeout_ms: u64 = 10_000, "MS", check within(100, 600_000);
+    /// How long a kept-alive HTTP connection may wait for its next request (ms).
+    http_idle_timeout_ms: u64 = 30_000, "MS", check within(100, 3_600_000);
+    /// HTTP connections the control address holds at once; more are closed
+    /// as soon as they are accepted.
+    http_max_connections: usize = 1024, "N", check within(1, 1 << 20);
+    /// HTTP connections the web address holds at once (when web is set);
+    /// more are closed as soon as they are accepted.
+    web_max_connections: usize = 1024, "N", check within(1, 1 << 20);
     /// Data directory: master.key and admin.token, created on first start.
     data_dir: PathBuf = PathBuf::from("./mppd-data"), "DIR";
     /// Shards (threads); 0 = one per available core.
@@ -411,6 +428,10 @@ settings! {
     /// Microseconds a shard keeps polling after its last datagram before it
     /// sleeps; 0 = sleep at once.
     spin_us: u64 = 0, "US", check at_most(100_000);
+    /// Start even when the cBPF steering program cannot be attached: the
+    /// kernel then spreads datagrams by flow hash and shards forward, once
+    /// authenticated, those of other shards' accounts (slower).
+    allow_fallback_steering: bool = false, "BOOL";
     /// Upstream DNS server for the resolve proxy; unset = resolves answer 502.
     dns_upstream: Option<SocketAddr> = None, "ADDR";
     /// host:port endpoints written into issued credentials (comma-separated);
@@ -821,6 +842,13 @@ mod tests {
         match key {
             "udp" => "127.0.0.1:4000",
             "http" => "127.0.0.1:4001",
+            "web" => "0.0.0.0:8443",
+            "http_header_timeout_ms" => "2000",
+            "http_body_timeout_ms" => "3000",
+            "http_idle_timeout_ms" => "4000",
+            "http_max_connections" => "100",
+            "web_max_connections" => "5000",
+            "allow_fallback_steering" => "true",
             "data_dir" => "/tmp/mppd-example",
             "threads" => "3",
             "cpus" => "0,2-3",

@@ -1,7 +1,7 @@
 //! The control API over real HTTP/1.1 on loopback (docs/PROTOCOL.md §9): a fake
-//! node behind `control::serve`, spoken to with raw requests on a
-//! `std::net::TcpStream` and `Connection: close`. Reads have bounded timeouts
-//! and nothing sleeps.
+//! node behind `control::serve` (or `serve_listeners`, for a control and a
+//! web listener), spoken to with raw requests on a `std::net::TcpStream` and
+//! `Connection: close`. Reads have bounded timeouts and nothing sleeps.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mpp::control::{
-    serve, Exposition, NodeApi, Overloaded, DEFAULT_CREDENTIAL_TTL_SECS, MAX_NOTIFY_BATCH,
-    MAX_REQUEST_BODY,
+    serve, serve_listeners, Exposition, HttpLimits, HttpListener, NodeApi, Overloaded, Routes,
+    DEFAULT_CREDENTIAL_TTL_SECS, MAX_NOTIFY_BATCH, MAX_REQUEST_BODY,
 };
 use mpp::node::metrics::{render, NodeMetrics};
 use mpp::node::shard::ShardMetrics;
@@ -44,6 +44,8 @@ struct FakeNode {
     web_mode: Mutex<WebMode>,
     web_requests: Mutex<Vec<(SocketAddr, Vec<u8>)>>,
     silent_senders: Mutex<Vec<oneshot::Sender<Vec<Vec<u8>>>>>,
+    /// What `health` answers.
+    health: Mutex<Result<(), String>>,
 }
 
 impl FakeNode {
@@ -55,6 +57,7 @@ impl FakeNode {
             web_mode: Mutex::new(WebMode::Reply(vec![])),
             web_requests: Mutex::default(),
             silent_senders: Mutex::default(),
+            health: Mutex::new(Ok(())),
         }
     }
 
@@ -138,6 +141,10 @@ impl NodeApi for FakeNode {
         };
         render(&snapshot, out);
     }
+
+    fn health(&self) -> Result<(), String> {
+        self.health.lock().expect("lock").clone()
+    }
 }
 
 /// `serve` on 127.0.0.1:0 in its own thread and current-thread runtime;
@@ -177,37 +184,55 @@ impl TestServer {
         }
     }
 
+    /// A control listener (admin API, metrics, health) and a web listener
+    /// (the web transport alone) on one `serve_listeners`; the web
+    /// listener's address.
+    fn start_split() -> (Self, SocketAddr) {
+        let node = Arc::new(FakeNode::new());
+        let bind = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        };
+        let (control, web) = (bind(), bind());
+        let addr = control.local_addr().expect("local addr");
+        let web_addr = web.local_addr().expect("local addr");
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let api: Arc<dyn NodeApi> = node.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listeners = vec![
+                    HttpListener {
+                        listener: tokio::net::TcpListener::from_std(control)?,
+                        routes: Routes::Admin,
+                        limits: HttpLimits::default(),
+                    },
+                    HttpListener {
+                        listener: tokio::net::TcpListener::from_std(web)?,
+                        routes: Routes::Web,
+                        limits: HttpLimits::default(),
+                    },
+                ];
+                serve_listeners(listeners, api, TOKEN.to_owned(), async move {
+                    let _ = signal.await;
+                })
+                .await
+            })
+        });
+        let server = TestServer {
+            addr,
+            node,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        };
+        (server, web_addr)
+    }
+
     fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-        let mut stream = TcpStream::connect(self.addr).expect("connect");
-        let timeout = Some(Duration::from_secs(10));
-        stream.set_read_timeout(timeout).expect("read timeout");
-        stream.set_write_timeout(timeout).expect("write timeout");
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            self.addr,
-            body.len()
-        );
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str("\r\n");
-        // The server may answer (413) and close before reading the whole
-        // body; the answer is still in our receive buffer then.
-        let _ = stream
-            .write_all(head.as_bytes())
-            .and_then(|()| stream.write_all(body));
-        let mut raw = Vec::new();
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match stream.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => raw.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => break,
-                Err(e) => panic!("reading the response to {method} {path}: {e}"),
-            }
-        }
-        Reply::parse(&raw)
+        request_at(self.addr, method, path, headers, body)
     }
 
     fn post(&self, path: &str, token: Option<&str>, body: &[u8]) -> Reply {
@@ -226,6 +251,47 @@ impl TestServer {
     fn get(&self, path: &str) -> Reply {
         self.request("GET", path, &[], b"")
     }
+}
+
+/// One request to `addr` on its own connection.
+fn request_at(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+
+    let timeout = Some(Duration::from_secs(10));
+    stream.set_read_timeout(timeout).expect("read timeout");
+    stream.set_write_timeout(timeout).expect("write timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        addr,
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    // The server may answer (413) and close before reading the whole
+    // body; the answer is still in our receive buffer then.
+    let _ = stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body));
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => break,
+            Err(e) => panic!("reading the response to {method} {path}: {e}"),
+        }
+    }
+    Reply::parse(&raw)
 }
 
 impl Drop for TestServer {
@@ -748,4 +814,96 @@ fn metrics_have_every_family_with_shard_labels() {
         assert!(text.lines().any(|l| l == sample), "missing {sample}");
     }
     assert!(!text.contains("shard=\"2\""));
+}
+
+#[test]
+fn healthz_is_503_with_the_reason_when_the_node_is_unhealthy() {
+    let server = TestServer::start();
+    *server.node.health.lock().expect("lock") =
+        Err("shard 1: the shard's thread panicked; the node is exiting".into());
+    let r = server.get("/healthz");
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.error(),
+        "shard 1: the shard's thread panicked; the node is exiting"
+    );
+    *server.node.health.lock().expect("lock") = Ok(());
+    let r = server.get("/healthz");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "ok");
+}
+
+#[test]
+fn metrics_count_the_http_connections() {
+    let server = TestServer::start();
+    let text = server.get("/metrics").text();
+    for family in [
+        "mpp_http_connections gauge",
+        "mpp_http_connections_accepted_total counter",
+        "mpp_http_connections_refused_total counter",
+        "mpp_http_timeouts_total counter",
+    ] {
+        assert!(
+            text.contains(&format!("\n# TYPE {family}\n")),
+            "TYPE {family}"
+        );
+    }
+    // The scrape's own connection is open while the page is written.
+    assert!(text
+        .lines()
+        .any(|l| l == "mpp_http_connections{listener=\"control\"} 1"));
+    for phase in ["header", "body", "idle", "write"] {
+        let line = format!("mpp_http_timeouts_total{{listener=\"control\",phase=\"{phase}\"}} 0");
+        assert!(text.lines().any(|l| l == line), "missing {line}");
+    }
+    assert!(!text.contains("listener=\"web\""), "no web listener here");
+}
+
+/// docs/PROTOCOL.md §9: with a web listener, the web transport is served
+/// there and only there; the admin API, metrics and health only on the
+/// control listener.
+#[test]
+fn a_web_listener_serves_only_the_web_transport() {
+    let (server, web) = TestServer::start_split();
+    *server.node.web_mode.lock().expect("lock") = WebMode::Reply(vec![vec![0xcc; 2]]);
+    let path = "/.well-known/mmmpresence/";
+    let r = request_at(web, "POST", path, &[], b"packet");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, [0, 2, 0xcc, 0xcc]);
+    let requests = server.node.web_requests.lock().expect("lock").clone();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].0.ip(), web.ip(), "the web peer's address");
+
+    let r = server.request("POST", path, &[], b"packet");
+    assert_eq!(r.status, 404, "the web transport on the control listener");
+    assert_eq!(server.node.web_requests.lock().expect("lock").len(), 1);
+
+    let auth = format!("Bearer {TOKEN}");
+    let admin = [("Authorization", auth.as_str())];
+    let notify = json!({"account": "a", "bitmask": "01"}).to_string();
+    let credential = json!({"account": "a", "device": "d"}).to_string();
+    for (method, path, body) in [
+        ("POST", "/v1/notify", notify.as_bytes()),
+        ("POST", "/v1/credentials", credential.as_bytes()),
+        ("GET", "/metrics", &b""[..]),
+        ("GET", "/healthz", &b""[..]),
+    ] {
+        let r = request_at(web, method, path, &admin, body);
+        assert_eq!(r.status, 404, "{method} {path} on the web listener");
+        assert_eq!(r.error(), "no such endpoint");
+    }
+    assert!(server.node.published().is_empty());
+    assert!(server.node.issued_ttls.lock().expect("lock").is_empty());
+
+    // …and they are served on the control listener, which reports both.
+    let r = server.notify(&json!({"account": "a", "bitmask": "01"}));
+    assert_eq!(r.status, 202);
+    assert_eq!(server.get("/healthz").status, 200);
+    let text = server.get("/metrics").text();
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("mpp_http_connections_accepted_total{listener=\"web\"} ")));
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("mpp_http_connections_accepted_total{listener=\"control\"} ")));
 }

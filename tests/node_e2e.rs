@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use mpp::config::IoChoice;
 use mpp::net::socket::bind_group;
 use mpp::net::{IoBackend, Waker};
+use mpp::node::router::Fault;
 use mpp::node::router::{Router, ShardMessage};
-use mpp::node::shard::ShardMetrics;
-use mpp::node::{shard::ShardSetup, Clock};
+use mpp::node::shard::{ShardHealth, ShardMetrics};
+use mpp::node::{shard::ShardSetup, Clock, StartError, TestHooks};
 use mpp::packet::{account_affinity, Credential, MasterKey, MAX_PACKET};
 use mpp::proto::{ClientConfig, ClientEvent, ServiceConfig};
 use mpp::time::UnixSeconds;
@@ -38,6 +39,11 @@ on_both_drivers!(
     stun_binding_request_over_ipv6,
     web_transport_answers_an_endpoint_request,
     shutdown_stops_every_thread_and_frees_the_ports,
+    a_web_listener_takes_the_web_transport_off_the_control_port,
+    web_transport_returns_the_resolve_answer,
+    web_transport_returns_a_resolve_timeout,
+    a_shard_whose_io_fails_makes_the_node_unhealthy_and_exit,
+    fallback_steering_keeps_garbage_away_from_publishes,
 );
 
 /// A client that never resends a connect within a test's deadline, so
@@ -161,19 +167,21 @@ fn connections_are_steered_to_their_accounts_shard(io: IoChoice) {
     assert_eq!(m.shard("mpp_connections", 0), 2);
     assert_eq!(m.shard("mpp_connections", 1), 3);
     assert_eq!(m.sum("mpp_threads", &[]), 2);
-    // Nothing was published and no web request was made, so any message in a
-    // shard's inbox would be a datagram forwarded from the wrong socket.
+    // A datagram that reached the wrong shard's socket would have been
+    // forwarded (or dropped there).
     assert_eq!(
-        m.sum("mpp_router_forwarded_total", &[]),
+        m.sum("mpp_misrouted_forwarded_total", &[]) + m.sum("mpp_misrouted_dropped_total", &[]),
         0,
         "a datagram reached the wrong shard's socket: the steering program is not attached \
          or selects another socket than affinity mod N"
     );
+    assert_eq!(m.sum("mpp_forwarded_in_total", &[]), 0);
+    assert_eq!(m.sum("mpp_router_forwarded_total", &[]), 0);
 }
 
-/// Case 4: the router's forward path. The node always attaches the steering
-/// program, so from outside a datagram cannot be made to reach the wrong
-/// socket. The shard layer is public, though: this runs two real shard loops
+/// Case 4: the router's forward path. The node attaches the steering
+/// program (or refuses to start), so from outside a datagram cannot be made
+/// to reach the wrong socket. The shard layer is public, though: this runs two real shard loops
 /// (`mpp::node::shard::run`) over a SO_REUSEPORT group *without* the program, the
 /// fallback mode of docs/PROTOCOL.md §8, where the kernel spreads flows by hash.
 /// Devices of one account connect from new source ports until one lands on
@@ -199,6 +207,7 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
             }))
         })
         .collect();
+    let health = ShardHealth::new(2);
     let mut threads = Vec::new();
     for (i, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
         let setup = ShardSetup {
@@ -218,6 +227,7 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
             clock,
             restore: None,
             save: None,
+            health: health.clone(),
         };
         threads.push(std::thread::spawn(move || mpp::node::shard::run(setup)));
     }
@@ -249,19 +259,24 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
         let mut d = Device::with_config(&credential, addr, patient());
         d.connect();
         devices.push(d);
-        // Only misrouted datagrams enter an inbox before the publish.
-        if devices.len() >= 4 && router.forwarded(owner) > 0 {
+        // Only misrouted datagrams are forwarded.
+        if devices.len() >= 4 && router.forwarded_datagrams(owner) > 0 {
             break;
         }
     }
-    let forwarded = router.forwarded(owner);
+    let forwarded = router.forwarded_datagrams(owner);
     assert!(
         forwarded > 0,
         "none of {} flows was hashed to shard {other}'s socket (odds 2^-32): \
          is a steering program attached to a fresh group?",
         devices.len()
     );
-    assert_eq!(router.forwarded(other), 0);
+    assert_eq!(router.forwarded_datagrams(other), 0);
+    assert_eq!(
+        router.forwarded(owner),
+        0,
+        "nothing took the inbox of publishes"
+    );
 
     assert!(router
         .send(
@@ -290,8 +305,9 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
     // Each shard publishes its counters every 200 ms: wait for both to show
     // the (monotonic) counts checked below.
     for _ in 0..10_000 {
-        let done =
-            snapshot(owner).service.notifies_acked >= n && snapshot(other).datagrams_received > 0;
+        let done = snapshot(owner).service.notifies_acked >= n
+            && snapshot(other).datagrams_received > 0
+            && snapshot(other).misrouted_forwarded > 0;
         if done || Instant::now() >= until {
             break;
         }
@@ -308,6 +324,10 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
     assert_eq!(
         oth.service.datagrams_in, 0,
         "the other shard handed nothing to its state machine"
+    );
+    assert!(
+        oth.misrouted_forwarded > 0 && oth.misrouted_dropped == 0,
+        "every misrouted datagram authenticated and was forwarded: {oth:?}"
     );
     assert!(
         oth.datagrams_received > 0,
@@ -607,6 +627,367 @@ fn shutdown_stops_every_thread_and_frees_the_ports(io: IoChoice) {
     UdpSocket::bind(udp).expect("the UDP port is free again");
 }
 
+/// Case 10: docs/PROTOCOL.md §9. With `web` set, the web transport answers
+/// on the web address and 404s on the control address; the admin API,
+/// `/metrics` and `/healthz` answer only on the control address.
+fn a_web_listener_takes_the_web_transport_off_the_control_port(io: IoChoice) {
+    let node = TestNode::start_with(io, |c| c.web = Some("127.0.0.1:0".parse().expect("addr")));
+    let web = node.web.expect("the node reports its web address");
+    assert_ne!(web, node.http);
+    assert_ne!(web.port(), 0);
+    let mut d = node.device("kate@example.com", "laptop");
+    d.client.request_endpoint();
+    let mut buf = vec![0u8; MAX_PACKET];
+    let n = d.client.poll_transmit(&mut buf).expect("a request").size;
+    let packet = buf[..n].to_vec();
+    let post = |addr| {
+        node::http(
+            addr,
+            "POST",
+            "/.well-known/mmmpresence/",
+            None,
+            "application/octet-stream",
+            &packet,
+        )
+    };
+    let r = post(node.http);
+    assert_eq!(
+        r.status, 404,
+        "the control port still serves the web transport"
+    );
+    let r = post(web);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for p in split_replies(&r.body) {
+        d.client.handle_datagram(node::now(), &p);
+    }
+    let mut events = Vec::new();
+    while let Some(e) = d.client.poll_event() {
+        events.push(e);
+    }
+    assert_eq!(events, [ClientEvent::Endpoint(r.local)]);
+
+    let notify = serde_json::json!({"account": "kate@example.com", "bitmask": "01"}).to_string();
+    let credential = serde_json::json!({"account": "kate@example.com", "device": "x"}).to_string();
+    for (method, path, body) in [
+        ("POST", "/v1/notify", notify.as_bytes()),
+        ("POST", "/v1/credentials", credential.as_bytes()),
+        ("GET", "/metrics", &b""[..]),
+        ("GET", "/healthz", &b""[..]),
+    ] {
+        let r = node::http(
+            web,
+            method,
+            path,
+            Some(&node.token),
+            "application/json",
+            body,
+        );
+        assert_eq!(
+            r.status,
+            404,
+            "{method} {path} on the web address: {}",
+            r.text()
+        );
+    }
+    // The control port keeps everything else.
+    node.publish("kate@example.com", "02");
+    assert_eq!(d.wait_notify()[0].1, [0x02]);
+    let r = node::http(node.http, "GET", "/healthz", None, "", b"");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    let m = node.metrics();
+    assert!(
+        m.sum(
+            "mpp_http_connections_accepted_total",
+            &[("listener", "web")]
+        ) >= 5
+    );
+}
+
+/// A DNS query for `example.com` A, with id `id`.
+fn dns_query(id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    q.extend_from_slice(b"\x07example\x03com\x00\x00\x01\x00\x01");
+    q
+}
+
+/// A UDP "DNS server" on loopback: answers each query with its id and
+/// `canned` (or, with `None`, never answers); the queries it saw.
+struct FakeDns {
+    addr: SocketAddr,
+    queries: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl FakeDns {
+    fn start(canned: Option<&'static [u8]>) -> FakeDns {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let seen = queries.clone();
+        // Ends when no query came for WAIT (the test is over).
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Some((n, from)) = node::recv_from(&socket, &mut buf) {
+                seen.lock().expect("lock").push(buf[..n].to_vec());
+                if let (Some(canned), true) = (canned, n >= 2) {
+                    let mut answer = buf[..2].to_vec();
+                    answer.extend_from_slice(canned);
+                    let _ = socket.send_to(&answer, from);
+                }
+            }
+        });
+        FakeDns { addr, queries }
+    }
+}
+
+/// Sends one resolve over the web transport; the client's events from the
+/// answer.
+fn resolve_over_web(node: &TestNode, d: &mut Device, query: &[u8]) -> Vec<ClientEvent> {
+    d.client.resolve(query.to_vec());
+    let mut buf = vec![0u8; MAX_PACKET];
+    let n = d.client.poll_transmit(&mut buf).expect("a resolve").size;
+    let r = post_packet(node, &buf[..n]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let replies = split_replies(&r.body);
+    assert!(!replies.is_empty(), "the web answer carries no packet");
+    for p in &replies {
+        d.client.handle_datagram(node::now(), p);
+    }
+    let mut events = Vec::new();
+    while let Some(e) = d.client.poll_event() {
+        events.push(e);
+    }
+    events
+}
+
+/// Case 11: docs/PROTOCOL.md D22. A resolve over the web transport is held
+/// open until the upstream answered, and its answer is the resolve response.
+fn web_transport_returns_the_resolve_answer(io: IoChoice) {
+    const CANNED: &[u8] = b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00canned-answer";
+    let dns = FakeDns::start(Some(CANNED));
+    let node = TestNode::start_with(io, |c| c.dns_upstream = Some(dns.addr));
+    let mut d = node.device("lena@example.com", "phone");
+    let query = dns_query(0x4d2);
+    let events = resolve_over_web(&node, &mut d, &query);
+    let mut expected = query[..2].to_vec();
+    expected.extend_from_slice(CANNED);
+    assert_eq!(events, [ClientEvent::Resolved(Ok(expected))]);
+    assert_eq!(dns.queries.lock().expect("lock").clone(), [query]);
+}
+
+/// Case 12: a resolve over the web transport whose upstream never answers
+/// gets the node's 504 (its resolve timeout, here shorter than the web
+/// transport's 2 s), not an empty answer.
+fn web_transport_returns_a_resolve_timeout(io: IoChoice) {
+    let dns = FakeDns::start(None);
+    let node = TestNode::start_with(io, |c| {
+        c.dns_upstream = Some(dns.addr);
+        c.resolve_timeout_ms = 300;
+    });
+    let mut d = node.device("mona@example.com", "phone");
+    let events = resolve_over_web(&node, &mut d, &dns_query(7));
+    assert_eq!(events, [ClientEvent::Resolved(Err(504))]);
+}
+
+/// Without an upstream a resolve over the web transport is answered 502 at once.
+#[test]
+fn web_transport_resolve_without_upstream_is_502() {
+    let node = TestNode::start(IoChoice::Mmsg);
+    let mut d = node.device("nina@example.com", "phone");
+    let events = resolve_over_web(&node, &mut d, &dns_query(9));
+    assert_eq!(events, [ClientEvent::Resolved(Err(502))]);
+}
+
+/// Polls `/healthz` until it answers 503; its body.
+fn wait_unhealthy(node: &TestNode) -> String {
+    let until = deadline();
+    for _ in 0..10_000 {
+        let r = node::http(node.http, "GET", "/healthz", None, "", b"");
+        if r.status == 503 {
+            return r.json()["error"].as_str().unwrap_or_default().to_owned();
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(Instant::now() < until, "/healthz stayed 200");
+        std::thread::sleep(POLL);
+    }
+    panic!("/healthz stayed 200");
+}
+
+/// A shard dies: `/healthz` says 503 and why, `mpp_shard_up` of that shard
+/// is 0, and the node stops by itself with an error from `Node::wait`.
+fn dead_shard(io: IoChoice, fault: Fault, reason: &str) {
+    let mut node = TestNode::start(io);
+    let m = node.metrics();
+    assert_eq!(m.shard("mpp_shard_up", 0), 1);
+    assert_eq!(m.shard("mpp_shard_up", 1), 1);
+    let r = node::http(node.http, "GET", "/healthz", None, "", b"");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+
+    node.inject_fault(1, fault);
+    let why = wait_unhealthy(&node);
+    assert!(
+        why.contains("shard 1") && why.contains(reason),
+        "/healthz: {why}"
+    );
+    let m = node.metrics();
+    assert_eq!(m.shard("mpp_shard_up", 1), 0, "{}", m.samples_text());
+    assert_eq!(m.shard("mpp_shard_up", 0), 1);
+    assert_eq!(m.sum("mpp_threads", &[]), 1);
+
+    let (result, _) = node.wait_exit();
+    let err = result.expect_err("Node::wait reports the dead shard");
+    assert!(err.to_string().contains("shard 1"), "{err}");
+    assert!(err.to_string().contains(reason), "{err}");
+}
+
+/// Case 13: a shard whose loop ends with an I/O error (as after 1,000 failed
+/// calls in a row).
+fn a_shard_whose_io_fails_makes_the_node_unhealthy_and_exit(io: IoChoice) {
+    dead_shard(io, Fault::IoError, "I/O failure injected");
+}
+
+/// A shard whose thread panics.
+#[test]
+fn a_shard_that_panics_makes_the_node_unhealthy_and_exit() {
+    dead_shard(IoChoice::Mmsg, Fault::Panic, "panicked");
+}
+
+/// HTTP connection caps that the hard open-file limit cannot hold refuse
+/// the start with a clear error (skipped where the hard limit is unlimited).
+#[test]
+fn http_caps_above_the_open_file_limit_refuse_to_start() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the one struct passed.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    let caps: libc::rlim_t = 2 << 20;
+    if limit.rlim_max == libc::RLIM_INFINITY || limit.rlim_max > caps {
+        eprintln!(
+            "skipped: the hard open-file limit ({}) holds any cap",
+            limit.rlim_max
+        );
+        return;
+    }
+    let dir = node::TempDir::new("fdlimit");
+    let mut config = node::node_config(IoChoice::Mmsg, dir.path());
+    config.web = Some("127.0.0.1:0".parse().expect("addr"));
+    config.http_max_connections = 1 << 20;
+    config.web_max_connections = 1 << 20;
+    match mpp::node::start(&config, false) {
+        Ok(_) => panic!("started with caps above the open-file limit"),
+        Err(e) => {
+            assert!(matches!(e, StartError::FdLimit { .. }), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("open-file limit"), "{text}");
+            assert!(text.contains("http_max_connections"), "{text}");
+        }
+    }
+}
+
+/// docs/PROTOCOL.md §8.3: a node whose steering program cannot be attached
+/// refuses to start, unless fallback steering is allowed.
+#[test]
+fn a_node_without_steering_refuses_to_start() {
+    let dir = node::TempDir::new("steering");
+    let config = node::node_config(IoChoice::Mmsg, dir.path());
+    let hooks = TestHooks {
+        fail_steering: true,
+    };
+    match mpp::node::start_with_hooks(&config, false, hooks) {
+        Ok(_) => panic!("started without steering"),
+        Err(e) => {
+            assert!(matches!(e, StartError::Steering(_)), "{e}");
+            assert!(e.to_string().contains("allow_fallback_steering"), "{e}");
+        }
+    }
+}
+
+/// Case 14: fallback steering (docs/PROTOCOL.md §8.3). Garbage carrying the
+/// affinity of shard 0's accounts floods the port from many source ports,
+/// so the kernel's flow hash puts much of it on shard 1's socket. Every
+/// publish during the flood is accepted and shard 0's inbox holds nothing
+/// but them (the garbage is dropped where it lands, never queued for shard
+/// 0); a device still connects and is notified.
+fn fallback_steering_keeps_garbage_away_from_publishes(io: IoChoice) {
+    let hooks = TestHooks {
+        fail_steering: true,
+    };
+    let node = TestNode::start_hooked(io, hooks, |c| {
+        c.allow_fallback_steering = true;
+        // Room for the test's 101 publishes and little more: only something
+        // else in the inbox could make one of them refused.
+        c.inbox_capacity = 128;
+    });
+    let accounts = accounts_on(0, 3, "fallback");
+    let affinity = account_affinity(&accounts[0]).to_be_bytes();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        let target = node.udp;
+        std::thread::spawn(move || {
+            // From another loopback address than the devices': a source
+            // whose packets keep failing authentication has all its packets
+            // dropped (D6), and the device must not share that fate here.
+            let sockets: Vec<UdpSocket> = (0..32)
+                .map(|_| UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2"))
+                .collect();
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 2_000_000 {
+                for s in &sockets {
+                    let mut garbage: Vec<u8> = (0..120).map(|_| rand::random::<u8>()).collect();
+                    garbage[0] &= 0x3f;
+                    garbage[0] |= 0x40; // never STUN-like
+                    garbage[4..8].copy_from_slice(&affinity);
+                    let _ = s.send_to(&garbage, target);
+                    sent += 1;
+                }
+                std::thread::yield_now();
+            }
+            sent
+        })
+    };
+    let m = node.wait_metrics("garbage dropped on shard 1", |m| {
+        m.shard("mpp_misrouted_dropped_total", 1) > 0
+    });
+    assert_eq!(
+        m.shard("mpp_forwarded_in_total", 0),
+        0,
+        "{}",
+        m.samples_text()
+    );
+    for i in 0..100 {
+        node.publish(&accounts[i % accounts.len()], "01");
+    }
+    let mut d = node.device(&accounts[1], "phone");
+    node.publish(&accounts[1], "04");
+    assert_eq!(d.wait_notify()[0].1, [0x04]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flooder.join().expect("flooder");
+    assert!(sent > 0);
+    // Shard 0's inbox took the 101 publishes and nothing else (garbage that
+    // reached shard 1 was dropped there), and never refused one.
+    let m = node.wait_metrics("the 101 publishes in shard 0's inbox", |m| {
+        m.shard("mpp_router_forwarded_total", 0) >= 101
+    });
+    assert_eq!(
+        m.shard("mpp_router_forwarded_total", 0),
+        101,
+        "{}",
+        m.samples_text()
+    );
+    assert_eq!(
+        m.shard("mpp_router_overflows_total", 0),
+        0,
+        "{}",
+        m.samples_text()
+    );
+    assert!(m.shard("mpp_misrouted_dropped_total", 1) > 0);
+}
 #[test]
 fn metrics_parser_reads_labels() {
     let m = Metrics(

@@ -191,8 +191,9 @@ fn run(flags: ConfigFlags) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let web = node.web.map(|w| format!(" web={w}")).unwrap_or_default();
     println!(
-        "mppd: listening udp={} http={} shards={} io={} data-dir={}",
+        "mppd: listening udp={} http={}{web} shards={} io={} data-dir={}",
         node.udp,
         node.http,
         node.shards,

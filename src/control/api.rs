@@ -5,13 +5,12 @@
 //! says whose fault it is, and reaches the node only through [`NodeApi`]. It
 //! must not block: the node's calls are non-blocking hand-offs, and the one
 //! wait (the web-service transport's replies) is bounded by
-//! [`WEB_REPLY_TIMEOUT`]. Nothing here logs request bodies, tokens or
-//! credentials.
+//! [`WEB_REPLY_TIMEOUT`]. Which routes a listener serves is decided here
+//! ([`Routes`]): the public web listener answers nothing but the web
+//! transport. Nothing here logs request bodies, tokens or credentials.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
@@ -24,9 +23,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{require_admin, AdminToken};
+use super::http::{track_request, BodyBytes, ListenerStats, Peer};
 use super::metrics::{Exposition, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 use super::{
-    NodeApi, DEFAULT_CREDENTIAL_TTL_SECS, MAX_CREDENTIAL_TTL_SECS, MAX_NOTIFY_BATCH,
+    NodeApi, Routes, DEFAULT_CREDENTIAL_TTL_SECS, MAX_CREDENTIAL_TTL_SECS, MAX_NOTIFY_BATCH,
     MAX_REQUEST_BODY, MIN_CREDENTIAL_TTL_SECS, WEB_REPLY_TIMEOUT,
 };
 use crate::packet::{CredentialError, MAX_ACCOUNT_LEN, MAX_PACKET};
@@ -63,36 +63,51 @@ impl IntoResponse for ApiError {
 #[derive(Clone)]
 struct App {
     node: Arc<dyn NodeApi>,
+    /// Every listener's connection counters, for `/metrics`.
+    listeners: Arc<[Arc<ListenerStats>]>,
 }
 
-/// The control API's routes, without the listener: `/v1/notify` and
-/// `/v1/credentials` (admin token required), `/.well-known/mmmpresence/`,
-/// `/metrics` and `/healthz`.
+/// The routes `routes` names, without the listener: `/v1/notify` and
+/// `/v1/credentials` (admin token required), `/metrics` and `/healthz`
+/// ([`Routes::Admin`]), `/.well-known/mmmpresence/` ([`Routes::Web`]), or
+/// all of them ([`Routes::All`]). Anything else is 404.
 ///
-/// The web-service transport reads the peer address from
-/// `ConnectInfo<SocketAddr>`, so serve it with
-/// `into_make_service_with_connect_info::<SocketAddr>()` as
-/// [`serve`](super::serve) does. An empty `admin_token` refuses every write.
-pub fn router(node: Arc<dyn NodeApi>, admin_token: String) -> Router {
-    let token = Arc::new(AdminToken::new(&admin_token));
+/// The handlers read the peer from `ConnectInfo<Peer>`, so serve it as
+/// [`serve_listeners`](super::serve_listeners) does. An empty `admin_token`
+/// refuses every write.
+pub(super) fn router_for(
+    node: Arc<dyn NodeApi>,
+    admin_token: &str,
+    routes: Routes,
+    listeners: Arc<[Arc<ListenerStats>]>,
+) -> Router {
+    let token = Arc::new(AdminToken::new(admin_token));
     let admin = || middleware::from_fn_with_state(Arc::clone(&token), require_admin);
-    Router::new()
-        // The admin check is a route layer on the POST handler only, so a
-        // wrong method is still 405 and an unauthorized body is never read.
-        .route("/v1/notify", post(notify).route_layer(admin()))
-        .route("/v1/credentials", post(credentials).route_layer(admin()))
-        .route(
+    let mut router = Router::new();
+    if routes != Routes::Web {
+        router = router
+            // The admin check is a route layer on the POST handler only, so a
+            // wrong method is still 405 and an unauthorized body is never read.
+            .route("/v1/notify", post(notify).route_layer(admin()))
+            .route("/v1/credentials", post(credentials).route_layer(admin()))
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(healthz));
+    }
+    if routes != Routes::Admin {
+        router = router.route(
             "/.well-known/mmmpresence/",
             post(web_transport).layer(DefaultBodyLimit::max(MAX_PACKET)),
-        )
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
+        );
+    }
+    router
         .fallback(not_found)
         // After every route: it is installed on the routes present.
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .layer(middleware::from_fn(log_request))
-        .with_state(App { node })
+        // Outermost: the request's head is complete when it runs.
+        .layer(middleware::from_fn(track_request))
+        .with_state(App { node, listeners })
 }
 
 /// Logs method, path and status at debug level; never headers or bodies.
@@ -115,13 +130,19 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+/// `GET /healthz`: 200 `ok`, or 503 with the reason when part of the node is
+/// down (docs/PROTOCOL.md §9).
+async fn healthz(State(app): State<App>) -> Response {
+    match app.node.health() {
+        Ok(()) => "ok".into_response(),
+        Err(reason) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+    }
 }
 
 async fn metrics(State(app): State<App>) -> Response {
     let mut out = Exposition::new();
     app.node.metrics(&mut out);
+    super::http::render(&app.listeners, &mut out);
     let text = out.into_string();
     ([(CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
 }
@@ -221,9 +242,9 @@ fn notification(account: String, bitmask: &str) -> Result<Notification, String> 
     Ok(Notification { account, bitmask })
 }
 
-async fn notify(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn notify(State(app): State<App>, body: Result<BodyBytes, BytesRejection>) -> Response {
     let body = match body {
-        Ok(body) => body,
+        Ok(BodyBytes(body)) => body,
         Err(rejection) => return body_error(rejection).into_response(),
     };
     let batch = match parse_notify(&body) {
@@ -284,9 +305,9 @@ fn parse_credential_request(body: &[u8]) -> Result<CredentialRequest, String> {
     })
 }
 
-async fn credentials(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn credentials(State(app): State<App>, body: Result<BodyBytes, BytesRejection>) -> Response {
     let body = match body {
-        Ok(body) => body,
+        Ok(BodyBytes(body)) => body,
         Err(rejection) => return body_error(rejection).into_response(),
     };
     let request = match parse_credential_request(&body) {
@@ -332,20 +353,20 @@ fn frame_replies(replies: &[Vec<u8>]) -> Option<Vec<u8>> {
 /// authenticates itself.
 async fn web_transport(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: Result<Bytes, BytesRejection>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: Result<BodyBytes, BytesRejection>,
 ) -> Response {
     let too_long = || ApiError::bad_request(format!("packet longer than {MAX_PACKET} bytes"));
     let packet = match body {
-        Ok(packet) if packet.is_empty() => {
+        Ok(BodyBytes(packet)) if packet.is_empty() => {
             return ApiError::bad_request("empty packet").into_response()
         }
-        Ok(packet) if packet.len() > MAX_PACKET => return too_long().into_response(),
-        Ok(packet) => packet,
+        Ok(BodyBytes(packet)) if packet.len() > MAX_PACKET => return too_long().into_response(),
+        Ok(BodyBytes(packet)) => packet,
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_long().into_response(),
         Err(r) => return body_error(r).into_response(),
     };
-    let replies = match app.node.web_request(peer, packet.to_vec()) {
+    let replies = match app.node.web_request(peer.addr, packet.to_vec()) {
         Ok(replies) => replies,
         Err(overloaded) => {
             let error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, overloaded.to_string());

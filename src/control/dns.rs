@@ -35,7 +35,8 @@ pub struct DnsAnswer {
     pub answer: Result<Vec<u8>, u16>,
 }
 
-const MAX_IN_FLIGHT: usize = 256;
+/// Queries waiting for the upstream at once, at most (each holds a socket).
+pub const MAX_IN_FLIGHT: usize = 256;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Forwards queries to `upstream` until the channel closes, handing each

@@ -2,29 +2,34 @@
 //!
 //! Services publish notifications, operators issue credentials, Prometheus
 //! scrapes counters, and clients that cannot use UDP hand their packets over
-//! the web-service transport, all through one small axum server. It exists so
-//! that everything slow, blocking or untrusted about HTTP stays on one thread
-//! of its own, away from the shards that move datagrams.
+//! the web-service transport, through one small axum application served on
+//! one listener (the control port) or two (the control port, and a public
+//! one for the web transport alone). It exists so that everything slow,
+//! blocking or untrusted about HTTP stays on one thread of its own, away
+//! from the shards that move datagrams.
 //!
 //! It runs on its own thread with a tokio current-thread runtime and must
 //! never run on a shard thread or touch a shard's data: every request reaches
 //! the node through [`NodeApi`], whose calls are non-blocking hand-offs to the
 //! owning shard's inbox (or reads of counter snapshots). Back-pressure from a
-//! full inbox is reported to the caller as 503, never queued here. Writes
-//! (`/v1/notify`, `/v1/credentials`) need the admin bearer token; the token
-//! and the secrets of issued credentials are never logged.
+//! full inbox is reported to the caller as 503, never queued here. No client
+//! holds it: each listener caps its connections and closes those whose
+//! client is too slow or idle ([`HttpLimits`]). Writes (`/v1/notify`,
+//! `/v1/credentials`) need the admin bearer token; the token and the secrets
+//! of issued credentials are never logged.
 
 mod api;
 mod auth;
 pub mod dns;
+mod http;
 pub mod metrics;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use api::router;
+pub use http::{HttpLimits, ListenerStats, Peer};
 pub use metrics::Exposition;
 
 /// Largest request body accepted on the control port, in bytes.
@@ -65,6 +70,11 @@ pub trait NodeApi: Send + Sync + 'static {
     ) -> Result<tokio::sync::oneshot::Receiver<Vec<Vec<u8>>>, Overloaded>;
     /// Writes every counter the node keeps (Prometheus text).
     fn metrics(&self, out: &mut Exposition);
+    /// Whether every part of the node is running (`GET /healthz`): `Err`
+    /// with the reason when one is not (a shard died, the node is stopping).
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A shard's inbox was full, so the request was not handed over.
@@ -72,29 +82,105 @@ pub trait NodeApi: Send + Sync + 'static {
 #[error("node overloaded: shard inbox full")]
 pub struct Overloaded;
 
-/// Serves the control API on `listener` until `shutdown` completes, then
-/// finishes the requests in flight and returns.
-///
-/// Run it on the control thread's runtime (IO and time drivers enabled), never
-/// on a shard thread. An empty `admin_token` refuses every write.
+/// Which routes a listener serves (docs/PROTOCOL.md §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routes {
+    /// Everything: the admin API, `/metrics`, `/healthz` and the web
+    /// transport (the control port when no separate web listener is set).
+    All,
+    /// The admin API, `/metrics` and `/healthz`; not the web transport.
+    Admin,
+    /// Only the web transport (`POST /.well-known/mmmpresence/`).
+    Web,
+}
+
+impl Routes {
+    /// The `listener` label of its metrics.
+    pub fn listener_name(self) -> &'static str {
+        match self {
+            Routes::All | Routes::Admin => "control",
+            Routes::Web => "web",
+        }
+    }
+}
+
+/// One HTTP listener of the control plane: its socket, what it serves and
+/// its limits.
+#[derive(Debug)]
+pub struct HttpListener {
+    /// The bound socket.
+    pub listener: tokio::net::TcpListener,
+    /// The routes served on it.
+    pub routes: Routes,
+    /// Its timeouts and connection cap.
+    pub limits: HttpLimits,
+}
+
+/// Serves every route on `listener` with the default [`HttpLimits`] until
+/// `shutdown` completes (see [`serve_listeners`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     node: Arc<dyn NodeApi>,
     admin_token: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(node, admin_token);
-    // Publishes are small requests on kept-alive connections: answer each
-    // without waiting for Nagle's algorithm to coalesce.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(%e, "could not set TCP_NODELAY on a control connection");
-        }
-    });
-    axum::serve(
+    let listener = HttpListener {
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+        routes: Routes::All,
+        limits: HttpLimits::default(),
+    };
+    serve_listeners(vec![listener], node, admin_token, shutdown).await
+}
+
+/// Serves the control API on every listener until `shutdown` completes,
+/// then finishes the requests in flight (a slow client's connection ends at
+/// its timeout at the latest) and returns.
+///
+/// Run it on the control thread's runtime (IO and time drivers enabled), never
+/// on a shard thread. An empty `admin_token` refuses every write. `/metrics`
+/// reports the connections of every listener.
+pub async fn serve_listeners(
+    listeners: Vec<HttpListener>,
+    node: Arc<dyn NodeApi>,
+    admin_token: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stats: Vec<Arc<ListenerStats>> = listeners
+        .iter()
+        .map(|l| Arc::new(ListenerStats::new(l.routes.listener_name())))
+        .collect();
+    let all_stats: Arc<[Arc<ListenerStats>]> = stats.clone().into();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for (l, stats) in listeners.into_iter().zip(stats) {
+        let app = api::router_for(
+            Arc::clone(&node),
+            &admin_token,
+            l.routes,
+            Arc::clone(&all_stats),
+        );
+        let listener = http::LimitedListener::new(l.listener, l.limits, stats);
+        let mut stopped = stopped.clone();
+        let signal = async move {
+            // Err: the sender is gone, which also means stop.
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        tasks.spawn(
+            axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+                .with_graceful_shutdown(signal)
+                .into_future(),
+        );
+    }
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        let outcome = done.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if result.is_ok() {
+            result = outcome;
+        }
+    }
+    result
 }

@@ -28,6 +28,11 @@ type ShardValue = fn(&ShardMetrics) -> u64;
 
 /// Families before `mpp_drops_total`, in output order.
 const SOCKET_FAMILIES: &[Family<ShardMetrics>] = &[
+    gauge(
+        "mpp_shard_up",
+        "1 while the shard's thread runs; 0 once it stopped or died (the node then exits).",
+        |s| u64::from(s.up),
+    ),
     gauge("mpp_connections", "Connections held by the shard.", |s| {
         s.connections
     }),
@@ -157,13 +162,28 @@ const PROTOCOL_FAMILIES: &[Family<ShardMetrics>] = &[
     ),
     counter(
         "mpp_router_forwarded_total",
-        "Messages the router delivered to this shard's inbox (publishes, web requests, misrouted datagrams, DNS answers).",
+        "Messages the router delivered to this shard's inbox (publishes, web requests, DNS answers).",
         |s| s.router_forwarded,
     ),
     counter(
         "mpp_router_overflows_total",
         "Publishes refused because a destination inbox was full.",
         |s| s.router_overflows,
+    ),
+    counter(
+        "mpp_misrouted_forwarded_total",
+        "Datagrams that reached this shard's socket for another shard (fallback steering), authenticated and forwarded to their owner.",
+        |s| s.misrouted_forwarded,
+    ),
+    counter(
+        "mpp_misrouted_dropped_total",
+        "Datagrams that reached this shard's socket for another shard and were dropped: they failed authentication, or the owner's forward queue was full.",
+        |s| s.misrouted_dropped,
+    ),
+    counter(
+        "mpp_forwarded_in_total",
+        "Datagrams other shards forwarded to this one (fallback steering).",
+        |s| s.forwarded_in,
     ),
 ];
 
@@ -246,6 +266,10 @@ mod tests {
             router_forwarded: base + 25,
             router_overflows: base + 26,
             socket_drops: base + 27,
+            up: i == 0,
+            misrouted_forwarded: base + 29,
+            misrouted_dropped: base + 30,
+            forwarded_in: base + 31,
         }
     }
 
@@ -318,6 +342,10 @@ mod tests {
             "mpp_datagrams_sent_total{shard=\"1\"} 121",
             "mpp_send_batches_total{shard=\"0\"} 24",
             "mpp_router_overflows_total{shard=\"1\"} 126",
+            "mpp_shard_up{shard=\"0\"} 1",
+            "mpp_shard_up{shard=\"1\"} 0",
+            "mpp_misrouted_dropped_total{shard=\"1\"} 130",
+            "mpp_forwarded_in_total{shard=\"0\"} 31",
         ] {
             assert!(text.lines().any(|l| l == expected), "missing {expected}");
         }

@@ -10,10 +10,15 @@
 //!   through which the control plane reaches the shards.
 //!
 //! [`start`] does everything that can fail before any thread runs (reading
-//! the keys, binding UDP and HTTP, probing io_uring), so a bad setting is
-//! reported once, clearly, as a [`StartError`], and nothing is left
-//! half-started. This layer parses no packet: it moves datagrams and
-//! messages between the sockets, the state machines and the control plane.
+//! the keys, binding UDP and HTTP, attaching the steering program, checking
+//! the open-file limit, probing io_uring), and returns only once every
+//! shard's driver is open, so a bad setting is reported once, clearly, as a
+//! [`StartError`], and nothing is left half-started. A
+//! node never runs half alive either: when a shard dies, `/healthz` says
+//! so, and after a short grace the node stops and [`Node::wait`] returns the
+//! error (`mppd` exits 1, for its supervisor to restart it). This layer
+//! parses no packet: it moves datagrams and messages between the sockets,
+//! the state machines and the control plane.
 
 pub mod data_dir;
 pub mod metrics;
@@ -30,20 +35,34 @@ use std::time::Instant;
 
 use crate::config::{ConfigError, IoChoice, NodeConfig};
 use crate::control::dns::{DnsAnswer, DnsQuery};
-use crate::control::{Exposition, NodeApi, Overloaded};
+use crate::control::{Exposition, HttpLimits, HttpListener, NodeApi, Overloaded, Routes};
 use crate::net::{self, IoBackend, Waker};
 use crate::packet::{Credential, CredentialError, MasterKey};
 use crate::proto::ServiceConfig;
 use crate::time::{UnixMillis, UnixSeconds};
 pub use data_dir::{open_data_dir, DataDir, DataDirError, ADMIN_TOKEN_FILE, MASTER_KEY_FILE};
 use metrics::NodeMetrics;
-use router::{Router, ShardMessage};
-use shard::{ShardMetrics, ShardSetup};
+use router::{Fault, InboxFull, Router, ShardMessage};
+use shard::{ShardHealth, ShardMetrics, ShardSetup};
 use signals::Signals;
 
 /// How long start-up waits for a UDP port still held by a node that stopped
 /// or was killed a moment ago.
 pub const BIND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a node whose shard died keeps answering (`/healthz` 503, the
+/// metrics with `mpp_shard_up` 0) before it stops and exits.
+pub const SHARD_FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long start-up waits for every shard to open its driver.
+pub const SHARD_START_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Descriptors the node may open besides its HTTP connections: the DNS
+/// forwarder's sockets, per shard its socket, eventfd and ring, the
+/// listeners, the data files, the runtime.
+fn descriptors_besides_http(shards: usize) -> u64 {
+    crate::control::dns::MAX_IN_FLIGHT as u64 + 4 * shards as u64 + 64
+}
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,13 +84,37 @@ pub enum StartError {
         /// Why.
         source: io::Error,
     },
-    /// The HTTP control listener could not be bound.
+    /// The HTTP control listener (or the web listener) could not be bound.
     #[error("cannot bind HTTP {addr}: {source}")]
     BindHttp {
         /// The address asked for.
         addr: SocketAddr,
         /// Why.
         source: io::Error,
+    },
+    /// The cBPF steering program could not be attached, and
+    /// `allow_fallback_steering` is off.
+    #[error(
+        "cannot attach the cBPF steering program ({0}); \
+         set allow_fallback_steering = true to run without it (slower: shards forward datagrams to each other)"
+    )]
+    Steering(io::Error),
+    /// A shard could not start (its driver did not open).
+    #[error("cannot start {0}")]
+    Shard(String),
+    /// The HTTP connection caps do not fit the process's open-file limit.
+    #[error(
+        "the HTTP connection caps need {needed} open files (http_max_connections + \
+         web_max_connections + {reserve} for the rest of the node) but the open-file limit \
+         (RLIMIT_NOFILE) is {limit}: lower the caps or raise the limit (LimitNOFILE= in systemd, ulimit -n)"
+    )]
+    FdLimit {
+        /// Descriptors needed.
+        needed: u64,
+        /// Of which the node needs besides HTTP connections.
+        reserve: u64,
+        /// The hard limit.
+        limit: u64,
     },
     /// A resource of the process could not be set up (eventfd, thread,
     /// runtime, signal handler).
@@ -149,6 +192,7 @@ pub struct NodeHandle {
     master: MasterKey,
     endpoints: Vec<String>,
     metrics: Vec<Arc<Mutex<ShardMetrics>>>,
+    health: Arc<ShardHealth>,
     backend: IoBackend,
     clock: Clock,
     started: UnixMillis,
@@ -206,15 +250,35 @@ impl NodeApi for NodeHandle {
     fn metrics(&self, out: &mut Exposition) {
         let snapshot = NodeMetrics {
             io_backend: self.backend.name(),
-            threads: self.metrics.len(),
+            threads: self.health.running(),
             uptime_secs: self.clock.now().millis_since(self.started) / 1000,
             shards: self
                 .metrics
                 .iter()
                 .filter_map(|m| m.lock().ok().map(|g| g.clone()))
+                .map(|mut m| {
+                    // A dead shard's last snapshot says nothing of its death.
+                    m.up = self.health.is_up(m.shard);
+                    m
+                })
                 .collect(),
         };
         metrics::render(&snapshot, out);
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if let Some(failure) = self.health.failure() {
+            return Err(format!("{failure}; the node is exiting"));
+        }
+        let running = self.health.running();
+        if running < self.metrics.len() {
+            return Err(format!(
+                "stopping: {} of {} shards stopped",
+                self.metrics.len() - running,
+                self.metrics.len()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -224,6 +288,8 @@ pub struct Node {
     pub udp: SocketAddr,
     /// The HTTP address actually bound.
     pub http: SocketAddr,
+    /// The web-transport address actually bound, when `web` is set.
+    pub web: Option<SocketAddr>,
     /// The I/O backend in use.
     pub backend: IoBackend,
     /// Shard count.
@@ -231,8 +297,9 @@ pub struct Node {
     /// The admin token.
     pub admin_token: String,
     shard_threads: Vec<JoinHandle<io::Result<()>>>,
-    control_thread: Option<JoinHandle<()>>,
+    control_thread: Option<JoinHandle<io::Result<()>>>,
     stop: Arc<tokio::sync::Notify>,
+    router: Arc<Router>,
 }
 
 impl Node {
@@ -241,20 +308,33 @@ impl Node {
         self.stop.notify_one();
     }
 
-    /// Waits for every thread to finish; the first shard error, if any.
+    /// Waits for every thread to finish: `Ok` after [`Node::shutdown`] or a
+    /// signal; the error when a shard died (the node stops by itself
+    /// [`SHARD_FAILURE_GRACE`] later) or the control plane failed.
     pub fn wait(mut self) -> io::Result<()> {
         let mut result = Ok(());
-        for t in self.shard_threads.drain(..) {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = result.and(Err(e)),
-                Err(_) => result = result.and(Err(io::Error::other("a shard thread panicked"))),
+        for (i, t) in self.shard_threads.drain(..).enumerate() {
+            let ended = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the shard's thread panicked")));
+            if let Err(e) = ended {
+                let e = io::Error::new(e.kind(), format!("shard {i}: {e}"));
+                result = result.and(Err(e));
             }
         }
         if let Some(t) = self.control_thread.take() {
-            let _ = t.join();
+            let ended = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the control thread panicked")));
+            result = result.and(ended);
         }
         result
+    }
+
+    /// Makes shard `shard` fail as `fault` says (tests of the node's health).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, shard: usize, fault: Fault) -> Result<(), InboxFull> {
+        self.router.send(shard, ShardMessage::Fault(fault))
     }
 }
 
@@ -274,10 +354,73 @@ fn choose_backend(choice: IoChoice) -> Result<IoBackend, StartError> {
     }
 }
 
+/// Makes sure the process may open `needed` files: raises the soft
+/// RLIMIT_NOFILE up to the hard limit if it is lower; an error if the hard
+/// limit is lower still.
+fn ensure_open_files(needed: u64, reserve: u64) -> Result<(), StartError> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(StartError::Setup {
+            what: "read the open-file limit",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // rlim_t is u64 on 64-bit Linux only.
+    #[allow(clippy::unnecessary_cast)]
+    let (soft, hard) = (limit.rlim_cur as u64, limit.rlim_max as u64);
+    if soft >= needed {
+        return Ok(());
+    }
+    if hard < needed {
+        return Err(StartError::FdLimit {
+            needed,
+            reserve,
+            limit: hard,
+        });
+    }
+    limit.rlim_cur = needed as libc::rlim_t;
+    // SAFETY: setrlimit reads the rlimit we pass; the soft limit stays at or
+    // below the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(StartError::Setup {
+            what: "raise the open-file limit",
+            source: io::Error::last_os_error(),
+        });
+    }
+    tracing::info!(
+        from = soft,
+        to = needed,
+        "raised the open-file limit for the HTTP connection caps"
+    );
+    Ok(())
+}
+
+/// Ways to make a node misbehave, for tests of how it copes.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TestHooks {
+    /// Behave as if the steering program could not be attached.
+    pub fail_steering: bool,
+}
+
 /// Starts a node: binds everything, then spawns the shards and the control
 /// plane. `stop_on_signals` makes SIGINT/SIGTERM stop it (the `mppd` binary);
 /// tests call [`Node::shutdown`] instead.
 pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartError> {
+    start_with_hooks(config, stop_on_signals, TestHooks::default())
+}
+
+/// [`start`], with faults a test asks for.
+#[doc(hidden)]
+pub fn start_with_hooks(
+    config: &NodeConfig,
+    stop_on_signals: bool,
+    hooks: TestHooks,
+) -> Result<Node, StartError> {
     config.validate()?;
     let data = open_data_dir(&config.data_dir)?;
     let shards = config.shard_count();
@@ -292,6 +435,13 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
         cpus
     };
     let backend = choose_backend(config.io)?;
+    // Every HTTP connection the caps allow must be able to exist.
+    let reserve = descriptors_besides_http(shards);
+    let web_connections = config.web.map_or(0, |_| config.web_max_connections as u64);
+    ensure_open_files(
+        config.http_max_connections as u64 + web_connections + reserve,
+        reserve,
+    )?;
     // docs/PROTOCOL.md §8 (one node per port): a port held by a live process
     // is refused; one still held by a node stopped a moment ago (its sockets
     // in teardown) is waited for, up to BIND_PATIENCE.
@@ -310,17 +460,50 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
             source,
         })?;
     if let Some(first) = sockets.first() {
-        net::steer::attach_steering(first, shards as u32).unwrap_or_else(|e| {
-            tracing::warn!(%e, "cBPF steering unavailable: misrouted datagrams go through the router");
-        });
+        // docs/PROTOCOL.md §8.3: without the program the kernel spreads
+        // datagrams by flow hash; that mode is slower and must be asked for.
+        let attached = if hooks.fail_steering && shards > 1 {
+            Err(io::Error::other("steering disabled by a test hook"))
+        } else {
+            net::steer::attach_steering(first, shards as u32)
+        };
+        match attached {
+            Ok(()) => {}
+            Err(e) if config.allow_fallback_steering => tracing::warn!(
+                %e,
+                "cBPF steering unavailable: running in fallback mode (shards forward authenticated datagrams to each other)"
+            ),
+            Err(e) => return Err(StartError::Steering(e)),
+        }
     }
-    let bind_http = |source| StartError::BindHttp {
-        addr: config.http,
-        source,
+    let bind = |addr: SocketAddr| {
+        let fail = move |source| StartError::BindHttp { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
+        listener.set_nonblocking(true).map_err(fail)?;
+        let bound = listener.local_addr().map_err(fail)?;
+        Ok::<_, StartError>((listener, bound))
     };
-    let http_listener = std::net::TcpListener::bind(config.http).map_err(bind_http)?;
-    http_listener.set_nonblocking(true).map_err(bind_http)?;
-    let http = http_listener.local_addr().map_err(bind_http)?;
+    let (http_listener, http) = bind(config.http)?;
+    let web_listener = config.web.map(bind).transpose()?;
+    let web = web_listener.as_ref().map(|(_, addr)| *addr);
+    let limits = |max_connections| HttpLimits {
+        header_timeout: std::time::Duration::from_millis(config.http_header_timeout_ms),
+        body_timeout: std::time::Duration::from_millis(config.http_body_timeout_ms),
+        idle_timeout: std::time::Duration::from_millis(config.http_idle_timeout_ms),
+        max_connections,
+    };
+    let mut listeners = vec![(
+        http_listener,
+        if web.is_some() {
+            Routes::Admin
+        } else {
+            Routes::All
+        },
+        limits(config.http_max_connections),
+    )];
+    if let Some((listener, _)) = web_listener {
+        listeners.push((listener, Routes::Web, limits(config.web_max_connections)));
+    }
 
     let wakers: Vec<Arc<Waker>> = (0..shards)
         .map(|_| Waker::new().map(Arc::new))
@@ -397,6 +580,7 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
             }))
         })
         .collect();
+    let health = ShardHealth::new(shards);
 
     let mut shard_threads = Vec::with_capacity(shards);
     for (i, ((socket, inbox), restore)) in
@@ -426,6 +610,7 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
                 data_dir: config.data_dir.clone(),
                 id,
             }),
+            health: Arc::clone(&health),
         };
         let t = std::thread::Builder::new()
             .name(format!("mpp-shard-{i}"))
@@ -433,22 +618,31 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
             .map_err(StartError::setup("start a shard thread"))?;
         shard_threads.push(t);
     }
+    // A shard whose driver does not open is a start-up error, not a node
+    // that runs without it.
+    if let Err(why) = health.wait_started(SHARD_START_PATIENCE) {
+        // The others stop; a shard stuck in its set-up is not waited for.
+        router.shutdown_all();
+        drop(shard_threads);
+        return Err(StartError::Shard(why));
+    }
 
     let handle = Arc::new(NodeHandle {
         router: router.clone(),
         master,
         endpoints: public_endpoints(config, udp),
         metrics,
+        health: Arc::clone(&health),
         backend,
         clock,
         started: clock.now(),
     });
     let stop = Arc::new(tokio::sync::Notify::new());
     let control_thread = spawn_control(
-        http_listener,
+        listeners,
         handle,
         data.admin_token.clone(),
-        router,
+        router.clone(),
         stop.clone(),
         stop_on_signals,
         config.dns_upstream.map(|up| (up, dns_rx)),
@@ -456,24 +650,26 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
     Ok(Node {
         udp,
         http,
+        web,
         backend,
         shards,
         admin_token: data.admin_token,
         shard_threads,
         control_thread: Some(control_thread),
         stop,
+        router,
     })
 }
 
 fn spawn_control(
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, Routes, HttpLimits)>,
     node: Arc<NodeHandle>,
     admin_token: String,
     router: Arc<Router>,
     stop: Arc<tokio::sync::Notify>,
     stop_on_signals: bool,
     dns: Option<(SocketAddr, tokio::sync::mpsc::Receiver<DnsQuery>)>,
-) -> Result<JoinHandle<()>, StartError> {
+) -> Result<JoinHandle<io::Result<()>>, StartError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -487,14 +683,21 @@ fn spawn_control(
         .name("mpp-control".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(%e, "control listener");
-                        router.shutdown_all();
-                        return;
+                let mut http = Vec::with_capacity(listeners.len());
+                for (listener, routes, limits) in listeners {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => http.push(HttpListener {
+                            listener,
+                            routes,
+                            limits,
+                        }),
+                        Err(e) => {
+                            tracing::error!(%e, "control listener");
+                            router.shutdown_all();
+                            return Err(e);
+                        }
                     }
-                };
+                }
                 if let Some((upstream, queries)) = dns {
                     let router = router.clone();
                     let answered = move |a: DnsAnswer| {
@@ -507,20 +710,39 @@ fn spawn_control(
                     };
                     tokio::spawn(crate::control::dns::forward(upstream, queries, answered));
                 }
+                let health = Arc::clone(&node.health);
                 let shutdown = {
                     let router = router.clone();
                     async move {
-                        signals::wait_for_stop(stop, signals).await;
-                        tracing::info!("shutting down");
+                        tokio::select! {
+                            () = signals::wait_for_stop(stop, signals) => {
+                                tracing::info!("shutting down");
+                            }
+                            failure = health.wait_failure() => {
+                                // docs/PROTOCOL.md §9: a node with a dead shard
+                                // exits (for its supervisor to restart it)
+                                // rather than run on half alive; it answers
+                                // /healthz 503 meanwhile.
+                                tracing::error!(
+                                    %failure,
+                                    grace_ms = SHARD_FAILURE_GRACE.as_millis() as u64,
+                                    "a shard died: the node stops, and exits with an error"
+                                );
+                                tokio::time::sleep(SHARD_FAILURE_GRACE).await;
+                            }
+                        }
                         router.shutdown_all();
                     }
                 };
                 let api: Arc<dyn NodeApi> = node;
-                if let Err(e) = crate::control::serve(listener, api, admin_token, shutdown).await {
+                let served =
+                    crate::control::serve_listeners(http, api, admin_token, shutdown).await;
+                if let Err(e) = &served {
                     tracing::error!(%e, "control plane stopped");
                     router.shutdown_all();
                 }
-            });
+                served
+            })
         })
         .map_err(StartError::setup("start the control thread"))
 }

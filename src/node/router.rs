@@ -1,12 +1,16 @@
-//! The cross-shard router: one bounded inbox per shard, woken by an eventfd.
+//! The cross-shard router: two bounded inboxes per shard, woken by an eventfd.
 //!
 //! A shard owns whole accounts (conn id bytes 4..8 = the account's affinity,
 //! docs/PROTOCOL.md §4 and §8), so every publish, every web-transport request and
-//! every datagram that reached the wrong socket goes to exactly one shard's
-//! inbox. Inboxes are bounded: when one is full the message is refused, the
-//! refusal is counted (`router_overflows`) and the caller reports it (HTTP
-//! 503, or a dropped misrouted datagram the client will resend). Nothing
-//! queues without limit.
+//! every datagram that reached the wrong socket goes to exactly one shard.
+//! Messages from the control plane (publishes, web requests, DNS answers)
+//! share one inbox; datagrams forwarded from another shard's socket
+//! (fallback steering, docs/PROTOCOL.md §8.3) have a small queue of their
+//! own, so that traffic arriving from the network can never fill the inbox
+//! publishes need. Both are bounded: when one is full the message is refused,
+//! the refusal is counted (`router_overflows`, `forward_overflows`) and the
+//! caller reports it (HTTP 503, or a dropped misrouted datagram the client
+//! will resend). Nothing queues without limit.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,13 +35,6 @@ pub enum ShardMessage {
         /// The bitmask (1..=32 bytes, checked by the sender).
         bitmask: Vec<u8>,
     },
-    /// A datagram that arrived at another shard's socket.
-    Forward {
-        /// Its source.
-        from: SocketAddr,
-        /// Its bytes.
-        datagram: Box<[u8]>,
-    },
     /// A client packet from the web-service transport; the replies go back on `reply`.
     Web {
         /// The HTTP peer.
@@ -56,7 +53,50 @@ pub enum ShardMessage {
     },
     /// Stop: flush pending sends and exit.
     Shutdown,
+    /// Fail on purpose (tests of the node's health; never sent otherwise).
+    #[doc(hidden)]
+    Fault(Fault),
 }
+
+/// A failure a test makes a shard suffer, to check that the node notices.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The shard's thread panics.
+    Panic,
+    /// The shard's loop ends with an I/O error, as after 1,000 failed calls
+    /// in a row.
+    IoError,
+}
+
+/// A datagram that arrived at another shard's socket (fallback steering).
+#[derive(Debug)]
+pub struct Forwarded {
+    /// Its source.
+    pub from: SocketAddr,
+    /// Its bytes.
+    pub datagram: Box<[u8]>,
+}
+
+/// The receiving ends of one shard's inboxes.
+#[derive(Debug)]
+pub struct ShardInbox {
+    /// Publishes, web requests, DNS answers, shutdown.
+    pub messages: Receiver<ShardMessage>,
+    /// Datagrams forwarded from other shards' sockets.
+    pub forwarded: Receiver<Forwarded>,
+}
+
+impl ShardInbox {
+    /// Whether nothing waits in either inbox.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.forwarded.is_empty()
+    }
+}
+
+/// Capacity of each shard's queue of forwarded datagrams, at most (it is
+/// never larger than the message inbox).
+pub const FORWARD_CAPACITY: usize = 4096;
 
 /// The inbox was full; the message was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -65,9 +105,12 @@ pub struct InboxFull;
 
 struct Inbox {
     sender: Sender<ShardMessage>,
+    forward: Sender<Forwarded>,
     waker: Arc<Waker>,
     forwarded: AtomicU64,
     overflows: AtomicU64,
+    datagrams: AtomicU64,
+    datagram_overflows: AtomicU64,
 }
 
 /// Routes messages to shards. Shared (`Arc`) by the shards and the control plane.
@@ -76,23 +119,29 @@ pub struct Router {
 }
 
 impl Router {
-    /// A router with `shards` inboxes of `capacity` messages each; returns
+    /// A router with one inbox of `capacity` messages per waker (and a
+    /// queue of at most [`FORWARD_CAPACITY`] forwarded datagrams); returns
     /// the receiving ends, one per shard, in order.
-    pub fn new(
-        wakers: Vec<Arc<Waker>>,
-        capacity: usize,
-    ) -> (Arc<Router>, Vec<Receiver<ShardMessage>>) {
+    pub fn new(wakers: Vec<Arc<Waker>>, capacity: usize) -> (Arc<Router>, Vec<ShardInbox>) {
         let mut receivers = Vec::with_capacity(wakers.len());
         let inboxes = wakers
             .into_iter()
             .map(|waker| {
-                let (sender, receiver) = crossbeam_channel::bounded(capacity);
-                receivers.push(receiver);
+                let (sender, messages) = crossbeam_channel::bounded(capacity);
+                let (forward, forwarded) =
+                    crossbeam_channel::bounded(capacity.min(FORWARD_CAPACITY));
+                receivers.push(ShardInbox {
+                    messages,
+                    forwarded,
+                });
                 Inbox {
                     sender,
+                    forward,
                     waker,
                     forwarded: AtomicU64::new(0),
                     overflows: AtomicU64::new(0),
+                    datagrams: AtomicU64::new(0),
+                    datagram_overflows: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -132,6 +181,35 @@ impl Router {
         }
     }
 
+    /// Queues a datagram that reached another shard's socket for its owner
+    /// `shard`, in the owner's queue of forwarded datagrams (never in its
+    /// message inbox); refuses (and counts) when that queue is full.
+    pub fn forward(
+        &self,
+        shard: ShardId,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Result<(), InboxFull> {
+        let Some(inbox) = self.inboxes.get(shard) else {
+            return Err(InboxFull);
+        };
+        let forwarded = Forwarded {
+            from,
+            datagram: datagram.into(),
+        };
+        match inbox.forward.try_send(forwarded) {
+            Ok(()) => {
+                inbox.datagrams.fetch_add(1, Ordering::Relaxed);
+                inbox.waker.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                inbox.datagram_overflows.fetch_add(1, Ordering::Relaxed);
+                Err(InboxFull)
+            }
+        }
+    }
+
     /// Asks every shard to stop. Shutdown is retried until it fits, so a full
     /// inbox delays it only until the shard drains its next batch.
     pub fn shutdown_all(&self) {
@@ -163,6 +241,20 @@ impl Router {
             .get(shard)
             .map_or(0, |i| i.overflows.load(Ordering::Relaxed))
     }
+
+    /// Datagrams queued for `shard` by other shards so far.
+    pub fn forwarded_datagrams(&self, shard: ShardId) -> u64 {
+        self.inboxes
+            .get(shard)
+            .map_or(0, |i| i.datagrams.load(Ordering::Relaxed))
+    }
+
+    /// Datagrams for `shard` dropped because its forward queue was full.
+    pub fn forward_overflows(&self, shard: ShardId) -> u64 {
+        self.inboxes
+            .get(shard)
+            .map_or(0, |i| i.datagram_overflows.load(Ordering::Relaxed))
+    }
 }
 
 #[cfg(test)]
@@ -185,8 +277,31 @@ mod tests {
         assert_eq!(router.send(7, publish()), Err(InboxFull), "no such shard");
         assert_eq!(router.forwarded(1), 2);
         assert_eq!(router.overflows(1), 1);
-        assert_eq!(receivers[1].len(), 2);
+        assert_eq!(receivers[1].messages.len(), 2);
         assert!(receivers[0].is_empty());
+    }
+
+    #[test]
+    fn forwarded_datagrams_never_take_the_inbox_of_publishes() {
+        let wakers = (0..2)
+            .map(|_| Arc::new(Waker::new().expect("eventfd")))
+            .collect();
+        let (router, receivers) = Router::new(wakers, 2);
+        let from: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        assert!(router.forward(1, from, b"one").is_ok());
+        assert!(router.forward(1, from, b"two").is_ok());
+        assert_eq!(router.forward(1, from, b"three"), Err(InboxFull));
+        assert_eq!(router.forwarded_datagrams(1), 2);
+        assert_eq!(router.forward_overflows(1), 1);
+        // The message inbox is untouched: publishes still fit.
+        let publish = ShardMessage::Publish {
+            account: "a".into(),
+            bitmask: vec![1],
+        };
+        assert!(router.send(1, publish).is_ok());
+        assert_eq!(router.overflows(1), 0);
+        assert_eq!(receivers[1].messages.len(), 1);
+        assert_eq!(receivers[1].forwarded.len(), 2);
     }
 
     #[test]

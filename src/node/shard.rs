@@ -3,28 +3,33 @@
 //!
 //! The loop, per turn: wait for datagrams, the inbox's eventfd or the next
 //! timer; feed every received datagram to the state machine (or forward one
-//! that belongs to another shard); drain the inbox (publishes, forwarded
-//! datagrams, web-transport requests, DNS answers); fire due timers; then
-//! write every resulting datagram into the driver's send slots and submit the
-//! whole batch at once. The shard parses nothing itself beyond the conn id
-//! that says which shard owns a datagram.
+//! that belongs to another shard, once it authenticated); drain the
+//! forwarded datagrams and the inbox (publishes, web-transport requests, DNS
+//! answers); fire due timers; then write every resulting datagram into the
+//! driver's send slots and submit the whole batch at once, and answer the
+//! web-transport requests whose replies are complete. The shard parses
+//! nothing itself beyond the conn id that says which shard owns a datagram.
+//!
+//! A shard that ends other than by being told to stop (its thread panics, or
+//! its I/O keeps failing) reports it in [`ShardHealth`], so that the node
+//! says so on `/healthz` and exits instead of running on half alive.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-
-use super::router::{Router, ShardId, ShardMessage};
+use super::router::{Fault, Router, ShardId, ShardInbox, ShardMessage};
 use super::Clock;
 use crate::control::dns::DnsQuery;
 use crate::net::{self, Driver, IoBackend, Waker};
-use crate::packet::{peek_conn_id, MasterKey};
-use crate::proto::{stun, Service, ServiceConfig, ServiceEvent, WebRequestId};
+use crate::packet::{open_in_place, peek_conn_id, ConnId, Direction, MasterKey, MAX_PACKET};
+use crate::proto::{stun, ResolveToken, Service, ServiceConfig, ServiceEvent, WebRequestId};
 use crate::time::UnixMillis;
 
-/// Inbox messages handled per loop turn at most, so receiving stays fair.
+/// Inbox messages handled per loop turn at most (and as many forwarded
+/// datagrams), so receiving stays fair.
 const INBOX_PER_TURN: usize = 4096;
 /// Datagrams sent per loop turn at most before the shard reads its socket
 /// again: a publish to a large account (or many publishes) must not keep
@@ -39,6 +44,115 @@ const BACKLOG_HIGH: usize = 16 * SEND_PER_TURN;
 const SHED_FOR_MS: u64 = 1_000;
 /// How often a shard publishes its counters for `/metrics`.
 const METRICS_PERIOD: Duration = Duration::from_millis(200);
+/// Web-transport requests a shard keeps open at most while they wait for a
+/// late answer (a resolve's upstream); beyond, a new web request is refused
+/// (the control plane answers 503).
+pub const MAX_OPEN_WEB_REQUESTS: usize = 1024;
+
+/// Whether each shard is running. The shard threads report when their loop
+/// is ready and how it ended; the node waits for every shard to be ready
+/// before [`start`](super::start) returns, reads it for `/healthz` and
+/// `mpp_shard_up`, and waits on it to exit when a shard dies
+/// (docs/PROTOCOL.md §9).
+#[derive(Debug)]
+pub struct ShardHealth {
+    states: Vec<AtomicU8>,
+    failure: Mutex<Option<String>>,
+    failed: tokio::sync::Notify,
+}
+
+const STARTING: u8 = 0;
+const RUNNING: u8 = 1;
+const STOPPED: u8 = 2;
+const FAILED: u8 = 3;
+
+impl ShardHealth {
+    /// `shards` shards, all starting.
+    pub fn new(shards: usize) -> Arc<ShardHealth> {
+        Arc::new(ShardHealth {
+            states: (0..shards).map(|_| AtomicU8::new(STARTING)).collect(),
+            failure: Mutex::new(None),
+            failed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Whether `shard` is running: its loop is ready and has not ended.
+    pub fn is_up(&self, shard: ShardId) -> bool {
+        self.states
+            .get(shard)
+            .is_some_and(|s| s.load(Ordering::Acquire) == RUNNING)
+    }
+
+    /// How many shards are running.
+    pub fn running(&self) -> usize {
+        (0..self.states.len()).filter(|&i| self.is_up(i)).count()
+    }
+
+    /// The first failure, `shard i: reason`, if a shard failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Waits (polling, at most `within`) until no shard is starting any
+    /// more; the first failure, or the shard that is still starting.
+    pub fn wait_started(&self, within: Duration) -> Result<(), String> {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(failure) = self.failure() {
+                return Err(failure);
+            }
+            let starting = self
+                .states
+                .iter()
+                .position(|s| s.load(Ordering::Acquire) == STARTING);
+            let Some(shard) = starting else {
+                return Ok(());
+            };
+            if Instant::now() >= until {
+                return Err(format!("shard {shard}: not ready within {within:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits until a shard failed; its failure.
+    pub async fn wait_failure(&self) -> String {
+        loop {
+            // A failure reported between the check and the wait left a
+            // permit in `failed` (notify_one), so none is missed.
+            if let Some(failure) = self.failure() {
+                return failure;
+            }
+            self.failed.notified().await;
+        }
+    }
+
+    /// Records that `shard`'s loop is ready (its driver is open).
+    pub fn started(&self, shard: ShardId) {
+        if let Some(state) = self.states.get(shard) {
+            let _ = state.compare_exchange(STARTING, RUNNING, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Records how `shard`'s loop ended: `Ok` (it was told to stop) or the
+    /// error that ended it.
+    pub fn report(&self, shard: ShardId, result: &std::io::Result<()>) {
+        let Some(state) = self.states.get(shard) else {
+            return;
+        };
+        match result {
+            Ok(()) => state.store(STOPPED, Ordering::Release),
+            Err(e) => {
+                tracing::error!(shard, error = %e, "shard down");
+                state.store(FAILED, Ordering::Release);
+                if let Ok(mut failure) = self.failure.lock() {
+                    failure.get_or_insert_with(|| format!("shard {shard}: {e}"));
+                }
+                self.failed.notify_one();
+            }
+        }
+    }
+}
 
 /// The counters of one shard.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,6 +184,17 @@ pub struct ShardMetrics {
     pub router_forwarded: u64,
     /// Publishes refused because a destination inbox was full.
     pub router_overflows: u64,
+    /// Whether the shard is running (set by the node when it reports).
+    pub up: bool,
+    /// Datagrams that reached this shard's socket for another shard,
+    /// authenticated and forwarded to their owner (fallback steering).
+    pub misrouted_forwarded: u64,
+    /// Datagrams that reached this shard's socket for another shard and were
+    /// dropped: they failed authentication, or the owner's forward queue was
+    /// full.
+    pub misrouted_dropped: u64,
+    /// Datagrams other shards forwarded to this one.
+    pub forwarded_in: u64,
 }
 
 /// Everything a shard thread needs.
@@ -86,8 +211,8 @@ pub struct ShardSetup {
     pub spin: Duration,
     /// The shard's socket of the SO_REUSEPORT group.
     pub socket: UdpSocket,
-    /// The shard's inbox.
-    pub inbox: Receiver<ShardMessage>,
+    /// The shard's inboxes.
+    pub inbox: ShardInbox,
     /// The eventfd that wakes this shard.
     pub waker: Arc<Waker>,
     /// The router, to forward misrouted datagrams.
@@ -107,6 +232,8 @@ pub struct ShardSetup {
     pub restore: Option<(UnixMillis, super::snapshot::ShardState)>,
     /// Where to save the state when told to stop (None: `keep_state` off).
     pub save: Option<SaveTarget>,
+    /// Where the shard reports how it ended (see [`run`]).
+    pub health: Arc<ShardHealth>,
 }
 
 /// Where a stopping shard writes its state (docs/PROTOCOL.md §6, "Restarts").
@@ -118,8 +245,28 @@ pub struct SaveTarget {
     pub id: super::snapshot::SaveId,
 }
 
-/// Runs a shard until it is told to shut down. Errors only at set-up.
+/// Runs a shard until it is told to shut down; `Err` when it could not be
+/// set up, its I/O kept failing, or it panicked. Either way the end is
+/// reported in the setup's [`ShardHealth`] before this returns.
 pub fn run(setup: ShardSetup) -> std::io::Result<()> {
+    let id = setup.id;
+    let health = Arc::clone(&setup.health);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(setup)))
+        .unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("no message");
+            Err(std::io::Error::other(format!(
+                "the shard's thread panicked: {message}"
+            )))
+        });
+    health.report(id, &result);
+    result
+}
+
+fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
     if let Some(cpu) = setup.cpu {
         if !super::pin_current_thread(cpu) {
             tracing::warn!(shard = setup.id, cpu, "could not pin the shard thread");
@@ -127,10 +274,12 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
     }
     let socket_fd = std::os::fd::AsRawFd::as_raw_fd(&setup.socket);
     let mut driver = net::open_driver(setup.backend, setup.socket, setup.waker.fd(), setup.batch)?;
+    setup.health.started(setup.id);
     let mut socket_drops = SocketDrops::new(socket_fd);
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
     let now = setup.clock.now();
+    let resolve_timeout_ms = setup.server.resolve_timeout_ms;
     let mut server = Service::new(setup.server, MasterKey::new(setup.master), seed, now);
     if let Some((epoch, state)) = &setup.restore {
         let started = Instant::now();
@@ -150,9 +299,16 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         server,
         router: setup.router,
         dns: setup.dns,
+        master: MasterKey::new(setup.master),
+        scratch: Vec::with_capacity(MAX_PACKET),
+        resolve_timeout_ms,
         web: HashMap::new(),
+        web_resolves: HashMap::new(),
         next_web: 0,
+        misrouted_forwarded: 0,
+        misrouted_dropped: 0,
         stopping: false,
+        fault: None,
     };
     tracing::info!(shard = shard.id, cpu = ?setup.cpu, io = driver.backend().name(), "shard started");
     let mut last_metrics = Instant::now();
@@ -170,7 +326,8 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         // their wake-up: do not sleep on them. Shortly after work, poll
         // without sleeping (`spin`).
         let backlog = shard.server.transmit_backlog();
-        let inbox_ready = !setup.inbox.is_empty() && backlog < BACKLOG_HIGH;
+        let inbox_ready = !setup.inbox.forwarded.is_empty()
+            || (!setup.inbox.messages.is_empty() && backlog < BACKLOG_HIGH);
         let timeout = if !inbox_ready && backlog == 0 && last_work.elapsed() >= setup.spin {
             shard
                 .server
@@ -187,21 +344,35 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
             last_work = Instant::now();
         }
         recv_errors.check(shard.id, "receive", received.map(drop))?;
+        // Datagrams other shards forwarded (fallback steering): handled like
+        // received ones, within their own budget.
+        let mut forwarded = 0;
+        while forwarded < INBOX_PER_TURN {
+            let Ok(f) = setup.inbox.forwarded.try_recv() else {
+                break;
+            };
+            shard.server.handle_datagram(now, f.from, &f.datagram);
+            forwarded += 1;
+        }
         let mut taken = 0;
         while taken < INBOX_PER_TURN && shard.server.transmit_backlog() < BACKLOG_HIGH {
-            let Ok(message) = setup.inbox.try_recv() else {
+            let Ok(message) = setup.inbox.messages.try_recv() else {
                 break;
             };
             shard.on_message(now, message);
             taken += 1;
         }
-        if taken > 0 {
+        if taken + forwarded > 0 {
             last_work = Instant::now();
+        }
+        if let Some(fault) = shard.fault.take() {
+            return Err(fault);
         }
         if shard.server.poll_timeout().is_some_and(|t| t <= now) {
             shard.server.handle_timeout(now);
         }
-        shard.handle_events();
+        shard.web_timeouts(now);
+        shard.handle_events(None);
         send_errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
         if last_metrics.elapsed() >= METRICS_PERIOD || shard.stopping {
             last_metrics = Instant::now();
@@ -220,7 +391,17 @@ pub fn run(setup: ShardSetup) -> std::io::Result<()> {
         }
         if shard.stopping {
             if let Some(target) = &setup.save {
-                shard.save(target, setup.clock.now(), MasterKey::new(setup.master));
+                // docs/PROTOCOL.md §9: a node that exits because a shard died
+                // saves nothing (the dead shard's state is gone, and a save is
+                // all or nothing); its next start begins empty.
+                match setup.health.failure() {
+                    None => shard.save(target, setup.clock.now(), MasterKey::new(setup.master)),
+                    Some(failure) => tracing::warn!(
+                        shard = shard.id,
+                        %failure,
+                        "state not saved: the node exits on a shard failure"
+                    ),
+                }
             }
             tracing::info!(shard = shard.id, "shard stopped");
             return Ok(());
@@ -289,18 +470,39 @@ impl SocketDrops {
     }
 }
 
-/// A web-transport request's reply channel and the packets gathered for it.
-type WebReplies = (tokio::sync::oneshot::Sender<Vec<Vec<u8>>>, Vec<Vec<u8>>);
+/// A web-transport request not yet answered.
+struct WebRequest {
+    /// Where its replies go.
+    reply: tokio::sync::oneshot::Sender<Vec<Vec<u8>>>,
+    /// The reply packets so far.
+    packets: Vec<Vec<u8>>,
+    /// Resolves it started that wait for the upstream, each with the time
+    /// the state machine gives up on it (and answers 504 itself).
+    waiting: Vec<(ResolveToken, UnixMillis)>,
+}
 
 struct Shard {
     id: ShardId,
     server: Service,
     router: Arc<Router>,
     dns: Option<tokio::sync::mpsc::Sender<DnsQuery>>,
-    /// Web-transport requests answered in this turn: their replies so far.
-    web: HashMap<u64, WebReplies>,
+    /// To authenticate a datagram before forwarding it to another shard.
+    master: MasterKey,
+    /// Where a datagram is opened for that check (reused).
+    scratch: Vec<u8>,
+    /// The state machine's resolve timeout (when it answers 504 itself).
+    resolve_timeout_ms: u64,
+    /// Web-transport requests not yet answered: this turn's, and those
+    /// waiting for a late answer (at most [`MAX_OPEN_WEB_REQUESTS`]).
+    web: HashMap<u64, WebRequest>,
+    /// Which web request each waiting resolve belongs to.
+    web_resolves: HashMap<ResolveToken, u64>,
     next_web: u64,
+    misrouted_forwarded: u64,
+    misrouted_dropped: u64,
     stopping: bool,
+    /// A failure injected by a test, ending the loop at once.
+    fault: Option<std::io::Error>,
 }
 
 impl Shard {
@@ -328,23 +530,43 @@ impl Shard {
     }
 
     fn on_datagram(&mut self, now: UnixMillis, from: SocketAddr, bytes: &[u8]) {
-        // docs/PROTOCOL.md §8: a datagram on the wrong socket (fallback mode) goes
-        // to its owner through the router. STUN is answered by any shard.
+        // docs/PROTOCOL.md §8.3: a datagram on the wrong socket (fallback mode)
+        // goes to its owner through the router, in the owner's queue of
+        // forwarded datagrams, and only once it authenticated: garbage
+        // claiming another shard's affinity costs the owner nothing and never
+        // takes the room of publishes. STUN is answered by any shard.
         if self.router.shards() > 1 && !stun::is_stun(bytes) {
             if let Some(id) = peek_conn_id(bytes) {
                 let owner = self.router.shard_of_affinity(id.affinity());
                 if owner != self.id {
-                    let message = ShardMessage::Forward {
-                        from,
-                        datagram: bytes.into(),
-                    };
-                    // A full inbox drops it (counted by the router); the client resends.
-                    let _ = self.router.send(owner, message);
+                    let forwarded = self.authentic(id, bytes)
+                        && self.router.forward(owner, from, bytes).is_ok();
+                    // A dropped one is resent by its client (or was garbage).
+                    if forwarded {
+                        self.misrouted_forwarded += 1;
+                    } else {
+                        self.misrouted_dropped += 1;
+                    }
                     return;
                 }
             }
         }
         self.server.handle_datagram(now, from, bytes);
+    }
+
+    /// Whether `bytes` is a packet sealed for conn id `id` (keys derive from
+    /// the master key, docs/PROTOCOL.md §3).
+    fn authentic(&mut self, id: ConnId, bytes: &[u8]) -> bool {
+        if bytes.len() > MAX_PACKET {
+            return false;
+        }
+        let key = self
+            .master
+            .expanded_secret(id)
+            .key(Direction::ClientToServer);
+        self.scratch.clear();
+        self.scratch.extend_from_slice(bytes);
+        open_in_place(&key, &mut self.scratch).is_ok()
     }
 
     fn on_message(&mut self, now: UnixMillis, message: ShardMessage) {
@@ -354,32 +576,104 @@ impl Shard {
                     tracing::warn!(shard = self.id, %e, "publish refused");
                 }
             }
-            ShardMessage::Forward { from, datagram } => {
-                self.server.handle_datagram(now, from, &datagram);
-            }
             ShardMessage::Web {
                 peer,
                 packet,
                 reply,
-            } => {
-                self.next_web += 1;
-                let id = self.next_web;
-                self.web.insert(id, (reply, Vec::new()));
-                self.server
-                    .handle_web_request(now, peer, &packet, WebRequestId(id));
-            }
+            } => self.on_web_request(now, peer, &packet, reply),
             ShardMessage::ResolveAnswer { token, answer } => {
                 self.server
                     .handle_resolve_answer(token, answer.as_deref().map_err(|&c| c));
+                self.resolve_done(token);
             }
             ShardMessage::Shutdown => self.stopping = true,
+            ShardMessage::Fault(Fault::Panic) => {
+                panic!("shard {}: failure injected by a test", self.id)
+            }
+            ShardMessage::Fault(Fault::IoError) => {
+                self.fault = Some(std::io::Error::other("I/O failure injected by a test"));
+            }
         }
     }
 
-    fn handle_events(&mut self) {
+    /// docs/PROTOCOL.md §9 (D22): a web request stays open until its
+    /// replies are complete — what its packet produces at once, and the
+    /// answer of any resolve it started (the upstream's, or the state
+    /// machine's 502/504).
+    fn on_web_request(
+        &mut self,
+        now: UnixMillis,
+        peer: SocketAddr,
+        packet: &[u8],
+        reply: tokio::sync::oneshot::Sender<Vec<Vec<u8>>>,
+    ) {
+        if self.web_resolves.len() >= MAX_OPEN_WEB_REQUESTS {
+            // Dropping `reply` answers 503 on the control side.
+            tracing::debug!(shard = self.id, "too many open web requests: refused");
+            return;
+        }
+        // Events queued so far belong to earlier requests; those the state
+        // machine queues now belong to this one.
+        self.handle_events(None);
+        self.next_web += 1;
+        let id = self.next_web;
+        self.web.insert(
+            id,
+            WebRequest {
+                reply,
+                packets: Vec::new(),
+                waiting: Vec::new(),
+            },
+        );
+        self.server
+            .handle_web_request(now, peer, packet, WebRequestId(id));
+        self.handle_events(Some((id, now)));
+    }
+
+    /// A resolve was answered (its reply is queued): the web request that
+    /// waited for it, if any, waits no more for it.
+    fn resolve_done(&mut self, token: ResolveToken) {
+        if let Some(id) = self.web_resolves.remove(&token) {
+            if let Some(w) = self.web.get_mut(&id) {
+                w.waiting.retain(|(t, _)| *t != token);
+            }
+        }
+    }
+
+    /// Resolves the state machine gave up on (it answered 504 in this turn's
+    /// `handle_timeout`) no longer hold their web request.
+    fn web_timeouts(&mut self, now: UnixMillis) {
+        if self.web_resolves.is_empty() {
+            return;
+        }
+        let mut done = Vec::new();
+        for w in self.web.values() {
+            done.extend(
+                w.waiting
+                    .iter()
+                    .filter(|(_, deadline)| *deadline <= now)
+                    .map(|(t, _)| *t),
+            );
+        }
+        for token in done {
+            self.resolve_done(token);
+        }
+    }
+
+    /// Hands the state machine's events to the DNS forwarder. `web`: the
+    /// events come from this web request (handled at `now`), which then
+    /// waits for the resolves they start.
+    fn handle_events(&mut self, web: Option<(u64, UnixMillis)>) {
         while let Some(event) = self.server.poll_event() {
             match event {
                 ServiceEvent::ResolveUpstream { token, query } => {
+                    if let Some((id, now)) = web {
+                        if let Some(w) = self.web.get_mut(&id) {
+                            let deadline = now.plus_millis(self.resolve_timeout_ms);
+                            w.waiting.push((token, deadline));
+                            self.web_resolves.insert(token, id);
+                        }
+                    }
                     let sent = self.dns.as_ref().is_some_and(|dns| {
                         dns.try_send(DnsQuery {
                             shard: self.id,
@@ -391,6 +685,7 @@ impl Shard {
                     if !sent {
                         // No upstream configured, or the forwarder is overloaded.
                         self.server.handle_resolve_answer(token, Err(502));
+                        self.resolve_done(token);
                     }
                 }
             }
@@ -398,24 +693,55 @@ impl Shard {
     }
 
     /// Moves every pending datagram into the driver and submits the batch(es);
-    /// then answers this turn's web-transport requests, whatever happened.
+    /// then answers the web-transport requests whose replies are complete,
+    /// whatever happened, and forgets those the control plane gave up on.
     fn transmit(&mut self, now: UnixMillis, driver: &mut dyn Driver) -> std::io::Result<()> {
-        let result = self.fill_and_flush(now, driver);
-        // Web requests get what their turn produced (a resolve answered later
-        // by the upstream is not waited for; its late packets are dropped).
-        for (_, (reply, packets)) in self.web.drain() {
-            let _ = reply.send(packets);
+        let answering = self.web.values().any(|w| w.waiting.is_empty());
+        let result = self.fill_and_flush(now, driver, answering);
+        if !self.web.is_empty() {
+            let complete: Vec<u64> = self
+                .web
+                .iter()
+                .filter(|(_, w)| w.waiting.is_empty())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in complete {
+                if let Some(w) = self.web.remove(&id) {
+                    let _ = w.reply.send(w.packets);
+                }
+            }
+            // The control plane answered 504 and went: late packets of these
+            // requests are dropped.
+            let abandoned: Vec<u64> = self
+                .web
+                .iter()
+                .filter(|(_, w)| w.reply.is_closed())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in abandoned {
+                if let Some(w) = self.web.remove(&id) {
+                    for (token, _) in w.waiting {
+                        self.web_resolves.remove(&token);
+                    }
+                }
+            }
         }
         result
     }
 
-    /// Sends up to [`SEND_PER_TURN`] datagrams (more while a web-transport
-    /// request of this turn still waits for its answer, which is queued
-    /// ahead of any notify); the rest wait for the next turn.
-    fn fill_and_flush(&mut self, now: UnixMillis, driver: &mut dyn Driver) -> std::io::Result<()> {
+    /// Sends up to [`SEND_PER_TURN`] datagrams (all that are queued while
+    /// `answering`: a web-transport request is to be answered this turn and
+    /// its replies, queued ahead of any notify, must come out); the rest
+    /// wait for the next turn.
+    fn fill_and_flush(
+        &mut self,
+        now: UnixMillis,
+        driver: &mut dyn Driver,
+        answering: bool,
+    ) -> std::io::Result<()> {
         let mut produced = 0;
         loop {
-            if produced >= SEND_PER_TURN && self.web.is_empty() {
+            if produced >= SEND_PER_TURN && !answering {
                 break;
             }
             let Some(slot) = driver.send_slot() else {
@@ -434,8 +760,8 @@ impl Shard {
             match t.web {
                 None => driver.commit_send(t.destination, t.size),
                 Some(WebRequestId(id)) => {
-                    if let Some((_, replies)) = self.web.get_mut(&id) {
-                        replies.push(slot[..t.size].to_vec());
+                    if let Some(w) = self.web.get_mut(&id) {
+                        w.packets.push(slot[..t.size].to_vec());
                     }
                 }
             }
@@ -465,6 +791,10 @@ impl Shard {
             send_batches: d.send_batches,
             router_forwarded: self.router.forwarded(self.id),
             router_overflows: self.router.overflows(self.id),
+            up: true,
+            misrouted_forwarded: self.misrouted_forwarded,
+            misrouted_dropped: self.misrouted_dropped,
+            forwarded_in: self.router.forwarded_datagrams(self.id),
         };
         if let Ok(mut guard) = sink.lock() {
             *guard = m;

@@ -397,6 +397,8 @@ pub(crate) struct TestNode {
     config: NodeConfig,
     pub(crate) udp: SocketAddr,
     pub(crate) http: SocketAddr,
+    /// The web-transport listener, when `web` is set.
+    pub(crate) web: Option<SocketAddr>,
     pub(crate) token: String,
     pub(crate) shards: usize,
     pub(crate) dir: TempDir,
@@ -423,12 +425,55 @@ impl TestNode {
         TestNode {
             udp: node.udp,
             http: node.http,
+            web: node.web,
             token: node.admin_token.clone(),
             shards: node.shards,
             node: Some(node),
             config,
             dir,
         }
+    }
+
+    /// Starts a node on [`node_config`] changed by `adjust`, with the test
+    /// hooks given.
+    pub(crate) fn start_hooked(
+        io: IoChoice,
+        hooks: mpp::node::TestHooks,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> TestNode {
+        let dir = TempDir::new(&format!("node-{}", io_name(io)));
+        let mut config = node_config(io, dir.path());
+        adjust(&mut config);
+        let node = mpp::node::start_with_hooks(&config, false, hooks)
+            .unwrap_or_else(|e| panic!("node with io={} did not start: {e}", io_name(io)));
+        TestNode {
+            udp: node.udp,
+            http: node.http,
+            web: node.web,
+            token: node.admin_token.clone(),
+            shards: node.shards,
+            node: Some(node),
+            config,
+            dir,
+        }
+    }
+
+    /// Makes shard `shard` fail (see `mpp::node::router::Fault`).
+    pub(crate) fn inject_fault(&self, shard: usize, fault: mpp::node::router::Fault) {
+        self.node
+            .as_ref()
+            .expect("node running")
+            .inject_fault(shard, fault)
+            .expect("the fault reached the shard's inbox");
+    }
+
+    /// Waits (bounded) for the node to stop by itself, without asking it
+    /// to; the result of `Node::wait` and how long it took.
+    pub(crate) fn wait_exit(&mut self) -> (std::io::Result<()>, Duration) {
+        let node = self.node.take().expect("node running");
+        let started = Instant::now();
+        let result = wait_bounded(node);
+        (result, started.elapsed())
     }
 
     /// Stops the node gracefully (as SIGTERM does: it saves its state) and
@@ -449,6 +494,9 @@ impl TestNode {
         assert!(self.node.is_none(), "stop it first");
         self.config.udp = self.udp;
         self.config.http = self.http;
+        if self.web.is_some() {
+            self.config.web = self.web;
+        }
         let node = mpp::node::start(&self.config, false)
             .unwrap_or_else(|e| panic!("the node did not start again: {e}"));
         assert_eq!((node.udp, node.http), (self.udp, self.http), "same ports");
