@@ -396,6 +396,29 @@ async fn web_transport(
     }
 }
 
+/// Not API: the parsers behind `POST /v1/notify` and `POST /v1/credentials`,
+/// for tests and fuzzing (`fuzz/`, `tests/fuzz_regressions.rs`,
+/// `tests/fuzz_properties.rs`). Associated functions of `dyn NodeApi` only
+/// because this module is private and these bodies are what become its
+/// calls; call them as `<dyn NodeApi>::parse_notify_body(body)`.
+impl dyn NodeApi {
+    /// Not API: a `POST /v1/notify` body checked exactly as the handler
+    /// checks it: the (account, bitmask) pairs it would publish, in order,
+    /// or the reason its 400 gives.
+    #[doc(hidden)]
+    pub fn parse_notify_body(body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+        parse_notify(body).map(|batch| batch.into_iter().map(|n| (n.account, n.bitmask)).collect())
+    }
+
+    /// Not API: a `POST /v1/credentials` body checked exactly as the
+    /// handler checks it: (account, device, ttl_secs), or the reason its 400
+    /// gives.
+    #[doc(hidden)]
+    pub fn parse_credentials_body(body: &[u8]) -> Result<(String, String, u64), String> {
+        parse_credential_request(body).map(|r| (r.account, r.device, r.ttl_secs))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -471,6 +471,54 @@ fn decode_file(path: &Path, bytes: &[u8], master: &MasterKey) -> Result<ShardFil
     })
 }
 
+/// Not API: one state file decoded by [`decode_state`], for tests and
+/// fuzzing (`fuzz/`, `tests/fuzz_regressions.rs`, `tests/fuzz_properties.rs`).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct DecodedState {
+    /// The save the file belongs to (generation, shard count).
+    pub id: SaveId,
+    /// The shard that wrote it.
+    pub index: u32,
+    /// When it was saved.
+    pub saved: UnixMillis,
+    /// The time its records' relative times count from.
+    pub epoch: UnixMillis,
+    /// Its account records, in file order.
+    pub accounts: Vec<Account>,
+    /// Its connections, in file order.
+    pub connections: Vec<SavedConnection>,
+}
+
+/// Not API: verifies and decodes one state file's bytes exactly as [`load`]
+/// does for each file it reads (the same private decoder), for tests and
+/// fuzzing. Errors name the file `<bytes>`.
+#[doc(hidden)]
+pub fn decode_state(bytes: &[u8], master: &MasterKey) -> Result<DecodedState, LoadError> {
+    let f = decode_file(Path::new("<bytes>"), bytes, master)?;
+    Ok(DecodedState {
+        id: f.id,
+        index: f.index,
+        saved: f.saved,
+        epoch: f.epoch,
+        accounts: f.accounts,
+        connections: f.connections,
+    })
+}
+
+/// Not API: `body` followed by the HMAC-SHA256 a state file ends with, under
+/// `master`'s state key: a file whose MAC verifies whatever `body` holds, so
+/// that tests and fuzzers reach the decoder behind the MAC check.
+#[doc(hidden)]
+pub fn sign_state(body: &[u8], master: &MasterKey) -> Vec<u8> {
+    let mut m = mac(master);
+    m.update(body);
+    let mut out = Vec::with_capacity(body.len() + TAG_LEN);
+    out.extend_from_slice(body);
+    out.extend_from_slice(&m.finalize().into_bytes());
+    out
+}
+
 /// Reads the saved state, if any: `Ok(None)` when there is none. The
 /// records are split among `shards` new shards by `owner(affinity)`.
 pub fn load(
