@@ -1,6 +1,10 @@
 //! docs/PROTOCOL.md §3, §4: every byte of `tests/vectors/crypto.json` must be
 //! reproduced — derived keys, binding, affinity and one sealed client packet —
 //! and the sealed packet must not open after any tampering or truncation.
+//!
+//! Through the public API, so on the AES-GCM path the process runs (ours on
+//! AES-NI where the CPU has it, `src/packet/mod.rs`); CI runs this file a
+//! second time with `MPP_CRYPTO=portable` for the RustCrypto path.
 
 use mpp::packet::{
     account_affinity, binding, open, open_in_place, seal_in_place, BindingKey, ConnId, Direction,

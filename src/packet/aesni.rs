@@ -1,44 +1,50 @@
-//! AES-256 encryption on AES-NI, for builds where the instructions are
-//! compiled in (`.cargo/config.toml`).
+//! AES-256 encryption on AES-NI, the fast path's block cipher (the KDF of
+//! docs/PROTOCOL.md §3.4 and, through [`Aes256Ni::round_keys`], our
+//! AES-GCM in `gcm.rs`). The portable path uses `aes::Aes256Enc` instead;
+//! `backend.rs` chooses between them at run time.
 //!
-//! Why not `aes::Aes256Enc`: on x86 it is a run-time "autodetect" union whose
-//! unused software half makes every key object 960 bytes. This protocol
-//! creates three AES-256 keys per packet (the connection secret and one
-//! AES-GCM key per direction, docs/PROTOCOL.md §3), and zeroing and moving ~1 KB
-//! objects was a measurable share of a heartbeat. Here a key is its 15 round
-//! keys (240 bytes). It implements the `cipher` traits, so `aes_gcm::AesGcm`
-//! and our KDF use it unchanged; `tests/packet_vectors.rs` pins its output.
+//! Why not `aes::Aes256Enc` on the fast path: on x86 it is a run-time
+//! "autodetect" union whose unused software half makes every key object 960
+//! bytes. This protocol creates three AES-256 keys per packet (the
+//! connection secret and one AES-GCM key per direction, docs/PROTOCOL.md
+//! §3), and zeroing and moving ~1 KB objects was a measurable share of a
+//! heartbeat. Here a key is its 15 round keys (240 bytes);
+//! `tests/packet_vectors.rs` pins its output.
 //!
-//! Encryption only: GCM and the KDF never decrypt a block.
+//! What it must not do: run on a CPU without AES-NI and SSSE3. An
+//! [`Aes256Ni`] can only be made by the `unsafe` [`Aes256Ni::new`], whose
+//! contract is that the CPU has both (`backend.rs` checks with
+//! `is_x86_feature_detected!`); so a key's existence proves the instructions
+//! exist, and the methods of an existing key are safe. Everything here is
+//! `#[inline(always)]` and meant to be inlined into one of `backend.rs`'s
+//! `#[target_feature]` functions, where the intrinsics become single
+//! instructions (called from elsewhere, they are correct but slow
+//! out-of-line calls). Encryption only: GCM and the KDF never decrypt a
+//! block.
 
-#[cfg(not(target_feature = "ssse3"))]
-use core::arch::x86_64::_mm_aeskeygenassist_si128;
 use core::arch::x86_64::{
-    __m128i, _mm_aesenc_si128, _mm_aesenclast_si128, _mm_loadu_si128, _mm_shuffle_epi32,
-    _mm_slli_si128, _mm_storeu_si128, _mm_xor_si128,
-};
-#[cfg(target_feature = "ssse3")]
-use core::arch::x86_64::{_mm_set1_epi32, _mm_set_epi8, _mm_setzero_si128, _mm_shuffle_epi8};
-
-use aes::cipher::consts::{U16, U32, U4};
-use aes::cipher::inout::InOut;
-use aes::cipher::{
-    Block, BlockBackend, BlockCipher, BlockClosure, BlockEncrypt, BlockSizeUser, Key, KeyInit,
-    KeySizeUser, ParBlocks, ParBlocksSizeUser,
+    __m128i, _mm_aesenc_si128, _mm_aesenclast_si128, _mm_loadu_si128, _mm_set1_epi32, _mm_set_epi8,
+    _mm_setzero_si128, _mm_shuffle_epi32, _mm_shuffle_epi8, _mm_slli_si128, _mm_storeu_si128,
+    _mm_xor_si128,
 };
 
-/// An expanded AES-256 encryption key.
-#[derive(Clone)]
+/// An expanded AES-256 encryption key. Exists only on a CPU with AES-NI and
+/// SSSE3 (see the module docs).
+#[derive(Clone, Copy)]
 pub(crate) struct Aes256Ni {
     round_keys: [__m128i; 15],
 }
+
+// SAFETY (every `unsafe` block below that only calls SIMD intrinsics on
+// register values): SSE2 is part of x86-64, and AES-NI and SSSE3 are
+// present because an `Aes256Ni` exists or is being made by `new`, whose
+// caller promised them; such intrinsics touch no memory.
 
 /// One step of the AES-256 key schedule: `prev` XOR its shifted prefixes,
 /// XOR the broadcast word of `assist`.
 #[inline(always)]
 fn mix(prev: __m128i, assist: __m128i) -> __m128i {
-    // SAFETY (whole fn): SSE2 is part of x86-64; these intrinsics only move
-    // and combine register values.
+    // SAFETY: SSE2 register ops (see above).
     unsafe {
         let mut k = prev;
         k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
@@ -54,13 +60,12 @@ fn mix(prev: __m128i, assist: __m128i) -> __m128i {
 /// round key, and PSHUFB does `RotWord` and the broadcast in one go. Measured
 /// here, a whole schedule then takes ~63 ns of latency instead of ~150 ns
 /// with AESKEYGENASSIST (slow on this machine's cores); a node runs three
-/// schedules per packet round trip, each on the critical path. The
-/// AESKEYGENASSIST form stays for builds without SSSE3.
-#[cfg(target_feature = "ssse3")]
+/// schedules per packet round trip, each on the critical path. (This is why
+/// the fast path needs SSSE3 as well.)
 macro_rules! expand_pair {
     ($rk:ident, $i:literal, $rcon:literal) => {{
-        // SAFETY: AES-NI and SSSE3 are enabled for this build (module cfg
-        // and the `cfg` above); register ops only.
+        // SAFETY: AES-NI and SSSE3 register ops; `new`'s caller promised
+        // both (see above).
         unsafe {
             // Each column: bytes 13, 14, 15, 12 of the previous key, i.e.
             // RotWord of its last word.
@@ -81,43 +86,15 @@ macro_rules! expand_pair {
     }};
 }
 
-/// Two steps of the AES-256 key schedule with AESKEYGENASSIST.
-#[cfg(not(target_feature = "ssse3"))]
-macro_rules! expand_pair {
-    ($rk:ident, $i:literal, $rcon:literal) => {{
-        // SAFETY: AES-NI is enabled for this build (module cfg); register ops only.
-        unsafe {
-            let t = _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>($rk[$i - 1]));
-            $rk[$i] = mix($rk[$i - 2], t);
-            if $i + 1 < 15 {
-                let u = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>($rk[$i]));
-                $rk[$i + 1] = mix($rk[$i - 1], u);
-            }
-        }
-    }};
-}
-
 impl Aes256Ni {
-    /// The 15 round keys, for our AES-GCM (`gcm.rs`), which runs its own
-    /// AES passes.
-    #[cfg(all(
-        target_feature = "pclmulqdq",
-        target_feature = "ssse3",
-        target_feature = "sse4.1"
-    ))]
+    /// Expands a 32-byte key.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AES-NI and SSSE3 (`backend::fast_available()`). Call it
+    /// from a function with those target features enabled, or it is slow.
     #[inline(always)]
-    pub(crate) fn round_keys(&self) -> &[__m128i; 15] {
-        &self.round_keys
-    }
-}
-
-impl KeySizeUser for Aes256Ni {
-    type KeySize = U32;
-}
-
-impl KeyInit for Aes256Ni {
-    #[inline]
-    fn new(key: &Key<Self>) -> Self {
+    pub(crate) unsafe fn new(key: &[u8; 32]) -> Self {
         // SAFETY: unaligned loads of the 32 key bytes, within the array.
         let mut rk: [__m128i; 15] = unsafe {
             let first = _mm_loadu_si128(key.as_ptr().cast());
@@ -136,70 +113,34 @@ impl KeyInit for Aes256Ni {
         expand_pair!(rk, 14, 0x40);
         Aes256Ni { round_keys: rk }
     }
-}
 
-impl BlockSizeUser for Aes256Ni {
-    type BlockSize = U16;
-}
-
-impl BlockCipher for Aes256Ni {}
-
-impl BlockEncrypt for Aes256Ni {
-    #[inline]
-    fn encrypt_with_backend(&self, f: impl BlockClosure<BlockSize = U16>) {
-        f.call(&mut Backend(&self.round_keys));
-    }
-}
-
-struct Backend<'a>(&'a [__m128i; 15]);
-
-impl BlockSizeUser for Backend<'_> {
-    type BlockSize = U16;
-}
-
-impl ParBlocksSizeUser for Backend<'_> {
-    /// Four blocks in flight fill the AES unit (latency 4, one per cycle),
-    /// and the KDF (docs/PROTOCOL.md §3) is exactly four blocks.
-    type ParBlocksSize = U4;
-}
-
-impl BlockBackend for Backend<'_> {
+    /// The 15 round keys, for our AES-GCM (`gcm.rs`), which runs its own
+    /// AES passes.
     #[inline(always)]
-    fn proc_block(&mut self, block: InOut<'_, '_, Block<Self>>) {
-        let k = self.0;
-        let (input, output) = block.into_raw();
-        // SAFETY: `input`/`output` point at one 16-byte block each (InOut
-        // guarantees validity); AES-NI is enabled for this build.
-        unsafe {
-            let mut b = _mm_xor_si128(_mm_loadu_si128(input.cast()), k[0]);
-            for rk in &k[1..14] {
-                b = _mm_aesenc_si128(b, *rk);
-            }
-            b = _mm_aesenclast_si128(b, k[14]);
-            _mm_storeu_si128(output.cast(), b);
-        }
+    pub(crate) fn round_keys(&self) -> &[__m128i; 15] {
+        &self.round_keys
     }
 
+    /// Encrypts four blocks together: four blocks in flight fill the AES
+    /// unit (latency 4, one per cycle), and the KDF (docs/PROTOCOL.md §3.4)
+    /// is exactly four blocks.
     #[inline(always)]
-    fn proc_par_blocks(&mut self, blocks: InOut<'_, '_, ParBlocks<Self>>) {
-        let k = self.0;
-        let (input, output) = blocks.into_raw();
-        // SAFETY: `input`/`output` point at 4 consecutive 16-byte blocks
-        // (InOut over ParBlocks); AES-NI is enabled for this build.
+    pub(crate) fn encrypt4(&self, blocks: &mut [[u8; 16]; 4]) {
+        let k = &self.round_keys;
+        // SAFETY: each load and store is of one of the four 16-byte arrays;
+        // AES-NI is present (an `Aes256Ni` exists, see above).
         unsafe {
-            let input = input.cast::<__m128i>();
-            let output = output.cast::<__m128i>();
             let mut b = [k[0]; 4];
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = _mm_xor_si128(_mm_loadu_si128(input.add(i)), k[0]);
+            for (x, block) in b.iter_mut().zip(blocks.iter()) {
+                *x = _mm_xor_si128(_mm_loadu_si128(block.as_ptr().cast()), k[0]);
             }
             for rk in &k[1..14] {
                 for x in b.iter_mut() {
                     *x = _mm_aesenc_si128(*x, *rk);
                 }
             }
-            for (i, x) in b.iter().enumerate() {
-                _mm_storeu_si128(output.add(i), _mm_aesenclast_si128(*x, k[14]));
+            for (x, block) in b.iter().zip(blocks.iter_mut()) {
+                _mm_storeu_si128(block.as_mut_ptr().cast(), _mm_aesenclast_si128(*x, k[14]));
             }
         }
     }
@@ -208,16 +149,29 @@ impl BlockBackend for Backend<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aes::cipher::{BlockEncrypt, KeyInit};
+
+    /// `key` expanded by us, if this CPU has the instructions.
+    fn ours(key: &[u8; 32]) -> Option<Aes256Ni> {
+        // SAFETY: only when the CPU has AES-NI and SSSE3 (checked).
+        crate::packet::backend::fast_available().then(|| unsafe { Aes256Ni::new(key) })
+    }
 
     /// FIPS-197 Appendix C.3 and agreement with the `aes` crate on many keys.
+    /// Skipped, saying so, on a CPU without AES-NI.
     #[test]
     fn matches_fips_197_and_the_aes_crate() {
         let key: [u8; 32] = core::array::from_fn(|i| i as u8);
-        let mut block = Block::<Aes256Ni>::clone_from_slice(
-            &hex::decode("00112233445566778899aabbccddeeff").expect("hex"),
-        );
-        Aes256Ni::new(&key.into()).encrypt_block(&mut block);
-        assert_eq!(hex::encode(block), "8ea2b7ca516745bfeafc49904b496089");
+        let Some(cipher) = ours(&key) else {
+            eprintln!("no AES-NI/SSSE3 on this CPU: the fast path is not tested here");
+            return;
+        };
+        let plain: [u8; 16] = core::array::from_fn(|i| (i as u8) * 0x11);
+        let mut blocks = [plain; 4];
+        cipher.encrypt4(&mut blocks);
+        for b in blocks {
+            assert_eq!(hex::encode(b), "8ea2b7ca516745bfeafc49904b496089");
+        }
 
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..200 {
@@ -226,16 +180,18 @@ mod tests {
                 seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                 *b = (seed >> 56) as u8;
             }
-            let ours = Aes256Ni::new(&key.into());
+            let Some(cipher) = ours(&key) else { return };
             let theirs = aes::Aes256Enc::new(&key.into());
-            let mut a = [Block::<Aes256Ni>::default(); 11];
+            let mut a = [[0u8; 16]; 4];
             for (i, blk) in a.iter_mut().enumerate() {
                 blk[0] = i as u8;
                 blk[15] = (seed >> 8) as u8;
             }
             let mut b = a;
-            ours.encrypt_blocks(&mut a); // 2 x 4 in parallel + 3 single
-            theirs.encrypt_blocks(&mut b);
+            cipher.encrypt4(&mut a);
+            for blk in b.iter_mut() {
+                theirs.encrypt_block(blk.into());
+            }
             assert_eq!(a, b);
         }
     }

@@ -8,8 +8,8 @@
 
 use std::fmt;
 
+use super::backend::{Gcm, PacketCipher};
 use super::conn_id::{ConnId, CONN_ID_LEN};
-use super::gcm::Gcm;
 use super::kdf::KEY_LEN;
 
 /// Length of the nonce that follows the conn id (docs/PROTOCOL.md §3).
@@ -47,14 +47,16 @@ pub enum PacketError {
 }
 
 /// One direction's packet key, ready to seal or open: its expanded AES key
-/// schedule (and, with `aes_gcm`, its GHASH key).
+/// schedule (and, on the portable path, its GHASH key), for the AES-GCM
+/// implementation the process runs (`packet/mod.rs`).
 #[derive(Clone)]
-pub struct PacketKey(Gcm);
+pub struct PacketKey(pub(super) Gcm);
 
 impl PacketKey {
     /// Expands a raw 32-byte packet key (`k_c2s` or `k_s2c`).
+    #[inline]
     pub fn new(key: &[u8; KEY_LEN]) -> Self {
-        PacketKey(Gcm::new(key))
+        Gcm::packet_key(key)
     }
 }
 
@@ -68,8 +70,23 @@ impl fmt::Debug for PacketKey {
 /// `buf[HEADER_LEN..HEADER_LEN + plaintext_len]`; this writes conn id and nonce
 /// before it and the tag after it, and returns the packet's total length.
 /// The nonce must never repeat under one key (docs/PROTOCOL.md §3).
+#[inline]
 pub fn seal_in_place(
     key: &PacketKey,
+    conn_id: ConnId,
+    nonce: [u8; NONCE_LEN],
+    buf: &mut [u8],
+    plaintext_len: usize,
+) -> Result<usize, PacketError> {
+    key.0.seal_packet(conn_id, nonce, buf, plaintext_len)
+}
+
+/// [`seal_in_place`] with either AES-GCM implementation: `backend.rs` runs
+/// it inside the fast path's `#[target_feature]` function, or with the
+/// portable one.
+#[inline(always)]
+pub(super) fn seal_with<C: PacketCipher>(
+    cipher: &C,
     conn_id: ConnId,
     nonce: [u8; NONCE_LEN],
     buf: &mut [u8],
@@ -89,14 +106,25 @@ pub fn seal_in_place(
     header[..CONN_ID_LEN].copy_from_slice(&conn_id.0);
     header[CONN_ID_LEN..].copy_from_slice(&nonce);
     // docs/PROTOCOL.md §3: AAD = the 8-byte conn id.
-    key.0.seal_in_place(&nonce, &conn_id.0, body_and_tag);
+    cipher.seal_in_place(&nonce, &conn_id.0, body_and_tag);
     Ok(total)
 }
 
 /// Opens a packet in place and returns its plaintext, which lies inside
 /// `packet`. The tag is checked before anything is decrypted, so on any error
 /// the buffer holds what it held before.
+#[inline]
 pub fn open_in_place<'a>(key: &PacketKey, packet: &'a mut [u8]) -> Result<&'a [u8], PacketError> {
+    key.0.open_packet(packet)
+}
+
+/// [`open_in_place`] with either AES-GCM implementation (see
+/// [`seal_with`]).
+#[inline(always)]
+pub(super) fn open_with<'a, C: PacketCipher>(
+    cipher: &C,
+    packet: &'a mut [u8],
+) -> Result<&'a [u8], PacketError> {
     if packet.len() < OVERHEAD {
         return Err(PacketError::TooShort);
     }
@@ -108,7 +136,7 @@ pub fn open_in_place<'a>(key: &PacketKey, packet: &'a mut [u8]) -> Result<&'a [u
     let Ok(nonce) = <&[u8; NONCE_LEN]>::try_from(nonce) else {
         return Err(PacketError::Unauthentic); // unreachable: lengths fixed above
     };
-    key.0
+    cipher
         .open_in_place(nonce, conn_id, body_and_tag)
         .map_err(|_| PacketError::Unauthentic)?;
     let body_len = body_and_tag.len() - TAG_LEN;

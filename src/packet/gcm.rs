@@ -1,6 +1,7 @@
-//! AES-256-GCM with 96-bit nonces on AES-NI and PCLMULQDQ, for builds where
-//! the instructions are compiled in (`.cargo/config.toml`); elsewhere the
-//! framing uses `aes_gcm::AesGcm`.
+//! AES-256-GCM with 96-bit nonces on AES-NI and PCLMULQDQ: the fast path.
+//! `backend.rs` runs it only when the CPU has AES-NI, PCLMULQDQ, SSSE3 and
+//! SSE4.1 (detected at run time, once) and `MPP_CRYPTO=portable` is not
+//! set; otherwise every packet goes through `aes_gcm` (`gcm_portable.rs`).
 //!
 //! Why our own: a node derives a fresh key for every packet it opens or seals
 //! (docs/PROTOCOL.md §3), and its packets are short (a heartbeat is 3 blocks, its
@@ -20,10 +21,24 @@
 //!   and written as 16 bytes, masked, instead of copied through a scratch
 //!   block.
 //!
-//! Output is byte for byte that of GCM (NIST SP 800-38D); the tests compare it
-//! with `aes_gcm` on random inputs and `tests/packet_vectors.rs` pins it.
-//! Measurements: tuning/journal/2026-11-22.md (§4, "A GCM of our own, second
-//! attempt"); the current figure is in tuning/RESULTS.md.
+//! What it must not do: execute on a CPU without those instructions. An
+//! [`Aes256GcmNi`] is made only by the `unsafe` [`Aes256GcmNi::new`], whose
+//! contract is that the CPU has them, so an existing key proves they exist
+//! and its methods are safe. The helpers are `#[inline(always)]`, to be
+//! inlined into `backend.rs`'s `#[target_feature]` functions (one per
+//! packet operation, key derivation included), where each intrinsic is one
+//! instruction; the one helper not inlined, `first_pass`, carries the
+//! target features itself.
+//!
+//! Tested: output is byte for byte that of GCM (NIST SP 800-38D). The tests
+//! below compare it with `aes_gcm` on random inputs (every AAD length to 40
+//! with every text length to 300, and long texts);
+//! `tests/crypto_wycheproof.rs` runs the Wycheproof AES-256-GCM vectors
+//! through it and through the portable path; `tests/packet_vectors.rs` pins
+//! a packet. On a CPU without the instructions these tests say so and check
+//! the portable path only. Measurements: tuning/journal/2026-11-22.md (§4,
+//! "A GCM of our own, second attempt"); the current figure is in
+//! tuning/RESULTS.md.
 
 use core::arch::x86_64::{
     __m128i, _mm_aesenc_si128, _mm_aesenclast_si128, _mm_and_si128, _mm_clmulepi64_si128,
@@ -32,8 +47,6 @@ use core::arch::x86_64::{
     _mm_srai_epi32, _mm_srli_epi64, _mm_srli_si128, _mm_storeu_si128, _mm_testz_si128,
     _mm_xor_si128,
 };
-
-use aes::cipher::KeyInit;
 
 use super::aesni::Aes256Ni;
 
@@ -46,23 +59,27 @@ const TAG: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Unauthentic;
 
-/// The name `framing` uses on either build (see `gcm_portable.rs`).
-pub(crate) use self::Aes256GcmNi as Gcm;
-
 /// An AES-256-GCM key: the AES round keys only. `H = E_k(0)` is computed with
 /// each message's first AES pass, where it costs one block of throughput
-/// instead of a separate one-block call's latency.
-#[derive(Clone)]
+/// instead of a separate one-block call's latency. Exists only on a CPU
+/// with AES-NI, PCLMULQDQ, SSSE3 and SSE4.1 (see the module docs).
+#[derive(Clone, Copy)]
 pub(crate) struct Aes256GcmNi {
     aes: Aes256Ni,
 }
 
 impl Aes256GcmNi {
     /// Expands a 32-byte key.
-    #[inline]
-    pub(crate) fn new(key: &[u8; 32]) -> Self {
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AES-NI, PCLMULQDQ, SSSE3 and SSE4.1
+    /// (`backend::fast_available()`).
+    #[inline(always)]
+    pub(crate) unsafe fn new(key: &[u8; 32]) -> Self {
         Aes256GcmNi {
-            aes: Aes256Ni::new(key.into()),
+            // SAFETY: our caller promised AES-NI and SSSE3 (and more).
+            aes: unsafe { Aes256Ni::new(key) },
         }
     }
 
@@ -70,7 +87,7 @@ impl Aes256GcmNi {
     /// layout): encrypts the plaintext in place and writes the tag over `aad`
     /// and the ciphertext after it. Nothing is written if `buf` is shorter
     /// than a tag (the framing never passes such a buffer).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn seal_in_place(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) {
         let Some(len) = buf.len().checked_sub(TAG) else {
             return;
@@ -79,7 +96,9 @@ impl Aes256GcmNi {
         let nonce = load_nonce(nonce);
         let blocks = len.div_ceil(BLOCK);
         let mut first = [zero(); FIRST_PASS];
-        let ks_blocks = first_pass(rk, nonce, blocks, &mut first);
+        // SAFETY: `self` exists, so the CPU has the features `first_pass`
+        // is compiled for (see the module docs).
+        let ks_blocks = unsafe { first_pass(rk, nonce, blocks, &mut first) };
         let mut gh = Ghash::new(first[0]);
         gh.aad(aad);
         // Each block is encrypted and hashed in one go, the first ones with
@@ -110,7 +129,7 @@ impl Aes256GcmNi {
     /// over `aad` and the ciphertext, then decrypts the ciphertext in place.
     /// The tag bytes are left as they are; on a wrong tag nothing is
     /// decrypted and `buf` is unchanged.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn open_in_place(
         &self,
         nonce: &[u8; 12],
@@ -124,14 +143,16 @@ impl Aes256GcmNi {
         let rk = self.aes.round_keys();
         let nonce = load_nonce(nonce);
         let mut first = [zero(); FIRST_PASS];
-        let ks_blocks = first_pass(rk, nonce, len.div_ceil(BLOCK), &mut first);
+        // SAFETY: `self` exists, so the CPU has the features `first_pass`
+        // is compiled for (see the module docs).
+        let ks_blocks = unsafe { first_pass(rk, nonce, len.div_ceil(BLOCK), &mut first) };
         let mut gh = Ghash::new(first[0]);
         gh.aad(aad);
         gh.text(buf, len);
         let diff = xor(xor(gh.finish(aad.len(), len), first[1]), tag);
         // One test of all 128 bits: the time taken does not depend on where
         // the tags differ (like `subtle::ConstantTimeEq`, which `aes_gcm` uses).
-        // SAFETY: SSE4.1 is enabled for this build (module cfg); register op.
+        // SAFETY: SSE4.1 is present (`self` exists); register op.
         if unsafe { _mm_testz_si128(diff, diff) } == 0 {
             return Err(Unauthentic);
         }
@@ -142,19 +163,20 @@ impl Aes256GcmNi {
 }
 
 // SAFETY (every `unsafe` block below that only calls SIMD intrinsics on
-// register values): this module is compiled only when AES-NI, PCLMULQDQ,
-// SSE2, SSSE3 and SSE4.1 are enabled for the whole build (see its `cfg` in
-// `mod.rs`), so the instructions exist; such intrinsics touch no memory.
+// register values, whose comments say "features present"): these helpers
+// run only for an existing `Aes256GcmNi`, which exists only on a CPU with
+// AES-NI, PCLMULQDQ, SSSE3 and SSE4.1 (`new`'s contract; SSE2 is part of
+// x86-64), so the instructions exist; such intrinsics touch no memory.
 
 #[inline(always)]
 fn xor(a: __m128i, b: __m128i) -> __m128i {
-    // SAFETY: register op, features enabled (module cfg).
+    // SAFETY: register op, features present (see above).
     unsafe { _mm_xor_si128(a, b) }
 }
 
 #[inline(always)]
 fn and(a: __m128i, b: __m128i) -> __m128i {
-    // SAFETY: register op, features enabled (module cfg).
+    // SAFETY: register op, features present (see above).
     unsafe { _mm_and_si128(a, b) }
 }
 
@@ -255,7 +277,7 @@ fn xor_blocks(buf: &mut [u8], len: usize, first: usize, ks: &[__m128i]) {
 /// Counter block `i`: `nonce ‖ u32be(i)`.
 #[inline(always)]
 fn counter(nonce: __m128i, i: u32) -> __m128i {
-    // SAFETY: register op, features enabled (module cfg).
+    // SAFETY: register op, features present (see above).
     unsafe { _mm_insert_epi32::<3>(nonce, i.to_be() as i32) }
 }
 
@@ -265,7 +287,7 @@ fn encrypt<const N: usize>(rk: &[__m128i; 15], mut b: [__m128i; N]) -> [__m128i;
     for x in b.iter_mut() {
         *x = xor(*x, rk[0]);
     }
-    // SAFETY: register ops, AES-NI enabled (module cfg).
+    // SAFETY: register ops, AES-NI present (see above).
     unsafe {
         for k in &rk[1..14] {
             for x in b.iter_mut() {
@@ -288,9 +310,16 @@ const FIRST_PASS: usize = 10;
 /// `E(J0)` (counter 1) and the keystream for counters 2, 3, … in `out`, in
 /// that order. Returns how many keystream blocks it computed.
 ///
-/// Not inlined: sealing and opening share one copy of the nine widths.
+/// Not inlined: sealing and opening share one copy of the nine widths. So
+/// that its intrinsics are still single instructions it has the target
+/// features itself.
+///
+/// # Safety
+///
+/// The CPU has AES-NI (an existing `Aes256GcmNi` proves it).
 #[inline(never)]
-fn first_pass(
+#[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1")]
+unsafe fn first_pass(
     rk: &[__m128i; 15],
     nonce: __m128i,
     blocks: usize,
@@ -356,7 +385,7 @@ fn ctr_from(rk: &[__m128i; 15], nonce: __m128i, buf: &mut [u8], len: usize, done
 /// Reverses the 16 bytes of a block: GCM's bit order to POLYVAL's.
 #[inline(always)]
 fn bswap(x: __m128i) -> __m128i {
-    // SAFETY: register ops, SSSE3 enabled (module cfg).
+    // SAFETY: register ops, SSSE3 present (see above).
     unsafe {
         _mm_shuffle_epi8(
             x,
@@ -367,7 +396,7 @@ fn bswap(x: __m128i) -> __m128i {
 
 #[inline(always)]
 fn zero() -> __m128i {
-    // SAFETY: register op, SSE2 enabled (module cfg).
+    // SAFETY: register op, SSE2 present (see above).
     unsafe { _mm_setzero_si128() }
 }
 
@@ -375,14 +404,14 @@ fn zero() -> __m128i {
 /// order (bit i = coefficient of xⁱ).
 #[inline(always)]
 fn poly() -> __m128i {
-    // SAFETY: register op, SSE2 enabled (module cfg).
+    // SAFETY: register op, SSE2 present (see above).
     unsafe { _mm_set_epi64x(0xc200_0000_0000_0000_u64 as i64, 1) }
 }
 
 /// `x · h` in POLYVAL's field (RFC 8452's `mulX_POLYVAL`).
 #[inline(always)]
 fn mul_x(h: __m128i) -> __m128i {
-    // SAFETY: register ops, SSE2 enabled (module cfg).
+    // SAFETY: register ops, SSE2 present (see above).
     unsafe {
         // All ones when bit 127 is set: x¹²⁸ reduces to poly().
         let top = _mm_srai_epi32::<31>(_mm_shuffle_epi32::<0xff>(h));
@@ -396,7 +425,7 @@ fn mul_x(h: __m128i) -> __m128i {
 /// schoolbook, 4 PCLMULQDQ, nothing reduced yet.
 #[inline(always)]
 fn mul_wide(a: __m128i, b: __m128i) -> [__m128i; 3] {
-    // SAFETY: register ops, PCLMULQDQ and SSE2 enabled (module cfg).
+    // SAFETY: register ops, PCLMULQDQ and SSE2 present (see above).
     unsafe {
         [
             _mm_clmulepi64_si128::<0x00>(a, b),
@@ -415,7 +444,7 @@ fn mul_wide(a: __m128i, b: __m128i) -> [__m128i; 3] {
 /// by 0xc200000000000000).
 #[inline(always)]
 fn reduce([lo, mid, hi]: [__m128i; 3]) -> __m128i {
-    // SAFETY: register ops, PCLMULQDQ and SSE2 enabled (module cfg).
+    // SAFETY: register ops, PCLMULQDQ and SSE2 present (see above).
     unsafe {
         let lo = _mm_xor_si128(lo, _mm_slli_si128::<8>(mid));
         let hi = _mm_xor_si128(hi, _mm_srli_si128::<8>(mid));
@@ -517,7 +546,7 @@ impl Ghash {
     #[inline(always)]
     fn finish(mut self, aad_len: usize, len: usize) -> __m128i {
         // The lengths block byte-reversed: bits(text) in the low half.
-        // SAFETY: register op, SSE2 enabled (module cfg).
+        // SAFETY: register op, SSE2 present (see above).
         let lengths =
             unsafe { _mm_set_epi64x((aad_len as u64 * 8) as i64, (len as u64 * 8) as i64) };
         let y = match self.pending.take() {
@@ -557,12 +586,30 @@ fn seal_blocks(buf: &mut [u8], len: usize, first: usize, ks: &[__m128i], gh: &mu
 mod tests {
     use super::*;
     use aes_gcm::aead::consts::U12;
-    use aes_gcm::aead::AeadInPlace;
+    use aes_gcm::aead::{AeadInPlace, KeyInit};
     use aes_gcm::{AesGcm, Nonce, Tag};
     use rand::rngs::StdRng;
     use rand::{Rng, RngCore, SeedableRng};
 
     type Reference = AesGcm<aes::Aes256, U12>;
+
+    /// Whether this CPU can run the fast path; if not, the test says so and
+    /// checks nothing (`tests/crypto_wycheproof.rs` then covers the
+    /// portable path).
+    fn fast_cpu() -> bool {
+        let fast = crate::packet::backend::fast_available();
+        if !fast {
+            eprintln!("no AES-NI/PCLMULQDQ/SSSE3/SSE4.1 on this CPU: fast path not tested");
+        }
+        fast
+    }
+
+    /// Our key; only after `fast_cpu()` returned true.
+    fn ni(key: &[u8; 32]) -> Aes256GcmNi {
+        assert!(crate::packet::backend::fast_available());
+        // SAFETY: the CPU has the features (asserted just above).
+        unsafe { Aes256GcmNi::new(key) }
+    }
 
     /// `plain ‖ tag` sealed by us; the tag space starts as random bytes.
     fn seal(
@@ -594,6 +641,9 @@ mod tests {
     /// ciphertext or AAD is refused with the buffer untouched.
     #[test]
     fn matches_aes_gcm() {
+        if !fast_cpu() {
+            return;
+        }
         let mut rng = StdRng::seed_from_u64(0x0067_636d);
         for aad_len in 0..=40usize {
             for len in 0..=300usize {
@@ -604,7 +654,7 @@ mod tests {
                 rng.fill_bytes(&mut aad);
                 rng.fill_bytes(&mut plain);
 
-                let ours = Aes256GcmNi::new(&key);
+                let ours = ni(&key);
                 let sealed = seal(&ours, &nonce, &aad, &plain, &mut rng);
                 let expected = reference_seal(&key, &nonce, &aad, &plain);
                 assert_eq!(sealed, expected, "aad {aad_len} len {len}");
@@ -656,13 +706,16 @@ mod tests {
     /// where the CTR loop runs several passes.
     #[test]
     fn long_messages_match_aes_gcm() {
+        if !fast_cpu() {
+            return;
+        }
         let mut rng = StdRng::seed_from_u64(7);
         for len in 300..=1300 {
             let key: [u8; 32] = rng.gen();
             let nonce: [u8; 12] = rng.gen();
             let mut plain = vec![0u8; len];
             rng.fill_bytes(&mut plain);
-            let ours = Aes256GcmNi::new(&key);
+            let ours = ni(&key);
             let sealed = seal(&ours, &nonce, b"conn-id!", &plain, &mut rng);
             assert_eq!(
                 sealed,
@@ -678,7 +731,10 @@ mod tests {
     /// A buffer shorter than a tag is refused by open and left alone by seal.
     #[test]
     fn short_buffers() {
-        let key = Aes256GcmNi::new(&[1; 32]);
+        if !fast_cpu() {
+            return;
+        }
+        let key = ni(&[1; 32]);
         for n in 0..TAG {
             let mut buf = vec![9u8; n];
             key.seal_in_place(&[0; 12], b"", &mut buf);
@@ -691,6 +747,9 @@ mod tests {
     /// plaintext, 20-byte AAD).
     #[test]
     fn nist_test_case_16() {
+        if !fast_cpu() {
+            return;
+        }
         let key = hex::decode("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
             .expect("hex");
         let nonce = hex::decode("cafebabefacedbaddecaf888").expect("hex");
@@ -703,7 +762,7 @@ mod tests {
         buf.extend([0u8; 16]);
         let key: [u8; 32] = key.try_into().expect("32 bytes");
         let nonce: [u8; 12] = nonce.try_into().expect("12 bytes");
-        Aes256GcmNi::new(&key).seal_in_place(&nonce, &aad, &mut buf);
+        ni(&key).seal_in_place(&nonce, &aad, &mut buf);
         assert_eq!(
             hex::encode(&buf),
             "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa\

@@ -1,6 +1,13 @@
-//! AES-256-GCM through `aes_gcm`, for builds without AES-NI, PCLMULQDQ
-//! and SSE4.1 compiled in: the same `Gcm` calls as `gcm.rs`, which
-//! `framing` uses on either build (`packet/mod.rs` picks the file).
+//! AES-256-GCM through RustCrypto's `aes_gcm` and `aes`: the portable path,
+//! which `backend.rs` runs on a CPU without AES-NI, PCLMULQDQ, SSSE3 or
+//! SSE4.1, on other architectures, and wherever `MPP_CRYPTO=portable` is
+//! set. The same calls as `gcm.rs` (buffers are `text ‖ tag`).
+//!
+//! It must contain no code of our own beyond adapting buffers: it is the
+//! reference our fast path is tested against. Those crates pick their own
+//! AES and GHASH code at run time (hardware where present, constant-time
+//! software otherwise), so this path never executes an instruction the CPU
+//! lacks.
 
 use aes_gcm::aead::consts::U12;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
@@ -13,9 +20,10 @@ pub(crate) struct Unauthentic;
 /// decrypts a block, so the decryption round keys `aes_gcm::Aes256Gcm`
 /// would also compute for every derived key are skipped.
 #[derive(Clone)]
-pub(crate) struct Gcm(AesGcm<super::Aes256, U12>);
+pub(crate) struct Gcm(AesGcm<aes::Aes256Enc, U12>);
 
 impl Gcm {
+    /// Expands a 32-byte key.
     pub(crate) fn new(key: &[u8; 32]) -> Self {
         Gcm(AesGcm::new(key.into()))
     }

@@ -11,11 +11,7 @@
 
 use std::fmt;
 
-use aes::cipher::{BlockEncrypt, KeyInit};
-use aes::Block;
-
-use super::Aes256 as Aes256Enc;
-
+use super::backend::{Aes256, SecretAes};
 use super::conn_id::ConnId;
 use super::framing::PacketKey;
 
@@ -55,20 +51,29 @@ fn key_from_hex(text: &str) -> Result<[u8; KEY_LEN], KeyHexError> {
     Ok(key)
 }
 
-/// docs/PROTOCOL.md §3 KDF with an already expanded AES-256 key: encrypt the four
-/// blocks `u32le(i) ‖ label ‖ context`, i = 0..3, in one call, and concatenate
-/// the first 8 bytes of each.
-fn kdf_expanded(cipher: &Aes256Enc, label: &[u8; 4], context: &[u8; 8]) -> [u8; KEY_LEN] {
-    let mut blocks = [Block::default(); 4];
+/// docs/PROTOCOL.md §3.4 KDF, step 1: the four blocks `u32le(i) ‖ label ‖
+/// context`, i = 0..3, which `backend.rs` encrypts together with the path's
+/// AES.
+#[inline(always)]
+pub(super) fn kdf_blocks(label: &[u8; 4], context: &[u8; 8]) -> [[u8; 16]; 4] {
+    let mut blocks = [[0u8; 16]; 4];
     for (i, block) in (0u32..).zip(blocks.iter_mut()) {
         block[0..4].copy_from_slice(&i.to_le_bytes());
         block[4..8].copy_from_slice(label);
         block[8..16].copy_from_slice(context);
     }
-    cipher.encrypt_blocks(&mut blocks);
+    blocks
+}
+
+/// docs/PROTOCOL.md §3.4 KDF, step 3: the first 8 bytes of each encrypted
+/// block, concatenated.
+#[inline(always)]
+pub(super) fn kdf_output<B: AsRef<[u8]>>(blocks: &[B; 4]) -> [u8; KEY_LEN] {
     let mut out = [0u8; KEY_LEN];
     for (chunk, block) in out.chunks_exact_mut(8).zip(blocks.iter()) {
-        chunk.copy_from_slice(&block[..8]);
+        if let Some(head) = block.as_ref().first_chunk::<8>() {
+            chunk.copy_from_slice(head);
+        }
     }
     out
 }
@@ -76,7 +81,7 @@ fn kdf_expanded(cipher: &Aes256Enc, label: &[u8; 4], context: &[u8; 8]) -> [u8; 
 /// `KDF(K, label, C)` of docs/PROTOCOL.md §3 (the key derivation of AES-GCM-SIV,
 /// RFC 8452 §4, with AES-256 key `K`).
 pub fn kdf(key: &[u8; KEY_LEN], label: &[u8; 4], context: &[u8; 8]) -> [u8; KEY_LEN] {
-    kdf_expanded(&Aes256Enc::new(key.into()), label, context)
+    Aes256::new(key).kdf(label, context)
 }
 
 /// Which way a packet travels; selects the packet key (docs/PROTOCOL.md §3).
@@ -103,14 +108,14 @@ impl Direction {
 #[derive(Clone)]
 pub struct MasterKey {
     raw: [u8; KEY_LEN],
-    cipher: Aes256Enc,
+    cipher: Aes256,
 }
 
 impl MasterKey {
     /// A master key from its 32 bytes.
     pub fn new(key: [u8; KEY_LEN]) -> Self {
         MasterKey {
-            cipher: Aes256Enc::new(&key.into()),
+            cipher: Aes256::new(&key),
             raw: key,
         }
     }
@@ -132,30 +137,36 @@ impl MasterKey {
 
     /// The connection secret `S = KDF(master, "sec ", conn id)` (docs/PROTOCOL.md §4).
     pub fn secret(&self, conn_id: ConnId) -> ConnSecret {
-        ConnSecret(kdf_expanded(&self.cipher, LABEL_SECRET, &conn_id.0))
+        ConnSecret(self.cipher.kdf(LABEL_SECRET, &conn_id.0))
     }
 
     /// The binding key `KDF(master, "bind", 0⁸)` (docs/PROTOCOL.md §4).
     pub fn bind_key(&self) -> [u8; KEY_LEN] {
-        kdf_expanded(&self.cipher, LABEL_BIND, &[0; 8])
+        self.cipher.kdf(LABEL_BIND, &[0; 8])
     }
 
     /// The saved-state key `KDF(master, "stat", 0⁸)` (docs/PROTOCOL.md §6):
     /// a state file made under another master key does not verify.
     pub fn state_key(&self) -> [u8; KEY_LEN] {
-        kdf_expanded(&self.cipher, LABEL_STATE, &[0; 8])
+        self.cipher.kdf(LABEL_STATE, &[0; 8])
     }
 
     /// `self.secret(conn_id).expand(conn_id)`: where a node starts for each
-    /// packet, deriving one or both packet keys from it.
+    /// packet, deriving one or both packet keys from it. (One call into
+    /// the AES code: the KDF and the secret's key schedule together.)
+    #[inline]
     pub fn expanded_secret(&self, conn_id: ConnId) -> ExpandedSecret {
-        self.secret(conn_id).expand(conn_id)
+        self.cipher.expanded_secret(LABEL_SECRET, conn_id)
     }
 
     /// Shorthand for `self.secret(conn_id).key(dir, conn_id)`: the packet key a
     /// node derives for each packet it opens or seals.
+    /// (One call into the AES code, the secret's schedule never leaving
+    /// registers.)
+    #[inline]
     pub fn packet_key(&self, conn_id: ConnId, dir: Direction) -> PacketKey {
-        self.expanded_secret(conn_id).key(dir)
+        self.cipher
+            .packet_key(LABEL_SECRET, conn_id, dir.label(), &conn_id.0)
     }
 }
 
@@ -189,10 +200,7 @@ impl ConnSecret {
     /// The secret with its AES-256 key schedule expanded, bound to `conn_id`:
     /// expand once when both directions' keys are needed.
     pub fn expand(&self, conn_id: ConnId) -> ExpandedSecret {
-        ExpandedSecret {
-            cipher: Aes256Enc::new(&self.0.into()),
-            conn_id,
-        }
+        SecretAes::expand(&self.0, conn_id)
     }
 
     /// The raw packet key `KDF(S, label(dir), conn id)` (docs/PROTOCOL.md §3).
@@ -201,8 +209,11 @@ impl ConnSecret {
     }
 
     /// The expanded packet key for one direction (docs/PROTOCOL.md §3).
+    /// (One call into the AES code: `S`'s schedule, the KDF and the key's
+    /// schedule.)
+    #[inline]
     pub fn key(&self, dir: Direction, conn_id: ConnId) -> PacketKey {
-        self.expand(conn_id).key(dir)
+        SecretAes::raw_packet_key(&self.0, dir.label(), &conn_id.0)
     }
 }
 
@@ -211,8 +222,9 @@ impl ConnSecret {
 /// client's packet and sealing the reply expand `S` only once.
 #[derive(Clone)]
 pub struct ExpandedSecret {
-    cipher: Aes256Enc,
-    conn_id: ConnId,
+    /// Built by `backend.rs`, on the process's AES path.
+    pub(super) cipher: SecretAes,
+    pub(super) conn_id: ConnId,
 }
 
 impl ExpandedSecret {
@@ -222,13 +234,16 @@ impl ExpandedSecret {
     }
 
     /// The raw packet key `KDF(S, label(dir), conn id)` (docs/PROTOCOL.md §3).
+    #[inline]
     pub fn key_bytes(&self, dir: Direction) -> [u8; KEY_LEN] {
-        kdf_expanded(&self.cipher, dir.label(), &self.conn_id.0)
+        self.cipher.kdf(dir.label(), &self.conn_id.0)
     }
 
     /// The expanded packet key for one direction (docs/PROTOCOL.md §3).
+    /// (One call into the AES code: the KDF and the key's schedule.)
+    #[inline]
     pub fn key(&self, dir: Direction) -> PacketKey {
-        PacketKey::new(&self.key_bytes(dir))
+        self.cipher.packet_key(dir.label(), &self.conn_id.0)
     }
 }
 
@@ -261,6 +276,8 @@ impl fmt::Debug for ConnSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aes::cipher::{BlockEncrypt, KeyInit};
+    use aes::Block;
 
     fn master() -> MasterKey {
         MasterKey::from_hex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
@@ -281,7 +298,8 @@ mod tests {
         // Each 8-byte output chunk i is the head of AES(K, u32le(i) ‖ label ‖ C).
         let key = [7u8; 32];
         let out = kdf(&key, b"abcd", b"01234567");
-        let cipher = Aes256Enc::new(&key.into());
+        // The reference AES (RustCrypto), whichever path `kdf` ran.
+        let cipher = aes::Aes256Enc::new(&key.into());
         for i in 0u32..4 {
             let mut block = Block::default();
             block[..4].copy_from_slice(&i.to_le_bytes());

@@ -14,41 +14,60 @@
 //! argument. It does not parse the messages inside a packet either; that is
 //! the codec's job. Nothing here may panic on input from the network, a file
 //! or a user: bad input is an error value.
+//!
+//! # Which AES-GCM runs
+//!
+//! Two implementations of the same AES-256 and AES-256-GCM, byte for byte:
+//!
+//! - the fast path, our own on AES-NI, PCLMULQDQ, SSSE3 and SSE4.1
+//!   (`aesni.rs`, `gcm.rs`): about twice as fast for this protocol's short
+//!   packets, each under a freshly derived key
+//!   (tuning/journal/2026-11-22.md §4);
+//! - the portable path, RustCrypto's `aes` and `aes_gcm` (`gcm_portable.rs`).
+//!
+//! The choice is made at run time, once per process, at the first key it
+//! creates (`backend.rs`): the fast path if `is_x86_feature_detected!` finds
+//! all four instruction sets, the portable path otherwise, so a CPU without
+//! AES-NI runs the same binary without an illegal instruction. The build
+//! enables no target features; the fast path's code is compiled with
+//! `#[target_feature]` inside one function per operation (derive a secret,
+//! derive a packet key, open, seal). Other architectures build the portable
+//! path only. [`aes_gcm_implementation`] says which one runs.
+//!
+//! To force the portable path, set `MPP_CRYPTO=portable` (any case) in the
+//! environment before the process starts ([`CRYPTO_ENV`]); it is read once.
+//! An environment variable rather than a cargo feature so the same binaries
+//! run both ways: CI runs the crypto test suites a second time with it
+//! (`.ci/run`) without building anything again, and an operator can rule
+//! our AES-GCM out on a production binary.
+//!
+//! Tested: both implementations against the Wycheproof AES-256-GCM vectors
+//! with 96-bit nonces and 128-bit tags, seal and open, and a known-answer
+//! open (`tests/crypto_wycheproof.rs`, which selects each explicitly through
+//! the hidden `testing` module); ours against `aes_gcm` on random inputs
+//! (`gcm.rs`); the protocol's vectors through whichever path runs
+//! (`tests/packet_vectors.rs`), in CI once per path; and the portable path
+//! on an emulated CPU without AES-NI (`qemu-x86_64 -cpu
+//! qemu64,-aes,-pclmulqdq`, the `qemu_without_aes_ni` test there).
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "aes",
-    target_feature = "sse2"
-))]
+#[cfg(target_arch = "x86_64")]
 mod aesni;
+mod backend;
 mod binding;
 mod conn_id;
 mod credential;
 mod fragment;
 mod framing;
-/// AES-256-GCM on AES-NI and PCLMULQDQ where the build has them compiled
-/// in; elsewhere `aes_gcm` behind the same calls. Either way `gcm::Gcm`.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "aes",
-    target_feature = "pclmulqdq",
-    target_feature = "sse2",
-    target_feature = "ssse3",
-    target_feature = "sse4.1"
-))]
+/// Our AES-256-GCM on AES-NI and PCLMULQDQ (the fast path).
+#[cfg(target_arch = "x86_64")]
 mod gcm;
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "aes",
-    target_feature = "pclmulqdq",
-    target_feature = "sse2",
-    target_feature = "ssse3",
-    target_feature = "sse4.1"
-)))]
-#[path = "gcm_portable.rs"]
-mod gcm;
+/// AES-256-GCM through `aes_gcm` (the portable path).
+mod gcm_portable;
 mod kdf;
 
+#[doc(hidden)]
+pub use backend::testing;
+pub use backend::{aes_gcm_implementation, AesGcmImplementation, CRYPTO_ENV};
 pub use binding::{binding, verify_binding, BindingError, BindingKey, MAX_BINDING_FIELD};
 pub use conn_id::{account_affinity, ConnId, CONN_ID_LEN, STUN_MAGIC_COOKIE};
 pub use credential::{Credential, CredentialError, MAX_ACCOUNT_LEN, MAX_DEVICE_LEN, MAX_ENDPOINTS};
@@ -62,20 +81,3 @@ pub use framing::{
     MAX_PACKET, MAX_PLAINTEXT, NONCE_LEN, OVERHEAD, TAG_LEN,
 };
 pub use kdf::{kdf, ConnSecret, Direction, ExpandedSecret, KeyHexError, MasterKey, KEY_LEN};
-
-/// The AES-256 encryption key type every packet key and KDF step uses:
-/// AES-NI with 240-byte keys where the build has the instructions compiled
-/// in, else the `aes` crate (run-time detection).
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "aes",
-    target_feature = "sse2"
-))]
-pub(crate) type Aes256 = aesni::Aes256Ni;
-/// The AES-256 encryption key type every packet key and KDF step uses.
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "aes",
-    target_feature = "sse2"
-)))]
-pub(crate) type Aes256 = aes::Aes256Enc;
