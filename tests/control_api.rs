@@ -138,6 +138,7 @@ impl NodeApi for FakeNode {
             threads: 2,
             uptime_secs: 42,
             shards: vec![shard(0, 0), shard(1, 100)],
+            ..NodeMetrics::default()
         };
         render(&snapshot, out);
     }

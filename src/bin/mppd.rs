@@ -44,12 +44,50 @@ enum Command {
     /// Check or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The master key: rotate it, or show the rotation in force.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Make a new master key current; credentials of the old one keep
+    /// verifying for the grace period. A running node picks it up within
+    /// seconds; new credentials use the new key.
+    Rotate {
+        /// How long credentials of the old key still verify, e.g. 7d, 12h.
+        #[arg(long, default_value = "7d", value_parser = mpp::time::parse_duration_secs)]
+        grace: u64,
+        /// Data directory holding master.key.
+        #[arg(long, default_value = "./mppd-data")]
+        data_dir: PathBuf,
+    },
+    /// Print the key parity and the end of a grace period, as JSON.
+    Status {
+        /// Data directory holding master.key.
+        #[arg(long, default_value = "./mppd-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum CredentialCommand {
     /// Print a new credential (JSON) for a device, from the data directory's master key.
     Issue(IssueArgs),
+    /// Revoke every credential issued so far for a device (or, without
+    /// --device, for every device of the account). A running node drops the
+    /// account's connections within seconds; credentials issued afterwards work.
+    Revoke {
+        /// The Mesh account.
+        #[arg(long)]
+        account: String,
+        /// The device; absent: every device of the account.
+        #[arg(long)]
+        device: Option<String>,
+        /// Data directory holding master.key.
+        #[arg(long, default_value = "./mppd-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +135,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Credential(CredentialCommand::Issue(args))) => issue(args),
+        Some(Command::Credential(CredentialCommand::Revoke {
+            account,
+            device,
+            data_dir,
+        })) => revoke(&data_dir, &account, device.as_deref()),
+        Some(Command::Key(command)) => key(command),
         Some(Command::Config(command)) => config(command),
         Some(Command::Run(flags)) => run(flags),
         None => run(cli.run),
@@ -134,8 +178,10 @@ fn config(command: ConfigCommand) -> ExitCode {
 
 fn issue(args: IssueArgs) -> ExitCode {
     let result = (|| -> anyhow::Result<String> {
-        let data = mpp::node::data_dir::open_existing_data_dir(&args.data_dir)?;
-        let master = mpp::packet::MasterKey::new(data.master);
+        mpp::node::data_dir::open_existing_data_dir(&args.data_dir)?;
+        let keys = mpp::node::keyring::load_keys(&args.data_dir)?;
+        let generation = mpp::node::keyring::load_revocations(&args.data_dir)?
+            .generation(&args.account, &args.device);
         let now = mpp::time::UnixMillis::from_system_clock().seconds();
         let expires =
             mpp::time::UnixSeconds(now.0.saturating_add(args.ttl.min(i64::MAX as u64) as i64));
@@ -144,8 +190,9 @@ fn issue(args: IssueArgs) -> ExitCode {
         } else {
             args.endpoints
         };
-        let cred = mpp::packet::Credential::issue(
-            &master,
+        let cred = mpp::packet::Credential::issue_at_generation(
+            &keys.current,
+            generation,
             &args.account,
             &args.device,
             expires,
@@ -157,6 +204,56 @@ fn issue(args: IssueArgs) -> ExitCode {
     match result {
         Ok(json) => {
             println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => usage_error(e),
+    }
+}
+
+fn revoke(data_dir: &std::path::Path, account: &str, device: Option<&str>) -> ExitCode {
+    let result = (|| -> anyhow::Result<u32> {
+        mpp::node::data_dir::open_existing_data_dir(data_dir)?;
+        if account.is_empty() || device.is_some_and(str::is_empty) {
+            anyhow::bail!("the account and the device must not be empty");
+        }
+        Ok(mpp::node::keyring::revoke(data_dir, account, device)?)
+    })();
+    match result {
+        Ok(generation) => {
+            let line = serde_json::json!({
+                "revoked": {"account": account, "device": device},
+                "generation": generation,
+            });
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => usage_error(e),
+    }
+}
+
+fn key(command: KeyCommand) -> ExitCode {
+    let result = (|| -> anyhow::Result<serde_json::Value> {
+        let keys = match &command {
+            KeyCommand::Rotate { grace, data_dir } => {
+                mpp::node::data_dir::open_existing_data_dir(data_dir)?;
+                let now = mpp::time::UnixMillis::from_system_clock().seconds();
+                mpp::node::keyring::rotate(data_dir, now, *grace, &mut rand::rngs::OsRng)?
+            }
+            KeyCommand::Status { data_dir } => {
+                mpp::node::data_dir::open_existing_data_dir(data_dir)?;
+                mpp::node::keyring::load_keys(data_dir)?
+            }
+        };
+        let now = mpp::time::UnixMillis::from_system_clock();
+        let until = mpp::node::keyring::grace_end(&keys, now);
+        Ok(serde_json::json!({
+            "parity": keys.parity,
+            "previous_key_until": until.map(|u| u.seconds().to_string()),
+        }))
+    })();
+    match result {
+        Ok(v) => {
+            println!("{v}");
             ExitCode::SUCCESS
         }
         Err(e) => usage_error(e),

@@ -292,6 +292,14 @@ impl Watch {
     }
 }
 
+/// Whether the revocations file changed after `time` (a saved state older
+/// than the last revocation must not bring back connections it revoked).
+pub fn revocations_changed_after(dir: &Path, time: UnixMillis) -> bool {
+    modified(&dir.join(REVOCATIONS_FILE))
+        .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .is_some_and(|m| m.as_millis() as u64 >= time.0)
+}
+
 /// When a rotation's grace period ends, if one is running at `now`.
 pub fn grace_end(keys: &KeySet, now: UnixMillis) -> Option<UnixMillis> {
     keys.previous

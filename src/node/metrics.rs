@@ -21,6 +21,12 @@ pub struct NodeMetrics {
     pub uptime_secs: u64,
     /// One entry per shard, in shard order.
     pub shards: Vec<ShardMetrics>,
+    /// The current master key's parity (docs/PROTOCOL.md §7.11).
+    pub key_parity: u8,
+    /// Seconds left in a key rotation's grace period (0: none running).
+    pub key_grace_secs: u64,
+    /// Revocation entries in force (accounts and devices).
+    pub revocations: usize,
 }
 
 /// Reads one counter of a shard.
@@ -133,6 +139,11 @@ const PROTOCOL_FAMILIES: &[Family<ShardMetrics>] = &[
         |s| s.service.catch_ups_acked,
     ),
     counter(
+        "mpp_connections_revoked_total",
+        "Held connections dropped because a revocation named their account (their devices reconnect).",
+        |s| s.service.revoked,
+    ),
+    counter(
         "mpp_connects_shed_total",
         "New connects refused with 503 and a retry-after while the shard's socket overflowed.",
         |s| s.service.connects_shed,
@@ -204,6 +215,28 @@ pub fn render(metrics: &NodeMetrics, out: &mut Exposition) {
         "Seconds since the node started.",
     );
     out.sample("mpp_uptime_seconds", &[], metrics.uptime_secs);
+    out.family(
+        "mpp_master_key_parity",
+        Kind::Gauge,
+        "Parity of the current master key; it flips with each rotation.",
+    );
+    out.sample("mpp_master_key_parity", &[], u64::from(metrics.key_parity));
+    out.family(
+        "mpp_previous_key_grace_seconds",
+        Kind::Gauge,
+        "Seconds during which credentials of the previous master key still verify (0: none).",
+    );
+    out.sample(
+        "mpp_previous_key_grace_seconds",
+        &[],
+        metrics.key_grace_secs,
+    );
+    out.family(
+        "mpp_revocations",
+        Kind::Gauge,
+        "Revoked accounts and devices in force.",
+    );
+    out.sample("mpp_revocations", &[], metrics.revocations as u64);
     let shard_label = |s: &ShardMetrics| ("shard", s.shard.to_string());
     for family in SOCKET_FAMILIES {
         out.per_item(family, &metrics.shards, shard_label);
@@ -285,6 +318,9 @@ mod tests {
             threads: 2,
             uptime_secs: 3600,
             shards: vec![shard(0, 0), shard(1, 100)],
+            key_parity: 1,
+            key_grace_secs: 60,
+            revocations: 3,
         }
     }
 
@@ -298,7 +334,7 @@ mod tests {
             .collect();
         assert_eq!(
             families.len(),
-            3 + SOCKET_FAMILIES.len() + 1 + PROTOCOL_FAMILIES.len()
+            6 + SOCKET_FAMILIES.len() + 1 + PROTOCOL_FAMILIES.len()
         );
         for name in &families {
             let help = format!("# HELP {name} ");
@@ -309,7 +345,12 @@ mod tests {
                 .filter(|l| l.split(['{', ' ']).next() == Some(name))
                 .count();
             let expected = match *name {
-                "mpp_io_backend" | "mpp_threads" | "mpp_uptime_seconds" => 1,
+                "mpp_io_backend"
+                | "mpp_threads"
+                | "mpp_uptime_seconds"
+                | "mpp_master_key_parity"
+                | "mpp_previous_key_grace_seconds"
+                | "mpp_revocations" => 1,
                 "mpp_drops_total" => 2 * DROP_REASONS.len(),
                 _ => 2,
             };

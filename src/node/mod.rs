@@ -21,6 +21,7 @@
 //! the state machines and the control plane.
 
 pub mod data_dir;
+pub mod keyring;
 pub mod metrics;
 pub mod router;
 pub mod shard;
@@ -37,8 +38,9 @@ use crate::config::{ConfigError, IoChoice, NodeConfig};
 use crate::control::dns::{DnsAnswer, DnsQuery};
 use crate::control::{Exposition, HttpLimits, HttpListener, NodeApi, Overloaded, Routes};
 use crate::net::{self, IoBackend, Waker};
-use crate::packet::{Credential, CredentialError, MasterKey};
-use crate::proto::ServiceConfig;
+use crate::packet::{Credential, CredentialError};
+use crate::proto::revocation::Revocations;
+use crate::proto::{KeySet, ServiceConfig};
 use crate::time::{UnixMillis, UnixSeconds};
 pub use data_dir::{open_data_dir, DataDir, DataDirError, ADMIN_TOKEN_FILE, MASTER_KEY_FILE};
 use metrics::NodeMetrics;
@@ -73,6 +75,9 @@ pub enum StartError {
     /// The data directory or a key file could not be used.
     #[error(transparent)]
     DataDir(#[from] DataDirError),
+    /// The key rotation or revocation files could not be used.
+    #[error(transparent)]
+    Keyring(#[from] keyring::KeyringError),
     /// `--io uring` was asked for and io_uring does not work here.
     #[error("io_uring is not available here ({0}); use --io mmsg or --io auto")]
     UringUnavailable(io::Error),
@@ -186,10 +191,20 @@ pub fn public_endpoints(config: &NodeConfig, udp: SocketAddr) -> Vec<String> {
     vec![format!("{ip}:{}", udp.port())]
 }
 
+/// The master keys and revocations the node runs with (docs/PROTOCOL.md §7.11).
+struct Keyring {
+    keys: KeySet,
+    revocations: Arc<Revocations>,
+}
+
+/// How often the control thread looks at the key and revocation files.
+const KEYRING_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The control plane's view of the running node.
 pub struct NodeHandle {
     router: Arc<Router>,
-    master: MasterKey,
+    /// The keys and revocations in force (the watcher updates them).
+    keyring: Mutex<Keyring>,
     endpoints: Vec<String>,
     metrics: Vec<Arc<Mutex<ShardMetrics>>>,
     health: Arc<ShardHealth>,
@@ -216,8 +231,22 @@ impl NodeApi for NodeHandle {
     ) -> Result<Credential, CredentialError> {
         let now = self.clock.now().seconds();
         let expires = UnixSeconds(now.0.saturating_add(ttl_secs.min(i64::MAX as u64) as i64));
-        Credential::issue(
-            &self.master,
+        let (master, generation) = match self.keyring.lock() {
+            Ok(k) => (
+                k.keys.current.clone(),
+                k.revocations.generation(account, device),
+            ),
+            Err(poisoned) => {
+                let k = poisoned.into_inner();
+                (
+                    k.keys.current.clone(),
+                    k.revocations.generation(account, device),
+                )
+            }
+        };
+        Credential::issue_at_generation(
+            &master,
+            generation,
             account,
             device,
             expires,
@@ -248,7 +277,19 @@ impl NodeApi for NodeHandle {
     }
 
     fn metrics(&self, out: &mut Exposition) {
+        let now = self.clock.now();
+        let (key_parity, key_grace_secs, revocations) = {
+            let k = match self.keyring.lock() {
+                Ok(k) => k,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let grace = keyring::grace_end(&k.keys, now).map_or(0, |u| u.millis_since(now) / 1000);
+            (k.keys.parity, grace, k.revocations.entries().count())
+        };
         let snapshot = NodeMetrics {
+            key_parity,
+            key_grace_secs,
+            revocations,
             io_backend: self.backend.name(),
             threads: self.health.running(),
             uptime_secs: self.clock.now().millis_since(self.started) / 1000,
@@ -525,18 +566,28 @@ pub fn start_with_hooks(
         stun_burst: config.stun_burst,
         catch_up_window_secs: config.catch_up_window_secs,
     };
+    // docs/PROTOCOL.md §7.11: the master keys (the previous one during a
+    // rotation's grace period) and the revocations.
+    let keys = keyring::load_keys(&config.data_dir)?;
+    let revocations = Arc::new(keyring::load_revocations(&config.data_dir)?);
+    if let Some(until) = keyring::grace_end(&keys, clock.now()) {
+        tracing::info!(
+            until_unix = until.seconds().0,
+            "a master key rotation is in its grace period: credentials of the previous key still verify"
+        );
+    }
     // docs/PROTOCOL.md §6, "Restarts": take back what the last graceful
     // stop saved, split by this node's shard count; anything wrong with it
     // is one log line and an empty start.
-    let master = MasterKey::new(data.master);
     let mut restored: Vec<Option<snapshot::ShardState>> = (0..shards).map(|_| None).collect();
     let mut restored_epoch = clock.now();
+    let mut revocations_changed_since_save = false;
     if config.keep_state {
         let owner = |affinity| router.shard_of_affinity(affinity);
         let now = clock.now();
         match snapshot::load(
             &config.data_dir,
-            &master,
+            &keys,
             shards,
             owner,
             now,
@@ -554,6 +605,8 @@ pub fn start_with_hooks(
                     "saved state read"
                 );
                 restored_epoch = state.epoch;
+                revocations_changed_since_save =
+                    keyring::revocations_changed_after(&config.data_dir, state.saved);
                 restored = state.shards.into_iter().map(Some).collect();
                 if let Err(e) = snapshot::discard(&config.data_dir) {
                     tracing::warn!(%e, "could not remove the state files once read");
@@ -601,7 +654,9 @@ pub fn start_with_hooks(
             waker: wakers[i].clone(),
             router: router.clone(),
             server: server_config.clone(),
-            master: data.master,
+            keys: keys.clone(),
+            revocations: Arc::clone(&revocations),
+            revocations_changed_since_save,
             dns: dns.clone(),
             metrics: metrics[i].clone(),
             clock,
@@ -629,7 +684,7 @@ pub fn start_with_hooks(
 
     let handle = Arc::new(NodeHandle {
         router: router.clone(),
-        master,
+        keyring: Mutex::new(Keyring { keys, revocations }),
         endpoints: public_endpoints(config, udp),
         metrics,
         health: Arc::clone(&health),
@@ -638,15 +693,16 @@ pub fn start_with_hooks(
         started: clock.now(),
     });
     let stop = Arc::new(tokio::sync::Notify::new());
-    let control_thread = spawn_control(
+    let control_thread = spawn_control(Control {
         listeners,
-        handle,
-        data.admin_token.clone(),
-        router.clone(),
-        stop.clone(),
+        node: handle,
+        data_dir: config.data_dir.clone(),
+        admin_token: data.admin_token.clone(),
+        router: router.clone(),
+        stop: stop.clone(),
         stop_on_signals,
-        config.dns_upstream.map(|up| (up, dns_rx)),
-    )?;
+        dns: config.dns_upstream.map(|up| (up, dns_rx)),
+    })?;
     Ok(Node {
         udp,
         http,
@@ -661,15 +717,29 @@ pub fn start_with_hooks(
     })
 }
 
-fn spawn_control(
+/// What the control thread runs with.
+struct Control {
     listeners: Vec<(std::net::TcpListener, Routes, HttpLimits)>,
     node: Arc<NodeHandle>,
+    data_dir: std::path::PathBuf,
     admin_token: String,
     router: Arc<Router>,
     stop: Arc<tokio::sync::Notify>,
     stop_on_signals: bool,
     dns: Option<(SocketAddr, tokio::sync::mpsc::Receiver<DnsQuery>)>,
-) -> Result<JoinHandle<io::Result<()>>, StartError> {
+}
+
+fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartError> {
+    let Control {
+        listeners,
+        node,
+        data_dir,
+        admin_token,
+        router,
+        stop,
+        stop_on_signals,
+        dns,
+    } = control;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -710,6 +780,7 @@ fn spawn_control(
                     };
                     tokio::spawn(crate::control::dns::forward(upstream, queries, answered));
                 }
+                tokio::spawn(watch_keyring(data_dir, Arc::clone(&node)));
                 let health = Arc::clone(&node.health);
                 let shutdown = {
                     let router = router.clone();
@@ -745,4 +816,48 @@ fn spawn_control(
             })
         })
         .map_err(StartError::setup("start the control thread"))
+}
+
+/// Looks at the key and revocation files every [`KEYRING_POLL`] and hands
+/// what changed to every shard (docs/PROTOCOL.md §7.11): a revocation or a
+/// rotation takes effect without a restart. A file that does not read is
+/// logged and looked at again; the node keeps what it had.
+async fn watch_keyring(dir: std::path::PathBuf, node: Arc<NodeHandle>) {
+    let mut watch = keyring::Watch::new(&dir);
+    let mut tick = tokio::time::interval(KEYRING_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let changes = match watch.poll(&dir) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(%e, "key or revocation file unreadable: keeping the ones in force");
+                continue;
+            }
+        };
+        let mut keyring = match node.keyring.lock() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(keys) = changes.keys {
+            tracing::info!(
+                parity = keys.parity,
+                previous_until_unix = keys.previous.as_ref().map(|(_, u)| u.seconds().0),
+                "master keys changed: new credentials use the current key"
+            );
+            keyring.keys = keys.clone();
+            node.router
+                .broadcast(|| ShardMessage::Keys(Box::new(keys.clone())));
+        }
+        if let Some(revocations) = changes.revocations {
+            let revocations = Arc::new(revocations);
+            tracing::info!(
+                entries = revocations.entries().count(),
+                "revocations changed: the accounts concerned reconnect"
+            );
+            keyring.revocations = Arc::clone(&revocations);
+            node.router
+                .broadcast(|| ShardMessage::Revocations(Arc::clone(&revocations)));
+        }
+    }
 }

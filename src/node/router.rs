@@ -53,6 +53,10 @@ pub enum ShardMessage {
     },
     /// Stop: flush pending sends and exit.
     Shutdown,
+    /// New master keys (a rotation, docs/PROTOCOL.md §7.11).
+    Keys(Box<crate::proto::KeySet>),
+    /// A new table of revocations (docs/PROTOCOL.md §7.11).
+    Revocations(Arc<crate::proto::revocation::Revocations>),
     /// Fail on purpose (tests of the node's health; never sent otherwise).
     #[doc(hidden)]
     Fault(Fault),
@@ -213,18 +217,28 @@ impl Router {
     /// Asks every shard to stop. Shutdown is retried until it fits, so a full
     /// inbox delays it only until the shard drains its next batch.
     pub fn shutdown_all(&self) {
-        for (i, inbox) in self.inboxes.iter().enumerate() {
+        self.broadcast(|| ShardMessage::Shutdown);
+        tracing::debug!("shutdown requested");
+    }
+
+    /// Gives every shard the message `make` builds, retried until each
+    /// inbox has room (a full one only delays it until its shard drains its
+    /// next batch): for the few messages that must not be lost (stop, new
+    /// keys, new revocations).
+    pub fn broadcast(&self, make: impl Fn() -> ShardMessage) {
+        for inbox in &self.inboxes {
+            let mut message = make();
             loop {
-                match inbox.sender.try_send(ShardMessage::Shutdown) {
+                match inbox.sender.try_send(message) {
                     Ok(()) | Err(TrySendError::Disconnected(_)) => break,
-                    Err(TrySendError::Full(_)) => {
+                    Err(TrySendError::Full(back)) => {
+                        message = back;
                         inbox.waker.wake();
                         std::thread::yield_now();
                     }
                 }
             }
             inbox.waker.wake();
-            tracing::debug!(shard = i, "shutdown requested");
         }
     }
 

@@ -24,7 +24,7 @@ use super::router::{Fault, Router, ShardId, ShardInbox, ShardMessage};
 use super::Clock;
 use crate::control::dns::DnsQuery;
 use crate::net::{self, Driver, IoBackend, Waker};
-use crate::packet::{open_in_place, peek_conn_id, ConnId, Direction, MasterKey, MAX_PACKET};
+use crate::packet::peek_conn_id;
 use crate::proto::{stun, ResolveToken, Service, ServiceConfig, ServiceEvent, WebRequestId};
 use crate::time::UnixMillis;
 
@@ -219,8 +219,13 @@ pub struct ShardSetup {
     pub router: Arc<Router>,
     /// State machine settings.
     pub server: ServiceConfig,
-    /// The node's master key.
-    pub master: [u8; 32],
+    /// The node's master keys (the previous one during a rotation's grace).
+    pub keys: crate::proto::KeySet,
+    /// The revoked accounts and devices.
+    pub revocations: Arc<crate::proto::revocation::Revocations>,
+    /// Revocations changed since the saved state being restored was written:
+    /// its connections of revoked accounts are dropped after the restore.
+    pub revocations_changed_since_save: bool,
     /// Where DNS queries go (None: resolves answer 502 at once).
     pub dns: Option<tokio::sync::mpsc::Sender<DnsQuery>>,
     /// Where the shard publishes its counters.
@@ -280,7 +285,11 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
     let now = setup.clock.now();
     let resolve_timeout_ms = setup.server.resolve_timeout_ms;
-    let mut server = Service::new(setup.server, MasterKey::new(setup.master), seed, now);
+    let mut server = Service::new(setup.server, setup.keys.current.clone(), seed, now);
+    server.set_keys(setup.keys.clone());
+    if !setup.revocations_changed_since_save {
+        server.set_revocations(now, Arc::clone(&setup.revocations));
+    }
     if let Some((epoch, state)) = &setup.restore {
         let started = Instant::now();
         let done = server.restore(*epoch, &state.accounts, &state.connections);
@@ -294,13 +303,18 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
         );
     }
     drop(setup.restore);
+    if setup.revocations_changed_since_save {
+        // A revocation made while the node was stopped: the restored
+        // connections of every account with a revocation reconnect, and
+        // only credentials that still verify get back in.
+        server.set_revocations(now, Arc::clone(&setup.revocations));
+    }
     let mut shard = Shard {
         id: setup.id,
         server,
         router: setup.router,
         dns: setup.dns,
-        master: MasterKey::new(setup.master),
-        scratch: Vec::with_capacity(MAX_PACKET),
+
         resolve_timeout_ms,
         web: HashMap::new(),
         web_resolves: HashMap::new(),
@@ -395,7 +409,7 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
                 // saves nothing (the dead shard's state is gone, and a save is
                 // all or nothing); its next start begins empty.
                 match setup.health.failure() {
-                    None => shard.save(target, setup.clock.now(), MasterKey::new(setup.master)),
+                    None => shard.save(target, setup.clock.now()),
                     Some(failure) => tracing::warn!(
                         shard = shard.id,
                         %failure,
@@ -486,10 +500,6 @@ struct Shard {
     server: Service,
     router: Arc<Router>,
     dns: Option<tokio::sync::mpsc::Sender<DnsQuery>>,
-    /// To authenticate a datagram before forwarding it to another shard.
-    master: MasterKey,
-    /// Where a datagram is opened for that check (reused).
-    scratch: Vec<u8>,
     /// The state machine's resolve timeout (when it answers 504 itself).
     resolve_timeout_ms: u64,
     /// Web-transport requests not yet answered: this turn's, and those
@@ -508,11 +518,15 @@ struct Shard {
 impl Shard {
     /// Writes the shard's state for the next start; a failure is logged (the
     /// next start then finds an incomplete save and starts empty).
-    fn save(&self, target: &SaveTarget, now: UnixMillis, master: MasterKey) {
+    fn save(&self, target: &SaveTarget, now: UnixMillis) {
         let started = Instant::now();
+        let Some(master) = self.server.current_master() else {
+            tracing::error!(shard = self.id, "state not saved: no master key");
+            return;
+        };
         match super::snapshot::save_shard(
             &target.data_dir,
-            &master,
+            master,
             target.id,
             self.id,
             &self.server,
@@ -539,7 +553,7 @@ impl Shard {
             if let Some(id) = peek_conn_id(bytes) {
                 let owner = self.router.shard_of_affinity(id.affinity());
                 if owner != self.id {
-                    let forwarded = self.authentic(id, bytes)
+                    let forwarded = self.server.authentic(now, bytes)
                         && self.router.forward(owner, from, bytes).is_ok();
                     // A dropped one is resent by its client (or was garbage).
                     if forwarded {
@@ -552,21 +566,6 @@ impl Shard {
             }
         }
         self.server.handle_datagram(now, from, bytes);
-    }
-
-    /// Whether `bytes` is a packet sealed for conn id `id` (keys derive from
-    /// the master key, docs/PROTOCOL.md §3).
-    fn authentic(&mut self, id: ConnId, bytes: &[u8]) -> bool {
-        if bytes.len() > MAX_PACKET {
-            return false;
-        }
-        let key = self
-            .master
-            .expanded_secret(id)
-            .key(Direction::ClientToServer);
-        self.scratch.clear();
-        self.scratch.extend_from_slice(bytes);
-        open_in_place(&key, &mut self.scratch).is_ok()
     }
 
     fn on_message(&mut self, now: UnixMillis, message: ShardMessage) {
@@ -587,6 +586,10 @@ impl Shard {
                 self.resolve_done(token);
             }
             ShardMessage::Shutdown => self.stopping = true,
+            ShardMessage::Keys(keys) => self.server.set_keys(*keys),
+            ShardMessage::Revocations(revocations) => {
+                self.server.set_revocations(now, revocations);
+            }
             ShardMessage::Fault(Fault::Panic) => {
                 panic!("shard {}: failure injected by a test", self.id)
             }

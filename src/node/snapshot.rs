@@ -523,7 +523,7 @@ pub fn sign_state(body: &[u8], master: &MasterKey) -> Vec<u8> {
 /// records are split among `shards` new shards by `owner(affinity)`.
 pub fn load(
     data_dir: &Path,
-    master: &MasterKey,
+    keys: &crate::proto::KeySet,
     shards: usize,
     owner: impl Fn(u32) -> usize,
     now: UnixMillis,
@@ -555,7 +555,16 @@ pub fn load(
             source,
         })?;
         bytes += data.len() as u64;
-        files.push(decode_file(path, &data, master)?);
+        // Saved under the current key, or under the previous one when the
+        // key was rotated while the node was stopped.
+        let decoded = match decode_file(path, &data, &keys.current) {
+            Err(LoadError::Tampered(p)) => match &keys.previous {
+                Some((previous, _)) => decode_file(path, &data, previous),
+                None => Err(LoadError::Tampered(p)),
+            },
+            other => other,
+        };
+        files.push(decoded?);
     }
     let id = files[0].id;
     if files.iter().any(|f| f.id != id) {

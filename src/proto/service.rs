@@ -397,7 +397,7 @@ impl MasterKeyState {
 /// The node's master keys (docs/PROTOCOL.md §7.11): the current one, and
 /// during a rotation's grace period the previous one, whose credentials
 /// still verify until then.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct KeySet {
     /// The master key new connections and credentials use.
     pub current: MasterKey,
@@ -820,6 +820,41 @@ impl Service {
             self.auth_failure_limiter.allow(now, from.ip());
         }
         self.scratch = scratch;
+    }
+
+    /// Whether `datagram` is a packet sealed for its conn id under one of the
+    /// node's usable master keys (without handling it): the check a shard
+    /// makes before forwarding a datagram that reached the wrong socket.
+    pub fn authentic(&mut self, now: UnixMillis, datagram: &[u8]) -> bool {
+        let Some(conn_id) = crate::packet::peek_conn_id(datagram) else {
+            return false;
+        };
+        if datagram.len() > MAX_PACKET {
+            return false;
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut ok = false;
+        for k in self.keys.iter().flatten().filter(|k| k.usable(now)) {
+            let key = k
+                .master
+                .expanded_secret(conn_id)
+                .key(Direction::ClientToServer);
+            scratch.clear();
+            scratch.extend_from_slice(datagram);
+            if open_in_place(&key, &mut scratch).is_ok() {
+                ok = true;
+                break;
+            }
+        }
+        self.scratch = scratch;
+        ok
+    }
+
+    /// The current master key (the one a saved state is authenticated with).
+    pub fn current_master(&self) -> Option<&MasterKey> {
+        self.keys[usize::from(self.current)]
+            .as_ref()
+            .map(|k| &k.master)
     }
 
     /// Takes new master keys (a rotation, docs/PROTOCOL.md §7.11): the

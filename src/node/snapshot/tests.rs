@@ -28,6 +28,15 @@ fn master() -> MasterKey {
     MasterKey::new([5; 32])
 }
 
+/// A key set of `current` alone.
+fn keys(current: &MasterKey) -> crate::proto::KeySet {
+    crate::proto::KeySet {
+        current: current.clone(),
+        parity: 0,
+        previous: None,
+    }
+}
+
 fn account(affinity: u32, serial: u32) -> Account {
     Account {
         affinity,
@@ -108,7 +117,14 @@ fn save_one(dir: &Path, service: &Service, id: SaveId, index: usize) {
 }
 
 fn load_with(dir: &Path, shards: usize, key: &MasterKey) -> Result<Option<LoadedState>, LoadError> {
-    load(dir, key, shards, |a| a as usize % shards, NOW, 86_400)
+    load(
+        dir,
+        &keys(key),
+        shards,
+        |a| a as usize % shards,
+        NOW,
+        86_400,
+    )
 }
 
 fn sorted_conns(mut v: Vec<SavedConnection>) -> Vec<SavedConnection> {
@@ -288,12 +304,12 @@ fn a_save_older_than_the_catch_up_window_is_stale() {
     let dir = Dir::new("stale");
     saved_file(&dir.0);
     let later = UnixMillis(NOW.0 + 3_601_000);
-    let err = load(&dir.0, &master(), 1, |_| 0, later, 3_600).expect_err("stale");
+    let err = load(&dir.0, &keys(&master()), 1, |_| 0, later, 3_600).expect_err("stale");
     assert!(
         matches!(err, LoadError::Stale { age_secs: 3601, .. }),
         "{err}"
     );
-    assert!(load(&dir.0, &master(), 1, |_| 0, later, 7_200).is_ok());
+    assert!(load(&dir.0, &keys(&master()), 1, |_| 0, later, 7_200).is_ok());
 }
 
 #[test]
@@ -310,4 +326,18 @@ fn discard_and_set_aside_leave_no_state_behind() {
     discard(&dir.0).expect("removed");
     assert!(!state_dir(&dir.0).exists());
     discard(&dir.0).expect("twice is fine");
+}
+
+#[test]
+fn a_state_saved_before_a_key_rotation_reads_with_the_previous_key() {
+    let dir = Dir::new("rotated");
+    saved_file(&dir.0);
+    let rotated = crate::proto::KeySet {
+        current: MasterKey::new([6; 32]),
+        parity: 1,
+        previous: Some((master(), UnixMillis(NOW.0 + 3_600_000))),
+    };
+    assert!(load(&dir.0, &rotated, 1, |_| 0, NOW, 86_400)
+        .expect("verifies")
+        .is_some());
 }
