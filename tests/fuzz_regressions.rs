@@ -1,7 +1,8 @@
 //! Every input a fuzz target (`fuzz/`, see `fuzz/README.md`) found a crash
 //! with, kept: each file of `tests/fuzz_regressions/<target>/` runs through
-//! the target's own check (`fuzz/src/checks.rs`, included here by path), so
-//! it asserts no panic and the target's property, exactly as the fuzzer did.
+//! the target's own check (`fuzz/src/checks.rs` and `gcm_checks.rs`,
+//! included here by path), so it asserts no panic and the target's
+//! property, exactly as the fuzzer did.
 //! docs/TESTING.md, "Fuzzing", says what each one found.
 
 use std::fs;
@@ -11,6 +12,10 @@ use std::path::Path;
 #[allow(unreachable_pub, dead_code)]
 #[path = "../fuzz/src/checks.rs"]
 mod checks;
+
+#[allow(unreachable_pub)]
+#[path = "../fuzz/src/gcm_checks.rs"]
+mod gcm_checks;
 
 /// Runs every input kept for `target` through `check`; names each that fails.
 fn run(target: &str, check: fn(&[u8])) {
@@ -66,6 +71,11 @@ fn state_file() {
     run("state_file", checks::state_file);
 }
 
+#[test]
+fn aes_gcm_diff() {
+    run("aes_gcm_diff", gcm_checks::aes_gcm_diff);
+}
+
 /// The fuzzers' seed and corpus inputs are not kept, but these few made by
 /// hand make sure each check runs its main paths here too.
 #[test]
@@ -103,4 +113,8 @@ fn hand_made_inputs_pass() {
     let state: Vec<u8> = (0..400u32).map(|i| (i * 37 % 251) as u8).collect();
     checks::state_file(&[&[2u8][..], &state].concat());
     checks::state_file(&[&[1u8][..], b"MPPSTATE"].concat());
+    // Key, nonce, conn id, position, mask, no AAD, a 40-byte text.
+    let mut gcm: Vec<u8> = (0..32 + 12 + 8 + 2 + 1 + 1 + 40).map(|i| i as u8).collect();
+    gcm[55] = 0;
+    gcm_checks::aes_gcm_diff(&gcm);
 }
