@@ -10,12 +10,12 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 #[path = "support/server_setup.rs"]
 mod server_setup;
 
-use server_setup::{heartbeat, server_with, NOW};
+use server_setup::{heartbeat, server_with, FIRST_HEARTBEAT_SERIAL, NOW};
 
 fn bench(c: &mut Criterion) {
     for devices in [1usize, 100_000] {
         let (mut server, creds) = server_with(devices);
-        let mut serial = NOW.0 as i64 / 1000;
+        let mut serial = FIRST_HEARTBEAT_SERIAL - 1;
         let mut buf = vec![0u8; 1232];
         let mut which = 0usize;
         c.bench_function(

@@ -38,7 +38,7 @@ use mpp::proto::Service;
 #[path = "../benches/support/server_setup.rs"]
 mod server_setup;
 
-use server_setup::{heartbeat, server_with, NOW};
+use server_setup::{heartbeat, server_with, FIRST_HEARTBEAT_SERIAL, NOW};
 
 #[inline(never)]
 fn run_heartbeats(server: &mut Service, from: SocketAddr, packets: &[Vec<u8>], buf: &mut [u8]) {
@@ -102,7 +102,7 @@ fn main() {
     let cred = &creds[0];
     let from = SocketAddr::from(([127, 0, 0, 1], 1024));
     let mut buf = vec![0u8; 1232];
-    let first_serial = NOW.0 as i64 / 1000;
+    let first_serial = FIRST_HEARTBEAT_SERIAL;
     let packets: Vec<Vec<u8>> = (1..=n as i64)
         .map(|i| heartbeat(cred, first_serial + i))
         .collect();

@@ -4,8 +4,10 @@
 
 use std::net::SocketAddr;
 
-use mpp::codec::{ClientHeader, Message, PresenceConnectRequest, PresenceHeartbeat};
-use mpp::packet::{seal, Credential, Direction, MasterKey};
+use mpp::codec::{
+    ClientHeader, Message, PresenceAcknowledge, PresenceConnectRequest, PresenceHeartbeat,
+};
+use mpp::packet::{open, seal, Credential, Direction, MasterKey};
 use mpp::proto::{Service, ServiceConfig};
 use mpp::time::{UnixMillis, UnixSeconds};
 use rand::rngs::StdRng;
@@ -35,6 +37,31 @@ fn connect(cred: &Credential) -> Vec<u8> {
         },
     });
     packet(cred, &m, 0)
+}
+
+/// The first Serial the benches' heartbeats may use: the connect took
+/// `NOW` in seconds, the acknowledgement that settles it the next one.
+pub(crate) const FIRST_HEARTBEAT_SERIAL: i64 = NOW.0 as i64 / 1000 + 2;
+
+/// What a device does after its connect is answered: acknowledge the
+/// catch-up (a resync: the bench devices have no mark) and echo the node's
+/// challenge, so its address is validated (docs/PROTOCOL.md §6.7, §7.9) and
+/// the heartbeats measured are a settled device's.
+fn settle(cred: &Credential, answer: &[u8]) -> Vec<u8> {
+    let key = cred.secret.key(Direction::ServerToClient, cred.conn_id);
+    let plain = open(&key, answer).expect("the connect answer opens");
+    let Ok(Message::ConnectResponse(r)) = Message::decode(&plain) else {
+        panic!("not a connect answer");
+    };
+    let m = Message::Acknowledge(PresenceAcknowledge {
+        header: ClientHeader {
+            serial: Some(FIRST_HEARTBEAT_SERIAL - 1),
+            acknowledge: r.serial,
+            id: r.header.id.clone(),
+            ..ClientHeader::default()
+        },
+    });
+    packet(cred, &m, 1)
 }
 
 /// A `PresenceHeartbeat` of `cred` with `serial` (also its nonce).
@@ -76,7 +103,18 @@ pub(crate) fn server_with(devices: usize) -> (Service, Vec<Credential>) {
     for (i, c) in creds.iter().enumerate() {
         let from = SocketAddr::from(([127, 0, 0, 1], 1024 + (i % 60_000) as u16));
         server.handle_datagram(NOW, from, &connect(c));
+        let t = server
+            .poll_transmit(NOW, &mut buf)
+            .expect("a connect answer");
+        let ack = settle(c, &buf[..t.size]);
+        while server.poll_transmit(NOW, &mut buf).is_some() {}
+        server.handle_datagram(NOW, from, &ack);
         while server.poll_transmit(NOW, &mut buf).is_some() {}
     }
+    assert_eq!(
+        server.stats().validations,
+        devices as u64,
+        "every address validated"
+    );
     (server, creds)
 }

@@ -308,6 +308,8 @@ struct Arrival {
     bytes: u16,
     /// The parity of the master key that opened it.
     parity: u8,
+    /// The connection of its conn id, looked up before it was opened.
+    held: Option<Slot>,
 }
 
 /// Who sent an authenticated request, and what its replies need.
@@ -409,15 +411,6 @@ pub struct KeySet {
     pub previous: Option<(MasterKey, UnixMillis)>,
 }
 
-/// The MAC behind the endpoint challenges, keyed with `KDF(master, "vali",
-/// 0⁸)` padded to HMAC's block (the same MAC as keying it with the 32 bytes).
-fn validation_mac(master: &MasterKey) -> hmac::Hmac<sha2::Sha256> {
-    use hmac::digest::KeyInit;
-    let mut block = [0u8; 64];
-    block[..32].copy_from_slice(&crate::packet::kdf(master.as_bytes(), b"vali", &[0; 8]));
-    <hmac::Hmac<sha2::Sha256> as KeyInit>::new(&block.into())
-}
-
 /// A new life of an account starts its notify Serials at a random point of
 /// `[FIRST_SERIAL_MIN, FIRST_SERIAL_MIN + FIRST_SERIAL_SPAN)`, leaving more
 /// than 2^31 publishes before they wrap.
@@ -468,8 +461,11 @@ pub struct Service {
     revocations: std::sync::Arc<Revocations>,
     /// Resolves per connection (docs/PROTOCOL.md §7.9).
     resolve_limiter: RateLimiter,
-    /// Keyed with `KDF(master, "vali", 0⁸)`: the challenges of §7.9.
-    validator: hmac::Hmac<sha2::Sha256>,
+    /// The keyed PRF behind the endpoint challenges of §7.9: SipHash with a
+    /// random key of this shard's own (a challenge is only ever checked by
+    /// the shard that sent it), cheap enough to compute for every answer to
+    /// an address not yet validated.
+    validator: std::collections::hash_map::RandomState,
     table: Table,
     rng: StdRng,
     epoch: UnixMillis,
@@ -506,7 +502,7 @@ impl Service {
     /// fresh OS randomness in production, a constant in tests.
     pub fn new(config: ServiceConfig, master: MasterKey, seed: [u8; 32], now: UnixMillis) -> Self {
         Service {
-            validator: validation_mac(&master),
+            validator: std::collections::hash_map::RandomState::new(),
             keys: [Some(MasterKeyState::new(master, None)), None],
             current: 0,
             revocations: std::sync::Arc::new(Revocations::new()),
@@ -807,6 +803,7 @@ impl Service {
                         key: reply_key,
                         bytes: datagram.len() as u16,
                         parity,
+                        held,
                     };
                     self.handle_message(now, arrival, message);
                 }
@@ -863,7 +860,6 @@ impl Service {
     /// authenticating, and their devices need new credentials.
     pub fn set_keys(&mut self, keys: KeySet) {
         let parity = keys.parity & 1;
-        self.validator = validation_mac(&keys.current);
         self.keys[usize::from(parity)] = Some(MasterKeyState::new(keys.current, None));
         self.keys[usize::from(parity ^ 1)] = keys
             .previous
@@ -914,6 +910,7 @@ impl Service {
             key,
             bytes,
             parity,
+            held,
         } = arrival;
         let Some(header) = message.client_header() else {
             self.stats.dropped_unexpected += 1;
@@ -948,7 +945,7 @@ impl Service {
             return;
         }
 
-        let Some(slot) = self.table.find(&conn_id) else {
+        let Some(slot) = held else {
             // Authenticated, but the node holds no such connection (it
             // expired, or the node restarted): tell the client to connect.
             self.stats.refused += 1;
@@ -1064,7 +1061,7 @@ impl Service {
         rec.last_seen = seconds;
         // Endpoint migration only on an authenticated, fresh UDP packet; the
         // new address is not validated yet (docs/PROTOCOL.md §7.9).
-        if via == Via::Udp && self.table.endpoint(slot) != Some(from) {
+        if via == Via::Udp && !self.table.endpoint_is(slot, from) {
             self.table.set_endpoint(slot, from);
             if let Some(rec) = self.table.get_mut(slot) {
                 rec.set_validated(false);
@@ -1079,20 +1076,16 @@ impl Service {
     /// compute them: they come from the master key), to be echoed in
     /// `Request.ID` (docs/PROTOCOL.md §7.9).
     fn challenge(&self, conn_id: ConnId, to: SocketAddr) -> [u8; 8] {
-        use hmac::Mac as _;
-        let mut mac = self.validator.clone();
-        mac.update(b"mpp1 validate");
-        mac.update(&conn_id.0);
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = self.validator.build_hasher();
+        h.write(&conn_id.0);
         let ip = match to.ip() {
             std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             std::net::IpAddr::V6(v6) => v6.octets(),
         };
-        mac.update(&ip);
-        mac.update(&to.port().to_be_bytes());
-        let tag = mac.finalize().into_bytes();
-        let mut out = [0u8; 8];
-        out.copy_from_slice(&tag[..8]);
-        out
+        h.write(&ip);
+        h.write_u16(to.port());
+        h.finish().to_le_bytes()
     }
 
     /// Marks the connection's endpoint validated when a fresh packet from it
@@ -1104,7 +1097,7 @@ impl Service {
         let Some(rec) = self.table.get(slot) else {
             return;
         };
-        if rec.validated() || self.table.endpoint(slot) != Some(from) {
+        if rec.validated() || !self.table.endpoint_is(slot, from) {
             return;
         }
         let conn_id = ConnId(rec.conn_id);
@@ -1680,7 +1673,7 @@ impl Service {
         let validated = reply.via != Via::Udp
             || slot.is_some_and(|s| {
                 self.table.get(s).is_some_and(|r| r.validated())
-                    && self.table.endpoint(s) == Some(reply.to)
+                    && self.table.endpoint_is(s, reply.to)
             });
         let budget = if validated {
             usize::MAX

@@ -390,6 +390,26 @@ impl Table {
         Some(SocketAddr::new(ip, port))
     }
 
+    /// Whether the connection's UDP endpoint is `addr` (without building it).
+    pub fn endpoint_is(&self, slot: Slot, addr: SocketAddr) -> bool {
+        let Some(r) = self.conns.get(slot.0) else {
+            return false;
+        };
+        if r.port() != addr.port() || r.port() == 0 {
+            return false;
+        }
+        match addr.ip() {
+            IpAddr::V4(v4) => !r.is_ipv6() && r.addr_v4 == v4.octets(),
+            IpAddr::V6(v6) => {
+                r.is_ipv6()
+                    && self
+                        .v6_addrs
+                        .get(&slot.0)
+                        .is_some_and(|a| *a == v6.octets())
+            }
+        }
+    }
+
     /// Moves a connection to a new UDP endpoint.
     pub fn set_endpoint(&mut self, slot: Slot, to: SocketAddr) {
         let Some(r) = self.conns.get_mut(slot.0) else {

@@ -140,6 +140,9 @@ fn endpoints_round_trip_and_v6_spills() {
         let a: SocketAddr = a.parse().expect("addr");
         t.set_endpoint(s, a);
         assert_eq!(t.endpoint(s), Some(a));
+        assert!(t.endpoint_is(s, a));
+        let other = SocketAddr::new(a.ip(), a.port().wrapping_add(1));
+        assert!(!t.endpoint_is(s, other));
     }
     assert!(t.v6_addrs.is_empty(), "back to IPv4: the side entry goes");
     t.set_endpoint(s, "[::1]:1".parse().expect("addr"));

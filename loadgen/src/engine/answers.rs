@@ -80,6 +80,14 @@ impl Worker {
             self.local.other += 1;
             return;
         };
+        // docs/PROTOCOL.md §7.9: keep the node's challenge to echo (an
+        // answer without one: the address is validated).
+        if let Some(h) = message.service_header() {
+            dev.echo =
+                h.id.as_deref()
+                    .and_then(|id| <[u8; 8]>::try_from(id).ok())
+                    .unwrap_or([0; 8]);
+        }
         match message {
             Message::Heartbeat(h) if self.cfg.mode == Mode::Echo => {
                 if dev.outstanding != 0 && h.header.serial == Some(i64::from(dev.outstanding)) {

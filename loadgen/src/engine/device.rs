@@ -61,6 +61,17 @@ pub(super) struct Device {
     /// Set when the device's first connect ended: answered, or refused for
     /// good (the connect phase lasts until every device's has).
     pub(super) settled: bool,
+    /// The node's challenge for the device's address, echoed in every
+    /// request until an answer comes without one (docs/PROTOCOL.md §7.9);
+    /// all zero: none.
+    pub(super) echo: [u8; 8],
+}
+
+impl Device {
+    /// The challenge to echo, if the node sent one.
+    pub(super) fn echo(&self) -> Option<[u8; 8]> {
+        (self.echo != [0; 8]).then_some(self.echo)
+    }
 }
 
 /// A heartbeat or disconnect in flight, in the order sent (one timeout for

@@ -8,7 +8,7 @@
 
 use mpp::codec::{Message, PresenceNotify, ServiceHeader};
 use mpp::packet::{seal_in_place, ConnId, HEADER_LEN, MAX_PACKET, MAX_PLAINTEXT};
-use mpp::proto::{seal_request, Request};
+use mpp::proto::{seal_request_with, Request, RequestHeader};
 
 use std::cmp::Reverse;
 
@@ -66,14 +66,15 @@ impl Worker {
             return;
         };
         let buf = &mut slot[..MAX_PACKET];
-        let Ok(size) = seal_request(
-            &dev.keys.c2s,
-            conn_id,
-            nonce,
-            i64::from(serial),
-            &request,
-            buf,
-        ) else {
+        let header = RequestHeader {
+            serial: i64::from(serial),
+            // docs/PROTOCOL.md §6.7: a connect carries the device's mark.
+            acknowledge: (kind == RequestKind::Connect && dev.last_notify != 0)
+                .then_some(i64::from(dev.last_notify)),
+            echo: dev.echo(),
+        };
+        let Ok(size) = seal_request_with(&dev.keys.c2s, conn_id, nonce, &header, &request, buf)
+        else {
             self.local.other += 1;
             return;
         };
@@ -123,11 +124,16 @@ impl Worker {
             return;
         };
         let buf = &mut slot[..MAX_PACKET];
-        if let Ok(size) = seal_request(
+        let header = RequestHeader {
+            serial: i64::from(dev.serial),
+            acknowledge: None,
+            echo: dev.echo(),
+        };
+        if let Ok(size) = seal_request_with(
             &dev.keys.c2s,
             conn_id,
             nonce,
-            i64::from(dev.serial),
+            &header,
             &Request::Acknowledge(serial),
             buf,
         ) {

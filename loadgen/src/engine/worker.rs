@@ -107,6 +107,7 @@ impl Worker {
                 outstanding: 0,
                 sent_us: 0,
                 last_notify: 0,
+                echo: [0; 8],
                 state: if needs_connect {
                     DeviceState::Idle
                 } else {
