@@ -167,6 +167,26 @@ const PROTOCOL_FAMILIES: &[Family<ShardMetrics>] = &[
         |s| s.service.resolves,
     ),
     counter(
+        "mpp_resolves_limited_total",
+        "Resolves answered with 429 at once: the connection asked more than 10 per second (burst 20).",
+        |s| s.service.resolves_limited,
+    ),
+    counter(
+        "mpp_validations_total",
+        "Endpoints validated: a device echoed the challenge the node sent to its address.",
+        |s| s.service.validations,
+    ),
+    counter(
+        "mpp_replies_capped_total",
+        "Answers not sent to an address not yet validated because they exceeded three times the bytes received from it (a 425 went instead where one fits).",
+        |s| s.service.replies_capped,
+    ),
+    counter(
+        "mpp_retransmits_held_total",
+        "Notify retransmissions held back until the device's address is validated.",
+        |s| s.service.retransmits_held,
+    ),
+    counter(
         "mpp_stun_answered_total",
         "STUN Binding requests answered.",
         |s| s.service.stun_answered,
