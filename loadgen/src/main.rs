@@ -15,6 +15,7 @@ use mpp::config::CpuList;
 
 mod baseline;
 mod engine;
+mod hostile;
 mod html;
 mod ident;
 mod io;
@@ -101,6 +102,13 @@ pub(crate) struct Common {
     /// devices send and of those they receive (0-100).
     #[arg(long, global = true, default_value_t = 0.0)]
     pub(crate) loss: f64,
+    /// Hostile datagrams per second sent to the node from the devices' own
+    /// address once they are connected (a neighbour behind the same NAT):
+    /// random bytes, real conn ids with bad tags, truncated and oversized
+    /// packets, STUN requests and replays, in turn. The report says what
+    /// the node answered to each kind (0 = none sent).
+    #[arg(long, global = true, default_value_t = 0.0)]
+    pub(crate) hostile: f64,
     /// The node's pid: report its CPU use (and for hold, its RSS growth).
     #[arg(long, global = true)]
     pub(crate) node_pid: Option<u32>,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
@@ -162,6 +162,8 @@ struct Outcome {
     publish: Option<PublishStats>,
     raw_sent: Option<u64>,
     first_refusal: Option<String>,
+    /// What the hostile mix sent and got back (--hostile).
+    hostile: Option<serde_json::Value>,
     rss_before: Option<u64>,
     rss_after: Option<u64>,
 }
@@ -227,6 +229,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
         plan.server_tid = Some(tid);
     }
     let rss_before = c.node_pid.and_then(crate::sys::proc_rss_bytes);
+    let mut hostile = None;
     let mut workers = Vec::new();
     for (i, socks) in sockets.drain(..).enumerate() {
         let cfg = WorkerConfig {
@@ -291,6 +294,13 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
                 });
             bail!("no device connected to {}{why}", plan.target);
         }
+        // The hostile mix starts once the devices are connected.
+        if c.hostile > 0.0 {
+            let h = crate::hostile::Hostile::new(&plan.ident, c.devices, plan.target, c.hostile)?;
+            hostile = Some((h.counts.clone(), Instant::now()));
+            let (stop, batch) = (stop_aux.clone(), c.batch);
+            aux.push(std::thread::spawn(move || h.run(batch, &stop)));
+        }
         let mut publisher = None;
         if let Some((mut http, pcfg)) = plan.publish.take() {
             // A node with catch-up (docs/PROTOCOL.md §6.7) told every
@@ -342,6 +352,7 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
             publish,
             raw_sent: raw_sent.as_ref().map(|s| s.load(Relaxed)),
             first_refusal: shared.first_refusal.lock().ok().and_then(|f| f.clone()),
+            hostile: None,
             rss_before,
             rss_after,
         })
@@ -373,6 +384,11 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
         (Ok(_), Some(w)) => return Err(w),
         (Ok(o), None) => o,
     };
+    out.hostile = hostile.map(
+        |(counts, since): (Arc<crate::hostile::HostileCounts>, Instant)| {
+            counts.to_json(since.elapsed().as_secs_f64())
+        },
+    );
     out.rtt = rtt;
     out.notify = notify;
     out.timeline = timeline;
@@ -391,6 +407,9 @@ fn common_figures(r: &mut Report, o: &Outcome) {
     }
     if let Some(f) = &o.first_refusal {
         r.figure("first_refusal", f.as_str());
+    }
+    if let Some(h) = &o.hostile {
+        r.figure("hostile", h.clone());
     }
     r.figure(
         "measured",
@@ -464,6 +483,16 @@ fn hold(c: &Common, a: &crate::HoldArgs, config: serde_json::Value) -> Result<Re
     common_figures(&mut r, &o);
     r.figure("connect_retries", o.end.connect_retries);
     r.figure("heartbeat_s", a.heartbeat);
+    // A node restarted or killed during the window (docs/BENCHMARKS.md,
+    // "Restarts"): how many connections the devices lost, and how long
+    // until every device was held again.
+    r.figure("connections_lost", o.measured.dropped);
+    r.figure("reconnects", o.measured.connected);
+    r.figure("heartbeat_timeouts", o.measured.timeouts);
+    let target = c.devices.saturating_sub(o.end.refused_devices);
+    if let Some(outage) = outage(&o.timeline, target) {
+        r.figure("outage", outage);
+    }
     if let (Some(b), Some(e)) = (o.rss_before, o.rss_after) {
         r.figure("node_rss_before_bytes", b);
         r.figure("node_rss_after_bytes", e);
@@ -473,6 +502,30 @@ fn hold(c: &Common, a: &crate::HoldArgs, config: serde_json::Value) -> Result<Re
         }
     }
     Ok(r)
+}
+
+/// From the per-second timeline after the connect phase: when the devices
+/// held first fell below `target`, the fewest held, and when all `target`
+/// were held again (None: never below).
+fn outage(timeline: &[crate::report::Sample], target: u64) -> Option<serde_json::Value> {
+    let after_connect = timeline.iter().skip_while(|s| s.phase == "connect");
+    let mut start = None;
+    let mut min_held = target;
+    for s in after_connect {
+        if s.devices_held < target {
+            start.get_or_insert(s.t_s);
+            min_held = min_held.min(s.devices_held);
+        } else if let Some(t0) = start {
+            return Some(serde_json::json!({
+                "from_s": t0,
+                "to_s": s.t_s,
+                "seconds": ((s.t_s - t0) * 10.0).round() / 10.0,
+                "min_held": min_held,
+                "recovered": true,
+            }));
+        }
+    }
+    start.map(|t0| serde_json::json!({ "from_s": t0, "min_held": min_held, "recovered": false }))
 }
 
 fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {

@@ -363,6 +363,49 @@ fn fanout_at_thirty_percent_loss_holds_every_device_with_default_retries() {
     assert!(u(&f["whole_run"]["connect_retries"]) > 0, "{r}");
 }
 
+/// docs/PROTOCOL.md §7.8: a neighbour on the devices' own address sends the
+/// hostile mix while they are notified; every publish still reaches every
+/// device, and the node answers nothing but the STUN requests.
+#[test]
+fn a_hostile_mix_from_the_devices_address_costs_them_nothing() {
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &[
+            "--devices",
+            "2000",
+            "--accounts",
+            "100",
+            "--hostile",
+            "3000",
+            "fanout",
+            "--rate",
+            "500",
+            "--drain",
+            "5s",
+        ],
+    );
+    every_publish_reached_every_device(&r);
+    let h = &r["figures"]["hostile"];
+    assert_eq!(u(&h["answer_bytes_except_stun"]), 0, "{h}");
+    for kind in [
+        "random",
+        "bad_tag",
+        "truncated",
+        "oversized",
+        "stun",
+        "replay",
+    ] {
+        assert!(u(&h["kinds"][kind]["sent"]) > 0, "{kind} not sent: {h}");
+        if kind != "stun" {
+            assert_eq!(u(&h["kinds"][kind]["answers"]), 0, "{kind} answered: {h}");
+        }
+    }
+    // The test node does not limit STUN (--stun-rate 0): every request that
+    // reached it was answered, and answers are counted.
+    assert!(u(&h["kinds"]["stun"]["answers"]) > 0, "{h}");
+}
+
 #[test]
 fn hold_reports_node_memory_per_device() {
     let node = TestNode::start();

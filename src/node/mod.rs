@@ -585,6 +585,7 @@ pub fn start_with_hooks(
     if config.keep_state {
         let owner = |affinity| router.shard_of_affinity(affinity);
         let now = clock.now();
+        let started = std::time::Instant::now();
         match snapshot::load(
             &config.data_dir,
             &keys,
@@ -602,6 +603,7 @@ pub fn start_with_hooks(
                     connections,
                     bytes = state.bytes,
                     age_ms = now.millis_since(state.saved),
+                    ms = started.elapsed().as_millis() as u64,
                     "saved state read"
                 );
                 restored_epoch = state.epoch;
