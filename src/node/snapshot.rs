@@ -23,6 +23,7 @@
 use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use hmac::digest::KeyInit;
@@ -110,12 +111,21 @@ pub fn save_shard(
     now: UnixMillis,
 ) -> io::Result<u64> {
     let dir = state_dir(data_dir);
-    fs::create_dir_all(&dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
     let path = shard_file(&dir, index);
     let tmp = path.with_extension("tmp");
     let accounts: Vec<Account> = service.saved_accounts().collect();
     let count = service.table().len();
-    let file = fs::File::create(&tmp)?;
+    // Accounts, conn ids and addresses: for the node's user only.
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     let mut w = Signed {
         out: BufWriter::with_capacity(1 << 20, file),
         mac: mac(master),

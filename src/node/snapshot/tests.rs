@@ -151,6 +151,12 @@ fn a_saved_shard_reads_back_record_for_record() {
         },
         0,
     );
+    // Accounts, conn ids and addresses are for the node's user only.
+    for entry in std::fs::read_dir(state_dir(&dir.0)).expect("state dir") {
+        let meta = entry.expect("entry").metadata().expect("metadata");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+        assert_eq!(mode, 0o600, "state file mode {mode:o}");
+    }
     let loaded = load_with(&dir.0, 1, &master())
         .expect("valid")
         .expect("a state");
