@@ -451,8 +451,9 @@ settings! {
     /// at each try.
     retransmit_initial_ms: u64 = crate::proto::RETRANSMIT_INITIAL_MS, "MS",
         check within(10, 60_000);
-    /// Notify retransmissions before the pending state waits for the next heartbeat.
-    retransmit_tries: u8 = crate::proto::RETRANSMIT_TRIES, "N", check at_most(15);
+    /// Notify retransmissions before the pending state waits for the next
+    /// heartbeat (at most 7: a connection record counts them in 3 bits).
+    retransmit_tries: u8 = crate::proto::RETRANSMIT_TRIES, "N", check at_most(crate::table::MAX_TRIES);
     /// Replies a shard keeps queued for sending at most; more are dropped
     /// and counted (the client retries).
     max_queued_replies: usize = 65_536, "N", check within(1, 1 << 24);
