@@ -151,7 +151,9 @@ fn impaired_networks_lose_no_notification() {
 fn notify_lost_five_times_is_recovered_by_the_next_heartbeat() {
     let mut sim = Sim::new(3, Knobs::default(), ServiceConfig::default());
     let d = sim.add_device("alice", ClientConfig::default());
-    sim.run_for(100);
+    // Connected, and its address validated (the probe of D35 answered).
+    sim.run_for(1_100);
+    assert_eq!(sim.server.stats().validations, 1);
     // The device goes deaf while the node retransmits (1+2+4+8+16 s).
     sim.devices[d].online = false;
     sim.publish("alice", &[0x80]);
@@ -1067,4 +1069,41 @@ fn a_key_rotation_keeps_old_credentials_for_the_grace_period_only() {
     assert!(sim.masks(new).iter().any(|m| m[0] & 8 == 8));
     assert!(!sim.masks(old).iter().any(|m| m[0] & 8 == 8));
     assert!(!connected(&sim, old), "the old credential is out");
+}
+
+/// D35 (docs/PROTOCOL.md §7.9): the echo that validates a device's address
+/// is lost, and so is the one notify the node sends before validation; its
+/// retransmissions are held. The device, whose last answer still carried a
+/// challenge, probes with a heartbeat after its retry timeout and gets the
+/// pending bits in that heartbeat's answer: within seconds, not at its next
+/// heartbeat a minute later.
+#[test]
+fn a_lost_echo_is_probed_for_and_the_held_notify_arrives_within_seconds() {
+    let knobs = Knobs {
+        delay_ms: 10,
+        ..Knobs::default()
+    };
+    let mut sim = Sim::new(41, knobs, ServiceConfig::default());
+    let d = sim.add_device("alice", ClientConfig::default());
+    // t=10: the connect reaches the node; t=20: its answer (with the
+    // challenge) reaches the device, which echoes it at once.
+    sim.run_for(25);
+    assert!(connected(&sim, d));
+    assert_eq!(sim.lose_in_flight_to_server(), 1, "the echo, lost");
+    assert_eq!(sim.server.stats().validations, 0);
+    // The device is deaf while the one notify goes out.
+    sim.devices[d].online = false;
+    assert_eq!(sim.publish("alice", &[0x01]), 1);
+    sim.run_for(200);
+    sim.devices[d].online = true;
+    sim.run_for(2_000);
+    assert!(
+        sim.server.stats().retransmits_held >= 1,
+        "the node held the retransmission"
+    );
+    assert_eq!(sim.server.stats().validations, 1, "the probe validated");
+    // Delivered by t < 2.3 s, merged with the resync the lost echo also
+    // acknowledged (so all ones).
+    assert_eq!(sim.masks(d), vec![vec![0xFF; 32]]);
+    assert!(sim.all_acknowledged());
 }

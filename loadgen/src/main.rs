@@ -212,8 +212,11 @@ pub(crate) struct FanoutArgs {
     /// Connects per second during the connect phase.
     #[arg(long, default_value_t = 50_000)]
     pub(crate) connect_rate: u64,
-    /// Time after the measured window for late deliveries and retransmits.
-    #[arg(long, default_value = "3s", value_parser = parse_secs)]
+    /// Longest wait after the measured window for late deliveries and
+    /// retransmissions; it ends as soon as every accepted publish reached
+    /// every device of its account. The default covers the node's whole
+    /// notify retransmission schedule (1 + 2 + 4 + 8 + 16 s).
+    #[arg(long, default_value = "31s", value_parser = parse_secs)]
     pub(crate) drain: u64,
 }
 

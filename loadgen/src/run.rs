@@ -334,8 +334,13 @@ fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
         let mut publish = None;
         if let Some(p) = publisher {
             stop_aux.store(true, Relaxed);
-            publish = Some(p.join().map_err(|_| anyhow!("the publisher panicked"))??);
-            mon.phase("drain", plan.drain_s as f64, &|| false)?;
+            let p = p.join().map_err(|_| anyhow!("the publisher panicked"))??;
+            // Late deliveries and retransmissions, until every accepted
+            // publish reached every device of its account or --drain ends.
+            let expected = p.expected;
+            let all_in = || shared.counters.delivered.load(Relaxed) >= expected;
+            publish = Some(p);
+            mon.phase("drain", plan.drain_s as f64, &all_in)?;
         }
         Ok(Outcome {
             measured: after.since(&before),

@@ -739,6 +739,13 @@ impl Client {
         if new_challenge && self.outgoing.is_empty() && self.state != ClientState::Aborted {
             self.push(Outgoing::Echo);
         }
+        // docs/PROTOCOL.md §7.9 (D35): the echo may be lost, and the node
+        // holds its retransmissions until it has it; while answers still
+        // carry a challenge, heartbeat after the retry timeout to find out.
+        if self.echo.is_some() && self.state == ClientState::Connected {
+            let probe = now.plus_millis(self.config.retry_ms);
+            self.deadline = Some(self.deadline.map_or(probe, |d| d.min(probe)));
+        }
     }
 
     fn handle_message(&mut self, now: UnixMillis, message: Message<'_>) {

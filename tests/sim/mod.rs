@@ -147,6 +147,13 @@ impl Sim {
         }
     }
 
+    /// Loses every datagram on its way to the node right now.
+    pub(crate) fn lose_in_flight_to_server(&mut self) -> usize {
+        let before = self.flight.len();
+        self.flight.retain(|p| !p.to_server);
+        before - self.flight.len()
+    }
+
     /// Moves every queued datagram onto the network.
     pub(crate) fn flush(&mut self) {
         let mut buf = vec![0u8; 2048];

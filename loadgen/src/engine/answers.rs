@@ -82,11 +82,22 @@ impl Worker {
         };
         // docs/PROTOCOL.md §7.9: keep the node's challenge to echo (an
         // answer without one: the address is validated).
+        let mut probe = false;
         if let Some(h) = message.service_header() {
             dev.echo =
                 h.id.as_deref()
                     .and_then(|id| <[u8; 8]>::try_from(id).ok())
                     .unwrap_or([0; 8]);
+            // The echo rides on the device's next packet, which may be
+            // lost; until an answer comes without a challenge the node holds
+            // its notify retransmissions, so the device asks: a heartbeat
+            // (with the echo) --timeout-ms from now (docs/PROTOCOL.md §7.9).
+            probe = dev.echo != [0; 8] && !dev.probing;
+            dev.probing |= probe;
+        }
+        if probe {
+            let due = now_us / 1000 + self.cfg.timeout_ms;
+            self.probes.push_back((due, l as u32));
         }
         match message {
             Message::Heartbeat(h) if self.cfg.mode == Mode::Echo => {

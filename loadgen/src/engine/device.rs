@@ -65,6 +65,8 @@ pub(super) struct Device {
     /// request until an answer comes without one (docs/PROTOCOL.md §7.9);
     /// all zero: none.
     pub(super) echo: [u8; 8],
+    /// Set while the device is in the worker's `probes` queue.
+    pub(super) probing: bool,
 }
 
 impl Device {

@@ -215,8 +215,24 @@ impl Worker {
         queued
     }
 
-    /// Requests unanswered in time: resend, or connect again.
+    /// Requests unanswered in time: resend, or connect again. Devices not
+    /// yet sure the node validated their address heartbeat to find out.
     pub(super) fn expire(&mut self, now_us: u64) {
+        while let Some(&(due_ms, l)) = self.probes.front() {
+            if due_ms > now_us / 1000 || self.inflight >= self.cfg.window {
+                break;
+            }
+            self.probes.pop_front();
+            let l = l as usize;
+            let dev = &mut self.devices[l];
+            dev.probing = false;
+            // A request in flight gets an answer that re-arms the probe if
+            // it still carries a challenge.
+            if dev.state == DeviceState::Connected && dev.outstanding == 0 && dev.echo().is_some() {
+                dev.tries = 0;
+                self.send_request(l, RequestKind::Heartbeat, now_us);
+            }
+        }
         while let Some(&Reverse(t)) = self.connect_timers.peek() {
             if t.due_ms > now_us / 1000 {
                 break;

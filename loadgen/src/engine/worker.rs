@@ -67,6 +67,10 @@ pub(super) struct Worker {
     pub(super) connect_reported: bool,
     /// Connects in flight and 503 waits, soonest first.
     pub(super) connect_timers: BinaryHeap<Reverse<ConnectTimer>>,
+    /// Devices whose address the node has not confirmed validated, each
+    /// with when to heartbeat to find out (due times in order: every
+    /// probe waits the same `--timeout-ms`).
+    pub(super) probes: VecDeque<(u64, u32)>,
     /// Devices that have not connected once yet and were not refused for
     /// good: the connect phase lasts until there are none.
     pub(super) never_connected: usize,
@@ -108,6 +112,7 @@ impl Worker {
                 sent_us: 0,
                 last_notify: 0,
                 echo: [0; 8],
+                probing: false,
                 state: if needs_connect {
                     DeviceState::Idle
                 } else {
@@ -145,6 +150,7 @@ impl Worker {
             fds,
             pending: VecDeque::new(),
             connect_timers: BinaryHeap::new(),
+            probes: VecDeque::new(),
             to_connect,
             inflight: 0,
             cursor: 0,
