@@ -159,10 +159,17 @@ fn body_error(rejection: BytesRejection) -> ApiError {
 
 /// Parses a JSON body, telling bad syntax from a wrong shape.
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
+    let value = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => format!("invalid request: {e}"),
         _ => format!("malformed JSON: {e}"),
-    })
+    })?;
+    // serde's derived structs also take a JSON array of their fields in
+    // order (`["alice","phone"]`); the API's bodies are objects only (found
+    // by the http_bodies fuzz target, docs/TESTING.md).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("invalid request: the body must be a JSON object".into());
+    }
+    Ok(value)
 }
 
 /// `POST /v1/notify`: one notification or a batch.
@@ -174,12 +181,47 @@ struct NotifyBody {
     notifications: Option<Vec<NotificationBody>>,
 }
 
-/// One entry of a batch.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One entry of a batch: an object only (a derived `Deserialize` would
+/// also take `["account", "bitmask"]`).
 struct NotificationBody {
     account: String,
     bitmask: String,
+}
+
+impl<'de> Deserialize<'de> for NotificationBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, Visitor};
+        const FIELDS: &[&str] = &["account", "bitmask"];
+        struct Entry;
+        impl<'de> Visitor<'de> for Entry {
+            type Value = NotificationBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with account and bitmask")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<NotificationBody, A::Error> {
+                let (mut account, mut bitmask) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    let slot = match key.as_str() {
+                        "account" => &mut account,
+                        "bitmask" => &mut bitmask,
+                        other => return Err(A::Error::unknown_field(other, FIELDS)),
+                    };
+                    if slot.is_some() {
+                        return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+                    }
+                    *slot = Some(map.next_value::<String>()?);
+                }
+                Ok(NotificationBody {
+                    account: account.ok_or_else(|| A::Error::missing_field("account"))?,
+                    bitmask: bitmask.ok_or_else(|| A::Error::missing_field("bitmask"))?,
+                })
+            }
+        }
+        d.deserialize_map(Entry)
+    }
 }
 
 /// A checked notification, ready to publish.
@@ -425,6 +467,29 @@ mod tests {
 
     fn notify_err(body: &str) -> String {
         parse_notify(body.as_bytes()).expect_err(body)
+    }
+
+    #[test]
+    fn bodies_must_be_objects_not_arrays_of_their_fields() {
+        // The http_bodies fuzz target's two findings, and the batch entry.
+        let array = parse_credential_request(br#"["c^ ","c^"]"#).expect_err("an array");
+        assert_eq!(array, "invalid request: the body must be a JSON object");
+        assert!(parse_credential_request(b" [\"\",\"][\"]\r").is_err());
+        assert!(parse_notify(br#"["a","01"]"#).is_err());
+        let entry = parse_notify(br#"{"notifications":[["a","01"]]}"#).expect_err("an array entry");
+        assert!(
+            entry.contains("an object with account and bitmask"),
+            "{entry}"
+        );
+        let dup =
+            parse_notify(br#"{"notifications":[{"account":"a","account":"b","bitmask":"01"}]}"#)
+                .expect_err("a duplicate field");
+        assert!(dup.contains("duplicate field `account`"), "{dup}");
+        let unknown = parse_notify(br#"{"notifications":[{"account":"a","bitmask":"01","x":1}]}"#)
+            .expect_err("an unknown field");
+        assert!(unknown.contains("unknown field `x`"), "{unknown}");
+        // Objects still parse, whitespace before them included.
+        assert!(parse_credential_request(b" \n{\"account\":\"a@b\",\"device\":\"d\"}").is_ok());
     }
 
     #[test]
