@@ -158,6 +158,55 @@ fn endpoint_prints_the_clients_address(io: IoChoice) {
     );
 }
 
+/// README: a node that does not answer (or a control port nobody listens
+/// on) is a failure of the run, not of the input: `mpp` exits 1 with one
+/// line, where invalid input exits 2.
+#[test]
+fn mpp_exits_1_when_the_node_is_unreachable() {
+    let dir = TempDir::new("unreachable");
+    // A UDP port that takes datagrams and never answers.
+    let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let node = silent.local_addr().expect("addr");
+    let master = mpp::packet::MasterKey::new([3; 32]);
+    let credential = mpp::packet::Credential::issue(
+        &master,
+        "a@x",
+        "phone",
+        mpp::time::UnixSeconds(now().seconds().0 + 3_600),
+        vec![node.to_string()],
+        &mut rand::thread_rng(),
+    )
+    .expect("credential");
+    let file = dir.join("phone.json");
+    std::fs::write(&file, credential.to_json()).expect("write credential");
+    let mut cmd = command(MPP);
+    cmd.args(["endpoint", "--timeout", "1", "--credential"])
+        .arg(&file);
+    let (status, _, stderr) = run("mpp endpoint", cmd);
+    assert_eq!(status.code(), Some(1), "mpp endpoint: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("mpp: no answer from {node}")),
+        "{stderr}"
+    );
+    // The control port: nothing listens there.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let token = dir.join("admin.token");
+    std::fs::write(&token, "0123456789abcdef0123\n").expect("write token");
+    let mut cmd = command(MPP);
+    cmd.args(["notify", "--account", "a@x", "--bitmask", "01", "--control"])
+        .arg(format!("http://{closed}"))
+        .arg("--admin-token")
+        .arg(&token);
+    let (status, _, stderr) = run("mpp notify", cmd);
+    assert_eq!(status.code(), Some(1), "mpp notify: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("mpp: "), "{stderr}");
+    drop(silent);
+}
+
 /// Runs `mppd` with `args` (a data dir of its own is added unless given) and
 /// checks the failure: non-zero `code`, one stderr line starting `mppd:`
 /// that contains `reason`.

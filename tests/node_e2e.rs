@@ -26,7 +26,10 @@ use mpp::packet::{account_affinity, Credential, MasterKey, MAX_PACKET};
 use mpp::proto::{ClientConfig, ClientEvent, ServiceConfig};
 use mpp::time::UnixSeconds;
 
-use node::{deadline, notifies, pump_all, receives_within, Device, Metrics, TestNode, POLL, WAIT};
+use node::{
+    binding_request, deadline, dns_query, notifies, pump_all, receives_within, Device, FakeDns,
+    Metrics, TestNode, POLL, WAIT,
+};
 
 on_both_drivers!(
     publish_is_notified_and_acknowledged,
@@ -234,6 +237,7 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
             restore: None,
             save: None,
             health: health.clone(),
+            hold_sends: None,
         };
         threads.push(std::thread::spawn(move || mpp::node::shard::run(setup)));
     }
@@ -454,14 +458,6 @@ fn forged_and_replayed_packets_get_no_reply(io: IoChoice) {
     // The connection still belongs to the device's own socket.
     node.publish("frank@example.com", "01");
     assert_eq!(d.wait_notify()[0].1, [0x01]);
-}
-
-/// A STUN Binding request (RFC 8489) with a random transaction id.
-fn binding_request() -> ([u8; 12], Vec<u8>) {
-    let txid: [u8; 12] = rand::random();
-    let mut r = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
-    r.extend_from_slice(&txid);
-    (txid, r)
 }
 
 /// Checks a Binding success response and returns its XOR-MAPPED-ADDRESS.
@@ -709,43 +705,6 @@ fn a_web_listener_takes_the_web_transport_off_the_control_port(io: IoChoice) {
     );
 }
 
-/// A DNS query for `example.com` A, with id `id`.
-fn dns_query(id: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    q.extend_from_slice(b"\x07example\x03com\x00\x00\x01\x00\x01");
-    q
-}
-
-/// A UDP "DNS server" on loopback: answers each query with its id and
-/// `canned` (or, with `None`, never answers); the queries it saw.
-struct FakeDns {
-    addr: SocketAddr,
-    queries: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl FakeDns {
-    fn start(canned: Option<&'static [u8]>) -> FakeDns {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let addr = socket.local_addr().expect("addr");
-        let queries = Arc::new(Mutex::new(Vec::new()));
-        let seen = queries.clone();
-        // Ends when no query came for WAIT (the test is over).
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while let Some((n, from)) = node::recv_from(&socket, &mut buf) {
-                seen.lock().expect("lock").push(buf[..n].to_vec());
-                if let (Some(canned), true) = (canned, n >= 2) {
-                    let mut answer = buf[..2].to_vec();
-                    answer.extend_from_slice(canned);
-                    let _ = socket.send_to(&answer, from);
-                }
-            }
-        });
-        FakeDns { addr, queries }
-    }
-}
-
 /// Sends one resolve over the web transport; the client's events from the
 /// answer.
 fn resolve_over_web(node: &TestNode, d: &mut Device, query: &[u8]) -> Vec<ClientEvent> {
@@ -903,6 +862,7 @@ fn a_node_without_steering_refuses_to_start() {
     let config = node::node_config(IoChoice::Mmsg, dir.path());
     let hooks = TestHooks {
         fail_steering: true,
+        ..TestHooks::default()
     };
     match mpp::node::start_with_hooks(&config, false, hooks) {
         Ok(_) => panic!("started without steering"),
@@ -922,6 +882,7 @@ fn a_node_without_steering_refuses_to_start() {
 fn fallback_steering_keeps_garbage_away_from_publishes(io: IoChoice) {
     let hooks = TestHooks {
         fail_steering: true,
+        ..TestHooks::default()
     };
     let node = TestNode::start_hooked(io, hooks, |c| {
         c.allow_fallback_steering = true;

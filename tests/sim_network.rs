@@ -514,9 +514,15 @@ fn notifies_after_a_node_restart_are_not_taken_for_duplicates() {
     sim.run_for(100);
     assert_eq!(sim.masks(d), vec![vec![1], vec![0x80]]);
     let serials: Vec<i64> = sim.notifies(d).iter().map(|n| n.0).collect();
+    // D4: each life of the account starts at a random point of
+    // [2^20, 2^20 + 2^30), and each life saw one publish.
+    let life = (1i64 << 20)..=(1i64 << 20) + (1i64 << 30);
+    for s in &serials {
+        assert!(life.contains(s), "Serial {s} outside {life:?}");
+    }
     assert_ne!(
         serials[0], serials[1],
-        "the account's Serials did not restart"
+        "the account's Serials did not restart at a new random point"
     );
 }
 
@@ -534,12 +540,28 @@ fn an_old_connect_replayed_from_a_forged_source_creates_nothing() {
     // Connect with the victim's address as source.
     sim.run_for(130_000);
     let victim: std::net::SocketAddr = "127.0.0.77:5000".parse().expect("addr");
+    let conn_id = sim.devices[d].client.conn_id();
+    let key = sim
+        .master
+        .secret(conn_id)
+        .key(mpp::packet::Direction::ServerToClient, conn_id);
+    let limited = sim.server.stats().refusals_rate_limited;
     let mut buf = vec![0u8; 2048];
     let mut answered = 0;
     for _ in 0..100 {
         sim.server.handle_datagram(sim.now, victim, &connect);
         while let Some(t) = sim.server.poll_transmit(sim.now, &mut buf) {
+            assert_eq!(t.destination, victim);
             assert!(t.size <= connect.len(), "an answer larger than the replay");
+            // D3: PresenceErrorInvalidSerial, with the current time as the
+            // Serial to continue above.
+            let plain = mpp::packet::open(&key, &buf[..t.size]).expect("sealed for the device");
+            match mpp::codec::Message::decode_liberal(&plain).expect("a message") {
+                mpp::codec::Message::ErrorInvalidSerial(m) => {
+                    assert_eq!(m.serial, Some(sim.now.seconds().0));
+                }
+                other => panic!("not an invalid-Serial refusal: {other:?}"),
+            }
             answered += 1;
         }
     }
@@ -548,8 +570,9 @@ fn an_old_connect_replayed_from_a_forged_source_creates_nothing() {
         0,
         "the replay recreated the connection"
     );
-    assert!(answered <= 20, "{answered} refusals: not rate-limited");
-    assert!(sim.server.stats().refusals_rate_limited >= 80);
+    // D5: the burst of one (source, conn id), then nothing (no time passes).
+    assert_eq!(answered, 20, "refusals not rate-limited to the burst");
+    assert_eq!(sim.server.stats().refusals_rate_limited - limited, 80);
 }
 
 #[test]

@@ -514,6 +514,7 @@ impl Driver for MmsgDriver {
         while next < queued {
             let result = self.send.send(fd, next);
             self.stats.send_batches += 1;
+            self.stats.send_calls += 1;
             match result {
                 Ok(n) if n > 0 => {
                     self.stats.sent += n as u64;
@@ -529,6 +530,7 @@ impl Driver for MmsgDriver {
                     Some(libc::EAGAIN | libc::ENOBUFS) if stalls < MAX_SEND_STALLS => {
                         stalls += 1;
                         self.wait_writable();
+                        self.stats.send_calls += 1;
                     }
                     Some(libc::EAGAIN | libc::ENOBUFS) => {
                         self.stats.send_errors += (queued - next) as u64;

@@ -62,8 +62,15 @@ pub struct DriverStats {
     pub send_errors: u64,
     /// Received datagrams dropped (truncated, or no buffer available).
     pub receive_drops: u64,
-    /// Batches submitted (one syscall each).
+    /// Batches submitted: flushes with something to send (uring), or
+    /// `sendmmsg` calls (mmsg).
     pub send_batches: u64,
+    /// System calls the flushes made: every `io_uring_enter` (uring: the
+    /// submit and wait of the batch, a submit forced by a full submission
+    /// queue, a further wait for completions), every `sendmmsg` and every
+    /// `poll` for room in the send buffer (mmsg). One per flush when all
+    /// goes well.
+    pub send_calls: u64,
 }
 
 /// Batched datagram I/O over one socket, woken early by an eventfd.

@@ -285,6 +285,8 @@ pub struct UringDriver {
     queued: usize,
     /// Sends submitted whose completion has not arrived.
     in_flight: usize,
+    /// `io_uring_enter` calls made so far (submits and waits).
+    enters: u64,
     /// Counters.
     stats: DriverStats,
 }
@@ -363,6 +365,7 @@ impl UringDriver {
             pending: Vec::with_capacity(usize::from(BUF_COUNT) * 2),
             queued: 0,
             in_flight: 0,
+            enters: 0,
             stats: DriverStats::default(),
         };
         driver.arm()?;
@@ -439,6 +442,7 @@ impl UringDriver {
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
             }
+            self.enters += 1;
             self.ring.submit()?;
         }
     }
@@ -487,6 +491,7 @@ impl UringDriver {
     /// Enters the kernel to submit queued SQEs and wait for `want`
     /// completions, at most `timeout`. Timeouts and signals are not errors.
     fn enter(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        self.enters += 1;
         let submitter = self.ring.submitter();
         let result = match timeout {
             None => submitter.submit_and_wait(want),
@@ -689,6 +694,20 @@ impl Driver for UringDriver {
         if n == 0 {
             return Ok(());
         }
+        let enters = self.enters;
+        let result = self.flush_batch(n);
+        self.stats.send_calls += self.enters - enters;
+        result
+    }
+
+    fn stats(&self) -> &DriverStats {
+        &self.stats
+    }
+}
+
+impl UringDriver {
+    /// Submits the `n` queued sends (see [`Driver::flush`]).
+    fn flush_batch(&mut self, n: usize) -> io::Result<()> {
         self.arm()?;
         let (fd, fixed) = (self.socket.as_raw_fd(), self.fixed_socket);
         let bufs = self.send_bufs.as_mut_ptr();
@@ -716,10 +735,6 @@ impl Driver for UringDriver {
         // (bounded, in case a send waits for room in the socket buffer).
         self.enter(n, Some(REAP_WAIT))?;
         self.reap_sends()
-    }
-
-    fn stats(&self) -> &DriverStats {
-        &self.stats
     }
 }
 

@@ -137,3 +137,40 @@ pub fn open_existing_data_dir(dir: &Path) -> Result<DataDir, DataDirError> {
     }
     open_data_dir(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    /// README: the master key and the admin token are created mode 0600
+    /// in a 0700 directory, whatever the umask lets through (the usual
+    /// 022 would leave them readable by everyone).
+    #[test]
+    fn key_files_are_created_with_mode_0600() {
+        let parent = std::env::temp_dir().join(format!(
+            "mpp-data-dir-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let dir = parent.join("data");
+        let first = open_data_dir(&dir).expect("created");
+        assert_eq!(mode(&dir), 0o700, "the directory");
+        for name in [MASTER_KEY_FILE, ADMIN_TOKEN_FILE] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        // Read back, not created again.
+        let again = open_data_dir(&dir).expect("read");
+        assert_eq!(again.master, first.master);
+        assert_eq!(again.admin_token, first.admin_token);
+        let _ = std::fs::remove_dir_all(&parent);
+    }
+}

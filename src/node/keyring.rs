@@ -345,6 +345,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    /// README: key files are mode 0600; a rotation writes the new master
+    /// key, the previous one and the rotation record, a revocation its
+    /// list, each through a new file.
+    #[test]
+    fn key_files_are_written_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("modes");
+        rotate(&d, UnixSeconds(2_000_000_000), 60, &mut rand::thread_rng()).expect("rotated");
+        revoke(&d, "a@x", None).expect("revoked");
+        for name in [
+            MASTER_KEY_FILE,
+            PREVIOUS_KEY_FILE,
+            ROTATION_FILE,
+            REVOCATIONS_FILE,
+        ] {
+            let meta = std::fs::metadata(d.join(name)).expect(name);
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn revocations_survive_a_reload_and_are_noticed() {
         let d = dir("revoke");

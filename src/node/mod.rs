@@ -442,10 +442,14 @@ fn ensure_open_files(needed: u64, reserve: u64) -> Result<(), StartError> {
 
 /// Ways to make a node misbehave, for tests of how it copes.
 #[doc(hidden)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct TestHooks {
     /// Behave as if the steering program could not be attached.
     pub fail_steering: bool,
+    /// While this holds `true`, the shards send nothing: their datagrams
+    /// wait in their queues as behind a socket that takes no more (for the
+    /// backpressure test, docs/PROTOCOL.md D25).
+    pub hold_sends: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Starts a node: binds everything, then spawns the shards and the control
@@ -668,6 +672,7 @@ pub fn start_with_hooks(
                 id,
             }),
             health: Arc::clone(&health),
+            hold_sends: hooks.hold_sends.clone(),
         };
         let t = std::thread::Builder::new()
             .name(format!("mpp-shard-{i}"))

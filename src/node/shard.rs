@@ -239,6 +239,9 @@ pub struct ShardSetup {
     pub save: Option<SaveTarget>,
     /// Where the shard reports how it ended (see [`run`]).
     pub health: Arc<ShardHealth>,
+    /// A test's hold on sending (see `TestHooks::hold_sends`): while it is
+    /// `true` the shard sends nothing.
+    pub hold_sends: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Where a stopping shard writes its state (docs/PROTOCOL.md §6, "Restarts").
@@ -339,10 +342,15 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
         // left over from the last turn's send budget have already used up
         // their wake-up: do not sleep on them. Shortly after work, poll
         // without sleeping (`spin`).
+        let held = setup
+            .hold_sends
+            .as_ref()
+            .is_some_and(|h| h.load(std::sync::atomic::Ordering::Relaxed));
         let backlog = shard.server.transmit_backlog();
         let inbox_ready = !setup.inbox.forwarded.is_empty()
             || (!setup.inbox.messages.is_empty() && backlog < BACKLOG_HIGH);
-        let timeout = if !inbox_ready && backlog == 0 && last_work.elapsed() >= setup.spin {
+        let idle = backlog == 0 || held;
+        let timeout = if !inbox_ready && idle && last_work.elapsed() >= setup.spin {
             shard
                 .server
                 .poll_timeout()
@@ -387,7 +395,9 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
         }
         shard.web_timeouts(now);
         shard.handle_events(None);
-        send_errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
+        if !held {
+            send_errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
+        }
         if last_metrics.elapsed() >= METRICS_PERIOD || shard.stopping {
             last_metrics = Instant::now();
             let drops = socket_drops.total();

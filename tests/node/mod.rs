@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -1069,4 +1069,53 @@ pub(crate) fn run(name: &str, cmd: Command) -> (ExitStatus, String, String) {
     let stdout = p.stdout.join("\n");
     let stderr = p.stderr_now();
     (status, stdout, stderr)
+}
+
+// ---------------------------------------------------------------------------
+// Peers: STUN and DNS
+// ---------------------------------------------------------------------------
+
+/// A STUN Binding request (RFC 8489) with a random transaction id.
+pub(crate) fn binding_request() -> ([u8; 12], Vec<u8>) {
+    let txid: [u8; 12] = rand::random();
+    let mut r = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    r.extend_from_slice(&txid);
+    (txid, r)
+}
+
+/// A DNS query for `example.com` A, with id `id`.
+pub(crate) fn dns_query(id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    q.extend_from_slice(b"\x07example\x03com\x00\x00\x01\x00\x01");
+    q
+}
+
+/// A UDP "DNS server" on loopback: answers each query with its id and
+/// `canned` (or, with `None`, never answers); the queries it saw.
+pub(crate) struct FakeDns {
+    pub(crate) addr: SocketAddr,
+    pub(crate) queries: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl FakeDns {
+    pub(crate) fn start(canned: Option<&'static [u8]>) -> FakeDns {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let seen = queries.clone();
+        // Ends when no query came for WAIT (the test is over).
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Some((n, from)) = recv_from(&socket, &mut buf) {
+                seen.lock().expect("lock").push(buf[..n].to_vec());
+                if let (Some(canned), true) = (canned, n >= 2) {
+                    let mut answer = buf[..2].to_vec();
+                    answer.extend_from_slice(canned);
+                    let _ = socket.send_to(&answer, from);
+                }
+            }
+        });
+        FakeDns { addr, queries }
+    }
 }

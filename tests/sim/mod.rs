@@ -307,3 +307,44 @@ impl Sim {
         })
     }
 }
+
+/// A node's answer to a device, opened and decoded.
+pub(crate) type Answer = mpp::codec::Message<'static>;
+
+impl Sim {
+    /// Hands the node, from device `d`'s address and conn id, a packet
+    /// holding `json` (a client message in its JSON text form), as a client
+    /// that builds its own messages would; what the node sends back at once.
+    pub(crate) fn send_raw(&mut self, d: usize, json: &str) -> Vec<Answer> {
+        let message = mpp::codec::Message::from_json_str(json).expect("a message");
+        let conn_id = self.devices[d].client.conn_id();
+        let key = self
+            .master
+            .secret(conn_id)
+            .key(mpp::packet::Direction::ClientToServer, conn_id);
+        let nonce: [u8; 12] = self.rng.gen();
+        let packet = mpp::packet::seal(&key, conn_id, nonce, &message.to_vec()).expect("sealed");
+        let from = self.devices[d].addr;
+        self.server.handle_datagram(self.now, from, &packet);
+        self.answers(d)
+    }
+
+    /// Everything the node has queued, which must all be for device `d`,
+    /// opened and decoded (taken off the node, not delivered).
+    pub(crate) fn answers(&mut self, d: usize) -> Vec<Answer> {
+        let conn_id = self.devices[d].client.conn_id();
+        let key = self
+            .master
+            .secret(conn_id)
+            .key(mpp::packet::Direction::ServerToClient, conn_id);
+        let mut buf = vec![0u8; 2048];
+        let mut out = Vec::new();
+        while let Some(t) = self.server.poll_transmit(self.now, &mut buf) {
+            assert_eq!(t.destination, self.devices[d].addr, "an answer to another");
+            let plain = mpp::packet::open(&key, &buf[..t.size]).expect("sealed for the device");
+            let m = mpp::codec::Message::decode_liberal(&plain).expect("a message");
+            out.push(mpp::codec::Message::from_json(&m.to_json()).expect("round trip"));
+        }
+        out
+    }
+}
