@@ -469,6 +469,21 @@ settings! {
     /// Save the connections and catch-up state on a graceful stop and take
     /// them back on the next start (in data_dir/state/).
     keep_state: bool = true, "BOOL";
+    /// NATS servers of the cluster this node joins, nats://HOST:PORT
+    /// (comma-separated); empty = a node on its own.
+    cluster: Vec<String> = Vec::new(), "URLS", check |v: &Vec<String>| v.iter().try_for_each(|u| crate::node::cluster::check_url(u));
+    /// This node's name in the cluster (letters, digits, - and _); empty =
+    /// derived from the host name and the UDP port.
+    node_id: String = String::new(), "ID", check |v: &String| if v.is_empty() { Ok(()) } else { crate::node::cluster::check_node_id(v) };
+    /// Account-affinity partitions of the cluster (the same on every node):
+    /// a node hears the partitions where it holds devices.
+    cluster_partitions: u32 = 256, "N", check within(1, 65_536);
+    /// How long a connect waits for the cluster's catch-up answer (ms)
+    /// before the device is told to resynchronise.
+    cluster_catch_up_timeout_ms: u64 = 500, "MS", check within(10, 10_000);
+    /// How long a publish for other nodes is retried while the bus is away
+    /// (ms); then it is counted failed and reported to the publisher.
+    cluster_publish_timeout_ms: u64 = 2_000, "MS", check within(100, 600_000);
 }
 
 /// The file-path variable, read before every other setting.
@@ -874,6 +889,11 @@ mod tests {
             "resolve_timeout_ms" => "2000",
             "catch_up_window_secs" => "3600",
             "keep_state" => "false",
+            "cluster" => "nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+            "node_id" => "node-a",
+            "cluster_partitions" => "64",
+            "cluster_catch_up_timeout_ms" => "250",
+            "cluster_publish_timeout_ms" => "5000",
             other => panic!("no example for setting {other}: add one"),
         }
     }
@@ -1022,6 +1042,11 @@ mod tests {
             ..Layers::default()
         };
         assert!(err(flag).contains("spin_us must be at most 100000"));
+        let cluster = Layers {
+            flags: vec![("cluster".into(), "nats://a:1,http://b:2".into())],
+            ..Layers::default()
+        };
+        assert!(err(cluster).contains("cluster invalid cluster URL \"http://b:2\""));
     }
 
     #[test]

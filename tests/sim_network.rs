@@ -669,7 +669,9 @@ fn resolves_are_rate_limited_per_connection() {
     sim.run_for(10);
     let mut asked = 0;
     while let Some(e) = sim.server.poll_event() {
-        let mpp::proto::ServiceEvent::ResolveUpstream { token, .. } = e;
+        let mpp::proto::ServiceEvent::ResolveUpstream { token, .. } = e else {
+            continue;
+        };
         sim.server
             .handle_resolve_answer(token, Ok(&[0x12, 0x34, 0x81, 0x80]));
         asked += 1;

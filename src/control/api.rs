@@ -295,16 +295,40 @@ async fn notify(State(app): State<App>, body: Result<BodyBytes, BytesRejection>)
     };
     // Publish in order and stop at the first full inbox, so the caller knows
     // that exactly the first `accepted` entries went out.
+    let mut refused = None;
     for (accepted, n) in batch.iter().enumerate() {
         if let Err(overloaded) = app.node.publish(&n.account, &n.bitmask) {
-            let error =
-                format!("{overloaded}; entries from index {accepted} on were not published");
-            let body = Json(json!({ "accepted": accepted, "error": error }));
-            return (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], body).into_response();
+            refused = Some((accepted, overloaded));
+            break;
         }
     }
-    let body = Json(json!({ "accepted": batch.len() }));
-    (StatusCode::ACCEPTED, body).into_response()
+    let accepted = refused.map_or(batch.len(), |(k, _)| k);
+    // docs/PROTOCOL.md §10.3: in a cluster the accepted entries also go to
+    // the other nodes; the answer says how many the bus took and how many
+    // it could not (`remote_failed`: devices elsewhere miss them).
+    let taken: Vec<(String, Vec<u8>)> = batch
+        .into_iter()
+        .take(accepted)
+        .map(|n| (n.account, n.bitmask))
+        .collect();
+    let remote = match app.node.publish_remote(taken) {
+        Some(future) => Some(future.await),
+        None => None,
+    };
+    let mut body = json!({ "accepted": accepted });
+    if let Some(r) = remote {
+        body["remote"] = json!(r.remote);
+        body["remote_failed"] = json!(r.failed);
+    }
+    match refused {
+        Some((k, overloaded)) => {
+            body["error"] = json!(format!(
+                "{overloaded}; entries from index {k} on were not published"
+            ));
+            (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], Json(body)).into_response()
+        }
+        None => (StatusCode::ACCEPTED, Json(body)).into_response(),
+    }
 }
 
 /// `POST /v1/credentials`.

@@ -75,6 +75,26 @@ pub trait NodeApi: Send + Sync + 'static {
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
+    /// In a cluster (docs/PROTOCOL.md §10.3): hands publishes this node
+    /// accepted to the other nodes; the future says how many the bus took
+    /// and how many it could not take within its bound. `None` for a node
+    /// on its own.
+    #[allow(clippy::type_complexity)]
+    fn publish_remote(
+        &self,
+        _batch: Vec<(String, Vec<u8>)>,
+    ) -> Option<std::pin::Pin<Box<dyn Future<Output = RemoteOutcome> + Send>>> {
+        None
+    }
+}
+
+/// What a cluster's bus did with the publishes of one `POST /v1/notify`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteOutcome {
+    /// Publishes handed to the bus for the other nodes.
+    pub remote: usize,
+    /// Publishes the bus could not take in time (devices on other nodes miss them).
+    pub failed: usize,
 }
 
 /// A shard's inbox was full, so the request was not handed over.

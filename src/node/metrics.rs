@@ -27,7 +27,27 @@ pub struct NodeMetrics {
     pub key_grace_secs: u64,
     /// Revocation entries in force (accounts and devices).
     pub revocations: usize,
+    /// The cluster bus's counters, in a cluster (docs/PROTOCOL.md §10).
+    pub cluster: Option<super::cluster::ClusterMetrics>,
 }
+
+type ClusterValue = fn(&super::cluster::ClusterMetrics) -> u64;
+
+/// The cluster's families (node-level, no shard label), in output order.
+const CLUSTER_FAMILIES: &[(&str, Kind, &str, ClusterValue)] = &[
+    ("mpp_cluster_connected", Kind::Gauge, "1 while the node is connected to a NATS server of its cluster.", |c| u64::from(c.connected)),
+    ("mpp_cluster_partitions", Kind::Gauge, "Account partitions the node subscribes to (it holds devices there, or did within a second).", |c| c.partitions),
+    ("mpp_cluster_partitions_heard", Kind::Gauge, "Subscribed partitions whose subscription the server confirmed.", |c| c.heard),
+    ("mpp_cluster_published_total", Kind::Counter, "Publishes accepted here and handed to the bus for the other nodes.", |c| c.published),
+    ("mpp_cluster_publish_failed_total", Kind::Counter, "Publishes accepted here that could not be handed to the bus within cluster_publish_timeout_ms (reported to the publisher as remote_failed).", |c| c.publish_failed),
+    ("mpp_cluster_publish_retries_total", Kind::Counter, "Batches of publishes sent to the bus again after it went away.", |c| c.publish_retries),
+    ("mpp_cluster_received_total", Kind::Counter, "Publishes of other nodes received from the bus and handed to a shard.", |c| c.received),
+    ("mpp_cluster_received_dropped_total", Kind::Counter, "Messages received from the bus and dropped: malformed, or the shard's inbox stayed full.", |c| c.received_dropped),
+    ("mpp_cluster_catch_up_questions_total", Kind::Counter, "Catch-up questions this node asked the cluster for moving devices.", |c| c.questions),
+    ("mpp_cluster_catch_up_answered_total", Kind::Counter, "Catch-up questions of this node that another node answered (the rest resynchronised).", |c| c.answered),
+    ("mpp_cluster_catch_up_answers_given_total", Kind::Counter, "Catch-up questions of other nodes this node answered.", |c| c.answers_given),
+    ("mpp_cluster_disconnects_total", Kind::Counter, "Times the connection to the bus was lost.", |c| c.disconnects),
+];
 
 /// Reads one counter of a shard.
 type ShardValue = fn(&ShardMetrics) -> u64;
@@ -137,6 +157,11 @@ const PROTOCOL_FAMILIES: &[Family<ShardMetrics>] = &[
         "mpp_catch_ups_acked_total",
         "Catch-ups and resyncs acknowledged.",
         |s| s.service.catch_ups_acked,
+    ),
+    counter(
+        "mpp_cluster_gap_resyncs_total",
+        "Account records told to resynchronise because the node began hearing their partition again (start, bus outage, new interest) and could not know what it missed.",
+        |s| s.service.partition_gaps,
     ),
     counter(
         "mpp_connections_revoked_total",
@@ -276,6 +301,12 @@ pub fn render(metrics: &NodeMetrics, out: &mut Exposition) {
     for family in PROTOCOL_FAMILIES {
         out.per_item(family, &metrics.shards, shard_label);
     }
+    if let Some(cluster) = &metrics.cluster {
+        for (name, kind, help, value) in CLUSTER_FAMILIES {
+            out.family(name, *kind, help);
+            out.sample(name, &[], value(cluster));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -341,6 +372,7 @@ mod tests {
             key_parity: 1,
             key_grace_secs: 60,
             revocations: 3,
+            cluster: None,
         }
     }
 

@@ -4,6 +4,8 @@
 //! * [`shard`] — one pinned thread per shard owning a socket, a driver, the
 //!   [`crate::proto::Service`] state machine and an inbox;
 //! * [`router`] — the bounded inboxes through which anything reaches a shard;
+//! * [`cluster`] — the NATS bus between the nodes of a cluster (on the
+//!   control thread);
 //! * [`data_dir`] — the key files;
 //! * [`metrics`] — what the shards count, named for `GET /metrics`;
 //! * this file — [`start`], the running [`Node`], and the [`NodeHandle`]
@@ -20,6 +22,7 @@
 //! parses no packet: it moves datagrams and messages between the sockets,
 //! the state machines and the control plane.
 
+pub mod cluster;
 pub mod data_dir;
 pub mod keyring;
 pub mod metrics;
@@ -36,7 +39,9 @@ use std::time::Instant;
 
 use crate::config::{ConfigError, IoChoice, NodeConfig};
 use crate::control::dns::{DnsAnswer, DnsQuery};
-use crate::control::{Exposition, HttpLimits, HttpListener, NodeApi, Overloaded, Routes};
+use crate::control::{
+    Exposition, HttpLimits, HttpListener, NodeApi, Overloaded, RemoteOutcome, Routes,
+};
 use crate::net::{self, IoBackend, Waker};
 use crate::packet::{Credential, CredentialError};
 use crate::proto::revocation::Revocations;
@@ -211,9 +216,25 @@ pub struct NodeHandle {
     backend: IoBackend,
     clock: Clock,
     started: UnixMillis,
+    /// The cluster bus, once the control thread started it (cluster only).
+    cluster: std::sync::OnceLock<Arc<cluster::Bus>>,
 }
 
 impl NodeApi for NodeHandle {
+    fn publish_remote(
+        &self,
+        batch: Vec<(String, Vec<u8>)>,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = RemoteOutcome> + Send>>> {
+        let bus = Arc::clone(self.cluster.get()?);
+        Some(Box::pin(async move {
+            let outcome = bus.publish_remote(&batch).await;
+            RemoteOutcome {
+                remote: outcome.remote,
+                failed: outcome.failed,
+            }
+        }))
+    }
+
     fn publish(&self, account: &str, bitmask: &[u8]) -> Result<(), Overloaded> {
         let shard = self.router.shard_of_account(account);
         let message = ShardMessage::Publish {
@@ -303,6 +324,7 @@ impl NodeApi for NodeHandle {
                     m
                 })
                 .collect(),
+            cluster: self.cluster.get().map(|bus| bus.metrics()),
         };
         metrics::render(&snapshot, out);
     }
@@ -569,7 +591,32 @@ pub fn start_with_hooks(
         stun_rate_per_sec: config.stun_rate,
         stun_burst: config.stun_burst,
         catch_up_window_secs: config.catch_up_window_secs,
+        cluster_partitions: if config.cluster.is_empty() {
+            0
+        } else {
+            config.cluster_partitions
+        },
+        // The bus's own wait, and a margin for its answer to reach the shard.
+        catch_up_timeout_ms: config.cluster_catch_up_timeout_ms + 250,
     };
+    // docs/PROTOCOL.md §10: the cluster's channels, when there is one.
+    let cluster_setup = (!config.cluster.is_empty()).then(|| {
+        let (questions, asked) = tokio::sync::mpsc::channel(cluster::MAX_QUESTIONS);
+        let interest = cluster::Interest::new(shards, config.cluster_partitions);
+        let node_id = if config.node_id.is_empty() {
+            default_node_id(udp)
+        } else {
+            config.node_id.clone()
+        };
+        let settings = cluster::ClusterConfig {
+            urls: config.cluster.clone(),
+            node_id,
+            partitions: config.cluster_partitions,
+            catch_up_timeout: std::time::Duration::from_millis(config.cluster_catch_up_timeout_ms),
+            publish_timeout: std::time::Duration::from_millis(config.cluster_publish_timeout_ms),
+        };
+        (questions, asked, interest, settings)
+    });
     // docs/PROTOCOL.md §7.11: the master keys (the previous one during a
     // rotation's grace period) and the revocations.
     let keys = keyring::load_keys(&config.data_dir)?;
@@ -673,6 +720,12 @@ pub fn start_with_hooks(
             }),
             health: Arc::clone(&health),
             hold_sends: hooks.hold_sends.clone(),
+            cluster: cluster_setup.as_ref().map(|(questions, _, interest, _)| {
+                shard::ShardCluster {
+                    questions: questions.clone(),
+                    interest: Arc::clone(interest),
+                }
+            }),
         };
         let t = std::thread::Builder::new()
             .name(format!("mpp-shard-{i}"))
@@ -698,6 +751,7 @@ pub fn start_with_hooks(
         backend,
         clock,
         started: clock.now(),
+        cluster: std::sync::OnceLock::new(),
     });
     let stop = Arc::new(tokio::sync::Notify::new());
     let control_thread = spawn_control(Control {
@@ -709,6 +763,7 @@ pub fn start_with_hooks(
         stop: stop.clone(),
         stop_on_signals,
         dns: config.dns_upstream.map(|up| (up, dns_rx)),
+        cluster: cluster_setup.map(|(_, asked, interest, settings)| (settings, interest, asked)),
     })?;
     Ok(Node {
         udp,
@@ -734,6 +789,34 @@ struct Control {
     stop: Arc<tokio::sync::Notify>,
     stop_on_signals: bool,
     dns: Option<(SocketAddr, tokio::sync::mpsc::Receiver<DnsQuery>)>,
+    cluster: Option<ClusterSetup>,
+}
+
+/// What the control thread starts the cluster bus with.
+type ClusterSetup = (
+    cluster::ClusterConfig,
+    Arc<cluster::Interest>,
+    tokio::sync::mpsc::Receiver<cluster::CatchUpQuestion>,
+);
+
+/// A node id from the host name and the UDP port (docs/PROTOCOL.md §10),
+/// letters, digits and `-` only.
+fn default_node_id(udp: SocketAddr) -> String {
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
+    let host: String = if rc == 0 {
+        name.iter()
+            .take_while(|&&b| b != 0)
+            .map(|&b| char::from(b))
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(40)
+            .collect()
+    } else {
+        String::new()
+    };
+    let host = if host.is_empty() { "mppd".into() } else { host };
+    format!("{host}-{}", udp.port())
 }
 
 fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartError> {
@@ -746,6 +829,7 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
         stop,
         stop_on_signals,
         dns,
+        cluster: cluster_setup,
     } = control;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -788,6 +872,18 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
                     tokio::spawn(crate::control::dns::forward(upstream, queries, answered));
                 }
                 tokio::spawn(watch_keyring(data_dir, Arc::clone(&node)));
+                if let Some((settings, interest, questions)) = cluster_setup {
+                    let node_id = settings.node_id.clone();
+                    let urls = settings.urls.join(",");
+                    match cluster::Bus::connect(settings, router.clone()).await {
+                        Ok(bus) => {
+                            tracing::info!(node_id, urls, "cluster bus started");
+                            let _ = node.cluster.set(Arc::clone(&bus));
+                            tokio::spawn(cluster::run(bus, interest, questions));
+                        }
+                        Err(e) => tracing::error!(%e, "cluster bus not started: this node delivers locally only"),
+                    }
+                }
                 let health = Arc::clone(&node.health);
                 let shutdown = {
                     let router = router.clone();

@@ -60,6 +60,33 @@ pub enum ShardMessage {
     /// Fail on purpose (tests of the node's health; never sent otherwise).
     #[doc(hidden)]
     Fault(Fault),
+    /// The cluster's answer to one of this shard's catch-up questions
+    /// (docs/PROTOCOL.md §10.4): the stores published after the device's
+    /// mark (empty: none), or `None` when no node could tell.
+    CatchUpAnswer {
+        /// The parked connect it answers.
+        token: crate::proto::CatchUpToken,
+        /// The answer.
+        answer: Option<Vec<u8>>,
+    },
+    /// Another node's catch-up question: what was published to `account`
+    /// after `mark`, if this shard can tell (`None` on `reply` otherwise).
+    CatchUpQuery {
+        /// The account.
+        account: String,
+        /// The device's mark.
+        mark: u32,
+        /// Where the answer goes (the mask; empty: nothing published).
+        reply: tokio::sync::oneshot::Sender<Option<Vec<u8>>>,
+    },
+    /// The node now hears (or no longer hears) the cluster's publishes for
+    /// these partitions (docs/PROTOCOL.md §10.3).
+    Hearing {
+        /// Partitions (account affinity mod the partition count).
+        partitions: Arc<[u32]>,
+        /// Heard from now on, or not.
+        heard: bool,
+    },
 }
 
 /// A failure a test makes a shard suffer, to check that the node notices.

@@ -26,6 +26,7 @@ use crate::control::dns::DnsQuery;
 use crate::net::{self, Driver, IoBackend, Waker};
 use crate::packet::peek_conn_id;
 use crate::proto::{stun, ResolveToken, Service, ServiceConfig, ServiceEvent, WebRequestId};
+use super::cluster::{CatchUpQuestion, Interest};
 use crate::time::UnixMillis;
 
 /// Inbox messages handled per loop turn at most (and as many forwarded
@@ -44,6 +45,9 @@ const BACKLOG_HIGH: usize = 16 * SEND_PER_TURN;
 const SHED_FOR_MS: u64 = 1_000;
 /// How often a shard publishes its counters for `/metrics`.
 const METRICS_PERIOD: Duration = Duration::from_millis(200);
+/// How often a shard in a cluster publishes its device counts per
+/// partition (docs/PROTOCOL.md §10.3).
+const INTEREST_PERIOD: Duration = Duration::from_millis(100);
 /// Web-transport requests a shard keeps open at most while they wait for a
 /// late answer (a resolve's upstream); beyond, a new web request is refused
 /// (the control plane answers 503).
@@ -242,6 +246,17 @@ pub struct ShardSetup {
     /// A test's hold on sending (see `TestHooks::hold_sends`): while it is
     /// `true` the shard sends nothing.
     pub hold_sends: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// In a cluster: where the shard's catch-up questions go, and where it
+    /// reports its device counts per partition.
+    pub cluster: Option<ShardCluster>,
+}
+
+/// A shard's side of the cluster bus (docs/PROTOCOL.md §10).
+pub struct ShardCluster {
+    /// Catch-up questions for the bus (bounded; a full channel is a resync).
+    pub questions: tokio::sync::mpsc::Sender<CatchUpQuestion>,
+    /// Device counts per partition, for the control thread.
+    pub interest: Arc<Interest>,
 }
 
 /// Where a stopping shard writes its state (docs/PROTOCOL.md §6, "Restarts").
@@ -326,9 +341,16 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
         misrouted_dropped: 0,
         stopping: false,
         fault: None,
+        cluster: setup.cluster,
     };
     tracing::info!(shard = shard.id, cpu = ?setup.cpu, io = driver.backend().name(), "shard started");
     let mut last_metrics = Instant::now();
+    let mut last_interest = Instant::now();
+    let idle_wait = if shard.cluster.is_some() {
+        INTEREST_PERIOD
+    } else {
+        METRICS_PERIOD
+    };
     let (mut wait_errors, mut recv_errors, mut send_errors) = (
         IoErrors::default(),
         IoErrors::default(),
@@ -355,7 +377,7 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
                 .server
                 .poll_timeout()
                 .map(|t| Duration::from_millis(t.millis_since(now)))
-                .map_or(METRICS_PERIOD, |t| t.min(METRICS_PERIOD))
+                .map_or(idle_wait, |t| t.min(idle_wait))
         } else {
             Duration::ZERO
         };
@@ -397,6 +419,14 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
         shard.handle_events(None);
         if !held {
             send_errors.check(shard.id, "send", shard.transmit(now, driver.as_mut()))?;
+        }
+        if let Some(cluster) = &shard.cluster {
+            if last_interest.elapsed() >= INTEREST_PERIOD {
+                last_interest = Instant::now();
+                cluster
+                    .interest
+                    .store(shard.id, shard.server.partition_devices());
+            }
         }
         if last_metrics.elapsed() >= METRICS_PERIOD || shard.stopping {
             last_metrics = Instant::now();
@@ -523,6 +553,8 @@ struct Shard {
     stopping: bool,
     /// A failure injected by a test, ending the loop at once.
     fault: Option<std::io::Error>,
+    /// The cluster bus, in a cluster.
+    cluster: Option<ShardCluster>,
 }
 
 impl Shard {
@@ -605,6 +637,23 @@ impl Shard {
             }
             ShardMessage::Fault(Fault::IoError) => {
                 self.fault = Some(std::io::Error::other("I/O failure injected by a test"));
+            }
+            ShardMessage::CatchUpAnswer { token, answer } => {
+                self.server.handle_catch_up_answer(token, answer.as_deref());
+            }
+            ShardMessage::CatchUpQuery {
+                account,
+                mark,
+                reply,
+            } => {
+                let known = self
+                    .server
+                    .catch_up_since(&account, mark)
+                    .map(|c| c.mask().map(|m| m.as_bytes().to_vec()).unwrap_or_default());
+                let _ = reply.send(known);
+            }
+            ShardMessage::Hearing { partitions, heard } => {
+                self.server.set_hearing(now, &partitions, heard);
             }
         }
     }
@@ -699,6 +748,29 @@ impl Shard {
                         // No upstream configured, or the forwarder is overloaded.
                         self.server.handle_resolve_answer(token, Err(502));
                         self.resolve_done(token);
+                    }
+                }
+                ServiceEvent::CatchUpRequest {
+                    token,
+                    account,
+                    mark,
+                    partition,
+                } => {
+                    // docs/PROTOCOL.md §10.4: never wait on the bus; a full
+                    // channel (or no bus) answers with a resync at once.
+                    let question = CatchUpQuestion {
+                        shard: self.id,
+                        token,
+                        account,
+                        mark,
+                        partition,
+                    };
+                    let sent = self
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| c.questions.try_send(question).is_ok());
+                    if !sent {
+                        self.server.handle_catch_up_answer(token, None);
                     }
                 }
             }

@@ -23,7 +23,8 @@ pub use client::{
 };
 pub use replay::{Freshness, ReplayWindow};
 pub use service::{
-    KeySet, PublishError, ResolveToken, Restored, SavedConnection, Service, ServiceConfig,
+    CatchUpToken, KeySet, PublishError, ResolveToken, Restored, SavedConnection, Service,
+    ServiceConfig,
     ServiceEvent, ServiceStats, WebRequestId, DEFAULT_CATCH_UP_WINDOW_SECS,
 };
 

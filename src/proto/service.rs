@@ -69,6 +69,14 @@ pub struct ServiceConfig {
     /// device left or its last publish (docs/PROTOCOL.md §6, "Catch-up"),
     /// and how often at most the catch-up union restarts.
     pub catch_up_window_secs: u32,
+    /// Account-affinity partitions of the cluster this node belongs to
+    /// (docs/PROTOCOL.md §10); 0: a node on its own. In a cluster, a new
+    /// connection whose mark this node cannot place asks the other nodes
+    /// ([`ServiceEvent::CatchUpRequest`]) before it is answered.
+    pub cluster_partitions: u32,
+    /// How long a connect waits for the other nodes' catch-up answer (ms)
+    /// before it is answered with a resync.
+    pub catch_up_timeout_ms: u64,
 }
 
 impl Default for ServiceConfig {
@@ -84,6 +92,8 @@ impl Default for ServiceConfig {
             stun_rate_per_sec: 100,
             stun_burst: 200,
             catch_up_window_secs: DEFAULT_CATCH_UP_WINDOW_SECS,
+            cluster_partitions: 0,
+            catch_up_timeout_ms: 500,
         }
     }
 }
@@ -159,6 +169,16 @@ pub struct ServiceStats {
     pub resolves_limited: u64,
     /// Account records whose catch-up window ran out with no device left.
     pub accounts_expired: u64,
+    /// New connections whose catch-up was asked of the other nodes of the
+    /// cluster (docs/PROTOCOL.md §10.4).
+    pub catch_ups_asked: u64,
+    /// … and answered exactly by one of them (the rest resynchronised).
+    pub catch_ups_answered: u64,
+    /// Catch-up questions of other nodes this shard could answer exactly.
+    pub catch_up_answers_given: u64,
+    /// Times the shard began hearing a partition's publishes again (start,
+    /// a bus outage, new interest) and told its records so (a resync).
+    pub partition_gaps: u64,
 }
 
 /// One connection as a saved state holds it (docs/PROTOCOL.md §6,
@@ -209,6 +229,10 @@ pub struct Restored {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ResolveToken(pub u64);
 
+/// Identifies one connect waiting for the cluster's catch-up answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CatchUpToken(pub u64);
+
 /// Something the I/O layer must do for the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServiceEvent {
@@ -220,7 +244,37 @@ pub enum ServiceEvent {
         /// The DNS query.
         query: Vec<u8>,
     },
+    /// Ask the other nodes of the cluster what was published to `account`
+    /// after the device's `mark` (docs/PROTOCOL.md §10.4), once this node
+    /// hears the account's `partition`, and hand the answer back with
+    /// [`Service::handle_catch_up_answer`]. The device's connect is answered
+    /// only then (or with a resync after `catch_up_timeout_ms`).
+    CatchUpRequest {
+        /// Quote this with the answer.
+        token: CatchUpToken,
+        /// The account.
+        account: String,
+        /// The Serial the device last processed (another node's).
+        mark: u32,
+        /// The account's partition (affinity mod the partition count).
+        partition: u32,
+    },
 }
+
+/// A connect whose answer waits for the cluster's catch-up (docs/PROTOCOL.md §10.4).
+struct ParkedConnect {
+    token: CatchUpToken,
+    /// The latest connect of the device (a retransmission replaces it).
+    origin: Origin,
+    deadline: UnixMillis,
+}
+
+/// Connects a shard lets wait for the cluster at once; more are answered
+/// with a resync at once.
+const MAX_PARKED_CONNECTS: usize = 1024;
+
+/// A mask naming every store (docs/PROTOCOL.md §6.7: a resync).
+const ALL_STORES: [u8; MAX_BITMASK] = [0xFF; MAX_BITMASK];
 
 /// Why a publish was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -487,6 +541,12 @@ pub struct Service {
     due: Vec<RetransmitTimer>,
     resolves: Vec<PendingResolve>,
     next_resolve: u64,
+    /// Connects waiting for the cluster's catch-up answer.
+    parked: Vec<ParkedConnect>,
+    next_catch_up: u64,
+    /// Per partition: whether this node hears its publishes from the bus
+    /// (cluster only; docs/PROTOCOL.md §10.3).
+    heard: Vec<bool>,
     events: VecDeque<ServiceEvent>,
     next_sweep: UnixMillis,
     /// New connects are shed (503 + retry-after) until then.
@@ -501,12 +561,14 @@ impl Service {
     /// A shard with no connections. `seed` seeds the nonce generator: pass
     /// fresh OS randomness in production, a constant in tests.
     pub fn new(config: ServiceConfig, master: MasterKey, seed: [u8; 32], now: UnixMillis) -> Self {
+        let mut table = Table::new(config.max_connections);
+        table.count_partitions(config.cluster_partitions);
         Service {
             validator: std::collections::hash_map::RandomState::new(),
             keys: [Some(MasterKeyState::new(master, None)), None],
             current: 0,
             revocations: std::sync::Arc::new(Revocations::new()),
-            table: Table::new(config.max_connections),
+            table,
             rng: StdRng::from_seed(seed),
             epoch: now,
             replies: VecDeque::new(),
@@ -530,6 +592,9 @@ impl Service {
             due: Vec::new(),
             resolves: Vec::new(),
             next_resolve: 1,
+            parked: Vec::new(),
+            next_catch_up: 1,
+            heard: vec![false; config.cluster_partitions as usize],
             events: VecDeque::new(),
             next_sweep: now.plus_millis(SWEEP_PERIOD_MS / SWEEP_STEPS),
             shed_until: now,
@@ -1255,6 +1320,12 @@ impl Service {
                 if let Some(ack) = req.header.acknowledge {
                     self.acknowledge(slot, ack);
                 }
+                // docs/PROTOCOL.md §10.4: a connect resent while its
+                // catch-up is asked of the cluster is answered with it.
+                if let Some(p) = self.parked.iter_mut().find(|p| p.origin.conn_id == conn_id) {
+                    p.origin = origin;
+                    return;
+                }
                 self.stats.connects += 1;
                 self.queue_reply(origin.reply_for(slot, ReplyKind::Connected));
                 return;
@@ -1273,6 +1344,7 @@ impl Service {
             self.queue_refusal(now, reply(ReplyKind::InvalidSerial(now_serial)));
             return;
         }
+        let account_name: &str = account;
         // docs/PROTOCOL.md §6, "Catch-up": the account's record (created
         // with its first device) tells what the device missed since its mark.
         let (account, created) = match self.table.find_account(key) {
@@ -1301,6 +1373,23 @@ impl Service {
             Some(a) if !created => a.catch_up(mark),
             _ => CatchUp::Resync,
         };
+        // docs/PROTOCOL.md §10.4: in a cluster, a mark this node cannot
+        // place (another node's Serial, or this node's from before it heard
+        // the account's partition) is asked of the other nodes first.
+        let partitions = self.config.cluster_partitions;
+        let ask = match mark.filter(|&m| m != 0) {
+            Some(m) if partitions > 0 => {
+                let heard = self.heard[(key.affinity % partitions) as usize];
+                created
+                    || !heard
+                    || self
+                        .table
+                        .account(account)
+                        .is_none_or(|a| a.catch_up_known(m).is_none())
+            }
+            _ => false,
+        }
+        .then_some(mark.unwrap_or(0));
         let mut rec = Connection {
             conn_id: conn_id.0,
             highest_serial: serial,
@@ -1328,6 +1417,29 @@ impl Service {
             self.table.set_endpoint(slot, from);
             self.validate(slot, from, via, echo);
         }
+        let catch_up = match ask {
+            Some(mark) if self.parked.len() < MAX_PARKED_CONNECTS => {
+                let token = CatchUpToken(self.next_catch_up);
+                self.next_catch_up += 1;
+                self.stats.catch_ups_asked += 1;
+                self.stats.connects += 1;
+                self.parked.push(ParkedConnect {
+                    token,
+                    origin,
+                    deadline: now.plus_millis(self.config.catch_up_timeout_ms),
+                });
+                self.events.push_back(ServiceEvent::CatchUpRequest {
+                    token,
+                    account: account_name.to_owned(),
+                    mark,
+                    partition: key.affinity % partitions,
+                });
+                return;
+            }
+            // Too many connects wait already: this one resynchronises.
+            Some(_) => CatchUp::Resync,
+            None => catch_up,
+        };
         if let Some(mask) = catch_up.mask() {
             match catch_up {
                 CatchUp::Resync => self.stats.resyncs += 1,
@@ -1386,10 +1498,31 @@ impl Service {
             return Ok(0);
         };
         record.publish(bitmask, seconds, window);
+        Ok(self.notify_account(account, bitmask, None))
+    }
+
+    /// Queues a notify of `bitmask` for every device of `account` (but
+    /// those in `skip`); how many.
+    fn notify_account(
+        &mut self,
+        account: AccountSlot,
+        bitmask: &[u8],
+        skip: Option<&std::collections::HashSet<[u8; 8]>>,
+    ) -> usize {
+        let Some(record) = self.table.account(account) else {
+            return 0;
+        };
         let mut cursor = (record.head != 0).then(|| Slot(record.head - 1));
         let mut count = 0;
         while let Some(slot) = cursor {
             cursor = self.table.next_in_account(slot);
+            if skip.is_some_and(|skip| {
+                self.table
+                    .get(slot)
+                    .is_some_and(|r| skip.contains(&r.conn_id))
+            }) {
+                continue;
+            }
             self.table.or_pending(slot, bitmask);
             let Some(rec) = self.table.get_mut(slot) else {
                 continue;
@@ -1405,7 +1538,128 @@ impl Service {
             self.stats.notifies_sent += 1;
             count += 1;
         }
-        Ok(count)
+        count
+    }
+
+    /// Hands a parked connect the cluster's answer (docs/PROTOCOL.md
+    /// §10.4): `Some(bits)` from a node that could tell what was published
+    /// after the device's mark (empty: nothing), `None` when no node could
+    /// (or none answered in time): a resync. The connect is answered now,
+    /// with this node's Serial as the device's new mark. Unknown tokens are
+    /// ignored.
+    pub fn handle_catch_up_answer(&mut self, token: CatchUpToken, answer: Option<&[u8]>) {
+        let Some(i) = self.parked.iter().position(|p| p.token == token) else {
+            return;
+        };
+        let parked = self.parked.swap_remove(i);
+        self.answer_parked(parked, answer);
+    }
+
+    fn answer_parked(&mut self, parked: ParkedConnect, answer: Option<&[u8]>) {
+        let origin = parked.origin;
+        let Some(slot) = self.table.find(&origin.conn_id) else {
+            return; // gone meanwhile (disconnected, replaced)
+        };
+        let mask = match answer {
+            Some(bits) if bits.len() <= MAX_BITMASK => {
+                self.stats.catch_ups_answered += 1;
+                if bits.iter().all(|&b| b == 0) {
+                    None
+                } else {
+                    self.stats.catch_ups += 1;
+                    Some(bits)
+                }
+            }
+            _ => {
+                self.stats.resyncs += 1;
+                Some(&ALL_STORES[..])
+            }
+        };
+        if let Some(mask) = mask {
+            let fresh = self.table.get(slot).is_some_and(|r| !r.has_pending());
+            self.table.or_pending(slot, mask);
+            if fresh {
+                if let Some(rec) = self.table.get_mut(slot) {
+                    rec.set_catch_up(true);
+                }
+            }
+        }
+        self.queue_reply(origin.reply_for(slot, ReplyKind::Connected));
+    }
+
+    /// Another node's question (docs/PROTOCOL.md §10.4): what was published
+    /// to `account` after `mark`, if this shard can tell exactly (it holds
+    /// the account's record, hears its partition, and `mark` is one of this
+    /// record's Serials). `None`: it cannot, and stays silent.
+    pub fn catch_up_since(&mut self, account: &str, mark: u32) -> Option<CatchUp> {
+        let key = AccountKey::of(account);
+        let partitions = self.config.cluster_partitions;
+        if partitions == 0 || !self.heard[(key.affinity % partitions) as usize] {
+            return None;
+        }
+        let slot = self.table.find_account(key)?;
+        let known = self.table.account(slot)?.catch_up_known(mark)?;
+        self.stats.catch_up_answers_given += 1;
+        Some(known)
+    }
+
+    /// docs/PROTOCOL.md §10.3: the node now hears (`heard`) or no longer
+    /// hears the bus's publishes for `partitions`. A partition heard again
+    /// after a time unheard may have missed publishes, and nobody can say
+    /// which: each of its account records takes a publish of every store,
+    /// so its devices resynchronise and a device that comes back later with
+    /// an older mark does too (connects waiting for the cluster's answer
+    /// excepted: that answer covers the time before).
+    pub fn set_hearing(&mut self, now: UnixMillis, partitions: &[u32], heard: bool) {
+        let n = self.heard.len();
+        if n == 0 {
+            return;
+        }
+        let mut newly = vec![false; n];
+        let mut any = false;
+        for &p in partitions {
+            let Some(h) = self.heard.get_mut(p as usize) else {
+                continue;
+            };
+            if heard && !*h {
+                newly[p as usize] = true;
+                any = true;
+            }
+            *h = heard;
+        }
+        if any {
+            self.gap(now, &newly);
+        }
+    }
+
+    /// Whether this shard hears `partition` (cluster only).
+    pub fn hears(&self, partition: u32) -> bool {
+        self.heard.get(partition as usize).copied().unwrap_or(false)
+    }
+
+    fn gap(&mut self, now: UnixMillis, partitions: &[bool]) {
+        let seconds = self.seconds_since_epoch(now);
+        let window = self.config.catch_up_window_secs;
+        let parked: std::collections::HashSet<[u8; 8]> =
+            self.parked.iter().map(|p| p.origin.conn_id.0).collect();
+        let n = partitions.len() as u32;
+        for s in 0..self.table.account_bound() {
+            let slot = AccountSlot(s);
+            let Some(record) = self.table.account_mut(slot) else {
+                continue;
+            };
+            if !record.in_use() || !partitions[(record.affinity % n) as usize] {
+                continue;
+            }
+            record.publish(&ALL_STORES, seconds, window);
+            self.stats.partition_gaps += 1;
+            self.notify_account(slot, &ALL_STORES, Some(&parked));
+        }
+    }
+
+    /// Partition device counts (cluster only): connections per partition.
+    pub fn partition_devices(&self) -> &[u32] {
+        self.table.partition_devices()
     }
 
     /// Hands the upstream's answer (or failure status 502/504) to a waiting
@@ -1434,6 +1688,9 @@ impl Service {
         for r in &self.resolves {
             consider(r.deadline);
         }
+        for p in &self.parked {
+            consider(p.deadline);
+        }
         next
     }
 
@@ -1451,6 +1708,16 @@ impl Service {
             self.next_sweep = now.plus_millis(SWEEP_PERIOD_MS / SWEEP_STEPS);
         }
 
+        // docs/PROTOCOL.md §10.4: no answer in time: a resync.
+        let mut i = 0;
+        while i < self.parked.len() {
+            if self.parked[i].deadline <= now {
+                let p = self.parked.swap_remove(i);
+                self.answer_parked(p, None);
+            } else {
+                i += 1;
+            }
+        }
         let mut i = 0;
         while i < self.resolves.len() {
             if self.resolves[i].deadline <= now {

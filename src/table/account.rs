@@ -183,6 +183,20 @@ impl Account {
             _ => CatchUp::Resync,
         }
     }
+
+    /// What a device whose mark is `mark` missed, only when this record can
+    /// tell exactly (the mark is one of this life's Serials, at or after
+    /// `since`): the answer a node gives another node's catch-up request
+    /// (docs/PROTOCOL.md §10.4). `None` when it cannot tell.
+    pub fn catch_up_known(&self, mark: u32) -> Option<CatchUp> {
+        if mark == 0 {
+            return None;
+        }
+        match self.catch_up(Some(mark)) {
+            CatchUp::Resync => None,
+            known => Some(known),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +263,18 @@ mod tests {
             &[0x04]
         );
         assert_eq!(a.catch_up(Some(101)), CatchUp::Resync);
+    }
+
+    #[test]
+    fn only_marks_of_this_life_are_known() {
+        let mut a = Account::new(1, 2, 500, 0);
+        assert_eq!(a.catch_up_known(500), Some(CatchUp::Nothing));
+        a.publish(&[0x02], 1, 60);
+        let known = a.catch_up_known(500).and_then(|c| c.mask());
+        assert_eq!(known.map(|m| m.as_bytes().to_vec()), Some(vec![0x02]));
+        assert_eq!(a.catch_up_known(499), None, "before since");
+        assert_eq!(a.catch_up_known(502), None, "never issued");
+        assert_eq!(a.catch_up_known(0), None, "no history");
     }
 
     #[test]

@@ -157,6 +157,10 @@ pub struct Table {
     hasher: ahash::RandomState,
     wide_masks: HashMap<u32, [u8; 32]>,
     v6_addrs: HashMap<u32, [u8; 16]>,
+    /// Connections per account-affinity partition (affinity mod the
+    /// slice's length), kept only in a cluster (docs/PROTOCOL.md §10): the
+    /// node subscribes to the partitions where it holds devices.
+    partitions: Option<Box<[u32]>>,
 }
 
 /// A conn id's hash for the by-conn index: its 8 bytes as one `u64`, one
@@ -184,6 +188,37 @@ impl Table {
             hasher: ahash::RandomState::new(),
             wide_masks: HashMap::new(),
             v6_addrs: HashMap::new(),
+            partitions: None,
+        }
+    }
+
+    /// Counts connections per partition (affinity mod `partitions`) from
+    /// now on, the ones held included; 0 stops counting.
+    pub fn count_partitions(&mut self, partitions: u32) {
+        if partitions == 0 {
+            self.partitions = None;
+            return;
+        }
+        let mut counts = vec![0u32; partitions as usize].into_boxed_slice();
+        for s in 0..self.conns.high_water {
+            if let Some(rec) = self.conns.get(s).filter(|r| r.in_use()) {
+                let affinity = self.accounts.at(rec.account).affinity;
+                counts[(affinity % partitions) as usize] += 1;
+            }
+        }
+        self.partitions = Some(counts);
+    }
+
+    /// Connections held per partition (empty when not counting).
+    pub fn partition_devices(&self) -> &[u32] {
+        self.partitions.as_deref().unwrap_or(&[])
+    }
+
+    fn count_partition(&mut self, account: u32, up: bool) {
+        if let Some(counts) = self.partitions.as_deref_mut() {
+            let affinity = self.accounts.at(account).affinity;
+            let n = &mut counts[(affinity % counts.len() as u32) as usize];
+            *n = if up { n.saturating_add(1) } else { n.saturating_sub(1) };
         }
     }
 
@@ -330,6 +365,7 @@ impl Table {
         let id = record.conn_id;
         *self.conns.at_mut(slot) = record;
         self.accounts.at_mut(account.0).head = slot + 1;
+        self.count_partition(account.0, true);
         let ch = hash_conn_id(&self.hasher, &id);
         let pages = &self.conns;
         let hasher = &self.hasher;
@@ -351,6 +387,7 @@ impl Table {
         if let Ok(e) = self.by_conn.find_entry(ch, |&x| x == s) {
             e.remove();
         }
+        self.count_partition(rec.account, false);
         // Unlink from the account's list.
         let account = self.accounts.at_mut(rec.account);
         account.stamp = now;

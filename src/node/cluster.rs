@@ -1,0 +1,740 @@
+//! The cluster bus: several nodes sharing one master key exchange publishes
+//! and catch-up questions over NATS (docs/PROTOCOL.md §10).
+//!
+//! It exists so that a publish accepted by any node reaches the account's
+//! devices on every node, and a device that moves between nodes learns what
+//! it missed. Everything here runs on the control thread (async-nats on its
+//! tokio runtime) and reaches the shards only through the router, like the
+//! HTTP API: a shard never waits on the bus. Shards report their device
+//! counts per partition in atomics ([`Interest`]) and ask their catch-up
+//! questions through a bounded channel; a full channel, a dead bus or a
+//! silent cluster end in a resync for the device, never in a blocked shard.
+//!
+//! * Interest: the node subscribes to `mpp.*.<p>` for each partition `p`
+//!   (account affinity mod `cluster_partitions`) where it holds devices,
+//!   sampled every 100 ms, and lets a partition go once it held none for a
+//!   second. A partition is *heard* once the server has the subscription
+//!   (a round trip confirms it); the shards are told when a partition is
+//!   heard or no longer heard, and every account record of a partition
+//!   heard again takes a resync (what was published meanwhile is unknown).
+//! * Publishes: `mpp.pub.<p>` with [`wire::publish`]; the node's own
+//!   messages are not echoed back to it (`no_echo`). A batch counts as
+//!   handed over once a round trip after it returns; while the bus is away
+//!   it is retried until `cluster_publish_timeout_ms`, then counted failed.
+//! * Catch-up: `mpp.catchup.<p>`, a NATS request with [`wire::question`];
+//!   only a node whose own Serials contain the mark answers.
+
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, ConnectOptions, Request, RequestErrorKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::router::{Router, ShardId, ShardMessage};
+use crate::packet::account_affinity;
+use crate::proto::CatchUpToken;
+
+/// How often the control thread samples the shards' interest and the bus's state.
+const SAMPLE: Duration = Duration::from_millis(100);
+/// A partition whose devices all left is kept this long before it is let go
+/// (devices come and go; resubscribing costs a resync).
+const LINGER: Duration = Duration::from_secs(1);
+/// Catch-up questions the shards may have waiting for the bus at once.
+pub const MAX_QUESTIONS: usize = 1024;
+/// How long one confirming round trip to the server may take.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+/// A publish from the bus that finds its shard's inbox full is retried this
+/// many times, 5 ms apart, then counted as dropped.
+const INBOX_RETRIES: u32 = 20;
+
+/// The cluster's settings, from the node's configuration.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:port`).
+    pub urls: Vec<String>,
+    /// This node's name on the bus.
+    pub node_id: String,
+    /// Account-affinity partitions.
+    pub partitions: u32,
+    /// How long a catch-up question waits for an answer.
+    pub catch_up_timeout: Duration,
+    /// How long a publish is retried while the bus is away.
+    pub publish_timeout: Duration,
+}
+
+/// The subject of partition `p`'s publishes.
+pub fn publish_subject(p: u32) -> String {
+    format!("mpp.pub.{p}")
+}
+
+/// The subject of partition `p`'s catch-up questions.
+pub fn catch_up_subject(p: u32) -> String {
+    format!("mpp.catchup.{p}")
+}
+
+/// The partition of an account affinity.
+pub fn partition_of(affinity: u32, partitions: u32) -> u32 {
+    affinity % partitions.max(1)
+}
+
+/// Checks a cluster URL: `nats://HOST[:PORT]` (one line for the
+/// configuration error when it is not).
+pub fn check_url(url: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("invalid cluster URL {url:?}: {why}"));
+    let Some(rest) = url.strip_prefix("nats://") else {
+        return bad("expected nats://HOST:PORT");
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '@' | ','))
+    {
+        return bad("expected nats://HOST:PORT");
+    }
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return bad("the port must be 1 to 65535"),
+        }
+    }
+    if url.parse::<async_nats::ServerAddr>().is_err() {
+        return bad("not a NATS server address");
+    }
+    Ok(())
+}
+
+/// Checks a node id: 1 to 64 letters, digits, `-` or `_` (it names the
+/// node's connection and a subject token).
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "invalid node id {id:?}: 1 to 64 letters, digits, '-' or '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// Each shard's device count per partition, written by the shard every
+/// 100 ms and summed by the control thread.
+pub struct Interest {
+    shards: Vec<Box<[AtomicU32]>>,
+}
+
+impl Interest {
+    /// Counts of `shards` shards over `partitions` partitions, all zero.
+    pub fn new(shards: usize, partitions: u32) -> Arc<Interest> {
+        Arc::new(Interest {
+            shards: (0..shards)
+                .map(|_| (0..partitions).map(|_| AtomicU32::new(0)).collect())
+                .collect(),
+        })
+    }
+
+    /// Shard `shard`'s counts now.
+    pub fn store(&self, shard: ShardId, counts: &[u32]) {
+        if let Some(row) = self.shards.get(shard) {
+            for (cell, &n) in row.iter().zip(counts) {
+                if cell.load(Relaxed) != n {
+                    cell.store(n, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Whether any shard holds a device of partition `p`.
+    fn any(&self, p: usize) -> bool {
+        self.shards
+            .iter()
+            .any(|row| row.get(p).is_some_and(|c| c.load(Relaxed) > 0))
+    }
+}
+
+/// A shard's catch-up question for the bus (docs/PROTOCOL.md §10.4).
+#[derive(Debug)]
+pub struct CatchUpQuestion {
+    /// The shard that asks (the answer goes back to it).
+    pub shard: ShardId,
+    /// The parked connect's token.
+    pub token: CatchUpToken,
+    /// The account.
+    pub account: String,
+    /// The device's mark.
+    pub mark: u32,
+    /// The account's partition.
+    pub partition: u32,
+}
+
+/// What the bus did with a batch of publishes: handed to the server
+/// (`remote`), or not within `cluster_publish_timeout_ms` (`failed`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteOutcome {
+    /// Publishes the bus accepted for the other nodes.
+    pub remote: usize,
+    /// Publishes that could not be handed to the bus in time.
+    pub failed: usize,
+}
+
+/// The bus's counters for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterMetrics {
+    /// Whether the node is connected to a NATS server.
+    pub connected: bool,
+    /// Partitions subscribed.
+    pub partitions: u64,
+    /// Partitions heard (subscription confirmed).
+    pub heard: u64,
+    /// Publishes handed to the bus (confirmed by a round trip).
+    pub published: u64,
+    /// Publishes not handed over within the bound (reported to the publisher).
+    pub publish_failed: u64,
+    /// Times a batch of publishes was sent again after the bus went away.
+    pub publish_retries: u64,
+    /// Publishes received from the bus and routed to a shard.
+    pub received: u64,
+    /// Publishes received from the bus and dropped: the shard's inbox
+    /// stayed full, or the payload was malformed.
+    pub received_dropped: u64,
+    /// Catch-up questions asked of the cluster.
+    pub questions: u64,
+    /// … answered by a node that could tell.
+    pub answered: u64,
+    /// Catch-up questions of other nodes answered by this one.
+    pub answers_given: u64,
+    /// Times the connection to the bus was lost.
+    pub disconnects: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    publish_failed: AtomicU64,
+    publish_retries: AtomicU64,
+    received: AtomicU64,
+    received_dropped: AtomicU64,
+    questions: AtomicU64,
+    answered: AtomicU64,
+    answers_given: AtomicU64,
+    disconnects: AtomicU64,
+    reconnects: AtomicU64,
+    partitions: AtomicU64,
+    heard: AtomicU64,
+}
+
+/// The node's connection to the bus, shared by the HTTP handlers (remote
+/// publishes) and the cluster task.
+pub struct Bus {
+    client: Client,
+    config: ClusterConfig,
+    router: Arc<Router>,
+    connected: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    /// A subject nobody subscribes to: a request to it comes back at once
+    /// as "no responders", after everything sent before it was processed.
+    sync_subject: String,
+}
+
+impl Bus {
+    /// Connects (in the background: the node runs, and delivers locally,
+    /// while no server answers; the client keeps trying).
+    pub async fn connect(config: ClusterConfig, router: Arc<Router>) -> Result<Arc<Bus>, String> {
+        let connected = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let (c, k) = (Arc::clone(&connected), Arc::clone(&counters));
+        let node_id = config.node_id.clone();
+        let options = ConnectOptions::new()
+            .name(format!("mppd-{node_id}"))
+            .no_echo()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .ping_interval(Duration::from_secs(5))
+            .client_capacity(65_536)
+            .subscription_capacity(65_536)
+            .reconnect_delay_callback(|attempts| {
+                // 100 ms, 200 ms, … up to 1 s, with jitter.
+                let base = (attempts.max(1) as u64 * 100).min(1_000);
+                Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
+            })
+            .event_callback(move |event| {
+                let (c, k, node_id) = (Arc::clone(&c), Arc::clone(&k), node_id.clone());
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            c.store(true, Relaxed);
+                            k.reconnects.fetch_add(1, Relaxed);
+                            tracing::info!(node_id, "cluster bus connected");
+                        }
+                        async_nats::Event::Disconnected => {
+                            c.store(false, Relaxed);
+                            k.disconnects.fetch_add(1, Relaxed);
+                            tracing::warn!(
+                                node_id,
+                                "cluster bus disconnected: local delivery goes on, remote publishes are retried"
+                            );
+                        }
+                        other => tracing::debug!(node_id, event = %other, "cluster bus event"),
+                    }
+                }
+            });
+        let urls: Vec<async_nats::ServerAddr> = config
+            .urls
+            .iter()
+            .map(|u| u.parse().map_err(|e| format!("{u}: {e}")))
+            .collect::<Result<_, _>>()?;
+        let client = options
+            .connect(urls)
+            .await
+            .map_err(|e| format!("cannot start the cluster client: {e}"))?;
+        let sync_subject = format!("mpp.sync.{}", config.node_id);
+        Ok(Arc::new(Bus {
+            client,
+            config,
+            router,
+            connected,
+            counters,
+            sync_subject,
+        }))
+    }
+
+    /// The bus's counters.
+    pub fn metrics(&self) -> ClusterMetrics {
+        let k = &self.counters;
+        ClusterMetrics {
+            connected: self.connected.load(Relaxed),
+            partitions: k.partitions.load(Relaxed),
+            heard: k.heard.load(Relaxed),
+            published: k.published.load(Relaxed),
+            publish_failed: k.publish_failed.load(Relaxed),
+            publish_retries: k.publish_retries.load(Relaxed),
+            received: k.received.load(Relaxed),
+            received_dropped: k.received_dropped.load(Relaxed),
+            questions: k.questions.load(Relaxed),
+            answered: k.answered.load(Relaxed),
+            answers_given: k.answers_given.load(Relaxed),
+            disconnects: k.disconnects.load(Relaxed),
+        }
+    }
+
+    /// One round trip to the server: true once everything this client sent
+    /// before it has been processed there.
+    async fn confirm(&self, within: Duration) -> bool {
+        let request = Request::new().timeout(Some(within));
+        let asked = self.client.send_request(self.sync_subject.clone(), request);
+        match tokio::time::timeout(within, asked).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => e.kind() == RequestErrorKind::NoResponders,
+            Err(_) => false,
+        }
+    }
+
+    /// Hands publishes to the other nodes (docs/PROTOCOL.md §10.3): each to
+    /// its partition's subject; the batch counts as handed over once a
+    /// round trip after it came back. While the bus is away the batch is
+    /// sent again (a publish the server did see is then delivered twice,
+    /// which only repeats a notify) until `cluster_publish_timeout_ms`;
+    /// what is left then is counted failed and logged.
+    pub async fn publish_remote(&self, batch: &[(String, Vec<u8>)]) -> RemoteOutcome {
+        if batch.is_empty() {
+            return RemoteOutcome::default();
+        }
+        let messages: Vec<(String, Bytes)> = batch
+            .iter()
+            .map(|(account, bitmask)| {
+                let p = partition_of(account_affinity(account), self.config.partitions);
+                (publish_subject(p), wire::publish(account, bitmask))
+            })
+            .collect();
+        let deadline = Instant::now() + self.config.publish_timeout;
+        let mut first = true;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if !first {
+                self.counters.publish_retries.fetch_add(1, Relaxed);
+            }
+            first = false;
+            let sent = tokio::time::timeout(left, async {
+                for (subject, payload) in &messages {
+                    self.client
+                        .publish(subject.clone(), payload.clone())
+                        .await
+                        .map_err(|_| ())?;
+                }
+                Ok::<(), ()>(())
+            })
+            .await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if matches!(sent, Ok(Ok(()))) && self.confirm(left.min(CONFIRM_TIMEOUT)).await {
+                self.counters
+                    .published
+                    .fetch_add(messages.len() as u64, Relaxed);
+                return RemoteOutcome {
+                    remote: messages.len(),
+                    failed: 0,
+                };
+            }
+            // The bus is away: wait for it (bounded), then send again.
+            while !self.connected.load(Relaxed) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.counters
+            .publish_failed
+            .fetch_add(messages.len() as u64, Relaxed);
+        tracing::error!(
+            publishes = messages.len(),
+            timeout_ms = self.config.publish_timeout.as_millis() as u64,
+            "publishes not handed to the cluster bus in time: devices on other nodes miss them (reported to the publisher)"
+        );
+        RemoteOutcome {
+            remote: 0,
+            failed: messages.len(),
+        }
+    }
+
+    /// Routes a message to shard `shard`, retrying a full inbox briefly.
+    async fn route(&self, shard: ShardId, mut make: impl FnMut() -> ShardMessage) -> bool {
+        for _ in 0..INBOX_RETRIES {
+            if self.router.send(shard, make()).is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    /// A message on one of this node's partition subjects.
+    async fn on_message(self: &Arc<Self>, message: async_nats::Message) {
+        match wire::decode(&message.payload) {
+            Ok(wire::BusMessage::Publish { account, bitmask }) => {
+                let shard = self.router.shard_of_account(account);
+                let routed = self
+                    .route(shard, || ShardMessage::Publish {
+                        account: account.to_owned(),
+                        bitmask: bitmask.to_vec(),
+                    })
+                    .await;
+                let counter = if routed {
+                    &self.counters.received
+                } else {
+                    &self.counters.received_dropped
+                };
+                counter.fetch_add(1, Relaxed);
+            }
+            Ok(wire::BusMessage::Question { account, mark }) => {
+                let Some(reply) = message.reply.clone() else {
+                    return;
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let shard = self.router.shard_of_account(account);
+                let query = ShardMessage::CatchUpQuery {
+                    account: account.to_owned(),
+                    mark,
+                    reply: tx,
+                };
+                if self.router.send(shard, query).is_err() {
+                    return;
+                }
+                let bus = Arc::clone(self);
+                tokio::spawn(async move {
+                    let within = bus.config.catch_up_timeout;
+                    if let Ok(Ok(Some(bits))) = tokio::time::timeout(within, rx).await {
+                        bus.counters.answers_given.fetch_add(1, Relaxed);
+                        let _ = bus.client.publish(reply, wire::answer(&bits)).await;
+                    }
+                });
+            }
+            Ok(wire::BusMessage::Answer { .. }) => {}
+            Err(e) => {
+                self.counters.received_dropped.fetch_add(1, Relaxed);
+                tracing::debug!(%e, subject = %message.subject, "malformed cluster payload dropped");
+            }
+        }
+    }
+
+    /// Asks the cluster a shard's question and hands the answer back to it.
+    async fn ask(self: Arc<Self>, q: CatchUpQuestion) {
+        self.counters.questions.fetch_add(1, Relaxed);
+        let within = self.config.catch_up_timeout;
+        let request = Request::new()
+            .payload(wire::question(&q.account, q.mark))
+            .timeout(Some(within));
+        let asked = self
+            .client
+            .send_request(catch_up_subject(q.partition), request);
+        let answer = match tokio::time::timeout(within, asked).await {
+            Ok(Ok(m)) => match wire::decode(&m.payload) {
+                Ok(wire::BusMessage::Answer { bitmask }) => Some(bitmask.to_vec()),
+                _ => None,
+            },
+            _ => None,
+        };
+        if answer.is_some() {
+            self.counters.answered.fetch_add(1, Relaxed);
+        }
+        let token = q.token;
+        // A full inbox: the shard answers with a resync at its own deadline.
+        let _ = self
+            .route(q.shard, || ShardMessage::CatchUpAnswer {
+                token,
+                answer: answer.clone(),
+            })
+            .await;
+    }
+}
+
+/// One partition subscription.
+struct Partition {
+    receiver: tokio::task::JoinHandle<()>,
+    /// The server has the subscription (confirmed) and the shards know.
+    heard: bool,
+    /// Kept at least until then.
+    keep_until: Instant,
+}
+
+/// What the cluster task learns from the tasks it starts.
+enum Note {
+    /// A round trip confirmed the subscriptions made up to `generation`.
+    Confirmed { generation: u64, partitions: Vec<u32> },
+}
+
+/// Runs the cluster until the node stops: interest, subscriptions, the
+/// shards' catch-up questions, and the bus's outages.
+pub async fn run(
+    bus: Arc<Bus>,
+    interest: Arc<Interest>,
+    mut questions: tokio::sync::mpsc::Receiver<CatchUpQuestion>,
+) {
+    let partitions = bus.config.partitions;
+    let mut subs: HashMap<u32, Partition> = HashMap::new();
+    let (notes_tx, mut notes) = tokio::sync::mpsc::channel::<Note>(64);
+    let mut tick = tokio::time::interval(SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Bumped whenever subscriptions are lost (an outage): older
+    // confirmations no longer count.
+    let mut generation = 0u64;
+    let mut seen_reconnects = 0u64;
+    let mut was_connected = false;
+
+    let subscribe = |p: u32, subs: &mut HashMap<u32, Partition>, keep: Duration| {
+        if let Some(s) = subs.get_mut(&p) {
+            s.keep_until = s.keep_until.max(Instant::now() + keep);
+            return false;
+        }
+        let bus2 = Arc::clone(&bus);
+        let receiver = tokio::spawn(async move {
+            let subject = format!("mpp.*.{p}");
+            let mut sub = match bus2.client.subscribe(subject).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(%e, partition = p, "cannot subscribe");
+                    return;
+                }
+            };
+            while let Some(m) = sub.next().await {
+                bus2.on_message(m).await;
+            }
+        });
+        subs.insert(
+            p,
+            Partition {
+                receiver,
+                heard: false,
+                keep_until: Instant::now() + keep,
+            },
+        );
+        true
+    };
+    let confirm = |generation: u64, partitions: Vec<u32>| {
+        let (bus, notes) = (Arc::clone(&bus), notes_tx.clone());
+        tokio::spawn(async move {
+            // Retried while the bus is away: a partition is heard only once
+            // the server has its subscription.
+            for _ in 0..600 {
+                if bus.confirm(CONFIRM_TIMEOUT).await {
+                    let _ = notes
+                        .send(Note::Confirmed {
+                            generation,
+                            partitions,
+                        })
+                        .await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    };
+
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(q) = questions.recv() => {
+                // docs/PROTOCOL.md §10.4: subscribe before asking, so that a
+                // publish after the question reaches this node, and one
+                // before it the node that answers.
+                if subscribe(q.partition, &mut subs, LINGER) {
+                    confirm(generation, vec![q.partition]);
+                }
+                tokio::spawn(Arc::clone(&bus).ask(q));
+                continue;
+            }
+            Some(note) = notes.recv() => {
+                let Note::Confirmed { generation: g, partitions: ps } = note;
+                if g != generation {
+                    continue;
+                }
+                let newly: Vec<u32> = ps
+                    .into_iter()
+                    .filter(|p| subs.get_mut(p).is_some_and(|s| !std::mem::replace(&mut s.heard, true)))
+                    .collect();
+                if !newly.is_empty() {
+                    let newly: Arc<[u32]> = newly.into();
+                    bus.router.broadcast(|| ShardMessage::Hearing {
+                        partitions: Arc::clone(&newly),
+                        heard: true,
+                    });
+                }
+                continue;
+            }
+        }
+        // The bus went away (or came back): every partition is unheard
+        // until the server has its subscriptions again.
+        let connected = bus.connected.load(Relaxed);
+        let reconnects = bus.counters.reconnects.load(Relaxed);
+        let lost = (was_connected && !connected) || reconnects != seen_reconnects;
+        if lost {
+            let deaf: Vec<u32> = subs
+                .iter_mut()
+                .filter(|(_, s)| std::mem::replace(&mut s.heard, false))
+                .map(|(&p, _)| p)
+                .collect();
+            if !deaf.is_empty() {
+                let deaf: Arc<[u32]> = deaf.into();
+                bus.router.broadcast(|| ShardMessage::Hearing {
+                    partitions: Arc::clone(&deaf),
+                    heard: false,
+                });
+            }
+            generation += 1;
+            if connected && reconnects != seen_reconnects && !subs.is_empty() {
+                confirm(generation, subs.keys().copied().collect());
+            }
+        }
+        if connected {
+            seen_reconnects = reconnects;
+        }
+        was_connected = connected;
+        // Interest: subscribe where devices are, let go where none were
+        // for LINGER.
+        let mut added = Vec::new();
+        for p in 0..partitions {
+            if interest.any(p as usize) && subscribe(p, &mut subs, LINGER) {
+                added.push(p);
+            }
+        }
+        if !added.is_empty() {
+            confirm(generation, added);
+        }
+        let now = Instant::now();
+        let idle: Vec<u32> = subs
+            .iter()
+            .filter(|(&p, s)| s.keep_until <= now && !interest.any(p as usize))
+            .map(|(&p, _)| p)
+            .collect();
+        if !idle.is_empty() {
+            let deaf: Vec<u32> = idle
+                .iter()
+                .copied()
+                .filter(|p| subs.get(p).is_some_and(|s| s.heard))
+                .collect();
+            if !deaf.is_empty() {
+                let deaf: Arc<[u32]> = deaf.into();
+                bus.router.broadcast(|| ShardMessage::Hearing {
+                    partitions: Arc::clone(&deaf),
+                    heard: false,
+                });
+            }
+            for p in idle {
+                if let Some(s) = subs.remove(&p) {
+                    // Dropping the subscriber unsubscribes.
+                    s.receiver.abort();
+                }
+            }
+        }
+        for p in 0..partitions {
+            if interest.any(p as usize) {
+                if let Some(s) = subs.get_mut(&p) {
+                    s.keep_until = s.keep_until.max(now + LINGER);
+                }
+            }
+        }
+        bus.counters.partitions.store(subs.len() as u64, Relaxed);
+        bus.counters
+            .heard
+            .store(subs.values().filter(|s| s.heard).count() as u64, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_are_checked() {
+        for good in [
+            "nats://127.0.0.1:4222",
+            "nats://localhost",
+            "nats://bus.example:4222",
+            "nats://[::1]:4222",
+        ] {
+            assert_eq!(check_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "127.0.0.1:4222",
+            "http://x:1",
+            "nats://",
+            "nats://:4222",
+            "nats://host:0",
+            "nats://host:99999",
+            "nats://host:x",
+            "nats://ho st:1",
+            "nats://a/b:1",
+        ] {
+            let e = check_url(bad).expect_err(bad);
+            assert!(e.contains(bad) && !e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn node_ids_are_subject_tokens() {
+        assert!(check_node_id("node-1_a").is_ok());
+        for bad in ["", "a.b", "a b", "*", ">", &"x".repeat(65)] {
+            assert!(check_node_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn interest_is_any_shard_holding_a_device() {
+        let i = Interest::new(2, 4);
+        assert!(!i.any(1));
+        i.store(1, &[0, 3, 0, 0]);
+        assert!(i.any(1) && !i.any(0));
+        i.store(1, &[0, 0, 0, 0]);
+        assert!(!i.any(1));
+    }
+}
