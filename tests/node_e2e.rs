@@ -238,6 +238,7 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
             save: None,
             health: health.clone(),
             hold_sends: None,
+            cluster: None,
         };
         threads.push(std::thread::spawn(move || mpp::node::shard::run(setup)));
     }

@@ -325,7 +325,12 @@ async fn notify(State(app): State<App>, body: Result<BodyBytes, BytesRejection>)
             body["error"] = json!(format!(
                 "{overloaded}; entries from index {k} on were not published"
             ));
-            (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], Json(body)).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(RETRY_AFTER, "1")],
+                Json(body),
+            )
+                .into_response()
         }
         None => (StatusCode::ACCEPTED, Json(body)).into_response(),
     }

@@ -298,7 +298,7 @@ impl Bus {
             .connect(urls)
             .await
             .map_err(|e| format!("cannot start the cluster client: {e}"))?;
-        let sync_subject = format!("mpp.sync.{}", config.node_id);
+        let sync_subject = format!("mpp-sync.{}", config.node_id);
         Ok(Arc::new(Bus {
             client,
             config,
@@ -510,7 +510,48 @@ struct Partition {
 /// What the cluster task learns from the tasks it starts.
 enum Note {
     /// A round trip confirmed the subscriptions made up to `generation`.
-    Confirmed { generation: u64, partitions: Vec<u32> },
+    Confirmed {
+        generation: u64,
+        partitions: Vec<u32>,
+    },
+}
+
+/// Subscribes to partition `p` unless it is already (then only keeps it
+/// at least `keep` longer); true when it subscribed now. The subscription
+/// is handed to the client before this returns, so a request sent after it
+/// reaches the server after it (docs/PROTOCOL.md §10.4).
+async fn subscribe(
+    bus: &Arc<Bus>,
+    p: u32,
+    subs: &mut HashMap<u32, Partition>,
+    keep: Duration,
+) -> bool {
+    if let Some(s) = subs.get_mut(&p) {
+        s.keep_until = s.keep_until.max(Instant::now() + keep);
+        return false;
+    }
+    let mut sub = match bus.client.subscribe(format!("mpp.*.{p}")).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(%e, partition = p, "cannot subscribe to a cluster partition");
+            return false;
+        }
+    };
+    let bus2 = Arc::clone(bus);
+    let receiver = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            bus2.on_message(m).await;
+        }
+    });
+    subs.insert(
+        p,
+        Partition {
+            receiver,
+            heard: false,
+            keep_until: Instant::now() + keep,
+        },
+    );
+    true
 }
 
 /// Runs the cluster until the node stops: interest, subscriptions, the
@@ -531,35 +572,6 @@ pub async fn run(
     let mut seen_reconnects = 0u64;
     let mut was_connected = false;
 
-    let subscribe = |p: u32, subs: &mut HashMap<u32, Partition>, keep: Duration| {
-        if let Some(s) = subs.get_mut(&p) {
-            s.keep_until = s.keep_until.max(Instant::now() + keep);
-            return false;
-        }
-        let bus2 = Arc::clone(&bus);
-        let receiver = tokio::spawn(async move {
-            let subject = format!("mpp.*.{p}");
-            let mut sub = match bus2.client.subscribe(subject).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(%e, partition = p, "cannot subscribe");
-                    return;
-                }
-            };
-            while let Some(m) = sub.next().await {
-                bus2.on_message(m).await;
-            }
-        });
-        subs.insert(
-            p,
-            Partition {
-                receiver,
-                heard: false,
-                keep_until: Instant::now() + keep,
-            },
-        );
-        true
-    };
     let confirm = |generation: u64, partitions: Vec<u32>| {
         let (bus, notes) = (Arc::clone(&bus), notes_tx.clone());
         tokio::spawn(async move {
@@ -587,7 +599,7 @@ pub async fn run(
                 // docs/PROTOCOL.md §10.4: subscribe before asking, so that a
                 // publish after the question reaches this node, and one
                 // before it the node that answers.
-                if subscribe(q.partition, &mut subs, LINGER) {
+                if subscribe(&bus, q.partition, &mut subs, LINGER).await {
                     confirm(generation, vec![q.partition]);
                 }
                 tokio::spawn(Arc::clone(&bus).ask(q));
@@ -620,8 +632,7 @@ pub async fn run(
         if lost {
             let deaf: Vec<u32> = subs
                 .iter_mut()
-                .filter(|(_, s)| std::mem::replace(&mut s.heard, false))
-                .map(|(&p, _)| p)
+                .filter_map(|(&p, s)| std::mem::replace(&mut s.heard, false).then_some(p))
                 .collect();
             if !deaf.is_empty() {
                 let deaf: Arc<[u32]> = deaf.into();
@@ -643,7 +654,7 @@ pub async fn run(
         // for LINGER.
         let mut added = Vec::new();
         for p in 0..partitions {
-            if interest.any(p as usize) && subscribe(p, &mut subs, LINGER) {
+            if interest.any(p as usize) && subscribe(&bus, p, &mut subs, LINGER).await {
                 added.push(p);
             }
         }

@@ -20,13 +20,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::cluster::{CatchUpQuestion, Interest};
 use super::router::{Fault, Router, ShardId, ShardInbox, ShardMessage};
 use super::Clock;
 use crate::control::dns::DnsQuery;
 use crate::net::{self, Driver, IoBackend, Waker};
 use crate::packet::peek_conn_id;
 use crate::proto::{stun, ResolveToken, Service, ServiceConfig, ServiceEvent, WebRequestId};
-use super::cluster::{CatchUpQuestion, Interest};
 use crate::time::UnixMillis;
 
 /// Inbox messages handled per loop turn at most (and as many forwarded

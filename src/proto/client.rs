@@ -312,6 +312,13 @@ pub fn seal_request_with(
 pub struct Client {
     config: ClientConfig,
     node: SocketAddr,
+    /// Every node the device may use, `node` among them (docs/PROTOCOL.md
+    /// §10.5): the credential's endpoints, tried in turn.
+    nodes: Vec<SocketAddr>,
+    /// Nodes that stopped answering since the last connect was answered.
+    unanswered: usize,
+    /// Times the client moved to another node.
+    failovers: u64,
     conn_id: ConnId,
     c2s: PacketKey,
     s2c: PacketKey,
@@ -370,6 +377,9 @@ impl Client {
             s2c: credential.secret.key(Direction::ServerToClient, conn_id),
             conn_id,
             node,
+            nodes: vec![node],
+            unanswered: 0,
+            failovers: 0,
             account: credential.account.clone(),
             device: credential.device.clone(),
             expires: credential.expires,
@@ -436,6 +446,46 @@ impl Client {
     /// Talks to another node from now on (failover); the next connect goes there.
     pub fn set_node(&mut self, node: SocketAddr) {
         self.node = node;
+    }
+
+    /// The nodes this client may use, in order (the credential's
+    /// endpoints, resolved; docs/PROTOCOL.md §10.5). When the current node
+    /// stops answering (a round of connects, or of heartbeats, unanswered)
+    /// the client moves to the next one after a random delay below
+    /// `reconnect_jitter_ms`, and connects there with its mark; only after
+    /// every node failed in a row does it wait `reconnect_ms`. The current
+    /// node is kept (added first if missing). An empty list changes nothing.
+    pub fn set_nodes(&mut self, nodes: &[SocketAddr]) {
+        let mut list = vec![self.node];
+        list.extend(nodes.iter().copied().filter(|&n| n != self.node));
+        self.nodes = list;
+    }
+
+    /// Times the client moved to another node because its node stopped answering.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    /// The current node stopped answering: with other nodes to try, move
+    /// to the next one and connect after a random delay (true); false when
+    /// there is none, or every node failed in a row (the caller waits).
+    fn fail_over(&mut self, now: UnixMillis) -> bool {
+        if self.nodes.len() < 2 {
+            return false;
+        }
+        self.unanswered += 1;
+        let i = self.nodes.iter().position(|&n| n == self.node).unwrap_or(0);
+        self.node = self.nodes[(i + 1) % self.nodes.len()];
+        self.failovers += 1;
+        if self.unanswered >= self.nodes.len() {
+            self.unanswered = 0;
+            return false;
+        }
+        self.state = ClientState::Disconnected;
+        self.echo = None;
+        let jitter = self.rng.next_u64() % self.config.reconnect_jitter_ms.max(1);
+        self.deadline = Some(now.plus_millis(jitter));
+        true
     }
 
     /// Counters.
@@ -546,10 +596,12 @@ impl Client {
                 self.deadline = Some(retry);
             }
             ClientState::Connecting => {
-                self.state = ClientState::Disconnected;
                 self.events
                     .push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
-                self.deadline = Some(now.plus_millis(self.config.reconnect_ms));
+                if !self.fail_over(now) {
+                    self.state = ClientState::Disconnected;
+                    self.deadline = Some(now.plus_millis(self.config.reconnect_ms));
+                }
             }
             ClientState::Disconnected => {
                 // Connects of the last round may have reused Serials the node
@@ -569,10 +621,13 @@ impl Client {
                 self.deadline = Some(retry);
             }
             ClientState::Unacknowledged => {
-                // docs/PROTOCOL.md §6: heartbeats unanswered: reconnect.
+                // docs/PROTOCOL.md §6: heartbeats unanswered: reconnect
+                // (§10.5: to the next node, when there is one).
                 self.events
                     .push_back(ClientEvent::Disconnected(DisconnectReason::Timeout));
-                self.start_connect(now);
+                if !self.fail_over(now) {
+                    self.start_connect(now);
+                }
             }
             ClientState::Aborted => self.deadline = None,
         }
@@ -774,6 +829,7 @@ impl Client {
                     }
                 }
                 self.deadline = Some(now.plus_millis(self.heartbeat_ms));
+                self.unanswered = 0;
                 let endpoint = r.header.endpoint.or(self.endpoint);
                 if let Some(endpoint) = endpoint {
                     self.events.push_back(ClientEvent::Connected { endpoint });

@@ -24,8 +24,7 @@ pub use client::{
 pub use replay::{Freshness, ReplayWindow};
 pub use service::{
     CatchUpToken, KeySet, PublishError, ResolveToken, Restored, SavedConnection, Service,
-    ServiceConfig,
-    ServiceEvent, ServiceStats, WebRequestId, DEFAULT_CATCH_UP_WINDOW_SECS,
+    ServiceConfig, ServiceEvent, ServiceStats, WebRequestId, DEFAULT_CATCH_UP_WINDOW_SECS,
 };
 
 use std::net::SocketAddr;

@@ -267,6 +267,13 @@ struct ParkedConnect {
     /// The latest connect of the device (a retransmission replaces it).
     origin: Origin,
     deadline: UnixMillis,
+    /// The account's partition: the connect is answered once this node
+    /// hears it (what was published before, the answer covers).
+    partition: u32,
+    /// The cluster's answer once it came (`Some(None)`: nobody could
+    /// tell, a resync); a connect with no mark to ask about starts with
+    /// `Some(None)` and waits only for the partition to be heard.
+    answer: Option<Option<Vec<u8>>>,
 }
 
 /// Connects a shard lets wait for the cluster at once; more are answered
@@ -547,6 +554,10 @@ pub struct Service {
     /// Per partition: whether this node hears its publishes from the bus
     /// (cluster only; docs/PROTOCOL.md §10.3).
     heard: Vec<bool>,
+    /// Account records created while their partition was not heard, none
+    /// of whose devices was answered yet: they missed nothing a device
+    /// was told about, so hearing the partition does not resync them.
+    fresh: std::collections::HashSet<u32>,
     events: VecDeque<ServiceEvent>,
     next_sweep: UnixMillis,
     /// New connects are shed (503 + retry-after) until then.
@@ -595,6 +606,7 @@ impl Service {
             parked: Vec::new(),
             next_catch_up: 1,
             heard: vec![false; config.cluster_partitions as usize],
+            fresh: std::collections::HashSet::new(),
             events: VecDeque::new(),
             next_sweep: now.plus_millis(SWEEP_PERIOD_MS / SWEEP_STEPS),
             shed_until: now,
@@ -1360,7 +1372,13 @@ impl Service {
                     .table
                     .insert_account(Account::new(key.affinity, key.low, first, seconds))
                 {
-                    Ok(a) => (a, true),
+                    Ok(a) => {
+                        let p = self.config.cluster_partitions;
+                        if p > 0 && !self.hears(key.affinity % p) {
+                            self.fresh.insert(a.0);
+                        }
+                        (a, true)
+                    }
                     Err(_) => {
                         self.refuse_full(now, origin);
                         return;
@@ -1376,20 +1394,29 @@ impl Service {
         // docs/PROTOCOL.md §10.4: in a cluster, a mark this node cannot
         // place (another node's Serial, or this node's from before it heard
         // the account's partition) is asked of the other nodes first.
+        // A connect of a partition this node does not hear yet waits until
+        // it does (publishes before that are covered by the answer, after
+        // it by the subscription).
         let partitions = self.config.cluster_partitions;
-        let ask = match mark.filter(|&m| m != 0) {
-            Some(m) if partitions > 0 => {
-                let heard = self.heard[(key.affinity % partitions) as usize];
-                created
-                    || !heard
-                    || self
-                        .table
-                        .account(account)
-                        .is_none_or(|a| a.catch_up_known(m).is_none())
+        let ask = if partitions > 0 {
+            let heard = self.heard[(key.affinity % partitions) as usize];
+            match mark.filter(|&m| m != 0) {
+                Some(m)
+                    if created
+                        || !heard
+                        || self
+                            .table
+                            .account(account)
+                            .is_none_or(|a| a.catch_up_known(m).is_none()) =>
+                {
+                    Some(Some(m))
+                }
+                _ if !heard => Some(None),
+                _ => None,
             }
-            _ => false,
-        }
-        .then_some(mark.unwrap_or(0));
+        } else {
+            None
+        };
         let mut rec = Connection {
             conn_id: conn_id.0,
             highest_serial: serial,
@@ -1421,19 +1448,24 @@ impl Service {
             Some(mark) if self.parked.len() < MAX_PARKED_CONNECTS => {
                 let token = CatchUpToken(self.next_catch_up);
                 self.next_catch_up += 1;
-                self.stats.catch_ups_asked += 1;
                 self.stats.connects += 1;
+                let partition = key.affinity % partitions;
                 self.parked.push(ParkedConnect {
                     token,
                     origin,
                     deadline: now.plus_millis(self.config.catch_up_timeout_ms),
+                    partition,
+                    answer: if mark.is_some() { None } else { Some(None) },
                 });
-                self.events.push_back(ServiceEvent::CatchUpRequest {
-                    token,
-                    account: account_name.to_owned(),
-                    mark,
-                    partition: key.affinity % partitions,
-                });
+                if let Some(mark) = mark {
+                    self.stats.catch_ups_asked += 1;
+                    self.events.push_back(ServiceEvent::CatchUpRequest {
+                        token,
+                        account: account_name.to_owned(),
+                        mark,
+                        partition,
+                    });
+                }
                 return;
             }
             // Too many connects wait already: this one resynchronises.
@@ -1551,6 +1583,11 @@ impl Service {
         let Some(i) = self.parked.iter().position(|p| p.token == token) else {
             return;
         };
+        if !self.hears(self.parked[i].partition) {
+            // Answered once the partition is heard (or at the deadline).
+            self.parked[i].answer = Some(answer.map(<[u8]>::to_vec));
+            return;
+        }
         let parked = self.parked.swap_remove(i);
         self.answer_parked(parked, answer);
     }
@@ -1560,6 +1597,13 @@ impl Service {
         let Some(slot) = self.table.find(&origin.conn_id) else {
             return; // gone meanwhile (disconnected, replaced)
         };
+        if !self.hears(parked.partition) {
+            // Answered before the partition is heard (its deadline): this
+            // device's mark may miss what the node has not heard yet.
+            if let Some(rec) = self.table.get(slot) {
+                self.fresh.remove(&rec.account);
+            }
+        }
         let mask = match answer {
             Some(bits) if bits.len() <= MAX_BITMASK => {
                 self.stats.catch_ups_answered += 1;
@@ -1629,6 +1673,19 @@ impl Service {
         }
         if any {
             self.gap(now, &newly);
+            // Connects that waited for these partitions and have their
+            // answer: answered now.
+            let mut i = 0;
+            while i < self.parked.len() {
+                let p = &self.parked[i];
+                if newly[p.partition as usize] && p.answer.is_some() {
+                    let mut p = self.parked.swap_remove(i);
+                    let answer = p.answer.take().flatten();
+                    self.answer_parked(p, answer.as_deref());
+                } else {
+                    i += 1;
+                }
+            }
         }
     }
 
@@ -1649,6 +1706,9 @@ impl Service {
                 continue;
             };
             if !record.in_use() || !partitions[(record.affinity % n) as usize] {
+                continue;
+            }
+            if self.fresh.remove(&s) {
                 continue;
             }
             record.publish(&ALL_STORES, seconds, window);
@@ -1712,8 +1772,9 @@ impl Service {
         let mut i = 0;
         while i < self.parked.len() {
             if self.parked[i].deadline <= now {
-                let p = self.parked.swap_remove(i);
-                self.answer_parked(p, None);
+                let mut p = self.parked.swap_remove(i);
+                let answer = p.answer.take().flatten();
+                self.answer_parked(p, answer.as_deref());
             } else {
                 i += 1;
             }

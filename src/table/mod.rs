@@ -218,7 +218,11 @@ impl Table {
         if let Some(counts) = self.partitions.as_deref_mut() {
             let affinity = self.accounts.at(account).affinity;
             let n = &mut counts[(affinity % counts.len() as u32) as usize];
-            *n = if up { n.saturating_add(1) } else { n.saturating_sub(1) };
+            *n = if up {
+                n.saturating_add(1)
+            } else {
+                n.saturating_sub(1)
+            };
         }
     }
 

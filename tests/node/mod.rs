@@ -674,7 +674,7 @@ impl Device {
             .set_read_timeout(Some(wait))
             .expect("read timeout");
         match self.socket.recv_from(&mut self.buf) {
-            Ok((n, from)) if from == self.node => {
+            Ok((n, from)) if from == self.client.node() => {
                 self.client.handle_datagram(now(), &self.buf[..n])
             }
             Ok(_) => self.strays += 1,

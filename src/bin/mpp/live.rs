@@ -42,13 +42,26 @@ pub(crate) struct NodeArgs {
     /// The device credential (JSON, as printed by `mppd credential issue`).
     #[arg(long)]
     credential: PathBuf,
-    /// The node's UDP address; default: the credential's first endpoint.
+    /// The node's UDP address; default: the credential's endpoints, the
+    /// first one first, the next ones when a node stops answering (a
+    /// cluster, docs/PROTOCOL.md §10.5).
     #[arg(long)]
     node: Option<String>,
 }
 
+/// Resolves `HOST:PORT` to its first address.
+fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            InvalidInput(format!("invalid node address {text:?}: expected HOST:PORT")).into()
+        })
+}
+
 impl NodeArgs {
-    fn open(&self) -> anyhow::Result<(Credential, SocketAddr, UdpSocket)> {
+    /// The credential, the nodes to use (the first first) and a socket.
+    fn open(&self) -> anyhow::Result<(Credential, Vec<SocketAddr>, UdpSocket)> {
         let text = std::fs::read_to_string(&self.credential).map_err(|e| {
             InvalidInput(format!(
                 "cannot read credential {}: {e}",
@@ -61,30 +74,30 @@ impl NodeArgs {
                 self.credential.display()
             ))
         })?;
-        let node_text = match &self.node {
-            Some(n) => n.clone(),
-            None => credential.endpoints.first().cloned().ok_or_else(|| {
-                InvalidInput("the credential lists no endpoint: give --node HOST:PORT".into())
-            })?,
+        let nodes: Vec<SocketAddr> = match &self.node {
+            Some(n) => vec![resolve(n)?],
+            None if credential.endpoints.is_empty() => {
+                return Err(InvalidInput(
+                    "the credential lists no endpoint: give --node HOST:PORT".into(),
+                )
+                .into())
+            }
+            None => credential
+                .endpoints
+                .iter()
+                .map(|e| resolve(e))
+                .collect::<anyhow::Result<_>>()?,
         };
-        let node = node_text
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
-                InvalidInput(format!(
-                    "invalid node address {node_text:?}: expected HOST:PORT"
-                ))
-            })?;
-        let local: SocketAddr = match node {
-            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        // One family: the first node's (a socket speaks one).
+        let v4 = nodes[0].is_ipv4();
+        let nodes: Vec<SocketAddr> = nodes.into_iter().filter(|n| n.is_ipv4() == v4).collect();
+        let local: SocketAddr = if v4 {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
         };
         let socket = UdpSocket::bind(local).context("cannot open a UDP socket")?;
-        socket
-            .connect(node)
-            .with_context(|| format!("cannot reach {node}"))?;
-        Ok((credential, node, socket))
+        Ok((credential, nodes, socket))
     }
 }
 
@@ -92,13 +105,15 @@ impl NodeArgs {
 struct Session {
     client: Client,
     socket: UdpSocket,
+    /// The nodes the client may use; datagrams from others are ignored.
+    nodes: Vec<SocketAddr>,
     buf: Vec<u8>,
 }
 
 impl Session {
     fn new(
         credential: &Credential,
-        node: SocketAddr,
+        nodes: &[SocketAddr],
         socket: UdpSocket,
         state: DeviceState,
     ) -> Self {
@@ -113,10 +128,12 @@ impl Session {
             first_serial,
             ..ClientConfig::default()
         };
-        let client = Client::new(credential, node, config, now(), seed);
+        let mut client = Client::new(credential, nodes[0], config, now(), seed);
+        client.set_nodes(nodes);
         Session {
             client,
             socket,
+            nodes: nodes.to_vec(),
             buf: vec![0u8; MAX_PACKET.max(2048)],
         }
     }
@@ -127,7 +144,7 @@ impl Session {
         while let Some(t) = self.client.poll_transmit(&mut self.buf) {
             // A send error (no route, refused) is like a lost datagram: the
             // client's timers retry.
-            let _ = self.socket.send(&self.buf[..t.size]);
+            let _ = self.socket.send_to(&self.buf[..t.size], t.destination);
         }
         let t = now();
         let wait = self
@@ -138,8 +155,11 @@ impl Session {
             })
             .max(Duration::from_millis(1));
         self.socket.set_read_timeout(Some(wait)).context("socket")?;
-        match self.socket.recv(&mut self.buf) {
-            Ok(n) => self.client.handle_datagram(now(), &self.buf[..n]),
+        match self.socket.recv_from(&mut self.buf) {
+            Ok((n, from)) if self.nodes.contains(&from) => {
+                self.client.handle_datagram(now(), &self.buf[..n])
+            }
+            Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),
@@ -159,7 +179,7 @@ impl Session {
             events.push(e);
         }
         while let Some(t) = self.client.poll_transmit(&mut self.buf) {
-            let _ = self.socket.send(&self.buf[..t.size]);
+            let _ = self.socket.send_to(&self.buf[..t.size], t.destination);
         }
         Ok(events)
     }
@@ -266,13 +286,14 @@ fn write_state(path: &std::path::Path, state: DeviceState) -> anyhow::Result<()>
 
 impl SubscribeArgs {
     pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
-        let (credential, node, socket) = self.node.open()?;
+        let (credential, nodes, socket) = self.node.open()?;
         let mut state = match &self.state {
             Some(path) => read_state(path)?,
             None => DeviceState::default(),
         };
         install_signal_handlers();
-        let mut session = Session::new(&credential, node, socket, state);
+        let mut session = Session::new(&credential, &nodes, socket, state);
+        let mut node = session.client.node();
         let deadline = self
             .duration
             .map(|s| Instant::now() + Duration::from_secs(s));
@@ -284,7 +305,15 @@ impl SubscribeArgs {
             if stop {
                 break;
             }
-            for event in session.step(Duration::from_millis(200))? {
+            let events = session.step(Duration::from_millis(200))?;
+            // docs/PROTOCOL.md §10.5: the node stopped answering; the
+            // client moved to the next endpoint.
+            if session.client.node() != node {
+                node = session.client.node();
+                let line = serde_json::json!({"event": "failover", "node": node.to_string()});
+                writeln!(out, "{line}").context("cannot write standard output")?;
+            }
+            for event in events {
                 if matches!(
                     event,
                     ClientEvent::Notify {
@@ -345,8 +374,9 @@ pub(crate) struct EndpointArgs {
 
 impl EndpointArgs {
     pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
-        let (credential, node, socket) = self.node.open()?;
-        let mut session = Session::new(&credential, node, socket, DeviceState::default());
+        let (credential, nodes, socket) = self.node.open()?;
+        let node = nodes[0];
+        let mut session = Session::new(&credential, &nodes, socket, DeviceState::default());
         let until = Instant::now() + Duration::from_secs(self.timeout);
         let mut asked = false;
         while Instant::now() < until {

@@ -177,7 +177,10 @@ mod tests {
                 mark: 0x0102_0304
             })
         );
-        assert_eq!(decode(&answer(&[])), Ok(BusMessage::Answer { bitmask: &[] }));
+        assert_eq!(
+            decode(&answer(&[])),
+            Ok(BusMessage::Answer { bitmask: &[] })
+        );
         assert_eq!(
             decode(&answer(&[0xFF; 32])),
             Ok(BusMessage::Answer {
