@@ -16,6 +16,10 @@
 #     "baseline CPU %" (the in-process reflector's or raw sender's thread) and
 #     "ratio per CPU-s" (each side's rate per CPU-second of its server: the
 #     figure to read when the loadgen, not the server, was the bottleneck))
+#   INTERLEAVE=1s (with BASELINE=1: --interleave SLICE, node and baseline
+#     alternate in slices of this length for the whole DURATION and "ratio" is
+#     the median of the per-round ratios with their min-max; 0 = one node
+#     window, then one baseline window, as before)
 #   REPEAT=1 (runs per row; with more, each run is a row "scenario #k" and a
 #     row "scenario median" follows with the median rate, ratio and p99 and
 #     the ratio's min-max: on a shared VM one window moves by ±10 %)
@@ -44,6 +48,7 @@ RATE=${RATE:-0}
 AHEAD=${AHEAD:-0}
 LG_THREADS=${LG_THREADS:-1}
 BASELINE=${BASELINE:-0}
+INTERLEAVE=${INTERLEAVE:-1s}
 REPEAT=${REPEAT:-1}
 PORT=${PORT:-27099}
 HTTP_PORT=$((PORT + 1))
@@ -82,7 +87,9 @@ WARM_S=$(secs "$WARMUP")
 # Connect phase at the default 50k/s, warmup, window, fanout's 3 s drain, a margin.
 TIMEOUT=${TIMEOUT:-$((DEVICES / 20000 + WARM_S + DUR_S + 60))}
 if [ "$BASELINE" = 1 ]; then
-    TIMEOUT=$((TIMEOUT + DUR_S + WARM_S))
+    # A baseline window after the node's, or (interleaved) the sides' warm-ups
+    # and their settling between slices; fanout's second raw sender.
+    TIMEOUT=$((TIMEOUT + 2 * (DUR_S + WARM_S)))
 fi
 
 command -v curl >/dev/null || die "needs curl (to poll the node's /healthz)"
@@ -206,7 +213,10 @@ extract() {
             def pct: if . == null then "-" else (. * 100 | round | tostring) end;
             if (.rate_per_s | type) != "number" then error("no rate_per_s") else . end
             | [ (.rate_per_s | round | tostring),
-                (.ratio | f(1000)),
+                (if .interleave.comparisons[0].ratio != null then
+                    (.interleave.comparisons[0].ratio
+                     | "\(.median | f(1000)) (\(.min | f(1000))-\(.max | f(1000)))")
+                 else (.ratio | f(1000)) end),
                 (.latency_us.p99 // null | if . == null then "-" else tostring end),
                 (.lost // null | if . == null then "-" else tostring end),
                 (.node_cpu | pct),
@@ -227,9 +237,13 @@ def ratio(v):
 def opt(v, fmt):
     return "-" if v is None else fmt(v)
 lat = r.get("latency_us") or {}
+il = ((r.get("interleave") or {}).get("comparisons") or [{}])[0].get("ratio")
+ratio_cell = opt(r.get("ratio"), ratio)
+if il:
+    ratio_cell = f"{ratio(il['median'])} ({ratio(il['min'])}-{ratio(il['max'])})"
 print("\t".join([
     str(round(r["rate_per_s"])),
-    opt(r.get("ratio"), ratio),
+    ratio_cell,
     opt(lat.get("p99"), str),
     opt(r.get("lost"), str),
     opt(r.get("node_cpu"), pct),
@@ -261,7 +275,12 @@ if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null ||
 fi
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 baseline_note="no baseline (BASELINE=1 adds --baseline; ratio is - without it)"
-[ "$BASELINE" != 1 ] || baseline_note="--baseline --baseline-cpu <node's first CPU>"
+if [ "$BASELINE" = 1 ]; then
+    baseline_note="--baseline --baseline-cpu <node's first CPU>"
+    if [ "$INTERLEAVE" != 0 ]; then
+        baseline_note+=" --interleave $INTERLEAVE (ratio: median of the per-round ratios, their min-max in brackets)"
+    fi
+fi
 
 emit "# mppd sweep $(date -u '+%Y-%m-%d %H:%M UTC')"
 emit ""
@@ -365,6 +384,7 @@ for threads in $THREADS; do
             fi
             if [ "$BASELINE" = 1 ]; then
                 args+=(--baseline --baseline-cpu 0)
+                [ "$INTERLEAVE" = 0 ] || args+=(--interleave "$INTERLEAVE")
             fi
             case "$scenario" in
                 heartbeat) args+=(heartbeat --window "$WINDOW") ;;
@@ -415,7 +435,7 @@ for threads in $THREADS; do
                 IFS=$'\t' read -r rate ratio p99 lost ncpu lgcpu bcpu cratio <<<"$fields"
                 row "${cols[@]}" "$rate" "$ratio" "$p99" "$lost" "$ncpu" "$lgcpu" "$bcpu" "$cratio"
                 rates+="$rate"$'\n'
-                ratios+="$ratio"$'\n'
+                ratios+="${ratio%% *}"$'\n'
                 cratios+="$cratio"$'\n'
                 p99s+="$p99"$'\n'
             fi

@@ -18,9 +18,11 @@ mod engine;
 mod hostile;
 mod html;
 mod ident;
+mod interleave;
 mod io;
 mod monitor;
 mod mqtt;
+mod plan;
 mod publisher;
 mod report;
 mod run;
@@ -121,6 +123,26 @@ pub(crate) struct Common {
     #[arg(long, global = true, value_parser = parse_one_cpu)]
     #[serde(serialize_with = "one_cpu_json")]
     pub(crate) baseline_cpu: Option<CpuList>,
+    /// Alternate the node and its baseline (--baseline) or a second node
+    /// (--versus) in slices of this length (e.g. 500ms, 2s) for the whole
+    /// --duration, and report the median of the per-round ratios with
+    /// their range (heartbeat, fanout).
+    #[arg(long, global = true, value_parser = interleave::parse_slice)]
+    pub(crate) interleave: Option<std::time::Duration>,
+    /// A second node's UDP address: with --interleave, the same scenario
+    /// runs against it in alternate slices, and the ratio is this node's
+    /// rate over the second's (e.g. io_uring against mmsg).
+    #[arg(long, global = true)]
+    pub(crate) versus: Option<std::net::SocketAddr>,
+    /// The second node's control API (default: http:// and --versus).
+    #[arg(long, global = true)]
+    pub(crate) versus_control: Option<String>,
+    /// The second node's data directory (default: --data-dir).
+    #[arg(long, global = true)]
+    pub(crate) versus_data_dir: Option<PathBuf>,
+    /// The second node's pid (its CPU use).
+    #[arg(long, global = true)]
+    pub(crate) versus_pid: Option<u32>,
     /// Write the full report as JSON.
     #[arg(long, global = true)]
     pub(crate) json: Option<PathBuf>,
@@ -151,7 +173,8 @@ pub(crate) enum Command {
     Reflector(ReflectorArgs),
     /// Heartbeat-shaped load against a reflector at --node (raw echo).
     Echo(WindowArgs),
-    /// Raw sendmmsg fan-out of notify-sized datagrams to the devices' sockets.
+    /// Raw sendmmsg fan-out of notify-sized datagrams to the devices'
+    /// sockets: one-way, or --reliable (each acknowledged before the next).
     RawFanout(RawFanoutArgs),
     /// MQTT QoS 0 fan-out through a broker (mosquitto): one publisher, --devices subscribers.
     Mqtt(mqtt::MqttArgs),
@@ -251,6 +274,10 @@ pub(crate) struct RawFanoutArgs {
     /// Pin the sender to this CPU.
     #[arg(long)]
     pub(crate) sender_cpu: Option<usize>,
+    /// The reliable sender: one notify in flight per device, the next only
+    /// once the device acknowledged (the rate is acknowledgements/s).
+    #[arg(long)]
+    pub(crate) reliable: bool,
 }
 
 fn parse_secs(text: &str) -> Result<u64, String> {

@@ -463,8 +463,24 @@ pub(crate) fn run(
         unanswered: 0,
         rtt: crate::engine::histogram(),
     };
-    let start = shared.now_us();
+    let mut start = shared.now_us();
+    let mut paused_at = None;
     while !stop.load(Relaxed) {
+        if !shared.active.load(Relaxed) {
+            // Another side's slice (--interleave): answers still due are
+            // read, nothing new is published, and the --rate budget does
+            // not bank the pause.
+            if !p.in_flight.is_empty() {
+                p.receive(http)?;
+                continue;
+            }
+            paused_at.get_or_insert(shared.now_us());
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        if let Some(t) = paused_at.take() {
+            start += shared.now_us().saturating_sub(t);
+        }
         if p.in_flight.len() < depth {
             let budget = p.budget(start);
             if budget > 0 {

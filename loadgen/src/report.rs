@@ -120,6 +120,22 @@ pub(crate) struct Report {
     pub(crate) latency_buckets: Vec<(u64, u64)>,
     /// Per-second rates of the baseline run, when one ran.
     pub(crate) baseline_timeline: Vec<Sample>,
+    /// A second baseline beside the first (`fanout`: the one-way raw
+    /// sender beside the reliable one): its name, rate, and the ratio.
+    pub(crate) second_baseline: Option<SecondBaseline>,
+    /// `--interleave`: every slice, and the per-round ratios (median and
+    /// range) against each other side; `ratio` and `ratio_per_cpu` are then
+    /// the medians against the first.
+    pub(crate) interleave: Option<crate::interleave::Interleaved>,
+}
+
+/// A second baseline's figures.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SecondBaseline {
+    pub(crate) name: String,
+    pub(crate) rate_per_s: f64,
+    pub(crate) ratio: Option<f64>,
+    pub(crate) server_cpu: Option<f64>,
 }
 
 impl Report {
@@ -150,6 +166,8 @@ impl Report {
             timeline: Vec::new(),
             latency_buckets: Vec::new(),
             baseline_timeline: Vec::new(),
+            second_baseline: None,
+            interleave: None,
         }
     }
 
@@ -204,6 +222,56 @@ impl Report {
         self.baseline_timeline = b.timeline;
     }
 
+    /// Sets a second baseline beside the first.
+    pub(crate) fn set_second_baseline(&mut self, name: &str, b: Baseline) {
+        self.second_baseline = Some(SecondBaseline {
+            name: name.to_owned(),
+            rate_per_s: b.rate,
+            ratio: (b.rate > 0.0).then(|| self.rate_per_s / b.rate),
+            server_cpu: b.server_cpu,
+        });
+    }
+
+    /// Sets the figures of an interleaved run: the first comparison is the
+    /// baseline (`ratio`, `ratio_per_cpu` are its per-round medians), the
+    /// second (if any) the second baseline; the rates' min/median/max are
+    /// those of side 0's slices. `timeline(i)` is side `i`'s.
+    pub(crate) fn set_interleaved(
+        &mut self,
+        il: crate::interleave::Interleaved,
+        timeline: impl Fn(usize) -> Vec<Sample>,
+    ) {
+        if let Some(first) = il.comparisons.first() {
+            self.baseline = Some(first.against.clone());
+            self.baseline_rate_per_s = Some(first.rate_per_s);
+            self.baseline_server_cpu = first.server_cpu;
+            self.ratio = first.ratio.map(|s| s.median);
+            self.ratio_per_cpu = first.ratio_per_cpu.map(|s| s.median);
+            self.baseline_timeline = timeline(1);
+        }
+        if let Some(second) = il.comparisons.get(1) {
+            self.second_baseline = Some(SecondBaseline {
+                name: second.against.clone(),
+                rate_per_s: second.rate_per_s,
+                ratio: second.ratio.map(|s| s.median),
+                server_cpu: second.server_cpu,
+            });
+        }
+        let mut rates: Vec<f64> = il
+            .slices
+            .iter()
+            .filter(|s| s.side == 0)
+            .map(|s| s.rate_per_s)
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        if let (Some(first), Some(last)) = (rates.first(), rates.last()) {
+            self.rate_min_per_s = *first;
+            self.rate_max_per_s = *last;
+            self.rate_median_per_s = rates[rates.len() / 2];
+        }
+        self.interleave = Some(il);
+    }
+
     /// The report as JSON.
     pub(crate) fn to_json(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
@@ -239,7 +307,42 @@ impl Report {
                 ),
             ),
         ];
-        if let (Some(b), Some(name)) = (self.baseline_rate_per_s, &self.baseline) {
+        if let Some(il) = &self.interleave {
+            rows.push((
+                "interleaved".into(),
+                format!(
+                    "{} rounds of {} slices of {:.1} s ({})",
+                    il.rounds,
+                    il.sides.len(),
+                    il.slice_s,
+                    il.sides.join(", ")
+                ),
+            ));
+            for c in &il.comparisons {
+                rows.push((format!("{} baseline/s", c.against), human(c.rate_per_s)));
+                if let Some(r) = c.ratio {
+                    rows.push((
+                        format!("ratio to {}", c.against),
+                        format!(
+                            "{:.3} (median of {} rounds, {:.3}-{:.3})",
+                            r.median, r.n, r.min, r.max
+                        ),
+                    ));
+                }
+                if let Some(cpu) = c.server_cpu {
+                    rows.push((
+                        format!("{} server CPU", c.against),
+                        format!("{:.0} %", cpu * 100.0),
+                    ));
+                }
+                if let Some(r) = c.ratio_per_cpu {
+                    rows.push((
+                        format!("ratio to {} per server CPU-s", c.against),
+                        format!("{:.3} ({:.3}-{:.3})", r.median, r.min, r.max),
+                    ));
+                }
+            }
+        } else if let (Some(b), Some(name)) = (self.baseline_rate_per_s, &self.baseline) {
             rows.push((format!("{name} baseline/s"), human(b)));
             if let Some(r) = self.ratio {
                 rows.push(("ratio to baseline".into(), format!("{r:.3}")));
@@ -249,6 +352,12 @@ impl Report {
             }
             if let Some(r) = self.ratio_per_cpu {
                 rows.push(("ratio per server CPU-s".into(), format!("{r:.3}")));
+            }
+            if let Some(b) = &self.second_baseline {
+                rows.push((format!("{} baseline/s", b.name), human(b.rate_per_s)));
+                if let Some(r) = b.ratio {
+                    rows.push((format!("ratio to {}", b.name), format!("{r:.3}")));
+                }
             }
         }
         if let Some(l) = &self.latency_us {

@@ -6,18 +6,23 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
 use mpp::packet::MasterKey;
 use serde_json::json;
 
-use crate::baseline::{RawSender, Reflector};
-use crate::engine::{self, histogram, Mode, Shared, Snapshot, WorkerConfig};
+use crate::baseline::Reflector;
+use crate::engine::{histogram, Mode, Shared, Snapshot};
 use crate::ident::{load_master, load_master_or_random, load_token, Identity};
-use crate::monitor::{Monitor, Probe, Reading, Window};
-use crate::publisher::{self, Http, PublishConfig, PublishStats, MAX_AHEAD};
+use crate::interleave::{Interleaved, SideControl};
+use crate::monitor::Monitor;
+use crate::plan::{
+    cpu_for, loopback_any, run_plan, spawn_server, worker_sockets, Devices, Outcome, Plan, RateOf,
+    RawKind, ServerCpu, Started,
+};
+use crate::publisher::{Http, PublishConfig, MAX_AHEAD};
 use crate::report::{Baseline, Report, Sample};
 use crate::{Cli, Command, Common};
 
@@ -26,6 +31,10 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
     let c = &cli.common;
     validate(c)?;
     let config = json!({ "common": c, "command": &cli.command });
+    if c.interleave.is_some() && !matches!(cli.command, Command::Heartbeat(_) | Command::Fanout(_))
+    {
+        bail!("--interleave is for heartbeat and fanout");
+    }
     let report = match &cli.command {
         Command::Hold(a) => hold(c, a, config)?,
         Command::Fanout(a) => fanout(c, a, config)?,
@@ -73,6 +82,15 @@ fn validate(c: &Common) -> Result<()> {
     if c.tries == 0 {
         bail!("--tries must be at least 1");
     }
+    if c.interleave.is_some() && !c.baseline && c.versus.is_none() {
+        bail!("--interleave alternates the node with --baseline or --versus: give one");
+    }
+    if c.versus.is_some() && c.interleave.is_none() {
+        bail!("--versus needs --interleave");
+    }
+    if c.versus.is_some() && c.baseline {
+        bail!("--versus and --baseline exclude each other");
+    }
     Ok(())
 }
 
@@ -88,11 +106,6 @@ pub(crate) fn finish(common: &Common, report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// The CPU for worker `i`.
-fn cpu_for(c: &Common, i: usize) -> Option<usize> {
-    c.worker_cpus().map(|l| l[i % l.len()])
-}
-
 fn master(c: &Common) -> Result<MasterKey> {
     load_master(c.master_key.as_deref(), &c.data_dir)
 }
@@ -102,302 +115,6 @@ fn identity(c: &Common, master: MasterKey) -> Result<Arc<Identity>> {
         master,
         c.accounts.unwrap_or(c.devices),
     )?))
-}
-
-/// Sockets for worker `t`, connected to `target`.
-fn worker_sockets(c: &Common, target: SocketAddr) -> Result<Vec<Vec<socket2::Socket>>> {
-    let per = (c.sockets / c.threads).max(1);
-    (0..c.threads)
-        .map(|_| {
-            (0..per)
-                .map(|_| crate::io::connected_socket(target))
-                .collect()
-        })
-        .collect()
-}
-
-/// What the main rate counts.
-type RateOf = fn(&Snapshot) -> u64;
-
-/// One run of device workers.
-struct Plan<'a> {
-    common: &'a Common,
-    ident: Arc<Identity>,
-    mode: Mode,
-    target: SocketAddr,
-    window: usize,
-    connect_rate: f64,
-    /// Accounts that get publish clocks (fanout).
-    clocks: u64,
-    rate_name: &'a str,
-    rate_of: RateOf,
-    /// Label of the measured phase in the timeline ("measure" or "baseline").
-    label: &'static str,
-    /// Publish over HTTP once connected (fanout).
-    publish: Option<(Http, PublishConfig)>,
-    /// Time after the measured window before stopping (fanout).
-    drain_s: u64,
-    /// Run the raw fan-out sender (baseline) with this bitmask.
-    raw_sender: Option<(Vec<u8>, Option<usize>)>,
-    /// The thread id of an in-process baseline server (0 until it starts):
-    /// its CPU is measured in place of `--node-pid`'s.
-    server_tid: Option<Arc<AtomicU32>>,
-}
-
-/// What one run measured.
-struct Outcome {
-    measured: Snapshot,
-    end: Snapshot,
-    wall_s: f64,
-    loadgen_cpu: f64,
-    node_cpu: Option<f64>,
-    rtt: Histogram<u64>,
-    notify: Histogram<u64>,
-    timeline: Vec<Sample>,
-    connect_s: f64,
-    held_at_measure_end: u64,
-    /// Devices still connecting at the end of the measured window (None
-    /// for the baselines, whose devices do not connect).
-    connecting: Option<u64>,
-    publish: Option<PublishStats>,
-    raw_sent: Option<u64>,
-    first_refusal: Option<String>,
-    /// What the hostile mix sent and got back (--hostile).
-    hostile: Option<serde_json::Value>,
-    rss_before: Option<u64>,
-    rss_after: Option<u64>,
-}
-
-/// The device workers' counters, as the monitor reads them.
-struct Devices<'a> {
-    shared: &'a Shared,
-    rate_of: RateOf,
-    /// Devices that connect (None for the baselines, whose do not).
-    connecting: Option<u64>,
-}
-
-impl Probe for Devices<'_> {
-    type Mark = Snapshot;
-
-    fn elapsed_s(&self) -> f64 {
-        self.shared.epoch.elapsed().as_secs_f64()
-    }
-
-    fn read(&self) -> Reading {
-        let snap = self.shared.counters.snapshot();
-        Reading {
-            count: (self.rate_of)(&snap),
-            held: snap.held(),
-            connecting: self.connecting.map(|d| snap.connecting(d)),
-            lost: Some(snap.lost),
-        }
-    }
-
-    fn mark(&self, measuring: bool) -> Snapshot {
-        if measuring {
-            let snap = self.shared.counters.snapshot();
-            self.shared.measuring.store(true, Relaxed);
-            snap
-        } else {
-            self.shared.measuring.store(false, Relaxed);
-            self.shared.counters.snapshot()
-        }
-    }
-}
-
-fn run_plan(mut plan: Plan<'_>) -> Result<Outcome> {
-    let c = plan.common;
-    let shared = Shared::new(plan.clocks);
-    let mut sockets = worker_sockets(c, plan.target)?;
-    let stop_aux = Arc::new(AtomicBool::new(false));
-    let mut aux: Vec<JoinHandle<Result<()>>> = Vec::new();
-    let mut raw_sent = None;
-    if let Some((bitmask, cpu)) = plan.raw_sender.take() {
-        let addrs: Vec<Vec<SocketAddr>> = sockets.iter().map(|s| engine::local_addrs(s)).collect();
-        let bind = loopback_any(plan.target);
-        let sender = RawSender::new(&plan.ident, c.devices, c.threads, &addrs, &bitmask, bind)?;
-        // The receivers only take datagrams from the sender.
-        let from = sender.addr()?;
-        for s in sockets.iter().flatten() {
-            s.connect(&from.into())?;
-        }
-        raw_sent = Some(sender.sent.clone());
-        let stop = stop_aux.clone();
-        let batch = c.batch;
-        let (thread, tid) = spawn_server(move || sender.run(cpu, batch, &stop));
-        aux.push(thread);
-        plan.server_tid = Some(tid);
-    }
-    let rss_before = c.node_pid.and_then(crate::sys::proc_rss_bytes);
-    let mut hostile = None;
-    let mut workers = Vec::new();
-    for (i, socks) in sockets.drain(..).enumerate() {
-        let cfg = WorkerConfig {
-            index: i,
-            threads: c.threads,
-            devices: c.devices,
-            sockets: socks,
-            batch: c.batch,
-            cpu: cpu_for(c, i),
-            mode: plan.mode,
-            window: plan.window.max(1),
-            connect_rate: plan.connect_rate / c.threads as f64,
-            timeout_ms: c.timeout_ms,
-            tries: c.tries,
-            loss: c.loss / 100.0,
-        };
-        let (ident, shared) = (plan.ident.clone(), shared.clone());
-        workers.push(
-            std::thread::Builder::new()
-                .name(format!("loadgen-{i}"))
-                .spawn(move || engine::run_worker(cfg, ident, shared))?,
-        );
-    }
-    let connects = plan.mode != Mode::Echo && plan.mode != Mode::RawReceive;
-    let probe = Devices {
-        shared: &shared,
-        rate_of: plan.rate_of,
-        connecting: connects.then_some(c.devices),
-    };
-    let mut mon = Monitor::new(c, probe, plan.rate_name);
-    let result = (|| -> Result<Outcome> {
-        let threads = c.threads as u64;
-        // No time limit: devices never give up, so the phase ends when every
-        // one has connected (or was refused for good); heartbeats that go
-        // unanswered meanwhile make some connect again. Only a node that
-        // answers nobody at all ends the run, after a few connect timeouts.
-        let silence_s = (c.timeout_ms as f64 / 1000.0 * 5.0).max(5.0);
-        mon.phase("connect", f64::INFINITY, &|| {
-            shared.connect_done.load(Relaxed) >= threads
-                || workers.iter().any(|w| w.is_finished())
-                || (shared.counters.connected.load(Relaxed) == 0
-                    && shared.epoch.elapsed().as_secs_f64() >= silence_s)
-        })?;
-        if workers.iter().any(|w| w.is_finished()) {
-            bail!("a worker stopped during the connect phase");
-        }
-        let connect_s = shared.epoch.elapsed().as_secs_f64();
-        let held = shared.counters.snapshot().held();
-        let silent = shared.connect_done.load(Relaxed) < threads;
-        if connects && (held == 0 || silent) {
-            let why = shared
-                .first_refusal
-                .lock()
-                .ok()
-                .and_then(|f| f.clone())
-                .map(|r| format!(" (the node refused: {r})"))
-                .unwrap_or_else(|| {
-                    format!(
-                        " (no answer in {silence_s:.0} s: is the node running there, with \
-                         this data directory's key?)"
-                    )
-                });
-            bail!("no device connected to {}{why}", plan.target);
-        }
-        // The hostile mix starts once the devices are connected.
-        if c.hostile > 0.0 {
-            let h = crate::hostile::Hostile::new(&plan.ident, c.devices, plan.target, c.hostile)?;
-            hostile = Some((h.counts.clone(), Instant::now()));
-            let (stop, batch) = (stop_aux.clone(), c.batch);
-            aux.push(std::thread::spawn(move || h.run(batch, &stop)));
-        }
-        let mut publisher = None;
-        if let Some((mut http, pcfg)) = plan.publish.take() {
-            // A node with catch-up (docs/PROTOCOL.md §6.7) told every
-            // device its account's Serial when it connected; an older one
-            // did not, and a priming publish to those accounts does.
-            let accounts = plan.clocks as usize;
-            let unprimed: Vec<u64> = (0..plan.clocks)
-                .filter(|&a| shared.accounts[a as usize].base.load(Relaxed) == 0)
-                .collect();
-            publisher::prime(&mut http, &unprimed)?;
-            mon.phase("prime", 10.0, &|| {
-                shared
-                    .accounts
-                    .iter()
-                    .take(accounts)
-                    .all(|a| a.base.load(Relaxed) != 0)
-            })?;
-            let (sh, stop) = (shared.clone(), stop_aux.clone());
-            publisher = Some(std::thread::spawn(move || {
-                publisher::run(&mut http, &pcfg, &sh, &stop)
-            }));
-        }
-        let Window {
-            before,
-            after,
-            wall_s,
-            loadgen_cpu,
-            node_cpu,
-        } = mon.measure(c, plan.label, plan.server_tid.as_deref())?;
-        let rss_after = c.node_pid.and_then(crate::sys::proc_rss_bytes);
-        let mut publish = None;
-        if let Some(p) = publisher {
-            stop_aux.store(true, Relaxed);
-            let p = p.join().map_err(|_| anyhow!("the publisher panicked"))??;
-            // Late deliveries and retransmissions, until every accepted
-            // publish reached every device of its account or --drain ends.
-            let expected = p.expected;
-            let all_in = || shared.counters.delivered.load(Relaxed) >= expected;
-            publish = Some(p);
-            mon.phase("drain", plan.drain_s as f64, &all_in)?;
-        }
-        Ok(Outcome {
-            measured: after.since(&before),
-            end: shared.counters.snapshot(),
-            wall_s,
-            loadgen_cpu,
-            node_cpu,
-            rtt: histogram(),
-            notify: histogram(),
-            timeline: Vec::new(),
-            connect_s,
-            held_at_measure_end: after.held(),
-            connecting: connects.then(|| after.connecting(c.devices)),
-            publish,
-            raw_sent: raw_sent.as_ref().map(|s| s.load(Relaxed)),
-            first_refusal: shared.first_refusal.lock().ok().and_then(|f| f.clone()),
-            hostile: None,
-            rss_before,
-            rss_after,
-        })
-    })();
-    shared.stop.store(true, Relaxed);
-    stop_aux.store(true, Relaxed);
-    let timeline = mon.finish();
-    let mut rtt = histogram();
-    let mut notify = histogram();
-    let mut worker_error = None;
-    for w in workers {
-        match w.join() {
-            Ok(Ok(r)) => {
-                let _ = rtt.add(&r.rtt);
-                let _ = notify.add(&r.notify);
-            }
-            Ok(Err(e)) => worker_error = Some(e),
-            Err(_) => worker_error = Some(anyhow!("a worker panicked")),
-        }
-    }
-    for a in aux {
-        if let Ok(Err(e)) = a.join() {
-            worker_error.get_or_insert(e);
-        }
-    }
-    let mut out = match (result, worker_error) {
-        (Err(e), Some(w)) => return Err(e.context(format!("worker: {w:#}"))),
-        (Err(e), None) => return Err(e),
-        (Ok(_), Some(w)) => return Err(w),
-        (Ok(o), None) => o,
-    };
-    out.hostile = hostile.map(
-        |(counts, since): (Arc<crate::hostile::HostileCounts>, Instant)| {
-            counts.to_json(since.elapsed().as_secs_f64())
-        },
-    );
-    out.rtt = rtt;
-    out.notify = notify;
-    out.timeline = timeline;
-    Ok(out)
 }
 
 fn common_figures(r: &mut Report, o: &Outcome) {
@@ -446,7 +163,8 @@ fn device_plan<'a>(
         publish: None,
         drain_s: 0,
         raw_sender: None,
-        server_tid: None,
+        server_cpu: c.node_pid.map_or(ServerCpu::Unknown, ServerCpu::Process),
+        name: "node".into(),
     }
 }
 
@@ -536,51 +254,211 @@ fn outage(timeline: &[crate::report::Sample], target: u64) -> Option<serde_json:
 fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
     let ident = identity(c, master(c)?)?;
     let window = a.window.min(c.devices as usize);
-    let mut plan = device_plan(
-        c,
-        ident.clone(),
-        Mode::Window,
-        "heartbeat round trips",
-        replies,
-    );
-    plan.window = window;
-    plan.connect_rate = a.connect_rate.max(1) as f64;
-    let o = run_plan(plan)?;
+    let node_plan = |c, ident, target: SocketAddr| {
+        let mut plan = device_plan(c, ident, Mode::Window, "heartbeat round trips", replies);
+        plan.target = target;
+        plan.window = window;
+        plan.connect_rate = a.connect_rate.max(1) as f64;
+        plan
+    };
+    let plan = node_plan(c, ident.clone(), c.node);
     let mut r = Report::new("heartbeat", "heartbeat round trips", config);
     r.devices = c.devices;
-    r.rate_per_s = o.measured.replies as f64 / o.wall_s;
-    r.lost = o.measured.lost;
-    r.set_latency(&o.rtt);
-    common_figures(&mut r, &o);
     r.figure("window", window);
-    if c.baseline {
-        r.set_baseline("raw echo", echo_baseline(c, ident, window)?);
-    }
+    let Some(slice) = c.interleave else {
+        let o = run_plan(plan)?;
+        heartbeat_figures(&mut r, &o);
+        if c.baseline {
+            r.set_baseline("raw echo", echo_baseline(c, ident, window)?);
+        }
+        return Ok(r);
+    };
+    let reflector;
+    let other = if let Some(v) = versus(c)? {
+        let mut p = node_plan(c, v.ident, v.node);
+        p.name = "versus".into();
+        p.label = "versus";
+        p.server_cpu = v.server_cpu;
+        p
+    } else {
+        reflector = ReflectorThread::start(c)?;
+        let mut p = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
+        p.name = "raw echo".into();
+        p.target = reflector.addr;
+        p.window = window;
+        p.label = "baseline";
+        p.server_cpu = ServerCpu::Thread(reflector.tid.clone());
+        p
+    };
+    let (outcomes, il) = interleaved(c, vec![plan, other], slice)?;
+    heartbeat_figures(&mut r, &outcomes[0]);
+    r.set_interleaved(il, |i| outcomes[i].timeline.clone());
     Ok(r)
 }
 
-/// An ephemeral loopback address of `peer`'s family.
-fn loopback_any(peer: SocketAddr) -> SocketAddr {
-    if peer.is_ipv4() {
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    } else {
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+fn heartbeat_figures(r: &mut Report, o: &Outcome) {
+    r.rate_per_s = o.measured.replies as f64 / o.wall_s;
+    r.lost = o.measured.lost;
+    r.set_latency(&o.rtt);
+    common_figures(r, o);
+}
+
+/// The second node of `--versus`: its address, identity and CPU.
+struct Versus {
+    node: SocketAddr,
+    control: String,
+    ident: Arc<Identity>,
+    data_dir: std::path::PathBuf,
+    server_cpu: ServerCpu,
+}
+
+/// `--versus` and its companions, if given.
+fn versus(c: &Common) -> Result<Option<Versus>> {
+    let Some(node) = c.versus else {
+        return Ok(None);
+    };
+    let data_dir = c
+        .versus_data_dir
+        .clone()
+        .unwrap_or_else(|| c.data_dir.clone());
+    let ident = identity(c, load_master(None, &data_dir)?)?;
+    Ok(Some(Versus {
+        node,
+        control: c
+            .versus_control
+            .clone()
+            .unwrap_or_else(|| format!("http://{node}")),
+        ident,
+        data_dir,
+        server_cpu: c.versus_pid.map_or(ServerCpu::Unknown, ServerCpu::Process),
+    }))
+}
+
+/// Runs `plans` (the node's first) side by side in `slice`s over
+/// `--duration`: every side is started and connected, each warms up alone,
+/// then they take turns ([`crate::interleave`]). Returns each side's
+/// outcome (its counts summed over its slices) and the slices.
+fn interleaved(
+    c: &Common,
+    plans: Vec<Plan<'_>>,
+    slice: Duration,
+) -> Result<(Vec<Outcome>, Interleaved)> {
+    let mut sides = Vec::new();
+    for plan in plans {
+        match Started::spawn(plan) {
+            Ok(s) => sides.push(s),
+            Err(e) => {
+                for s in sides {
+                    let _ = s.finish(Err(anyhow!("stopped")));
+                }
+                return Err(e);
+            }
+        }
+    }
+    let run = (|| -> Result<(Interleaved, f64)> {
+        for s in sides.iter_mut() {
+            s.connect()?;
+        }
+        for i in 0..sides.len() {
+            for (j, s) in sides.iter().enumerate() {
+                s.set_active(i == j);
+            }
+            sides[i].warm_up()?;
+        }
+        let server_threads = || -> f64 {
+            sides
+                .iter()
+                .filter_map(|s| s.in_process_server_cpu_seconds())
+                .sum()
+        };
+        let (cpu0, servers0, t0) = (
+            crate::sys::own_cpu_seconds(),
+            server_threads(),
+            std::time::Instant::now(),
+        );
+        let refs: Vec<&dyn SideControl> = sides.iter().map(|s| s as &dyn SideControl).collect();
+        let progress = !c.no_progress;
+        let il = crate::interleave::run(
+            &refs,
+            slice,
+            Duration::from_secs(c.duration),
+            &mut |slices| {
+                if progress {
+                    if let Some(last) = slices.last() {
+                        eprint!("\rinterleaved: round {} done ", last.round + 1);
+                    }
+                }
+            },
+        )?;
+        if progress {
+            eprintln!();
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let loadgen = (crate::sys::own_cpu_seconds() - cpu0) - (server_threads() - servers0);
+        Ok((il, loadgen.max(0.0) / wall))
+    })();
+    let (il, loadgen_cpu) = match run {
+        Ok(v) => v,
+        Err(e) => {
+            for s in sides {
+                let _ = s.finish(Err(anyhow!("stopped")));
+            }
+            return Err(e);
+        }
+    };
+    let mut outcomes = Vec::new();
+    let mut error = None;
+    for (i, s) in sides.into_iter().enumerate() {
+        let cpu = if i == 0 {
+            il.server_cpu(0)
+        } else {
+            il.comparisons[i - 1].server_cpu
+        };
+        let m = s.sliced(loadgen_cpu, cpu);
+        match s.finish(Ok(m)) {
+            Ok(o) => outcomes.push(o),
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok((outcomes, il)),
     }
 }
 
-/// Starts an in-process baseline server on a thread of its own and returns
-/// the thread and its thread id (0 until the thread has started), whose CPU
-/// [`Monitor::measure`] reads in place of the node's.
-fn spawn_server<R: Send + 'static>(
-    run: impl FnOnce() -> R + Send + 'static,
-) -> (JoinHandle<R>, Arc<AtomicU32>) {
-    let tid = Arc::new(AtomicU32::new(0));
-    let t2 = tid.clone();
-    let thread = std::thread::spawn(move || {
-        t2.store(crate::sys::current_tid(), Relaxed);
-        run()
-    });
-    (thread, tid)
+/// The in-process reflector of an interleaved run, stopped when dropped.
+struct ReflectorThread {
+    addr: SocketAddr,
+    tid: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl ReflectorThread {
+    fn start(c: &Common) -> Result<ReflectorThread> {
+        let refl = Reflector::bind(loopback_any(c.node))?;
+        let addr = refl.addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu(), c.batch);
+        let (thread, tid) = spawn_server(move || refl.run(cpu, batch, &s2));
+        Ok(ReflectorThread {
+            addr,
+            tid,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ReflectorThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Runs `load` against an in-process reflector (pinned to
@@ -608,7 +486,7 @@ fn echo_baseline(c: &Common, ident: Arc<Identity>, window: usize) -> Result<Base
         plan.target = addr;
         plan.window = window;
         plan.label = "baseline";
-        plan.server_tid = Some(tid);
+        plan.server_cpu = ServerCpu::Thread(tid);
         run_plan(plan)
     })?;
     Ok(Baseline {
@@ -659,40 +537,88 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     }
     let mask = bitmask(a.bitmask_bytes)?;
     let ident = identity(c, master(c)?)?;
-    let token = load_token(c.token_file.as_deref(), &c.data_dir)?;
-    let http = Http::new(&c.control, token)?;
     let accounts = ident.accounts();
-    let per_account: Vec<u64> = (0..accounts)
-        .map(|x| c.devices / accounts + u64::from(x < c.devices % accounts))
-        .collect();
-    let pcfg = PublishConfig {
-        rate: a.rate,
-        batch: a.publish_batch,
-        bitmask_hex: hex::encode(&mask),
-        devices_per_account: per_account,
-        pipeline: a.pipeline,
-        ahead: a.ahead,
+    let node_plan = |ident: Arc<Identity>, target, control: &str, data_dir| -> Result<Plan<'_>> {
+        let token = load_token(c.token_file.as_deref(), data_dir)?;
+        let http = Http::new(control, token)?;
+        let per_account: Vec<u64> = (0..accounts)
+            .map(|x| c.devices / accounts + u64::from(x < c.devices % accounts))
+            .collect();
+        let pcfg = PublishConfig {
+            rate: a.rate,
+            batch: a.publish_batch,
+            bitmask_hex: hex::encode(&mask),
+            devices_per_account: per_account,
+            pipeline: a.pipeline,
+            ahead: a.ahead,
+        };
+        let mut plan = device_plan(
+            c,
+            ident,
+            Mode::Sweep {
+                heartbeat_ms: a.heartbeat.max(1) * 1000,
+            },
+            "notifications delivered",
+            notifications,
+        );
+        plan.target = target;
+        plan.connect_rate = a.connect_rate.max(1) as f64;
+        plan.clocks = accounts;
+        plan.publish = Some((http, pcfg));
+        plan.drain_s = a.drain;
+        Ok(plan)
     };
-    let mut plan = device_plan(
-        c,
-        ident.clone(),
-        Mode::Sweep {
-            heartbeat_ms: a.heartbeat.max(1) * 1000,
-        },
-        "notifications delivered",
-        notifications,
-    );
-    plan.connect_rate = a.connect_rate.max(1) as f64;
-    plan.clocks = accounts;
-    plan.publish = Some((http, pcfg));
-    plan.drain_s = a.drain;
-    let o = run_plan(plan)?;
-    let p = o.publish.unwrap_or_default();
+    let plan = node_plan(ident.clone(), c.node, &c.control, &c.data_dir)?;
     let mut r = Report::new("fanout", "notifications delivered", config);
     r.devices = c.devices;
+    r.figure("accounts", accounts);
+    let Some(slice) = c.interleave else {
+        let o = run_plan(plan)?;
+        fanout_figures(&mut r, &o);
+        if c.baseline {
+            let reliable = raw_fanout_baseline(c, ident.clone(), mask.clone(), RawKind::Reliable)?;
+            r.set_baseline(RELIABLE, reliable);
+            let one_way = raw_fanout_baseline(c, ident, mask, RawKind::OneWay)?;
+            r.set_second_baseline(ONE_WAY, one_way);
+        }
+        return Ok(r);
+    };
+    let others = if let Some(v) = versus(c)? {
+        let mut p = node_plan(v.ident, v.node, &v.control, &v.data_dir)?;
+        p.name = "versus".into();
+        p.label = "versus";
+        p.server_cpu = v.server_cpu;
+        vec![p]
+    } else {
+        vec![
+            raw_fanout_plan(c, ident.clone(), mask.clone(), RawKind::Reliable),
+            raw_fanout_plan(c, ident, mask.clone(), RawKind::OneWay),
+        ]
+    };
+    let mut plans = vec![plan];
+    plans.extend(others);
+    let (outcomes, il) = interleaved(c, plans, slice)?;
+    fanout_figures(&mut r, &outcomes[0]);
+    r.set_interleaved(il, |i| outcomes[i].timeline.clone());
+    for (i, o) in outcomes.iter().enumerate().skip(1) {
+        if let Some(n) = o.raw_resent {
+            r.figure(&format!("side_{i}_resent"), n);
+        }
+    }
+    Ok(r)
+}
+
+/// The name of the raw reliable fan-out baseline (the fan-out bar's).
+const RELIABLE: &str = "raw reliable fan-out";
+/// The name of the one-way raw fan-out baseline (orientation).
+const ONE_WAY: &str = "raw one-way fan-out";
+
+fn fanout_figures(r: &mut Report, o: &Outcome) {
+    let p = o.publish.unwrap_or_default();
     // Notify datagrams that brought a device news (a new Serial): what the
-    // raw fan-out baseline's datagrams compare with. Publishes merged into
-    // one notify (the node coalesces a device's pending bits) count once.
+    // raw fan-out baselines' acknowledged datagrams compare with. Publishes
+    // merged into one notify (the node coalesces a device's pending bits)
+    // count once.
     r.rate_per_s = o.measured.notifications as f64 / o.wall_s;
     r.figure(
         "publishes_delivered_per_s",
@@ -701,8 +627,7 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     // Every accepted publish should reach every device of its account.
     r.lost = p.expected.saturating_sub(o.end.delivered);
     r.set_latency(&o.notify);
-    common_figures(&mut r, &o);
-    r.figure("accounts", accounts);
+    common_figures(r, o);
     r.figure("publishes_per_s", p.published_measured as f64 / o.wall_s);
     r.figure("published", p.published);
     r.figure("expected_deliveries", p.expected);
@@ -716,13 +641,11 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     r.figure("http_rtt_max_us", p.http_rtt_max_us);
     r.figure("http_503", p.overloaded);
     r.figure("publisher_throttled", p.throttled);
-    if c.baseline {
-        r.set_baseline("raw fan-out", raw_fanout_baseline(c, ident, mask)?);
-    }
-    Ok(r)
 }
 
-fn raw_fanout_baseline(c: &Common, ident: Arc<Identity>, mask: Vec<u8>) -> Result<Baseline> {
+/// A raw fan-out baseline side: devices that take raw notifies from an
+/// in-process sender of `kind` pinned to `--baseline-cpu`.
+fn raw_fanout_plan(c: &Common, ident: Arc<Identity>, mask: Vec<u8>, kind: RawKind) -> Plan<'_> {
     let mut plan = device_plan(
         c,
         ident,
@@ -730,11 +653,31 @@ fn raw_fanout_baseline(c: &Common, ident: Arc<Identity>, mask: Vec<u8>) -> Resul
         "raw notifications delivered",
         delivered,
     );
-    plan.raw_sender = Some((mask, c.baseline_cpu()));
+    plan.raw_sender = Some((kind, mask, c.baseline_cpu()));
     plan.label = "baseline";
-    let o = run_plan(plan)?;
+    plan.name = match kind {
+        RawKind::Reliable => RELIABLE,
+        RawKind::OneWay => ONE_WAY,
+    }
+    .into();
+    plan
+}
+
+/// A raw fan-out baseline's rate: acknowledgements the reliable sender
+/// received, or notifies the devices received from the one-way sender.
+fn raw_rate(o: &Outcome) -> f64 {
+    o.raw_acked.unwrap_or(o.measured.delivered) as f64 / o.wall_s
+}
+
+fn raw_fanout_baseline(
+    c: &Common,
+    ident: Arc<Identity>,
+    mask: Vec<u8>,
+    kind: RawKind,
+) -> Result<Baseline> {
+    let o = run_plan(raw_fanout_plan(c, ident, mask, kind))?;
     Ok(Baseline {
-        rate: o.measured.delivered as f64 / o.wall_s,
+        rate: raw_rate(&o),
         server_cpu: o.node_cpu,
         timeline: o.timeline,
     })
@@ -743,21 +686,32 @@ fn raw_fanout_baseline(c: &Common, ident: Arc<Identity>, mask: Vec<u8>) -> Resul
 fn raw_fanout(c: &Common, a: &crate::RawFanoutArgs, config: serde_json::Value) -> Result<Report> {
     let master = load_master_or_random(c.master_key.as_deref(), &c.data_dir)?;
     let ident = identity(c, master)?;
-    let mut plan = device_plan(
-        c,
-        ident,
-        Mode::RawReceive,
-        "raw notifications delivered",
-        delivered,
-    );
-    plan.raw_sender = Some((vec![1], a.sender_cpu));
+    let kind = if a.reliable {
+        RawKind::Reliable
+    } else {
+        RawKind::OneWay
+    };
+    let mut plan = raw_fanout_plan(c, ident, vec![1], kind);
+    plan.raw_sender = Some((kind, vec![1], a.sender_cpu));
+    plan.label = "measure";
+    plan.server_cpu = ServerCpu::Unknown;
     let o = run_plan(plan)?;
-    let mut r = Report::new("raw-fanout", "raw notifications delivered", config);
+    let name = if a.reliable {
+        "raw notifications acknowledged"
+    } else {
+        "raw notifications delivered"
+    };
+    let mut r = Report::new("raw-fanout", name, config);
     r.devices = c.devices;
-    r.rate_per_s = o.measured.delivered as f64 / o.wall_s;
+    r.rate_per_s = raw_rate(&o);
     common_figures(&mut r, &o);
+    r.node_cpu = o.node_cpu;
     if let Some(sent) = o.raw_sent {
         r.figure("sender_datagrams_sent", sent);
+    }
+    r.figure("devices_received", o.measured.delivered);
+    if let Some(n) = o.raw_resent {
+        r.figure("sender_resent", n);
     }
     Ok(r)
 }
@@ -827,11 +781,7 @@ fn stun_run(
         let sh = shared.clone();
         workers.push(std::thread::spawn(move || crate::stun::run_worker(cfg, sh)));
     }
-    let probe = Devices {
-        shared: &shared,
-        rate_of: replies,
-        connecting: None,
-    };
+    let probe = Devices::new(shared.clone(), replies, None);
     let mut mon = Monitor::new(c, probe, "STUN responses");
     let window = mon.measure(c, label, server);
     shared.stop.store(true, Relaxed);

@@ -216,6 +216,106 @@ fn fanout_delivers_every_publish_to_every_device() {
 }
 
 #[test]
+fn fanout_baseline_is_the_reliable_sender_with_the_one_way_beside_it() {
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &[
+            "--devices",
+            "2000",
+            "--accounts",
+            "100",
+            "--baseline",
+            "fanout",
+            "--rate",
+            "500",
+            "--drain",
+            "5s",
+        ],
+    );
+    every_publish_reached_every_device(&r);
+    assert_eq!(r["baseline"], "raw reliable fan-out");
+    let base = r["baseline_rate_per_s"].as_f64().expect("baseline rate");
+    assert!(base > 0.0, "{r}");
+    let ratio = r["ratio"].as_f64().expect("ratio");
+    let rate = r["rate_per_s"].as_f64().unwrap();
+    assert!((ratio - rate / base).abs() < 1e-9);
+    let second = &r["second_baseline"];
+    assert_eq!(second["name"], "raw one-way fan-out");
+    assert!(second["rate_per_s"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+#[test]
+fn interleaved_heartbeat_alternates_node_and_raw_echo() {
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &[
+            "--devices",
+            "1000",
+            "--baseline",
+            "--interleave",
+            "200ms",
+            "heartbeat",
+            "--window",
+            "64",
+        ],
+    );
+    let il = &r["interleave"];
+    assert_eq!(il["sides"], serde_json::json!(["node", "raw echo"]));
+    let rounds = u(&il["rounds"]);
+    assert!(rounds >= 1, "{r}");
+    let slices = il["slices"].as_array().unwrap();
+    assert_eq!(slices.len() as u64, 2 * rounds);
+    // Every slice of both sides counted answers.
+    assert!(slices.iter().all(|s| u(&s["count"]) > 0), "{r}");
+    let ratio = &il["comparisons"][0]["ratio"];
+    assert_eq!(u(&ratio["n"]), rounds);
+    let (lo, med, hi) = (
+        ratio["min"].as_f64().unwrap(),
+        ratio["median"].as_f64().unwrap(),
+        ratio["max"].as_f64().unwrap(),
+    );
+    assert!(lo <= med && med <= hi, "{ratio}");
+    assert_eq!(r["ratio"].as_f64().unwrap(), med);
+    assert_eq!(r["baseline"], "raw echo");
+    assert_eq!(u(&r["lost"]), 0);
+}
+
+#[test]
+fn interleaved_fanout_against_both_raw_senders_loses_nothing() {
+    let node = TestNode::start();
+    let r = scenario(
+        &node,
+        &[
+            "--devices",
+            "2000",
+            "--accounts",
+            "100",
+            "--baseline",
+            "--interleave",
+            "200ms",
+            "fanout",
+            "--rate",
+            "500",
+            "--drain",
+            "5s",
+        ],
+    );
+    every_publish_reached_every_device(&r);
+    let il = &r["interleave"];
+    assert_eq!(
+        il["sides"],
+        serde_json::json!(["node", "raw reliable fan-out", "raw one-way fan-out"])
+    );
+    let slices = il["slices"].as_array().unwrap();
+    assert_eq!(slices.len() as u64, 3 * u(&il["rounds"]));
+    assert!(slices.iter().all(|s| u(&s["count"]) > 0), "{r}");
+    assert_eq!(il["comparisons"].as_array().unwrap().len(), 2);
+    assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+#[test]
 fn pipelined_fanout_delivers_every_publish_to_every_device() {
     // Eight requests in flight on the control connection at --rate 0: the
     // answers are read in order and every accepted publish is counted,
@@ -498,6 +598,40 @@ fn raw_fanout_and_html_report() {
     assert!(stdout.contains("raw notifications delivered/s"), "{stdout}");
 }
 
+#[test]
+fn raw_reliable_fanout_counts_acknowledgements() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("r.json");
+    let out = loadgen(&[
+        "--devices",
+        "500",
+        "--duration",
+        "1s",
+        "--warmup",
+        "0s",
+        "--no-progress",
+        "--json",
+        json.to_str().unwrap(),
+        "raw-fanout",
+        "--reliable",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(r["rate_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    // Each acknowledgement answers a notify a device received.
+    let sent = u(&r["figures"]["sender_datagrams_sent"]);
+    assert!(sent >= u(&r["figures"]["devices_received"]), "{r}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("raw notifications acknowledged/s"),
+        "{stdout}"
+    );
+}
+
 fn one_line_error(out: &Output, code: i32, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "{err}");
@@ -533,6 +667,16 @@ fn bad_flags_give_clear_errors() {
         &loadgen(&["--tries", "0", "heartbeat"]),
         1,
         "--tries must be at least 1",
+    );
+    one_line_error(
+        &loadgen(&["--interleave", "500ms", "heartbeat"]),
+        1,
+        "--interleave alternates the node with --baseline or --versus",
+    );
+    one_line_error(
+        &loadgen(&["--interleave", "50ms", "--baseline", "heartbeat"]),
+        2,
+        "too short",
     );
     one_line_error(
         &loadgen(&["--baseline-cpu", "0,1", "heartbeat"]),

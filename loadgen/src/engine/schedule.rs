@@ -15,6 +15,7 @@
 //! It must not build packets (that is [`super::requests`]) nor read them.
 
 use std::cmp::Reverse;
+use std::sync::atomic::Ordering::Relaxed;
 
 use super::device::{ConnectTimer, DeviceState, RequestKind};
 use super::worker::Worker;
@@ -79,7 +80,7 @@ impl Worker {
             return queued;
         }
         match self.cfg.mode {
-            Mode::Window | Mode::Echo => {
+            Mode::Window | Mode::Echo if self.shared.active.load(Relaxed) => {
                 let mut scanned = 0;
                 while self.inflight < self.cfg.window && scanned < n {
                     let l = self.cursor;
@@ -107,7 +108,7 @@ impl Worker {
                     queued += self.rebind(now_ms, rebind_rate, now_us);
                 }
             }
-            Mode::RawReceive => {}
+            Mode::Window | Mode::Echo | Mode::RawReceive => {}
         }
         queued
     }

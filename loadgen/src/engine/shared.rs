@@ -147,6 +147,14 @@ impl Snapshot {
         each_counter!(sub)
     }
 
+    /// The sum of two sets of counts (the slices of an interleaved run).
+    pub(crate) fn plus(&self, other: &Snapshot) -> Snapshot {
+        macro_rules! plus {
+            ($($f:ident),*) => { Snapshot { $($f: self.$f + other.$f),* } };
+        }
+        each_counter!(plus)
+    }
+
     /// Devices connected now.
     pub(crate) fn held(&self) -> u64 {
         self.connected.saturating_sub(self.dropped)
@@ -187,6 +195,11 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     /// Latencies are recorded while set.
     pub(crate) measuring: AtomicBool,
+    /// Load is generated while set (the default). An interleaved run
+    /// (`--interleave`) clears it while another side has its slice: the
+    /// window scenarios send no new requests and the publisher no new
+    /// publishes; connects, heartbeat sweeps and answers go on.
+    pub(crate) active: AtomicBool,
     /// Workers whose devices are all held or refused for good (reported
     /// once, when the connect phase's work is done).
     pub(crate) connect_done: AtomicU64,
@@ -207,6 +220,7 @@ impl Shared {
             counters: Counters::default(),
             stop: AtomicBool::new(false),
             measuring: AtomicBool::new(false),
+            active: AtomicBool::new(true),
             connect_done: AtomicU64::new(0),
             epoch: Instant::now(),
             epoch_unix_s: mpp::time::UnixMillis::from_system_clock()
