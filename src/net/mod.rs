@@ -137,9 +137,15 @@ pub fn open_driver(
 /// otherwise [`IoBackend::Mmsg`] (old kernels, `kernel.io_uring_disabled`,
 /// seccomp profiles of container runtimes).
 pub fn detect_backend() -> IoBackend {
+    detect_backend_why().0
+}
+
+/// [`detect_backend`], with the reason io_uring was not picked (the probe's
+/// error, which names the step that failed), for the log.
+pub fn detect_backend_why() -> (IoBackend, Option<io::Error>) {
     match uring::probe() {
-        Ok(()) => IoBackend::Uring,
-        Err(_) => IoBackend::Mmsg,
+        Ok(()) => (IoBackend::Uring, None),
+        Err(e) => (IoBackend::Mmsg, Some(e)),
     }
 }
 

@@ -375,15 +375,49 @@ impl UringDriver {
             .map_err(|e| context(e, "io_uring_enter"))?;
         driver.reap();
         // An unsupported multishot receive fails at once, in the submit.
-        if let Some(c) = driver
-            .pending
-            .iter()
-            .find(|c| c.result < 0 && !cqueue::more(c.flags))
-        {
-            return Err(context(
-                io::Error::from_raw_os_error(-c.result),
-                "multishot recvmsg",
-            ));
+        // ENOBUFS is not that: the receive ran out of provided buffers. With
+        // datagrams received (a socket that had some queued) that is the
+        // ordinary case `recv` handles (it returns the buffers and re-arms).
+        // With none, the kernel saw an empty buffer ring: the receive is
+        // armed once more, and if it still finds no buffer the error says
+        // so, not that multishot receive is unsupported.
+        let mut retried = false;
+        loop {
+            let failed = driver
+                .pending
+                .iter()
+                .find(|c| c.result < 0 && !cqueue::more(c.flags))
+                .map(|c| -c.result);
+            let received = driver.pending.iter().any(|c| c.result >= 0);
+            match failed {
+                None => break,
+                Some(libc::ENOBUFS) if received => break,
+                Some(libc::ENOBUFS) if !retried => {
+                    retried = true;
+                    driver.pending.retain(|c| c.result >= 0);
+                    driver.provided.publish();
+                    driver.arm()?;
+                    driver
+                        .ring
+                        .submit()
+                        .map_err(|e| context(e, "io_uring_enter"))?;
+                    driver.reap();
+                }
+                Some(libc::ENOBUFS) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::OutOfMemory,
+                        "multishot recvmsg: the kernel found no provided buffer at start \
+                         (ENOBUFS, twice): the provided-buffer ring is empty, which is a \
+                         bug or a resource limit, not a kernel without multishot receive",
+                    ));
+                }
+                Some(errno) => {
+                    return Err(context(
+                        io::Error::from_raw_os_error(errno),
+                        "multishot recvmsg (unsupported by this kernel?)",
+                    ));
+                }
+            }
         }
         if let Some(errno) = driver.waker_error {
             return Err(context(

@@ -408,9 +408,9 @@ fn choose_backend(choice: IoChoice) -> Result<IoBackend, StartError> {
             .map(|()| IoBackend::Uring)
             .map_err(StartError::UringUnavailable),
         IoChoice::Auto => {
-            let b = net::detect_backend();
-            if b == IoBackend::Mmsg {
-                tracing::warn!("io_uring unavailable: using recvmmsg/sendmmsg");
+            let (b, why) = net::detect_backend_why();
+            if let Some(why) = why {
+                tracing::warn!(reason = %why, "io_uring unavailable: using recvmmsg/sendmmsg");
             }
             Ok(b)
         }
