@@ -92,7 +92,7 @@ impl Worker {
             // lost; until an answer comes without a challenge the node holds
             // its notify retransmissions, so the device asks: a heartbeat
             // (with the echo) --timeout-ms from now (docs/PROTOCOL.md §7.9).
-            probe = dev.echo != [0; 8] && !dev.probing;
+            probe = dev.echo().is_some() && !dev.probing;
             dev.probing |= probe;
         }
         if probe {
