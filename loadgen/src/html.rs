@@ -125,6 +125,7 @@ fn summary(r: &Report) -> Vec<(String, String)> {
         ));
     }
     rows.push(("lost".into(), r.lost.to_string()));
+    rows.push(("wrong".into(), r.wrong.to_string()));
     if let Some(b) = r.node_rss_bytes_per_device {
         rows.push(("node RSS bytes/device".into(), format!("{b:.1}")));
     }

@@ -226,7 +226,10 @@ pub(crate) struct FanoutArgs {
     /// them into one notify (docs/PROTOCOL.md §6).
     #[arg(long, default_value_t = 32)]
     pub(crate) ahead: u64,
-    /// Bytes of the published bitmask (1 to 32): the payload size.
+    /// Bytes of the published bitmask (1 to 32): the payload size. Each
+    /// publish sets one store of them, an account's k-th store
+    /// (k − 1) mod (8 × bytes), and the devices check that the bitmasks
+    /// they get cover what was published (`wrong`).
     #[arg(long, default_value_t = 1)]
     pub(crate) bitmask_bytes: usize,
     /// Heartbeat period of each device.

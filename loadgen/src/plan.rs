@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, Result};
 use hdrhistogram::Histogram;
 
 use crate::baseline::{RawSender, ReliableSender};
-use crate::engine::{self, histogram, Mode, Shared, Snapshot, WorkerConfig, WorkerResult};
+use crate::engine::{self, histogram, Mode, Shared, Snapshot, WorkerConfig, WorkerResult, Wrong};
 use crate::ident::Identity;
 use crate::interleave::SideControl;
 use crate::monitor::{Monitor, Probe, Reading, Window};
@@ -119,6 +119,8 @@ pub(crate) struct Outcome {
     pub(crate) hostile: Option<serde_json::Value>,
     pub(crate) rss_before: Option<u64>,
     pub(crate) rss_after: Option<u64>,
+    /// The content check over the whole run (fanout; zero elsewhere).
+    pub(crate) wrong: Wrong,
 }
 
 /// The device workers' counters, as the monitor reads them.
@@ -620,6 +622,7 @@ impl<'a> Started<'a> {
             hostile: hostile.map(|(counts, since)| counts.to_json(since.elapsed().as_secs_f64())),
             rss_before,
             rss_after: c.node_pid.and_then(crate::sys::proc_rss_bytes),
+            wrong: shared.wrong(),
         })
     }
 }

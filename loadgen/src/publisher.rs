@@ -1,6 +1,9 @@
 //! The fanout publisher: batches of notifications over the node's HTTP API
 //! (`POST /v1/notify`), paced, with each publish's time written to its
-//! account's clock so the devices can time the delivery.
+//! account's clock so the devices can time the delivery, and the store it
+//! sets so that they can check the bitmasks they get
+//! ([`crate::engine::content`]): the k-th publish to an account sets store
+//! `(k − 1) mod (8 × --bitmask-bytes)`.
 //!
 //! The batches go out pipelined on one keep-alive HTTP/1.1 connection: up to
 //! `--pipeline` requests are written before the oldest answer is read, and
@@ -19,13 +22,14 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
 
+use crate::engine::content::{publish_mask, record};
 use crate::engine::{Shared, RING};
 use crate::ident::account_name;
 
@@ -182,7 +186,9 @@ pub(crate) struct PublishConfig {
     /// Publishes per second; 0 = as fast as the node and the devices keep up.
     pub(crate) rate: f64,
     pub(crate) batch: usize,
-    pub(crate) bitmask_hex: String,
+    /// Bytes of each published mask (`--bitmask-bytes`, 1 to 32): each
+    /// sets one store of `8 × bitmask_bytes`.
+    pub(crate) bitmask_bytes: usize,
     /// Devices per account (for the in-flight guard).
     pub(crate) devices_per_account: Vec<u64>,
     /// `POST /v1/notify` requests kept in flight on the control connection
@@ -227,7 +233,7 @@ pub(crate) struct PublishStats {
 /// with catch-up tells it at connect, and then no account needs one).
 pub(crate) fn prime(http: &mut Http, accounts: &[u64]) -> Result<()> {
     for chunk in accounts.chunks(1000) {
-        let body = batch_body(chunk.iter().map(|&a| account_name(a)), "01");
+        let body = batch_body(chunk.iter().map(|&a| (account_name(a), "01")));
         let ans = http.post(NOTIFY, &body)?;
         if ans.status != 202 {
             bail!(
@@ -240,9 +246,10 @@ pub(crate) fn prime(http: &mut Http, accounts: &[u64]) -> Result<()> {
     Ok(())
 }
 
-fn batch_body(accounts: impl Iterator<Item = String>, bitmask: &str) -> String {
+/// The JSON of a batch publish: each entry's account and hex bitmask.
+fn batch_body<'m>(entries: impl Iterator<Item = (String, &'m str)>) -> String {
     let mut body = String::from("{\"notifications\":[");
-    for (i, a) in accounts.enumerate() {
+    for (i, (a, bitmask)) in entries.enumerate() {
         if i > 0 {
             body.push(',');
         }
@@ -259,10 +266,14 @@ fn batch_body(accounts: impl Iterator<Item = String>, bitmask: &str) -> String {
 /// The publish endpoint.
 const NOTIFY: &str = "/v1/notify";
 
+/// One publish of a batch: its account, the Serial the loadgen gave it,
+/// and the store its mask sets.
+type Entry = (u64, u32, u8);
+
 /// A `POST /v1/notify` written and not answered yet.
 struct InFlight {
-    /// Its publishes: account and the Serial the loadgen gave it.
-    entries: Vec<(u64, u32)>,
+    /// Its publishes.
+    entries: Vec<Entry>,
     /// The request body, kept to send once more on a new connection.
     body: String,
     /// When it was written (µs, [`Shared::now_us`]).
@@ -278,6 +289,8 @@ struct Publisher<'a> {
     stats: PublishStats,
     /// Publishes of each account written (accepted, or in flight).
     published: Vec<u64>,
+    /// The hex mask of each store (`8 × --bitmask-bytes` of them).
+    masks: Vec<String>,
     /// The next account to consider.
     cursor: u64,
     /// Requests written and not answered, oldest first: the node answers a
@@ -288,7 +301,24 @@ struct Publisher<'a> {
     rtt: Histogram<u64>,
 }
 
-impl Publisher<'_> {
+impl<'a> Publisher<'a> {
+    fn new(cfg: &'a PublishConfig, shared: &'a Shared) -> Publisher<'a> {
+        let bytes = cfg.bitmask_bytes.clamp(1, 32);
+        Publisher {
+            cfg,
+            shared,
+            stats: PublishStats::default(),
+            published: vec![0; shared.accounts.len()],
+            masks: (0..bytes * 8)
+                .map(|bit| hex::encode(publish_mask(bytes, bit)))
+                .collect(),
+            cursor: 0,
+            in_flight: VecDeque::with_capacity(cfg.pipeline.max(1)),
+            unanswered: 0,
+            rtt: crate::engine::histogram(),
+        }
+    }
+
     /// Publishes the next batch may carry: what `--rate` allows by now
     /// (minus those published or in flight), at most `--publish-batch`.
     fn budget(&self, start: u64) -> usize {
@@ -305,9 +335,10 @@ impl Publisher<'_> {
 
     /// Up to `budget` publishes, one per account, round-robin from the
     /// cursor over the primed accounts that are not too far ahead of their
-    /// devices; each counted as published and its time written to its
-    /// account's clock.
-    fn next_batch(&mut self, budget: usize) -> Vec<(u64, u32)> {
+    /// devices; each counted as published, and its time and store written
+    /// to its account's clock under its Serial (before the request leaves,
+    /// so before any device can get it).
+    fn next_batch(&mut self, budget: usize) -> Vec<Entry> {
         let shared = self.shared;
         let accounts = shared.accounts.len() as u64;
         let max_ahead = self.cfg.ahead;
@@ -330,10 +361,23 @@ impl Publisher<'_> {
             }
             *published += 1;
             let serial = base.wrapping_add(*published as u32);
+            let bit = ((*published - 1) % self.masks.len() as u64) as u8;
             clock.ring[serial as usize % RING].store(shared.now_us(), Relaxed);
-            entries.push((a, serial));
+            clock.sent[serial as usize % RING].store(record(serial, bit), Release);
+            entries.push((a, serial, bit));
         }
         entries
+    }
+
+    /// Marks the accounts of `entries` unverifiable: the Serials the
+    /// loadgen gave their publishes may not be the node's, so a mismatch
+    /// on them may be the loadgen's (engine/content.rs).
+    fn unverifiable(&self, entries: &[Entry]) {
+        for &(a, _, _) in entries {
+            self.shared.accounts[a as usize]
+                .unverifiable
+                .store(true, Relaxed);
+        }
     }
 
     /// The context of a control connection error, `n` requests in flight
@@ -355,10 +399,11 @@ impl Publisher<'_> {
     /// Writes a request for `entries`. If nothing else is in flight, a
     /// failed write is tried once more on a new connection, as
     /// [`Http::post`] does; otherwise it ends the run.
-    fn send(&mut self, http: &mut Http, entries: Vec<(u64, u32)>) -> Result<()> {
+    fn send(&mut self, http: &mut Http, entries: Vec<Entry>) -> Result<()> {
         let body = batch_body(
-            entries.iter().map(|&(a, _)| account_name(a)),
-            &self.cfg.bitmask_hex,
+            entries
+                .iter()
+                .map(|&(a, _, bit)| (account_name(a), self.masks[bit as usize].as_str())),
         );
         let sent_at = self.shared.now_us();
         let mut retried = false;
@@ -370,6 +415,8 @@ impl Publisher<'_> {
             http.send(NOTIFY, &body)
                 .with_context(|| self.broken(http, 1))?;
             retried = true;
+            // The first write may have reached the node.
+            self.unverifiable(&entries);
         }
         self.unanswered += entries.len() as u64;
         self.in_flight.push_back(InFlight {
@@ -394,6 +441,9 @@ impl Publisher<'_> {
         let ans = match http.receive() {
             Ok(ans) => ans,
             Err(_) if self.in_flight.is_empty() && !f.retried => {
+                // The node may have taken the first one: its publishes
+                // may now have two Serials each.
+                self.unverifiable(&f.entries);
                 http.disconnect();
                 http.send(NOTIFY, &f.body)
                     .and_then(|()| http.receive())
@@ -428,11 +478,14 @@ impl Publisher<'_> {
         // the node took) and shifts only latency attribution, by at most the
         // in-flight depth; the counts stay right, as `expected` counts only
         // accepted publishes and `delivered` follows the node's Serials.
-        for &(a, _) in entries[accepted..].iter().rev() {
+        // The same shift makes the content check's records of those
+        // accounts unsure (engine/content.rs).
+        for &(a, _, _) in entries[accepted..].iter().rev() {
             self.published[a as usize] -= 1;
         }
+        self.unverifiable(&entries[accepted..]);
         let measuring = self.shared.measuring.load(Relaxed);
-        for &(a, _) in &entries[..accepted] {
+        for &(a, _, _) in &entries[..accepted] {
             self.stats.published += 1;
             self.stats.expected += self.cfg.devices_per_account[a as usize];
             if measuring {
@@ -453,16 +506,7 @@ pub(crate) fn run(
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<PublishStats> {
     let depth = cfg.pipeline.max(1);
-    let mut p = Publisher {
-        cfg,
-        shared,
-        stats: PublishStats::default(),
-        published: vec![0; shared.accounts.len()],
-        cursor: 0,
-        in_flight: VecDeque::with_capacity(depth),
-        unanswered: 0,
-        rtt: crate::engine::histogram(),
-    };
+    let mut p = Publisher::new(cfg, shared);
     let mut start = shared.now_us();
     let mut paused_at = None;
     while !stop.load(Relaxed) {
@@ -613,12 +657,119 @@ mod tests {
         server.join().unwrap();
     }
 
+    /// Reads one request from `r` and returns its body.
+    fn read_request(r: &mut impl BufRead) -> Vec<u8> {
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.strip_prefix("Content-Length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; length];
+        std::io::Read::read_exact(r, &mut body).unwrap();
+        body
+    }
+
+    #[test]
+    fn each_publish_sets_its_store_and_a_partial_503_makes_the_rest_unverifiable() {
+        use crate::engine::content::record;
+        const BASE: u32 = 1 << 20;
+        // A node that takes the first entry of the first request (503:
+        // inbox full) and all of the second, and hands back the bodies.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut bodies = Vec::new();
+            for (status, answer) in [
+                (
+                    "503 Service Unavailable",
+                    r#"{"accepted":1,"error":"inbox full"}"#,
+                ),
+                ("202 Accepted", r#"{"accepted":3}"#),
+            ] {
+                let body = read_request(&mut r);
+                bodies.push(serde_json::from_slice::<serde_json::Value>(&body).unwrap());
+                let len = answer.len();
+                write!(
+                    w,
+                    "HTTP/1.1 {status}\r\nContent-Length: {len}\r\n\r\n{answer}"
+                )
+                .unwrap();
+            }
+            bodies
+        });
+        let shared = Shared::new(3);
+        for a in &shared.accounts {
+            a.base.store(BASE, Relaxed);
+        }
+        let cfg = PublishConfig {
+            rate: 0.0,
+            batch: 3,
+            bitmask_bytes: 2,
+            devices_per_account: vec![1; 3],
+            pipeline: 2,
+            ahead: 32,
+        };
+        let mut p = Publisher::new(&cfg, &shared);
+        let mut http = Http::new(&url, "t".into()).unwrap();
+        // Two batches in flight: every account's first publish sets store
+        // 0, its second store 1, each recorded under its Serial.
+        for k in 0..2u32 {
+            let entries = p.next_batch(3);
+            assert_eq!(
+                entries,
+                vec![
+                    (0, BASE + 1 + k, k as u8),
+                    (1, BASE + 1 + k, k as u8),
+                    (2, BASE + 1 + k, k as u8)
+                ]
+            );
+            for a in &shared.accounts {
+                let s = BASE + 1 + k;
+                assert_eq!(a.sent[s as usize % RING].load(Relaxed), record(s, k as u8));
+            }
+            p.send(&mut http, entries).unwrap();
+        }
+        assert!(p.receive(&mut http).unwrap(), "some refused");
+        assert!(!p.receive(&mut http).unwrap());
+        let bodies = server.join().unwrap();
+        for (k, mask) in [(0, "0100"), (1, "0200")] {
+            for e in bodies[k]["notifications"].as_array().unwrap() {
+                assert_eq!(e["bitmask"], mask, "{}", bodies[k]);
+            }
+        }
+        // Account 0's publishes were all taken: its Serials are the node's.
+        // Accounts 1 and 2 lost their first: the node gave their second
+        // Serial BASE + 1, not BASE + 2 (records off).
+        let unsure: Vec<bool> = shared
+            .accounts
+            .iter()
+            .map(|a| a.unverifiable.load(Relaxed))
+            .collect();
+        assert_eq!(unsure, [false, true, true]);
+        assert_eq!(p.published, [2, 1, 1]);
+        assert_eq!(
+            (p.stats.published, p.stats.expected, p.stats.overloaded),
+            (4, 4, 1)
+        );
+    }
+
     #[test]
     fn batch_bodies_are_json() {
-        let body = batch_body((0..3).map(account_name), "0102");
+        let masks = ["0102", "0001", "8000"];
+        let body = batch_body((0..3).map(|a| (account_name(a), masks[a as usize])));
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["notifications"].as_array().unwrap().len(), 3);
         assert_eq!(v["notifications"][2]["account"], "load-2@loadgen.example");
         assert_eq!(v["notifications"][0]["bitmask"], "0102");
+        assert_eq!(v["notifications"][2]["bitmask"], "8000");
     }
 }

@@ -104,6 +104,12 @@ pub(crate) struct Report {
     pub(crate) latency_us: Option<Latency>,
     /// Requests or notifications that never got through.
     pub(crate) lost: u64,
+    /// Messages whose content was wrong: for `fanout`, notifies (or the
+    /// pending state of an answer) whose bitmask lacked a bit published to
+    /// the device's account after its last acknowledgement, up to the
+    /// message's Serial (`engine/content.rs`); for `mqtt`, payloads that
+    /// differ from what was published.
+    pub(crate) wrong: u64,
     /// `hold`: the node's RSS growth divided by devices held.
     pub(crate) node_rss_bytes_per_device: Option<f64>,
     /// CPU seconds per second of the measured window (1.0 = one core).
@@ -158,6 +164,7 @@ impl Report {
             ratio_per_cpu: None,
             latency_us: None,
             lost: 0,
+            wrong: 0,
             node_rss_bytes_per_device: None,
             loadgen_cpu: 0.0,
             node_cpu: None,
@@ -370,6 +377,7 @@ impl Report {
             ));
         }
         rows.push(("lost".into(), self.lost.to_string()));
+        rows.push(("wrong".into(), self.wrong.to_string()));
         if let Some(b) = self.node_rss_bytes_per_device {
             rows.push(("node RSS bytes/device".into(), format!("{b:.1}")));
         }

@@ -122,6 +122,7 @@ fn common_figures(r: &mut Report, o: &Outcome) {
     r.loadgen_cpu = o.loadgen_cpu;
     r.node_cpu = o.node_cpu;
     r.devices_held = o.held_at_measure_end;
+    r.wrong = o.wrong.wrong;
     r.figure("connect_phase_s", (o.connect_s * 10.0).round() / 10.0);
     if let Some(n) = o.connecting {
         r.figure("devices_connected", o.end.first_connects);
@@ -547,7 +548,7 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
         let pcfg = PublishConfig {
             rate: a.rate,
             batch: a.publish_batch,
-            bitmask_hex: hex::encode(&mask),
+            bitmask_bytes: a.bitmask_bytes,
             devices_per_account: per_account,
             pipeline: a.pipeline,
             ahead: a.ahead,
@@ -635,6 +636,13 @@ fn fanout_figures(r: &mut Report, o: &Outcome) {
     r.figure("notifications", o.end.notifications);
     r.figure("acknowledgements_sent", o.end.acks_sent);
     r.figure("retransmits_seen", o.end.duplicates);
+    // The content check (engine/content.rs): messages checked against the
+    // publishes recorded for them, and mismatches on accounts whose
+    // records may be off (a 503 for part of a request, a request sent
+    // twice), which `wrong` leaves out.
+    r.figure("content_checked", o.end.content_checked);
+    r.figure("wrong_unverifiable", o.wrong.unverifiable);
+    r.figure("unverifiable_accounts", o.wrong.unverifiable_accounts);
     r.figure("http_requests", p.requests);
     r.figure("http_rtt_p50_us", p.http_rtt_p50_us);
     r.figure("http_rtt_p99_us", p.http_rtt_p99_us);
@@ -869,5 +877,8 @@ fn reflector(c: &Common, a: &crate::ReflectorArgs, config: serde_json::Value) ->
     r.duration_s = wall;
     r.rate_per_s = (e1 - e0) as f64 / wall;
     r.figure("listen", addr.to_string());
+    // Datagrams echoed in the measured window, and over the whole run.
+    r.figure("echoed", e1 - e0);
+    r.figure("echoed_total", echoed.load(Relaxed));
     Ok(r)
 }

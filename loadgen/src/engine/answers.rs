@@ -12,6 +12,7 @@ use mpp::codec::{Message, PresenceNotify, ServiceHeader};
 use mpp::net::mmsg::MmsgBatch;
 use mpp::packet::open_in_place;
 
+use super::content;
 use super::device::DeviceState;
 use super::worker::Worker;
 use super::{Mode, RING};
@@ -233,14 +234,35 @@ impl Worker {
 
     /// The account's Serial from a connect answer with nothing pending
     /// (docs/PROTOCOL.md §6.7): the device's first mark, if it has none.
+    /// Nothing pending is itself checked: a Serial above the device's mark
+    /// with publishes recorded in between is `wrong` ([`super::content`]).
     fn learn_serial(&mut self, l: usize, serial: i64) {
         match u32::try_from(serial) {
             Ok(s) if s > 0 => {
                 if self.devices[l].last_notify == 0 {
                     self.first_serial(l, s);
                 }
+                let mark = self.devices[l].last_notify;
+                self.check_content(l, mark, s, &[]);
             }
             _ => self.local.other += 1,
+        }
+    }
+
+    /// The content check of a message with Serial `s` and `bitmask` to
+    /// device `l`, whose mark is `mark` ([`super::content`]).
+    fn check_content(&mut self, l: usize, mark: u32, s: u32, bitmask: &[u8]) {
+        let account = self.ident.account_of(self.global(l)) as usize;
+        let Some(clock) = self.shared.accounts.get(account) else {
+            return;
+        };
+        let c = content::check(&clock.sent, mark, s, bitmask);
+        if c.publishes > 0 {
+            self.local.content_checked += 1;
+        }
+        if c.missing {
+            self.local.content_mismatches += 1;
+            clock.wrong.fetch_add(1, Relaxed);
         }
     }
 
@@ -263,7 +285,8 @@ impl Worker {
         };
     }
 
-    /// A notify (or pending state in a response): count it once per
+    /// A notify (or pending state in a response): check its bitmask
+    /// against what was published ([`super::content`]), count it once per
     /// publish, time it against its publish, acknowledge it every time.
     pub(super) fn pending_notify(
         &mut self,
@@ -272,20 +295,29 @@ impl Worker {
         bitmask: Option<&[u8]>,
         now_us: u64,
     ) {
-        let (Some(serial), Some(bitmask)) = (serial, bitmask) else {
+        let Some(serial) = serial else {
             return;
         };
-        if bitmask.is_empty() {
-            return;
-        }
         let Ok(s) = u32::try_from(serial) else {
             self.local.other += 1;
             return;
         };
+        let bitmask = bitmask.unwrap_or(&[]);
+        if bitmask.is_empty() {
+            // A Serial with nothing pending: not a delivery, but checked
+            // (nothing may be pending when something was published).
+            let mark = self.devices[l].last_notify;
+            if mark != 0 {
+                self.check_content(l, mark, s, &[]);
+            }
+            return;
+        }
         let first = self.devices[l].last_notify == 0;
         if first {
             self.first_serial(l, s);
         }
+        let mark = self.devices[l].last_notify;
+        self.check_content(l, mark, s, bitmask);
         let account = self.ident.account_of(self.global(l)) as usize;
         let clock = self.shared.accounts.get(account);
         let dev = &mut self.devices[l];
@@ -308,5 +340,145 @@ impl Worker {
             self.local.duplicates += 1;
         }
         self.send_ack(l, serial, now_us);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Release;
+    use std::sync::Arc;
+
+    use mpp::codec::{Message, PresenceConnectResponse, PresenceNotify, ServiceHeader};
+    use mpp::packet::{seal_in_place, MasterKey, HEADER_LEN, MAX_PACKET, MAX_PLAINTEXT};
+
+    use super::super::content::record;
+    use super::super::{Mode, Shared, WorkerConfig, RING};
+    use super::*;
+    use crate::ident::Identity;
+
+    /// The account Serial the devices learn at their connect.
+    const BASE: u32 = 1 << 20;
+
+    /// One worker with 4 devices in 2 accounts (devices 0 and 2 are account
+    /// 0's), fanout clocks for both, and a socket to a peer that reads
+    /// nothing (the acknowledgements are only queued).
+    fn worker() -> (Worker, Arc<Identity>, std::net::UdpSocket) {
+        let ident = Arc::new(Identity::new(MasterKey::new([3; 32]), 2).unwrap());
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cfg = WorkerConfig {
+            index: 0,
+            threads: 1,
+            devices: 4,
+            sockets: vec![crate::io::connected_socket(peer.local_addr().unwrap()).unwrap()],
+            batch: 8,
+            cpu: None,
+            mode: Mode::Sweep {
+                heartbeat_ms: 60_000,
+            },
+            window: 16,
+            connect_rate: 1.0,
+            timeout_ms: 1000,
+            tries: 3,
+            loss: 0.0,
+        };
+        let w = Worker::new(cfg, ident.clone(), Shared::new(2)).unwrap();
+        (w, ident, peer)
+    }
+
+    /// `message` to device `g`, sealed as the node seals it, handed to the
+    /// worker as if received.
+    fn receive(w: &mut Worker, ident: &Identity, g: u64, message: Message<'_>) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let n = message
+            .encode(&mut buf[HEADER_LEN..HEADER_LEN + MAX_PLAINTEXT])
+            .unwrap();
+        let keys = ident.keys(g).unwrap();
+        let len = seal_in_place(
+            &keys.s2c,
+            ident.conn_id(g).unwrap(),
+            [g as u8; 12],
+            &mut buf,
+            n,
+        )
+        .unwrap();
+        w.handle(0, &mut buf[..len], 1_000);
+    }
+
+    fn connected(serial: u32, bitmask: Option<&[u8]>) -> Message<'_> {
+        Message::ConnectResponse(PresenceConnectResponse {
+            connection_timeout: Some(60_000),
+            serial: Some(i64::from(serial)),
+            bitmask: bitmask.map(Into::into),
+            header: ServiceHeader::default(),
+        })
+    }
+
+    fn notify(serial: u32, bitmask: &[u8]) -> Message<'_> {
+        Message::Notify(PresenceNotify {
+            serial: Some(i64::from(serial)),
+            bitmask: Some(bitmask.into()),
+            header: ServiceHeader::default(),
+        })
+    }
+
+    /// Publishes of account `a` as the publisher records them: Serial
+    /// `BASE + 1 + i` set store `bits[i]`.
+    fn published(w: &Worker, a: usize, bits: &[u8]) {
+        let clock = &w.shared.accounts[a];
+        for (i, &bit) in bits.iter().enumerate() {
+            let s = BASE + 1 + i as u32;
+            clock.sent[s as usize % RING].store(record(s, bit), Release);
+        }
+    }
+
+    #[test]
+    fn a_notify_missing_a_published_bit_counts_wrong_though_no_serial_is_lost() {
+        let (mut w, ident, _peer) = worker();
+        // Devices 0 and 2 connect (no mark: a resync, all FF), then their
+        // account is published to twice: stores 0 and 1.
+        for g in [0, 2] {
+            receive(&mut w, &ident, g, connected(BASE, Some(&[0xFF; 32])));
+        }
+        assert_eq!(w.shared.accounts[0].base.load(Relaxed), BASE);
+        published(&w, 0, &[0, 1]);
+        // Device 0 gets both merged without store 1; device 2 right.
+        receive(&mut w, &ident, 0, notify(BASE + 2, &[0b01]));
+        receive(&mut w, &ident, 2, notify(BASE + 2, &[0b11]));
+        // By Serials both publishes reached both devices: nothing lost.
+        assert_eq!((w.local.delivered, w.local.notifications), (4, 2));
+        assert_eq!(w.local.content_checked, 2);
+        assert_eq!(w.local.content_mismatches, 1, "device 0's notify");
+        let wrong = w.shared.wrong();
+        assert_eq!((wrong.wrong, wrong.unverifiable), (1, 0));
+        // A retransmission of the same Serial is not checked again.
+        receive(&mut w, &ident, 0, notify(BASE + 2, &[0b01]));
+        assert_eq!(w.local.content_mismatches, 1);
+        assert_eq!(w.local.duplicates, 1);
+        // An account whose records may be off reports apart.
+        w.shared.accounts[0].unverifiable.store(true, Relaxed);
+        let wrong = w.shared.wrong();
+        assert_eq!(
+            (wrong.wrong, wrong.unverifiable, wrong.unverifiable_accounts),
+            (0, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_connect_answer_with_nothing_pending_after_a_publish_counts_wrong() {
+        let (mut w, ident, _peer) = worker();
+        receive(&mut w, &ident, 0, connected(BASE, Some(&[0xFF; 32])));
+        receive(&mut w, &ident, 2, connected(BASE, Some(&[0xFF; 32])));
+        published(&w, 0, &[4]);
+        // Device 0 connects again with its mark BASE: the node owes it
+        // store 4 (the catch-up), and says nothing is pending.
+        receive(&mut w, &ident, 0, connected(BASE + 1, None));
+        // Device 2's answer carries it, in a superset (the catch-up union).
+        receive(&mut w, &ident, 2, connected(BASE + 1, Some(&[0x31])));
+        // Device 1 (account 1, nothing published) learns its Serial.
+        receive(&mut w, &ident, 1, connected(BASE + 7, None));
+        receive(&mut w, &ident, 1, connected(BASE + 7, None));
+        assert_eq!(w.local.content_checked, 2);
+        assert_eq!(w.local.content_mismatches, 1);
+        assert_eq!(w.shared.wrong().wrong, 1);
     }
 }

@@ -21,7 +21,8 @@
 //! Files: [`shared`] (counters and flags the monitor reads), [`device`] (the
 //! device record and its state), [`worker`] (a worker's loop),
 //! [`schedule`] (what is due), [`requests`] (sealing requests),
-//! [`answers`] (reading the node's answers).
+//! [`answers`] (reading the node's answers), [`content`] (whether a
+//! notify's bitmask covers what was published: `wrong`).
 
 use std::net::SocketAddr;
 
@@ -29,6 +30,7 @@ use hdrhistogram::Histogram;
 use socket2::Socket;
 
 mod answers;
+pub(crate) mod content;
 mod device;
 mod requests;
 mod schedule;
@@ -36,7 +38,7 @@ mod shared;
 mod worker;
 
 pub(crate) use requests::seal_notify;
-pub(crate) use shared::{Shared, Snapshot};
+pub(crate) use shared::{Shared, Snapshot, Wrong};
 pub(crate) use worker::run_worker;
 
 /// How long a worker keeps polling its sockets after its last datagram

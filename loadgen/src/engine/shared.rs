@@ -44,6 +44,8 @@ pub(crate) struct Counters {
     pub(crate) recv_errors: AtomicU64,
     pub(crate) loss_dropped: AtomicU64,
     pub(crate) notifications: AtomicU64,
+    pub(crate) content_checked: AtomicU64,
+    pub(crate) content_mismatches: AtomicU64,
 }
 
 /// A plain copy of [`Counters`].
@@ -81,6 +83,13 @@ pub(crate) struct Snapshot {
     pub(crate) recv_errors: u64,
     pub(crate) loss_dropped: u64,
     pub(crate) notifications: u64,
+    /// Messages whose bitmask was checked against at least one recorded
+    /// publish (fanout; [`super::content`]).
+    pub(crate) content_checked: u64,
+    /// Of those, messages that lacked a recorded publish's bit, on any
+    /// account (the report's `wrong` leaves out the accounts whose records
+    /// may be off: [`AccountClock::unverifiable`]).
+    pub(crate) content_mismatches: u64,
 }
 
 macro_rules! each_counter {
@@ -114,7 +123,9 @@ macro_rules! each_counter {
             send_errors,
             recv_errors,
             loss_dropped,
-            notifications
+            notifications,
+            content_checked,
+            content_mismatches
         )
     };
 }
@@ -168,14 +179,24 @@ impl Snapshot {
 }
 
 /// One account's publish clock (fanout): the notify Serial its first
-/// notify had, and the time each later Serial was published.
+/// notify had, the time each later Serial was published, and what each
+/// publish set (the content check, [`super::content`]).
 pub(crate) struct AccountClock {
     /// Serial of the priming notify (0 until a device saw it).
     pub(crate) base: AtomicU32,
     /// Publish time (µs since the epoch) of Serial `s`, at `s % RING`.
     pub(crate) ring: [AtomicU64; RING],
+    /// The publish of Serial `s` and the store it set
+    /// ([`super::content::record`]), at `s % RING`.
+    pub(crate) sent: [AtomicU64; RING],
     /// Deliveries counted by the devices (one per publish per device).
     pub(crate) delivered: AtomicU64,
+    /// Messages to the account's devices that lacked a recorded bit.
+    pub(crate) wrong: AtomicU64,
+    /// Set by the publisher when its Serials for the account may be off
+    /// (a 503 for part of a request, a request sent twice): the account's
+    /// mismatches are then not the node's for sure.
+    pub(crate) unverifiable: AtomicBool,
 }
 
 impl AccountClock {
@@ -183,9 +204,24 @@ impl AccountClock {
         AccountClock {
             base: AtomicU32::new(0),
             ring: std::array::from_fn(|_| AtomicU64::new(0)),
+            sent: std::array::from_fn(|_| AtomicU64::new(0)),
             delivered: AtomicU64::new(0),
+            wrong: AtomicU64::new(0),
+            unverifiable: AtomicBool::new(false),
         }
     }
+}
+
+/// The content check's outcome over a run's accounts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Wrong {
+    /// Messages that lacked a bit the node had been given for them, on
+    /// accounts whose records are exact: the report's `wrong`.
+    pub(crate) wrong: u64,
+    /// Mismatches on accounts whose records may be off.
+    pub(crate) unverifiable: u64,
+    /// Accounts whose records may be off.
+    pub(crate) unverifiable_accounts: u64,
 }
 
 /// State shared by the workers and the monitor.
@@ -230,6 +266,21 @@ impl Shared {
             accounts: (0..clocks).map(|_| AccountClock::new()).collect(),
             first_refusal: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The content check's outcome so far.
+    pub(crate) fn wrong(&self) -> Wrong {
+        let mut w = Wrong::default();
+        for a in &self.accounts {
+            let n = a.wrong.load(Relaxed);
+            if a.unverifiable.load(Relaxed) {
+                w.unverifiable += n;
+                w.unverifiable_accounts += 1;
+            } else {
+                w.wrong += n;
+            }
+        }
+        w
     }
 
     /// Microseconds since the epoch.

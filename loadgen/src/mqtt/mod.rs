@@ -12,7 +12,10 @@
 //! having seen it: QoS 0 may drop); a publish still unsettled after 10 s is
 //! given up on so that a subscriber the broker stopped serving cannot stall
 //! the run. `lost` counts the measured window's deliveries that had not
-//! arrived by the end of `--drain`.
+//! arrived by the end of `--drain`; `wrong` counts delivered payloads that
+//! differ from what was published (their length, or the filler after the
+//! first 16 bytes, [`filler`]), or whose sequence number was never
+//! published.
 //!
 //! Files: [`wire`] (the MQTT 3.1.1 frames), [`subscribers`] (the worker
 //! threads and their subscriber connections), [`publisher`] (the one
@@ -112,6 +115,8 @@ struct Shared {
     published_measured: AtomicU64,
     settle_timeouts: AtomicU64,
     malformed: AtomicU64,
+    /// Payloads that differ from what was published.
+    wrong: AtomicU64,
     /// Per sequence number (mod the ring's size): subscribers that have
     /// seen it or a later one.
     ring: Box<[AtomicU32]>,
@@ -159,6 +164,11 @@ impl Shared {
             libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8);
         }
     }
+}
+
+/// Byte `i` (≥ 16) of every payload: what the subscribers check.
+fn filler(i: usize) -> u8 {
+    i as u8
 }
 
 /// A latency histogram of deliveries (µs, up to a minute).

@@ -98,7 +98,7 @@ impl Publisher {
         sock.set_nonblocking(true)?;
         let mut payload = vec![0u8; cfg.payload_bytes];
         for (i, b) in payload.iter_mut().enumerate().skip(16) {
-            *b = i as u8;
+            *b = super::filler(i);
         }
         Ok(Publisher {
             sock,

@@ -86,6 +86,7 @@ pub(crate) fn run(common: &Common, args: &MqttArgs) -> Result<Report> {
         published_measured: AtomicU64::new(0),
         settle_timeouts: AtomicU64::new(0),
         malformed: AtomicU64::new(0),
+        wrong: AtomicU64::new(0),
         ring: (0..ring_len).map(|_| AtomicU32::new(0)).collect(),
         ring_mask: ring_len as u64 - 1,
         publisher_waiting: AtomicBool::new(false),
@@ -276,6 +277,7 @@ fn report(
     let published = s.published_measured.load(Ordering::Acquire);
     let delivered = s.delivered_measured.load(Ordering::Acquire);
     r.lost = (published * cfg.subscribers).saturating_sub(delivered);
+    r.wrong = s.wrong.load(Ordering::Acquire);
     r.loadgen_cpu = o.window.loadgen_cpu;
     r.node_cpu = o.window.node_cpu;
     r.figure("broker", cfg.broker.to_string());
@@ -432,6 +434,7 @@ mod tests {
         assert_eq!(r.devices_held, 20);
         assert!(r.rate_per_s > 0.0, "{r:?}");
         assert_eq!(r.lost, 0, "{:?}", r.figures);
+        assert_eq!(r.wrong, 0, "{:?}", r.figures);
         let published = r.figures["published"].as_u64().unwrap();
         assert!(published > 0);
         assert_eq!(r.figures["delivered"].as_u64().unwrap(), published * 20);

@@ -74,6 +74,10 @@ struct Sink {
     delivered: u64,
     delivered_measured: u64,
     malformed: u64,
+    /// Payloads that differ from what was published.
+    wrong: u64,
+    /// Bytes of every published payload.
+    payload_bytes: usize,
     now_ns: u64,
     /// Signal worker 0 when a publish settles (other workers only).
     signal: bool,
@@ -88,6 +92,18 @@ impl Sink {
         };
         let seq = raw & !MEASURED;
         self.delivered += 1;
+        let published = self.shared.published.load(Ordering::Acquire);
+        if payload.len() != self.payload_bytes
+            || seq == 0
+            || seq > published
+            || payload
+                .iter()
+                .enumerate()
+                .skip(16)
+                .any(|(i, &b)| b != super::filler(i))
+        {
+            self.wrong += 1;
+        }
         if raw & MEASURED != 0 {
             self.delivered_measured += 1;
             self.hist
@@ -123,6 +139,10 @@ impl Sink {
         if self.malformed > 0 {
             s.malformed.fetch_add(self.malformed, Ordering::AcqRel);
             self.malformed = 0;
+        }
+        if self.wrong > 0 {
+            s.wrong.fetch_add(self.wrong, Ordering::AcqRel);
+            self.wrong = 0;
         }
     }
 }
@@ -194,6 +214,8 @@ impl Worker {
             delivered: 0,
             delivered_measured: 0,
             malformed: 0,
+            wrong: 0,
+            payload_bytes: cfg.payload_bytes,
             now_ns: 0,
             signal: id != 0,
             subscribers: u32::try_from(cfg.subscribers).unwrap_or(u32::MAX),
