@@ -1,7 +1,14 @@
 //! The load generator at small scale against a node started by the test
 //! (in-process, loopback, its own data directory): each scenario runs, its
 //! counts add up, its JSON report parses and holds the documented keys, and
-//! bad flags give a one-line error.
+//! bad flags give a one-line error. Every scenario with devices reports
+//! `wrong` 0 (no bitmask lacked a bit published to its account since the
+//! device's last acknowledgement: loadgen/src/engine/content.rs), in the
+//! JSON report and in the table on stdout. `echo` runs against a
+//! `reflector` the test starts, and `mqtt` against a real `mosquitto` the
+//! test starts on a free loopback port (Debian package `mosquitto`;
+//! `.ci/run` installs it and sets `MPP_REQUIRE_MOSQUITTO=1`, which turns a
+//! missing broker into a failure instead of a skip).
 //!
 //! Timeouts are generous (`--timeout-ms 5000`) so a stalled CI machine
 //! delays a reply instead of losing it, except where a test is about the
@@ -104,6 +111,15 @@ fn scenario_with_timeout(node: &TestNode, timeout_ms: Option<&str>, extra: &[&st
     );
     let text = std::fs::read_to_string(&json).expect("JSON report written");
     let report: Value = serde_json::from_str(&text).expect("JSON report parses");
+    // The table on stdout says what the JSON report says.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for key in ["lost", "wrong"] {
+        assert_eq!(
+            table_count(&stdout, key),
+            u(&report[key]),
+            "{key} in the table: {stdout}"
+        );
+    }
     for key in [
         "scenario",
         "devices",
@@ -111,6 +127,7 @@ fn scenario_with_timeout(node: &TestNode, timeout_ms: Option<&str>, extra: &[&st
         "duration_s",
         "rate_per_s",
         "lost",
+        "wrong",
         "latency_us",
         "baseline_rate_per_s",
         "ratio",
@@ -126,6 +143,34 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
+/// The count on the table's row `key` (`key`, spaces, the number).
+fn table_count(table: &str, key: &str) -> u64 {
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(key) && l.split_whitespace().count() == 2)
+        .unwrap_or_else(|| panic!("no {key} row in the table: {table}"));
+    let n = row.split_whitespace().nth(1).unwrap();
+    n.parse()
+        .unwrap_or_else(|_| panic!("{key} row is not a count: {row}"))
+}
+
+/// A fanout report whose devices checked what they received and found it
+/// right: `wrong` 0, and no account's records in doubt. Every notification
+/// (a message with a Serial above the device's mark) was checked: its own
+/// Serial is a publish the publisher recorded before sending it, and the
+/// ring holds the latest 64 (--ahead is at most 32). A check that found
+/// nothing pending where a publish was recorded would be `wrong`, so
+/// checks and notifications are equal.
+fn every_bitmask_covered_what_was_published(r: &Value) {
+    let f = &r["figures"];
+    assert_eq!(u(&r["wrong"]), 0, "{r}");
+    assert_eq!(u(&f["wrong_unverifiable"]), 0, "{r}");
+    assert_eq!(u(&f["unverifiable_accounts"]), 0, "{r}");
+    assert!(u(&f["notifications"]) > 0, "{r}");
+    assert_eq!(u(&f["content_checked"]), u(&f["notifications"]), "{r}");
+    assert_eq!(u(&f["whole_run"]["content_mismatches"]), 0, "{r}");
+}
+
 /// A fanout report of 2000 devices in 100 accounts in which every accepted
 /// publish reached each of its account's 20 devices and nothing was lost;
 /// returns the publishes.
@@ -138,6 +183,7 @@ fn every_publish_reached_every_device(r: &Value) -> u64 {
     assert_eq!(u(&f["expected_deliveries"]), published * 20);
     assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
     assert_eq!(u(&r["lost"]), 0);
+    every_bitmask_covered_what_was_published(r);
     published
 }
 
@@ -152,6 +198,7 @@ fn heartbeat_holds_every_device_and_counts_add_up() {
     assert_eq!(u(&r["devices"]), 10_000);
     assert_eq!(u(&r["devices_held"]), 10_000);
     assert_eq!(u(&r["lost"]), 0);
+    assert_eq!(u(&r["wrong"]), 0, "{r}");
     let whole = &r["figures"]["whole_run"];
     assert_eq!(u(&whole["connected"]), 10_000);
     assert_eq!(u(&whole["refused"]) + u(&whole["unauthentic"]), 0);
@@ -190,6 +237,8 @@ fn heartbeat_with_baseline_reports_a_ratio() {
     let cpu = r["baseline_server_cpu"].as_f64().expect("reflector CPU");
     assert!((0.0..=1.2).contains(&cpu), "{cpu}");
     assert!(r["ratio_per_cpu"].is_null(), "{r}");
+    assert_eq!(u(&r["lost"]), 0, "{r}");
+    assert_eq!(u(&r["wrong"]), 0, "{r}");
 }
 
 #[test]
@@ -280,6 +329,7 @@ fn interleaved_heartbeat_alternates_node_and_raw_echo() {
     assert_eq!(r["ratio"].as_f64().unwrap(), med);
     assert_eq!(r["baseline"], "raw echo");
     assert_eq!(u(&r["lost"]), 0);
+    assert_eq!(u(&r["wrong"]), 0, "{r}");
 }
 
 #[test]
@@ -412,6 +462,7 @@ fn fanout_loses_nothing_with_ten_percent_loss_each_way() {
     assert!(u(&f["published"]) > 0);
     assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
     assert_eq!(u(&r["lost"]), 0);
+    every_bitmask_covered_what_was_published(&r);
 }
 
 #[test]
@@ -455,6 +506,7 @@ fn fanout_at_thirty_percent_loss_holds_every_device_with_default_retries() {
     assert!(u(&f["published"]) > 0, "{r}");
     assert_eq!(u(&r["lost"]), 0, "{r}");
     assert_eq!(u(&f["delivered"]), u(&f["expected_deliveries"]), "{r}");
+    every_bitmask_covered_what_was_published(&r);
     // Every device connected, and none was given up since: each is held
     // or connecting again.
     assert_eq!(u(&f["devices_connected"]), 200, "{r}");
@@ -527,6 +579,7 @@ fn hold_reports_node_memory_per_device() {
     );
     assert_eq!(u(&r["devices_held"]), 10_000);
     assert_eq!(u(&r["lost"]), 0);
+    assert_eq!(u(&r["wrong"]), 0, "{r}");
     assert!(r["node_rss_bytes_per_device"].as_f64().is_some(), "{r}");
     // 10,000 devices heartbeating every 2 s: about 5,000 round trips a second.
     assert!(u(&r["figures"]["measured"]["replies"]) > 0);
@@ -554,6 +607,7 @@ fn churn_disconnects_reconnects_and_rebinds() {
     assert!(u(&whole["rebinds_confirmed"]) <= u(&whole["rebinds"]));
     assert_eq!(u(&r["figures"]["whole_run"]["refused"]), 0);
     assert_eq!(u(&r["lost"]), 0);
+    assert_eq!(u(&r["wrong"]), 0, "{r}");
 }
 
 #[test]
@@ -563,6 +617,7 @@ fn stun_against_the_node_and_the_reflector() {
     assert!(u(&r["figures"]["requests_sent"]) > 0);
     assert!(r["rate_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["baseline_rate_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(u(&r["wrong"]), 0, "{r}");
 }
 
 #[test]
@@ -630,6 +685,289 @@ fn raw_reliable_fanout_counts_acknowledgements() {
         stdout.contains("raw notifications acknowledged/s"),
         "{stdout}"
     );
+}
+
+/// A child process of the test, killed (by its own pid) and reaped on drop.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits up to `limit` for `child` to exit on its own; kills it and fails
+/// past that.
+fn exits_within(child: &mut Reaped, limit: std::time::Duration, what: &str) {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        match child.0.try_wait().expect("try_wait") {
+            Some(status) => {
+                assert!(status.success(), "{what} failed: {status}");
+                return;
+            }
+            None if std::time::Instant::now() >= until => {
+                panic!("{what} did not exit within {limit:?}")
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
+/// `echo` (heartbeat-shaped packets, 64 in flight) against `reflector`,
+/// both as the user runs them, each its own process: every datagram the
+/// devices sent came back, each was an answer to the heartbeat in flight,
+/// and nothing timed out.
+#[test]
+fn echo_against_the_reflector_gets_every_heartbeat_back() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let refl_json = dir.path().join("reflector.json");
+    let echo_json = dir.path().join("echo.json");
+    // The reflector outlasts the echo run (about 3 s) by a wide margin:
+    // everything the devices send is echoed while it runs.
+    let mut reflector = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mpp-loadgen"))
+            .args([
+                "--duration",
+                "10s",
+                "--warmup",
+                "0s",
+                "--no-progress",
+                "--json",
+            ])
+            .arg(&refl_json)
+            .args(["reflector", "--listen", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("mpp-loadgen reflector starts"),
+    );
+    // "mpp-loadgen: reflector on 127.0.0.1:PORT for 10 s"
+    let mut line = String::new();
+    std::io::BufReader::new(reflector.0.stderr.take().unwrap())
+        .read_line(&mut line)
+        .expect("the reflector's first line");
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    let out = loadgen(&[
+        "--node",
+        &addr,
+        "--devices",
+        "1000",
+        "--duration",
+        "2s",
+        "--warmup",
+        "1s",
+        "--timeout-ms",
+        "5000",
+        "--no-progress",
+        "--json",
+        echo_json.to_str().unwrap(),
+        "echo",
+        "--window",
+        "64",
+    ]);
+    assert!(
+        out.status.success(),
+        "echo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: Value = serde_json::from_str(&std::fs::read_to_string(&echo_json).unwrap()).unwrap();
+    assert_eq!(e["scenario"], "echo");
+    assert_eq!(u(&e["devices"]), 1000);
+    assert_eq!(u(&e["lost"]), 0, "{e}");
+    assert_eq!(u(&e["wrong"]), 0, "{e}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table_count(&stdout, "lost"), 0, "{stdout}");
+    assert_eq!(table_count(&stdout, "wrong"), 0, "{stdout}");
+    let w = &e["figures"]["whole_run"];
+    // Only heartbeats went out (no connects to a reflector), and every one
+    // the kernel took.
+    assert_eq!(u(&w["connects_sent"]), 0, "{e}");
+    assert_eq!(u(&w["heartbeats_sent"]), u(&w["sent"]), "{e}");
+    assert_eq!(u(&w["send_errors"]), 0, "{e}");
+    // Each datagram received was the device's own heartbeat, the one in
+    // flight, opened with its key; none was given up on.
+    assert_eq!(u(&w["replies"]), u(&w["received"]), "{e}");
+    for k in ["timeouts", "unauthentic", "unknown", "other", "duplicates"] {
+        assert_eq!(u(&w[k]), 0, "{k}: {e}");
+    }
+    // What was still in flight when the devices stopped: at most the window.
+    let (sent, received) = (u(&w["sent"]), u(&w["received"]));
+    assert!(received <= sent && sent - received <= 64, "{e}");
+    assert!(u(&e["figures"]["measured"]["replies"]) > 0, "{e}");
+    assert!(e["rate_per_s"].as_f64().unwrap() > 0.0, "{e}");
+
+    exits_within(
+        &mut reflector,
+        std::time::Duration::from_secs(60),
+        "the reflector",
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&refl_json).unwrap()).unwrap();
+    assert_eq!(r["scenario"], "reflector");
+    assert_eq!(r["figures"]["listen"], addr.as_str());
+    // The reflector echoed exactly what the devices sent, all of it in its
+    // measured window (no warm-up, and it outlived the echo run).
+    assert_eq!(u(&r["figures"]["echoed_total"]), sent, "{r}");
+    assert_eq!(u(&r["figures"]["echoed"]), sent, "{r}");
+    assert!(r["rate_per_s"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+/// `mosquitto`'s path, if it is installed.
+fn mosquitto_program() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(std::env::split_paths(&path))
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+/// A `mosquitto` of the test's own on 127.0.0.1 and a free port, killed
+/// (by its pid) when dropped.
+struct Mosquitto {
+    port: u16,
+    _child: Reaped,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto, or returns `None` (after saying so) when it is
+    /// not installed, unless `MPP_REQUIRE_MOSQUITTO=1` (CI): then a
+    /// missing mosquitto fails the test.
+    fn start() -> Option<Mosquitto> {
+        let Some(program) = mosquitto_program() else {
+            if std::env::var("MPP_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
+                panic!(
+                    "mosquitto is not installed and MPP_REQUIRE_MOSQUITTO=1: \
+                     apt-get install mosquitto (.ci/run does this)"
+                );
+            }
+            eprintln!(
+                "skipped: mosquitto not installed (apt-get install mosquitto; \
+                 MPP_REQUIRE_MOSQUITTO=1 makes this a failure)"
+            );
+            return None;
+        };
+        // A free port: bind port 0, note it, let it go. Another process
+        // could take it in between; the start below then fails loudly.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 log_dest stderr\n"
+            ),
+        )
+        .expect("mosquitto.conf written");
+        let log = dir.path().join("mosquitto.log");
+        let child = Command::new(&program)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log file"))
+            .stderr(std::fs::File::create(dir.path().join("mosquitto.err")).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let mut child = Reaped(child);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.0.try_wait().ok().flatten() {
+                panic!(
+                    "mosquitto exited ({status}): {}",
+                    std::fs::read_to_string(dir.path().join("mosquitto.err")).unwrap_or_default()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "mosquitto did not listen on port {port} within 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(Mosquitto {
+            port,
+            _child: child,
+            _dir: dir,
+        })
+    }
+}
+
+/// `mqtt` through a real mosquitto: 50 subscribers, 200 publishes a
+/// second (QoS 0, the only QoS the scenario speaks). On loopback, with a
+/// broker that keeps up, every publish reaches every subscriber, intact.
+#[test]
+fn mqtt_through_mosquitto_delivers_every_publish_to_every_subscriber() {
+    let Some(broker) = Mosquitto::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("mqtt.json");
+    let addr = format!("127.0.0.1:{}", broker.port);
+    let out = loadgen(&[
+        "--devices",
+        "50",
+        "--threads",
+        "2",
+        "--duration",
+        "2s",
+        "--warmup",
+        "1s",
+        "--no-progress",
+        "--json",
+        json.to_str().unwrap(),
+        "mqtt",
+        "--broker",
+        &addr,
+        "--rate",
+        "200",
+        "--payload-bytes",
+        "32",
+        "--drain",
+        "10s",
+    ]);
+    assert!(
+        out.status.success(),
+        "mqtt failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let f = &r["figures"];
+    assert_eq!(r["scenario"], "mqtt");
+    assert_eq!(u(&r["devices"]), 50);
+    assert_eq!(u(&r["devices_held"]), 50, "{r}");
+    assert_eq!(f["broker"], addr.as_str());
+    assert_eq!(u(&r["lost"]), 0, "{r}");
+    assert_eq!(u(&r["wrong"]), 0, "{r}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table_count(&stdout, "lost"), 0, "{stdout}");
+    assert_eq!(table_count(&stdout, "wrong"), 0, "{stdout}");
+    // The measured window's publishes, each to each of the 50, each
+    // delivery timed; and over the whole run (warm-up included) too.
+    let published = u(&f["published"]);
+    assert!(published > 0, "{r}");
+    assert_eq!(u(&f["delivered"]), published * 50, "{r}");
+    assert_eq!(u(&r["latency_us"]["count"]), published * 50, "{r}");
+    assert_eq!(
+        u(&f["delivered_total"]),
+        u(&f["published_total"]) * 50,
+        "{r}"
+    );
+    assert_eq!(u(&f["settle_timeouts"]), 0, "{r}");
+    assert_eq!(u(&f["disconnects"]), 0, "{r}");
+    assert!(f.get("foreign_messages").is_none(), "{r}");
 }
 
 fn one_line_error(out: &Output, code: i32, needle: &str) {
