@@ -367,6 +367,19 @@ fn at_most<T: PartialOrd + fmt::Display + Copy>(max: T) -> impl Fn(&T) -> Result
     }
 }
 
+/// CPUs a CPU set can name (`CPU_SETSIZE`): pinning to one beyond is
+/// impossible, whatever the machine.
+pub const MAX_CPUS: usize = libc::CPU_SETSIZE as usize;
+
+fn cpus_fit_a_cpu_set(cpus: &CpuList) -> Result<(), String> {
+    match cpus.0.iter().find(|&&c| c >= MAX_CPUS) {
+        Some(cpu) => Err(format!(
+            "names CPU {cpu}, beyond the {MAX_CPUS} a CPU set can hold"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn within<T: PartialOrd + fmt::Display + Copy>(
     min: T,
     max: T,
@@ -408,7 +421,7 @@ settings! {
     /// Shards (threads); 0 = one per available core.
     threads: usize = 0, "N", check at_most(1024);
     /// CPUs to pin shard i to (the i-th listed), e.g. 0,2-5; empty = all.
-    cpus: CpuList = CpuList::default(), "LIST";
+    cpus: CpuList = CpuList::default(), "LIST", check cpus_fit_a_cpu_set;
     /// Pin shard threads to CPUs.
     pin: bool = true, "BOOL";
     /// I/O backend: uring, mmsg or auto (auto probes io_uring and falls back
@@ -796,7 +809,16 @@ impl clap::FromArgMatches for ConfigFlags {
                 .get_many::<String>(s.key)
                 .map(|v| v.cloned().collect())
                 .unwrap_or_default();
-            if s.is_bool && m.get_flag(&format!("no_{}", s.key)) {
+            // `--no-x` and `--x V` both given: the later one wins, as
+            // with any flag given twice (`--no-pin --pin true` pins).
+            let negated_last = if s.is_bool {
+                m.indices_of(&format!("no_{}", s.key))
+                    .and_then(|mut i| i.next_back())
+            } else {
+                None
+            };
+            let given_last = m.indices_of(s.key).and_then(|mut i| i.next_back());
+            if negated_last.is_some_and(|n| given_last.is_none_or(|g| n > g)) {
                 flags.values.push((s.key.into(), "false".into()));
             } else if s.is_list && !given.is_empty() {
                 flags.values.push((s.key.into(), given.join(",")));
@@ -850,6 +872,17 @@ mod tests {
         assert!(parse("a").is_err());
         assert!(parse("1-").is_err());
         assert!(parse("0-99999").is_err());
+        let beyond = NodeConfig {
+            cpus: CpuList(vec![0, 5000]),
+            ..NodeConfig::default()
+        };
+        let e = beyond.validate().expect_err("CPU 5000 cannot be pinned to");
+        assert!(e.to_string().contains("CPU 5000"), "{e}");
+        let last = NodeConfig {
+            cpus: CpuList(vec![MAX_CPUS - 1]),
+            ..NodeConfig::default()
+        };
+        assert!(last.validate().is_ok());
         assert_eq!(CpuList(vec![0, 2, 3]).to_string(), "0,2,3");
     }
 

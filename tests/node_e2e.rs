@@ -295,6 +295,7 @@ fn misrouted_datagrams_are_forwarded_through_the_router(io: IoChoice) {
             ShardMessage::Publish {
                 account: account.into(),
                 bitmask: vec![0x09],
+                stamp: 0,
             },
         )
         .is_ok());

@@ -222,7 +222,8 @@ pub(crate) fn run(
             }
             report(&slices);
             round += 1;
-            if start.elapsed() >= total {
+            // Ctrl-C ends the interleaving after the round under way.
+            if start.elapsed() >= total || crate::interrupted() {
                 return Ok(());
             }
         }

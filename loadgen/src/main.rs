@@ -6,9 +6,16 @@
 //! write the full report. Devices are built on the project's own protocol
 //! code (`mpp::packet`, `mpp::codec`, `mpp::proto::seal_request`) with a
 //! compact per-device record instead of a `Client` each.
+//!
+//! Ctrl-C (SIGINT) or SIGTERM ends the phase under way and every later one
+//! at once: the table and the `--json`/`--html` reports are still written,
+//! for what was measured until then (`figures.interrupted` is true), and
+//! the exit status is 130. A second Ctrl-C ends the process at once.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use clap::{Args, Parser, Subcommand};
 use mpp::config::CpuList;
@@ -339,9 +346,47 @@ fn one_cpu_json<S: serde::Serializer>(cpu: &Option<CpuList>, s: S) -> Result<S::
     serde::Serialize::serialize(&cpu, s)
 }
 
+/// Set by the first SIGINT or SIGTERM (signal-hook: the handler only
+/// stores to the atomic).
+static INTERRUPTED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// Whether the run was interrupted: every phase ends at once, and the
+/// reports cover what was measured.
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED
+        .get()
+        .is_some_and(|flag| flag.load(Ordering::Relaxed))
+}
+
+/// The exit status of an interrupted run (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// SIGINT and SIGTERM set the flag; the same signal again exits at once.
+fn handle_interruptions() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = INTERRUPTED.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(
+            signal,
+            i32::from(EXIT_INTERRUPTED),
+            Arc::clone(flag),
+        )?;
+        signal_hook::flag::register(signal, Arc::clone(flag))?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = handle_interruptions() {
+        eprintln!("mpp-loadgen: cannot handle signals: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match run::run(&cli) {
+        Ok(()) if interrupted() => {
+            eprintln!("mpp-loadgen: interrupted: the reports cover what was measured until then");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mpp-loadgen: {e:#}");

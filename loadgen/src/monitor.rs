@@ -116,7 +116,8 @@ impl<'a, P: Probe> Monitor<'a, P> {
             if now - self.last_t >= 1.0 {
                 self.sample(label, now, start, secs);
             }
-            if now - start >= secs || done() {
+            // Ctrl-C ends this phase and every later one at once.
+            if now - start >= secs || done() || crate::interrupted() {
                 return Ok(());
             }
             let left = Duration::from_secs_f64((secs - (now - start)).clamp(0.0, 1.0));
@@ -186,7 +187,9 @@ impl<'a, P: Probe> Monitor<'a, P> {
         let ran = self.phase(label, c.duration as f64, &|| false);
         let after = self.probe.mark(false);
         ran?;
-        let wall_s = self.probe.elapsed_s() - t0;
+        // An interrupted run may have measured next to nothing: no division
+        // by zero below.
+        let wall_s = (self.probe.elapsed_s() - t0).max(1e-3);
         let server_s = server_cpu().zip(server0).map(|(b, a)| b - a);
         let mut loadgen_s = crate::sys::own_cpu_seconds() - cpu0;
         if server_tid.is_some() {

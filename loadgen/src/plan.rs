@@ -421,7 +421,7 @@ impl<'a> Started<'a> {
         self.connect_s = shared.epoch.elapsed().as_secs_f64();
         let held = shared.counters.snapshot().held();
         let silent = shared.connect_done.load(Relaxed) < threads;
-        if self.connects && (held == 0 || silent) {
+        if self.connects && (held == 0 || silent) && !crate::interrupted() {
             let why = shared
                 .first_refusal
                 .lock()

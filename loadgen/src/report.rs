@@ -298,7 +298,14 @@ impl Report {
 
     /// The final table, one figure per line.
     pub(crate) fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
-        let mut rows: Vec<(String, String)> = vec![
+        let mut rows: Vec<(String, String)> = Vec::new();
+        if self.figures.get("interrupted") == Some(&Value::Bool(true)) {
+            rows.push((
+                "interrupted".into(),
+                "yes: stopped by a signal, figures cover what was measured".into(),
+            ));
+        }
+        rows.extend([
             ("scenario".into(), self.scenario.clone()),
             ("devices".into(), self.devices.to_string()),
             ("devices held".into(), self.devices_held.to_string()),
@@ -313,7 +320,7 @@ impl Report {
                     human(self.rate_max_per_s)
                 ),
             ),
-        ];
+        ]);
         if let Some(il) = &self.interleave {
             rows.push((
                 "interleaved".into(),

@@ -35,7 +35,7 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
     {
         bail!("--interleave is for heartbeat and fanout");
     }
-    let report = match &cli.command {
+    let mut report = match &cli.command {
         Command::Hold(a) => hold(c, a, config)?,
         Command::Fanout(a) => fanout(c, a, config)?,
         Command::Heartbeat(a) => heartbeat(c, a, config)?,
@@ -46,6 +46,9 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::Reflector(a) => reflector(c, a, config)?,
         Command::Mqtt(a) => crate::mqtt::run(c, a)?,
     };
+    if crate::interrupted() {
+        report.figure("interrupted", true);
+    }
     finish(c, &report)
 }
 
@@ -863,10 +866,10 @@ fn reflector(c: &Common, a: &crate::ReflectorArgs, config: serde_json::Value) ->
         "mpp-loadgen: reflector on {addr} for {} s",
         c.warmup + c.duration
     );
-    std::thread::sleep(Duration::from_secs(c.warmup));
+    sleep_unless_interrupted(Duration::from_secs(c.warmup));
     let e0 = echoed.load(Relaxed);
     let t0 = std::time::Instant::now();
-    std::thread::sleep(Duration::from_secs(c.duration));
+    sleep_unless_interrupted(Duration::from_secs(c.duration));
     let wall = t0.elapsed().as_secs_f64();
     let e1 = echoed.load(Relaxed);
     stop.store(true, Relaxed);
@@ -881,4 +884,16 @@ fn reflector(c: &Common, a: &crate::ReflectorArgs, config: serde_json::Value) ->
     r.figure("echoed", e1 - e0);
     r.figure("echoed_total", echoed.load(Relaxed));
     Ok(r)
+}
+
+/// Sleeps `d`, or less if the run is interrupted meanwhile.
+fn sleep_unless_interrupted(d: Duration) {
+    let until = std::time::Instant::now() + d;
+    while !crate::interrupted() {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
 }

@@ -2,7 +2,14 @@
 //!
 //! `mppd` with no arguments runs a node on its embedded defaults (UDP and
 //! HTTP on port 15099, data in `./mppd-data`). `mppd credential issue` prints
-//! a device credential offline from the data directory.
+//! a device credential offline from the data directory; `mppd manpage` and
+//! `mppd completions` write its own documentation from these definitions.
+//!
+//! Running, it is a well-behaved service: logs on stderr (colour only on a
+//! terminal, or JSON), `READY=1`/`STOPPING=1` to systemd when started by it,
+//! SIGHUP reloads what can change live, SIGTERM stops it in order. It must
+//! not die or hang because its stdout or stderr went away: every write of
+//! its own ignores a closed pipe, and so does the log writer.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -10,8 +17,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use mpp::config::{ConfigFlags, LogFormat, NodeConfig};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -47,6 +60,16 @@ enum Command {
     /// The master key: rotate it, or show the rotation in force.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Write the man pages (mppd.1 and one per subcommand) into DIR.
+    Manpage {
+        /// Where to write them (created if missing).
+        dir: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +165,11 @@ fn main() -> ExitCode {
         })) => revoke(&data_dir, &account, device.as_deref()),
         Some(Command::Key(command)) => key(command),
         Some(Command::Config(command)) => config(command),
+        Some(Command::Manpage { dir }) => manpage(&dir),
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Cli::command(), "mppd", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Some(Command::Run(flags)) => run(flags),
         None => run(cli.run),
     }
@@ -260,17 +288,125 @@ fn key(command: KeyCommand) -> ExitCode {
     }
 }
 
-fn init_logging(config: &NodeConfig) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+/// Writes the man pages of `mppd` and its subcommands into `dir`.
+fn manpage(dir: &std::path::Path) -> ExitCode {
+    let written =
+        std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(Cli::command(), dir));
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mppd: cannot write man pages into {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A line on stdout; a closed or broken stdout is ignored (the node must
+/// run and stop the same whether anyone still reads it).
+fn say(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line).and_then(|()| out.write_all(b"\n"));
+    let _ = out.flush();
+}
+
+/// A line on stderr, likewise.
+fn complain(line: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(line).and_then(|()| err.write_all(b"\n"));
+}
+
+/// Log lines go to stderr through this writer: a failed write (a closed
+/// pipe, a full disk) loses the line and nothing else.
+struct Stderr;
+
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::io::stderr().write(buf) {
+            Ok(n) => Ok(n),
+            // Pretend it was written: the logger must not retry, report or
+            // panic (tracing-subscriber prints internal errors with
+            // eprintln!, which panics on a closed stderr).
+            Err(_) => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// The log filter in force, changeable by a reload.
+type LogHandle = reload::Handle<EnvFilter, Registry>;
+
+/// Sets up logging on stderr: colour only when stderr is a terminal; JSON
+/// with the field names README documents (`timestamp`, `level`, `target`,
+/// `message`, `threadName`, then the event's own fields).
+fn init_logging(config: &NodeConfig) -> anyhow::Result<LogHandle> {
+    let filter = EnvFilter::try_new(&config.log_level)
         .map_err(|e| anyhow::anyhow!("invalid log_level {:?}: {e}", config.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = match config.log_format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let (filter, handle) = reload::Layer::new(filter);
+    let writer = || Stderr;
+    let (json, text) = match config.log_format {
+        LogFormat::Json => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_thread_names(true)
+                    .with_writer(writer)
+                    .log_internal_errors(false),
+            ),
+            None,
+        ),
+        LogFormat::Text => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(writer)
+                    .log_internal_errors(false),
+            ),
+        ),
     };
-    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json)
+        .with(text)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
+    Ok(handle)
+}
+
+/// What a running node may ask of this process: its configuration again
+/// (SIGHUP), a new log filter, and telling systemd it stops.
+struct MppdOperator {
+    flags: ConfigFlags,
+    log: LogHandle,
+}
+
+impl mpp::node::Operator for MppdOperator {
+    fn reload_config(&self) -> Result<NodeConfig, String> {
+        self.flags
+            .layers()
+            .and_then(|l| l.resolve())
+            .map(|r| r.config)
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_log_level(&self, filter: &str) -> Result<(), String> {
+        let filter =
+            EnvFilter::try_new(filter).map_err(|e| format!("invalid log_level {filter:?}: {e}"))?;
+        self.log.reload(filter).map_err(|e| e.to_string())
+    }
+
+    fn stopping(&self) {
+        // systemd (Type=notify): the stop has begun. Without NOTIFY_SOCKET
+        // this does nothing.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    }
 }
 
 fn run(flags: ConfigFlags) -> ExitCode {
@@ -278,37 +414,49 @@ fn run(flags: ConfigFlags) -> ExitCode {
         Ok(resolved) => resolved.config,
         Err(e) => return usage_error(e),
     };
-    if let Err(e) = init_logging(&config) {
-        return usage_error(e);
-    }
-    let node = match mpp::node::start(&config, true) {
+    let log = match init_logging(&config) {
+        Ok(handle) => handle,
+        Err(e) => return usage_error(e),
+    };
+    let operator = Arc::new(MppdOperator { flags, log });
+    let node = match mpp::node::start_with_operator(&config, true, operator) {
         Ok(node) => node,
         Err(e) => {
-            eprintln!("mppd: {e}");
-            return ExitCode::FAILURE;
+            complain(format_args!("mppd: {e}"));
+            // A configuration error will not go away by itself: 2, which
+            // the systemd unit's RestartPreventExitStatus names.
+            return match e {
+                mpp::node::StartError::Config(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            };
         }
     };
     let web = node.web.map(|w| format!(" web={w}")).unwrap_or_default();
-    println!(
+    say(format_args!(
         "mppd: listening udp={} http={}{web} shards={} io={} data-dir={}",
         node.udp,
         node.http,
         node.shards,
         node.backend.name(),
         config.data_dir.display()
-    );
-    println!(
+    ));
+    say(format_args!(
         "mppd: issue a credential with: mppd credential issue --data-dir {} --account alice@example.com --device phone --endpoint {}",
         config.data_dir.display(),
         mpp::node::public_endpoints(&config, node.udp).join(" --endpoint ")
-    );
+    ));
+    // Every shard is bound and running: tell systemd (Type=notify).
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("listening"),
+    ]);
     match node.wait() {
         Ok(()) => {
-            println!("mppd: stopped");
+            say(format_args!("mppd: stopped"));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("mppd: {e}");
+            complain(format_args!("mppd: {e}"));
             ExitCode::FAILURE
         }
     }

@@ -18,6 +18,8 @@ pub enum Kind {
     Counter,
     /// May go up and down.
     Gauge,
+    /// Observations in cumulative buckets (`_bucket{le=…}`, `_sum`, `_count`).
+    Histogram,
 }
 
 impl Kind {
@@ -25,6 +27,7 @@ impl Kind {
         match self {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         }
     }
 }
@@ -86,6 +89,52 @@ impl Exposition {
 
     /// One sample of the family started last.
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.labels(name, labels);
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    /// One sample with a fractional value (seconds, CPU time).
+    pub fn sample_f64(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.labels(name, labels);
+        if value.is_finite() {
+            let _ = writeln!(self.out, " {value}");
+        } else if value.is_nan() {
+            self.out.push_str(" NaN\n");
+        } else if value > 0.0 {
+            self.out.push_str(" +Inf\n");
+        } else {
+            self.out.push_str(" -Inf\n");
+        }
+    }
+
+    /// The samples of one histogram (the family, of kind
+    /// [`Kind::Histogram`], started by the caller): a `name_bucket` sample
+    /// per upper bound in `buckets` (`(le, cumulative count)`, the bound
+    /// already in the family's unit), one for `+Inf` (= `count`),
+    /// `name_sum` and `name_count`; `labels` go on each.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        buckets: &[(f64, u64)],
+        count: u64,
+        sum: f64,
+    ) {
+        let bucket = format!("{name}_bucket");
+        let bounds = buckets
+            .iter()
+            .map(|(le, n)| (le.to_string(), *n))
+            .chain(std::iter::once(("+Inf".to_string(), count)));
+        for (le, n) in bounds {
+            let mut with_le: Vec<(&str, &str)> = labels.to_vec();
+            with_le.push(("le", &le));
+            self.sample(&bucket, &with_le, n);
+        }
+        self.sample_f64(&format!("{name}_sum"), labels, sum);
+        self.sample(&format!("{name}_count"), labels, count);
+    }
+
+    fn labels(&mut self, name: &str, labels: &[(&str, &str)]) {
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');
@@ -100,7 +149,6 @@ impl Exposition {
             }
             self.out.push('}');
         }
-        let _ = writeln!(self.out, " {value}");
     }
 
     /// A family with one sample per item, each labelled by `label(item)`
@@ -161,6 +209,35 @@ mod tests {
              # HELP mpp_x_total X.\n# TYPE mpp_x_total counter\n\
              mpp_x_total{shard=\"0\"} 5\nmpp_x_total{shard=\"1\"} 7\n"
         );
+    }
+
+    #[test]
+    fn histograms_have_cumulative_buckets_sum_and_count() {
+        let mut e = Exposition::new();
+        e.family("x_seconds", Kind::Histogram, "X.");
+        e.histogram(
+            "x_seconds",
+            &[("shard", "0")],
+            &[(0.001, 2), (0.5, 3)],
+            4,
+            2.25,
+        );
+        assert_eq!(
+            e.into_string(),
+            "# HELP x_seconds X.\n# TYPE x_seconds histogram\n\
+             x_seconds_bucket{shard=\"0\",le=\"0.001\"} 2\n\
+             x_seconds_bucket{shard=\"0\",le=\"0.5\"} 3\n\
+             x_seconds_bucket{shard=\"0\",le=\"+Inf\"} 4\n\
+             x_seconds_sum{shard=\"0\"} 2.25\nx_seconds_count{shard=\"0\"} 4\n"
+        );
+    }
+
+    #[test]
+    fn fractional_samples() {
+        let mut e = Exposition::new();
+        e.sample_f64("a", &[], 1.5);
+        e.sample_f64("b", &[], f64::INFINITY);
+        assert_eq!(e.into_string(), "a 1.5\nb +Inf\n");
     }
 
     #[test]

@@ -245,12 +245,19 @@ pub struct Bus {
     /// A subject nobody subscribes to: a request to it comes back at once
     /// as "no responders", after everything sent before it was processed.
     sync_subject: String,
+    /// The node's clock: a publish from the bus is stamped when it arrives
+    /// (the start of its publish → send latency here).
+    clock: super::Clock,
 }
 
 impl Bus {
     /// Connects (in the background: the node runs, and delivers locally,
     /// while no server answers; the client keeps trying).
-    pub async fn connect(config: ClusterConfig, router: Arc<Router>) -> Result<Arc<Bus>, String> {
+    pub async fn connect(
+        config: ClusterConfig,
+        router: Arc<Router>,
+        clock: super::Clock,
+    ) -> Result<Arc<Bus>, String> {
         let connected = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let (c, k) = (Arc::clone(&connected), Arc::clone(&counters));
@@ -306,6 +313,7 @@ impl Bus {
             connected,
             counters,
             sync_subject,
+            clock,
         }))
     }
 
@@ -427,6 +435,7 @@ impl Bus {
                     .route(shard, || ShardMessage::Publish {
                         account: account.to_owned(),
                         bitmask: bitmask.to_vec(),
+                        stamp: self.clock.mono_nanos(),
                     })
                     .await;
                 let counter = if routed {

@@ -7,14 +7,20 @@
 //! [`Exposition`]. Rendering is a pure function of a [`NodeMetrics`]
 //! snapshot, so it never reaches into a shard.
 
+use super::latency::BUCKETS_NS;
+use super::process::ProcessStats;
 use super::shard::ShardMetrics;
 use crate::control::metrics::{counter, gauge, Exposition, Family, Kind};
 
 /// A snapshot of the node's counters, as `GET /metrics` reports them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeMetrics {
     /// The I/O backend in use: `"uring"` or `"mmsg"`.
     pub io_backend: &'static str,
+    /// The AES-GCM implementation in use (`aes-ni` or `portable`).
+    pub aes_gcm: &'static str,
+    /// The process's own figures (memory, CPU, descriptors, start time).
+    pub process: ProcessStats,
     /// Shard threads running.
     pub threads: usize,
     /// Seconds since the node started.
@@ -50,7 +56,7 @@ const CLUSTER_FAMILIES: &[(&str, Kind, &str, ClusterValue)] = &[
 ];
 
 /// Reads one counter of a shard.
-type ShardValue = fn(&ShardMetrics) -> u64;
+pub type ShardValue = fn(&ShardMetrics) -> u64;
 
 /// Families before `mpp_drops_total`, in output order.
 const SOCKET_FAMILIES: &[Family<ShardMetrics>] = &[
@@ -92,16 +98,25 @@ const SOCKET_FAMILIES: &[Family<ShardMetrics>] = &[
     ),
 ];
 
-/// The `reason` label values of `mpp_drops_total`.
-const DROP_REASONS: &[(&str, ShardValue)] = &[
-    ("malformed", |s| s.service.dropped_malformed),
-    ("auth", |s| s.service.dropped_auth),
-    ("replay", |s| s.service.dropped_replay),
-    ("unexpected", |s| s.service.dropped_unexpected),
-    ("queue_full", |s| s.service.dropped_queue_full),
-    ("stun", |s| s.service.stun_dropped),
-    ("refusal_rate_limited", |s| s.service.refusals_rate_limited),
-    ("auth_rate_limited", |s| s.service.dropped_auth_limited),
+/// The `reason` label values of `mpp_drops_total`, each with what it means
+/// (README's metrics table repeats these; a test keeps the two in step).
+pub const DROP_REASONS: &[(&str, ShardValue, &str)] = &[
+    ("malformed", |s| s.service.dropped_malformed,
+        "not a packet: too short or too long, a STUN message that does not parse, an undecodable message inside an authentic packet"),
+    ("auth", |s| s.service.dropped_auth,
+        "failed authentication (wrong key, forged or corrupted, unknown conn id), answered by nothing"),
+    ("replay", |s| s.service.dropped_replay,
+        "an authentic packet whose Serial the replay window has seen or left behind"),
+    ("unexpected", |s| s.service.dropped_unexpected,
+        "an authentic message the node does not take in that state or direction (e.g. a heartbeat for no connection)"),
+    ("queue_full", |s| s.service.dropped_queue_full,
+        "a reply dropped because the shard already holds max_queued_replies (the client retries)"),
+    ("stun", |s| s.service.stun_dropped,
+        "a STUN request not answered: over stun_rate for its source, or one RFC 8489 says to ignore"),
+    ("refusal_rate_limited", |s| s.service.refusals_rate_limited,
+        "a refusal (404, 403, InvalidSerial…) not sent: over 10/s for that source and conn id"),
+    ("auth_rate_limited", |s| s.service.dropped_auth_limited,
+        "a packet from a source already over 100 authentication failures/s, dropped before any crypto"),
 ];
 
 /// Families after `mpp_drops_total`, in output order.
@@ -246,6 +261,21 @@ const PROTOCOL_FAMILIES: &[Family<ShardMetrics>] = &[
 /// Writes every counter of `metrics`: node-level gauges first, then one
 /// sample per shard for each family.
 pub fn render(metrics: &NodeMetrics, out: &mut Exposition) {
+    metrics.process.render(out);
+    out.family(
+        "mpp_build_info",
+        Kind::Gauge,
+        "Always 1; the labels say what runs: version, I/O backend, AES-GCM implementation.",
+    );
+    out.sample(
+        "mpp_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("io_backend", metrics.io_backend),
+            ("aes_gcm", metrics.aes_gcm),
+        ],
+        1,
+    );
     out.family(
         "mpp_io_backend",
         Kind::Gauge,
@@ -293,7 +323,7 @@ pub fn render(metrics: &NodeMetrics, out: &mut Exposition) {
     );
     for s in &metrics.shards {
         let shard = s.shard.to_string();
-        for (reason, value) in DROP_REASONS {
+        for (reason, value, _) in DROP_REASONS {
             let labels = [("shard", shard.as_str()), ("reason", reason)];
             out.sample("mpp_drops_total", &labels, value(s));
         }
@@ -306,6 +336,27 @@ pub fn render(metrics: &NodeMetrics, out: &mut Exposition) {
             out.family(name, *kind, help);
             out.sample(name, &[], value(cluster));
         }
+    }
+    out.family(
+        "mpp_publish_send_seconds",
+        Kind::Histogram,
+        "Publish to send: from the control plane handing a publish to the router to the shard sealing the last notify it queued.",
+    );
+    for s in &metrics.shards {
+        let shard = s.shard.to_string();
+        let l = &s.publish_latency;
+        let buckets: Vec<(f64, u64)> = BUCKETS_NS
+            .iter()
+            .zip(l.buckets.iter().copied().chain(std::iter::repeat(0)))
+            .map(|(&le, n)| (le as f64 / 1e9, n))
+            .collect();
+        out.histogram(
+            "mpp_publish_send_seconds",
+            &[("shard", &shard)],
+            &buckets,
+            l.count,
+            l.sum_ns as f64 / 1e9,
+        );
     }
 }
 
@@ -354,6 +405,11 @@ mod tests {
             misrouted_forwarded: base + 29,
             misrouted_dropped: base + 30,
             forwarded_in: base + 31,
+            publish_latency: crate::node::latency::LatencySnapshot {
+                buckets: vec![base + 1; crate::node::latency::BUCKETS_NS.len()],
+                count: base + 2,
+                sum_ns: 1_500_000_000,
+            },
         }
     }
 
@@ -366,6 +422,8 @@ mod tests {
     fn node() -> NodeMetrics {
         NodeMetrics {
             io_backend: "uring",
+            aes_gcm: "aes-ni",
+            process: ProcessStats::default(),
             threads: 2,
             uptime_secs: 3600,
             shards: vec![shard(0, 0), shard(1, 100)],
@@ -386,7 +444,7 @@ mod tests {
             .collect();
         assert_eq!(
             families.len(),
-            6 + SOCKET_FAMILIES.len() + 1 + PROTOCOL_FAMILIES.len()
+            7 + SOCKET_FAMILIES.len() + 1 + PROTOCOL_FAMILIES.len() + 1
         );
         for name in &families {
             let help = format!("# HELP {name} ");
@@ -402,16 +460,23 @@ mod tests {
                 | "mpp_uptime_seconds"
                 | "mpp_master_key_parity"
                 | "mpp_previous_key_grace_seconds"
-                | "mpp_revocations" => 1,
+                | "mpp_revocations"
+                | "mpp_build_info" => 1,
                 "mpp_drops_total" => 2 * DROP_REASONS.len(),
+                "mpp_publish_send_seconds" => 0,
                 _ => 2,
             };
             assert_eq!(samples, expected, "{name}");
         }
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap_or_default();
-            assert!(value.parse::<u64>().is_ok(), "{line}");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+        let buckets = text
+            .lines()
+            .filter(|l| l.starts_with("mpp_publish_send_seconds_bucket{"))
+            .count();
+        assert_eq!(buckets, 2 * (crate::node::latency::BUCKETS_NS.len() + 1));
         assert!(text.ends_with('\n'));
     }
 
@@ -439,9 +504,24 @@ mod tests {
             "mpp_shard_up{shard=\"1\"} 0",
             "mpp_misrouted_dropped_total{shard=\"1\"} 130",
             "mpp_forwarded_in_total{shard=\"0\"} 31",
+            "# TYPE mpp_publish_send_seconds histogram",
+            "mpp_publish_send_seconds_bucket{shard=\"1\",le=\"0.00005\"} 101",
+            "mpp_publish_send_seconds_bucket{shard=\"1\",le=\"+Inf\"} 102",
+            "mpp_publish_send_seconds_sum{shard=\"0\"} 1.5",
+            "mpp_publish_send_seconds_count{shard=\"0\"} 2",
         ] {
             assert!(text.lines().any(|l| l == expected), "missing {expected}");
         }
+    }
+
+    #[test]
+    fn build_info_names_version_backend_and_aes_gcm() {
+        let text = rendered(&node());
+        let expected = format!(
+            "mpp_build_info{{version=\"{}\",io_backend=\"uring\",aes_gcm=\"aes-ni\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.lines().any(|l| l == expected), "{text}");
     }
 
     #[test]

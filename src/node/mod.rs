@@ -25,7 +25,10 @@
 pub mod cluster;
 pub mod data_dir;
 pub mod keyring;
+pub mod latency;
 pub mod metrics;
+pub mod process;
+mod reload;
 pub mod router;
 pub mod shard;
 mod signals;
@@ -49,6 +52,7 @@ use crate::proto::{KeySet, ServiceConfig};
 use crate::time::{UnixMillis, UnixSeconds};
 pub use data_dir::{open_data_dir, DataDir, DataDirError, ADMIN_TOKEN_FILE, MASTER_KEY_FILE};
 use metrics::NodeMetrics;
+pub use reload::{Operator, ReloadReport, LIVE_SETTINGS};
 use router::{Fault, InboxFull, Router, ShardMessage};
 use shard::{ShardHealth, ShardMetrics, ShardSetup};
 use signals::Signals;
@@ -164,6 +168,12 @@ impl Clock {
         self.start_unix
             .plus_millis(self.start.elapsed().as_millis() as u64)
     }
+
+    /// Nanoseconds since the clock was anchored, monotonic: the stamps of
+    /// the publish → send latency (shared by the control plane and shards).
+    pub fn mono_nanos(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
 }
 
 impl Default for Clock {
@@ -240,6 +250,7 @@ impl NodeApi for NodeHandle {
         let message = ShardMessage::Publish {
             account: account.to_owned(),
             bitmask: bitmask.to_vec(),
+            stamp: self.clock.mono_nanos(),
         };
         self.router.send(shard, message).map_err(|_| Overloaded)
     }
@@ -308,6 +319,8 @@ impl NodeApi for NodeHandle {
             (k.keys.parity, grace, k.revocations.entries().count())
         };
         let snapshot = NodeMetrics {
+            aes_gcm: crate::packet::aes_gcm_implementation().name(),
+            process: process::ProcessStats::read(),
             key_parity,
             key_grace_secs,
             revocations,
@@ -363,12 +376,29 @@ pub struct Node {
     control_thread: Option<JoinHandle<io::Result<()>>>,
     stop: Arc<tokio::sync::Notify>,
     router: Arc<Router>,
+    reload: tokio::sync::mpsc::UnboundedSender<ReloadRequest>,
 }
+
+/// A reload asked for: by SIGHUP (no one waits for the report) or by
+/// [`Node::reload`] (the report goes back).
+type ReloadRequest = Option<std::sync::mpsc::SyncSender<ReloadReport>>;
+
+/// How long [`Node::reload`] waits for the control thread's report.
+const RELOAD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Node {
     /// Asks the node to stop (as SIGTERM does).
     pub fn shutdown(&self) {
         self.stop.notify_one();
+    }
+
+    /// Reloads what can change live, as SIGHUP does, and says what it did
+    /// (see [`Operator`]); `None` if the control thread did not answer (it
+    /// stopped).
+    pub fn reload(&self) -> Option<ReloadReport> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.reload.send(Some(tx)).ok()?;
+        rx.recv_timeout(RELOAD_PATIENCE).ok()
     }
 
     /// Waits for every thread to finish: `Ok` after [`Node::shutdown`] or a
@@ -481,6 +511,23 @@ pub fn start(config: &NodeConfig, stop_on_signals: bool) -> Result<Node, StartEr
     start_with_hooks(config, stop_on_signals, TestHooks::default())
 }
 
+/// [`start`], with the process's [`Operator`]: a reload (SIGHUP when
+/// `stop_on_signals`, or [`Node::reload`]) reads the configuration again
+/// through it and applies what can change live; it is told when the node
+/// begins to stop.
+pub fn start_with_operator(
+    config: &NodeConfig,
+    stop_on_signals: bool,
+    operator: Arc<dyn Operator>,
+) -> Result<Node, StartError> {
+    start_inner(
+        config,
+        stop_on_signals,
+        TestHooks::default(),
+        Some(operator),
+    )
+}
+
 /// [`start`], with faults a test asks for.
 #[doc(hidden)]
 pub fn start_with_hooks(
@@ -488,10 +535,40 @@ pub fn start_with_hooks(
     stop_on_signals: bool,
     hooks: TestHooks,
 ) -> Result<Node, StartError> {
+    start_inner(config, stop_on_signals, hooks, None)
+}
+
+fn start_inner(
+    config: &NodeConfig,
+    stop_on_signals: bool,
+    hooks: TestHooks,
+    operator: Option<Arc<dyn Operator>>,
+) -> Result<Node, StartError> {
     config.validate()?;
     let data = open_data_dir(&config.data_dir)?;
     let shards = config.shard_count();
     let cpus = config.cpus.0.clone();
+    if config.pin && !cpus.is_empty() {
+        // A CPU the process may not run on (absent, offline, outside its
+        // cpuset) cannot be pinned to: a configuration error, said at once.
+        let allowed: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        if let Some(cpu) = cpus
+            .iter()
+            .find(|c| !allowed.is_empty() && !allowed.contains(c))
+        {
+            return Err(StartError::Config(ConfigError::Invalid {
+                key: "cpus",
+                message: format!(
+                    "names CPU {cpu}, which this process may not run on (it may run on {})",
+                    crate::config::CpuList(allowed)
+                ),
+            }));
+        }
+    }
     let cpus = if cpus.is_empty() {
         core_affinity::get_core_ids()
             .unwrap_or_default()
@@ -754,7 +831,13 @@ pub fn start_with_hooks(
         cluster: std::sync::OnceLock::new(),
     });
     let stop = Arc::new(tokio::sync::Notify::new());
+    let (reload, reload_requests) = tokio::sync::mpsc::unbounded_channel();
     let control_thread = spawn_control(Control {
+        reloader: reload::Reloader {
+            running: config.clone(),
+            operator,
+        },
+        reload_requests,
         listeners,
         node: handle,
         data_dir: config.data_dir.clone(),
@@ -776,6 +859,7 @@ pub fn start_with_hooks(
         control_thread: Some(control_thread),
         stop,
         router,
+        reload,
     })
 }
 
@@ -790,6 +874,8 @@ struct Control {
     stop_on_signals: bool,
     dns: Option<(SocketAddr, tokio::sync::mpsc::Receiver<DnsQuery>)>,
     cluster: Option<ClusterSetup>,
+    reloader: reload::Reloader,
+    reload_requests: tokio::sync::mpsc::UnboundedReceiver<ReloadRequest>,
 }
 
 /// What the control thread starts the cluster bus with.
@@ -819,6 +905,17 @@ fn default_node_id(udp: SocketAddr) -> String {
     format!("{host}-{}", udp.port())
 }
 
+/// Stops every shard when dropped: whatever ends the control thread (a
+/// panic included, e.g. a log write that fails), the shards stop with it
+/// and [`Node::wait`] returns instead of waiting forever.
+struct StopShardsOnDrop(Arc<Router>);
+
+impl Drop for StopShardsOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown_all();
+    }
+}
+
 fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartError> {
     let Control {
         listeners,
@@ -830,19 +927,24 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
         stop_on_signals,
         dns,
         cluster: cluster_setup,
+        mut reloader,
+        mut reload_requests,
     } = control;
+    let reloader_operator = reloader.operator.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StartError::setup("start the control runtime"))?;
-    let signals = if stop_on_signals {
+    let mut signals = if stop_on_signals {
         Some(Signals::install(&runtime)?)
     } else {
         None
     };
+    let mut hangup = signals.as_mut().and_then(|s| s.hup.take());
     std::thread::Builder::new()
         .name("mpp-control".into())
         .spawn(move || {
+            let _stop_shards = StopShardsOnDrop(router.clone());
             runtime.block_on(async move {
                 let mut http = Vec::with_capacity(listeners.len());
                 for (listener, routes, limits) in listeners {
@@ -871,11 +973,38 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
                     };
                     tokio::spawn(crate::control::dns::forward(upstream, queries, answered));
                 }
-                tokio::spawn(watch_keyring(data_dir, Arc::clone(&node)));
+                let watch = Arc::new(Mutex::new(keyring::Watch::new(&data_dir)));
+                tokio::spawn(watch_keyring(
+                    data_dir.clone(),
+                    Arc::clone(&watch),
+                    Arc::clone(&node),
+                ));
+                // SIGHUP or Node::reload: the key files at once, then the
+                // configuration (docs/PROTOCOL.md §9).
+                let reloading = Arc::clone(&node);
+                tokio::spawn(async move {
+                    loop {
+                        let reply = tokio::select! {
+                            request = reload_requests.recv() => match request {
+                                Some(reply) => reply,
+                                None => break,
+                            },
+                            () = signals::hangup(&mut hangup) => {
+                                tracing::info!("SIGHUP: reloading");
+                                None
+                            }
+                        };
+                        let keys = poll_keyring(&data_dir, &watch, &reloading);
+                        let report = reloader.reload(&reloading, keys);
+                        if let Some(reply) = reply {
+                            let _ = reply.try_send(report);
+                        }
+                    }
+                });
                 if let Some((settings, interest, questions)) = cluster_setup {
                     let node_id = settings.node_id.clone();
                     let urls = settings.urls.join(",");
-                    match cluster::Bus::connect(settings, router.clone()).await {
+                    match cluster::Bus::connect(settings, router.clone(), node.clock).await {
                         Ok(bus) => {
                             tracing::info!(node_id, urls, "cluster bus started");
                             let _ = node.cluster.set(Arc::clone(&bus));
@@ -884,6 +1013,7 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
                         Err(e) => tracing::error!(%e, "cluster bus not started: this node delivers locally only"),
                     }
                 }
+                let stopping = reloader_operator.clone();
                 let health = Arc::clone(&node.health);
                 let shutdown = {
                     let router = router.clone();
@@ -905,6 +1035,9 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
                                 tokio::time::sleep(SHARD_FAILURE_GRACE).await;
                             }
                         }
+                        if let Some(operator) = &stopping {
+                            operator.stopping();
+                        }
                         router.shutdown_all();
                     }
                 };
@@ -924,43 +1057,59 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
 /// Looks at the key and revocation files every [`KEYRING_POLL`] and hands
 /// what changed to every shard (docs/PROTOCOL.md §7.11): a revocation or a
 /// rotation takes effect without a restart. A file that does not read is
-/// logged and looked at again; the node keeps what it had.
-async fn watch_keyring(dir: std::path::PathBuf, node: Arc<NodeHandle>) {
-    let mut watch = keyring::Watch::new(&dir);
+/// logged and looked at again; the node keeps what it had. A reload looks
+/// at once, through the same `watch`.
+async fn watch_keyring(
+    dir: std::path::PathBuf,
+    watch: Arc<Mutex<keyring::Watch>>,
+    node: Arc<NodeHandle>,
+) {
     let mut tick = tokio::time::interval(KEYRING_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let changes = match watch.poll(&dir) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(%e, "key or revocation file unreadable: keeping the ones in force");
-                continue;
-            }
-        };
-        let mut keyring = match node.keyring.lock() {
-            Ok(k) => k,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(keys) = changes.keys {
-            tracing::info!(
-                parity = keys.parity,
-                previous_until_unix = keys.previous.as_ref().map(|(_, u)| u.seconds().0),
-                "master keys changed: new credentials use the current key"
-            );
-            keyring.keys = keys.clone();
-            node.router
-                .broadcast(|| ShardMessage::Keys(Box::new(keys.clone())));
-        }
-        if let Some(revocations) = changes.revocations {
-            let revocations = Arc::new(revocations);
-            tracing::info!(
-                entries = revocations.entries().count(),
-                "revocations changed: the accounts concerned reconnect"
-            );
-            keyring.revocations = Arc::clone(&revocations);
-            node.router
-                .broadcast(|| ShardMessage::Revocations(Arc::clone(&revocations)));
+        if let Err(e) = poll_keyring(&dir, &watch, &node) {
+            tracing::error!(%e, "key or revocation file unreadable: keeping the ones in force");
         }
     }
+}
+
+/// Looks at the key and revocation files once and hands what changed to
+/// every shard: (keys changed, revocations changed).
+fn poll_keyring(
+    dir: &std::path::Path,
+    watch: &Mutex<keyring::Watch>,
+    node: &NodeHandle,
+) -> Result<(bool, bool), String> {
+    let mut watch = match watch.lock() {
+        Ok(w) => w,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let changes = watch.poll(dir).map_err(|e| e.to_string())?;
+    let mut keyring = match node.keyring.lock() {
+        Ok(k) => k,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let changed = (changes.keys.is_some(), changes.revocations.is_some());
+    if let Some(keys) = changes.keys {
+        tracing::info!(
+            parity = keys.parity,
+            previous_until_unix = keys.previous.as_ref().map(|(_, u)| u.seconds().0),
+            "master keys changed: new credentials use the current key"
+        );
+        keyring.keys = keys.clone();
+        node.router
+            .broadcast(|| ShardMessage::Keys(Box::new(keys.clone())));
+    }
+    if let Some(revocations) = changes.revocations {
+        let revocations = Arc::new(revocations);
+        tracing::info!(
+            entries = revocations.entries().count(),
+            "revocations changed: the accounts concerned reconnect"
+        );
+        keyring.revocations = Arc::clone(&revocations);
+        node.router
+            .broadcast(|| ShardMessage::Revocations(Arc::clone(&revocations)));
+    }
+    Ok(changed)
 }

@@ -34,6 +34,9 @@ pub enum ShardMessage {
         account: String,
         /// The bitmask (1..=32 bytes, checked by the sender).
         bitmask: Vec<u8>,
+        /// When the control plane handed it over ([`super::Clock::mono_nanos`]):
+        /// the start of the publish → send latency.
+        stamp: u64,
     },
     /// A client packet from the web-service transport; the replies go back on `reply`.
     Web {
@@ -57,6 +60,13 @@ pub enum ShardMessage {
     Keys(Box<crate::proto::KeySet>),
     /// A new table of revocations (docs/PROTOCOL.md §7.11).
     Revocations(Arc<crate::proto::revocation::Revocations>),
+    /// New STUN rate limits per source address (a reload).
+    StunLimits {
+        /// Answers per second (0: unlimited).
+        rate: u32,
+        /// Burst.
+        burst: u32,
+    },
     /// Fail on purpose (tests of the node's health; never sent otherwise).
     #[doc(hidden)]
     Fault(Fault),
@@ -311,6 +321,7 @@ mod tests {
         let publish = || ShardMessage::Publish {
             account: "a".into(),
             bitmask: vec![1],
+            stamp: 0,
         };
         assert!(router.send(1, publish()).is_ok());
         assert!(router.send(1, publish()).is_ok());
@@ -338,6 +349,7 @@ mod tests {
         let publish = ShardMessage::Publish {
             account: "a".into(),
             bitmask: vec![1],
+            stamp: 0,
         };
         assert!(router.send(1, publish).is_ok());
         assert_eq!(router.overflows(1), 0);

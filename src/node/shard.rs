@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::cluster::{CatchUpQuestion, Interest};
+use super::latency::PublishLatency;
 use super::router::{Fault, Router, ShardId, ShardInbox, ShardMessage};
 use super::Clock;
 use crate::control::dns::DnsQuery;
@@ -199,6 +200,8 @@ pub struct ShardMetrics {
     pub misrouted_dropped: u64,
     /// Datagrams other shards forwarded to this one.
     pub forwarded_in: u64,
+    /// Publish → send latency (see [`super::latency`]).
+    pub publish_latency: super::latency::LatencySnapshot,
 }
 
 /// Everything a shard thread needs.
@@ -342,6 +345,8 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
         stopping: false,
         fault: None,
         cluster: setup.cluster,
+        clock: setup.clock,
+        latency: PublishLatency::new(),
     };
     tracing::info!(shard = shard.id, cpu = ?setup.cpu, io = driver.backend().name(), "shard started");
     let mut last_metrics = Instant::now();
@@ -555,6 +560,10 @@ struct Shard {
     fault: Option<std::io::Error>,
     /// The cluster bus, in a cluster.
     cluster: Option<ShardCluster>,
+    /// The node's clock, whose [`Clock::mono_nanos`] stamps publishes.
+    clock: Clock,
+    /// Publish → send latency.
+    latency: PublishLatency,
 }
 
 impl Shard {
@@ -612,8 +621,15 @@ impl Shard {
 
     fn on_message(&mut self, now: UnixMillis, message: ShardMessage) {
         match message {
-            ShardMessage::Publish { account, bitmask } => {
-                if let Err(e) = self.server.handle_publish(now, &account, &bitmask) {
+            ShardMessage::Publish {
+                account,
+                bitmask,
+                stamp,
+            } => {
+                let published = self
+                    .server
+                    .handle_publish_stamped(now, &account, &bitmask, stamp);
+                if let Err(e) = published {
                     tracing::warn!(shard = self.id, %e, "publish refused");
                 }
             }
@@ -629,6 +645,7 @@ impl Shard {
             }
             ShardMessage::Shutdown => self.stopping = true,
             ShardMessage::Keys(keys) => self.server.set_keys(*keys),
+            ShardMessage::StunLimits { rate, burst } => self.server.set_stun_limits(rate, burst),
             ShardMessage::Revocations(revocations) => {
                 self.server.set_revocations(now, revocations);
             }
@@ -842,6 +859,11 @@ impl Shard {
                 break;
             };
             produced += 1;
+            // Publishes whose last notify this was: their latency ends here.
+            while let Some(stamp) = self.server.poll_published() {
+                let ns = self.clock.mono_nanos().saturating_sub(stamp);
+                self.latency.record(ns);
+            }
             match t.web {
                 None => driver.commit_send(t.destination, t.size),
                 Some(WebRequestId(id)) => {
@@ -880,6 +902,7 @@ impl Shard {
             misrouted_forwarded: self.misrouted_forwarded,
             misrouted_dropped: self.misrouted_dropped,
             forwarded_in: self.router.forwarded_datagrams(self.id),
+            publish_latency: self.latency.snapshot(),
         };
         if let Ok(mut guard) = sink.lock() {
             *guard = m;

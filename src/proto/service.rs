@@ -482,6 +482,10 @@ const FIRST_SERIAL_SPAN: u32 = 1 << 30;
 /// (header fields with an IPv6 endpoint, framing), rounded up.
 const RESOLVE_OVERHEAD: usize = 200;
 
+/// Stamped publishes waiting for their notifies at most; beyond, a
+/// publish goes unstamped (its latency is not recorded).
+const MAX_PUBLISH_STAMPS: usize = 1 << 16;
+
 /// A shed connect is told to come back after this long, plus as much again
 /// at random (ms), so the devices it turns away come back spread out.
 const SHED_RETRY_AFTER_MS: u64 = 1_000;
@@ -542,6 +546,14 @@ pub struct Service {
     /// many honest devices behind one NAT address are never limited.
     auth_failure_limiter: RateLimiter,
     notifies: VecDeque<u32>,
+    /// Notifies queued and taken from `notifies` so far (wrapping never:
+    /// u64), which place a publish's stamp in that queue.
+    notifies_queued: u64,
+    notifies_taken: u64,
+    /// Stamped publishes whose notifies are not all sealed yet: (the value
+    /// of `notifies_queued` once the publish was queued, its stamp). One
+    /// entry per publish, nothing per connection.
+    publish_stamps: VecDeque<(u64, u64)>,
     fragmented: Option<FragmentedSend>,
     next_fragment_id: u16,
     timers: TimerWheel<RetransmitTimer>,
@@ -597,6 +609,9 @@ impl Service {
                 DEFAULT_BUCKETS,
             ),
             notifies: VecDeque::new(),
+            notifies_queued: 0,
+            notifies_taken: 0,
+            publish_stamps: VecDeque::new(),
             fragmented: None,
             next_fragment_id: 0,
             timers: TimerWheel::new(4, 8192),
@@ -757,7 +772,7 @@ impl Service {
                     rec.set_tries(c.tries);
                     rec.set_catch_up(c.catch_up);
                     rec.set_queued(true);
-                    self.notifies.push_back(slot.0);
+                    self.queue_notify(slot.0);
                 }
             }
             done.connections += 1;
@@ -1565,7 +1580,7 @@ impl Service {
             // its retransmission timer is armed when that notify goes out.
             if !rec.queued() {
                 rec.set_queued(true);
-                self.notifies.push_back(slot.0);
+                self.queue_notify(slot.0);
             }
             self.stats.notifies_sent += 1;
             count += 1;
@@ -1722,6 +1737,51 @@ impl Service {
         self.table.partition_devices()
     }
 
+    /// [`Service::handle_publish`] with a `stamp` (any monotonic time the
+    /// caller keeps, e.g. nanoseconds) that [`Service::poll_published`]
+    /// hands back once every notify the publish queued has been sealed by
+    /// [`Service::poll_transmit`] (or found acknowledged meanwhile): the
+    /// publish → send latency without a clock in the state machine. A
+    /// publish that reached no device here gives nothing back.
+    pub fn handle_publish_stamped(
+        &mut self,
+        now: UnixMillis,
+        account: &str,
+        bitmask: &[u8],
+        stamp: u64,
+    ) -> Result<usize, PublishError> {
+        let count = self.handle_publish(now, account, bitmask)?;
+        if count > 0 && self.publish_stamps.len() < MAX_PUBLISH_STAMPS {
+            self.publish_stamps.push_back((self.notifies_queued, stamp));
+        }
+        Ok(count)
+    }
+
+    /// The stamp of a publish whose notifies have all left (see
+    /// [`Service::handle_publish_stamped`]), oldest first.
+    pub fn poll_published(&mut self) -> Option<u64> {
+        match self.publish_stamps.front() {
+            Some(&(end, stamp)) if end <= self.notifies_taken => {
+                self.publish_stamps.pop_front();
+                Some(stamp)
+            }
+            _ => None,
+        }
+    }
+
+    fn queue_notify(&mut self, slot: u32) {
+        self.notifies.push_back(slot);
+        self.notifies_queued += 1;
+    }
+
+    /// Changes the STUN rate limit per source address (a reload): the
+    /// buckets start full again.
+    pub fn set_stun_limits(&mut self, rate_per_sec: u32, burst: u32) {
+        self.config.stun_rate_per_sec = rate_per_sec;
+        self.config.stun_burst = burst;
+        self.stun_limiter = RateLimiter::new(rate_per_sec, burst, DEFAULT_BUCKETS);
+    }
+
     /// Hands the upstream's answer (or failure status 502/504) to a waiting
     /// resolve. Unknown or timed-out tokens are ignored.
     pub fn handle_resolve_answer(&mut self, token: ResolveToken, answer: Result<&[u8], u16>) {
@@ -1816,7 +1876,7 @@ impl Service {
         rec.set_tries(tries);
         if !rec.queued() {
             rec.set_queued(true);
-            self.notifies.push_back(t.slot);
+            self.queue_notify(t.slot);
         }
         self.stats.notifies_retransmitted += 1;
     }
@@ -1898,6 +1958,7 @@ impl Service {
                 continue;
             }
             let slot = self.notifies.pop_front()?;
+            self.notifies_taken += 1;
             if let Some(t) = self.encode_notify(now, Slot(slot), buf) {
                 return Some(t);
             }

@@ -39,7 +39,8 @@ pub(crate) fn deadline() -> Instant {
 
 /// Generates one `#[test]` per I/O driver for each named case: the case is a
 /// `fn name(io: IoChoice)` in the including file, the tests are
-/// `uring::name` and `mmsg::name`.
+/// `uring::name` and `mmsg::name`. (Not every including file uses it.)
+#[allow(unused_macros)]
 macro_rules! on_both_drivers {
     ($($case:ident),* $(,)?) => {
         mod uring {
@@ -456,6 +457,16 @@ impl TestNode {
             config,
             dir,
         }
+    }
+
+    /// Reloads as SIGHUP does (key files at once; no configuration here:
+    /// the node runs without an operator) and returns the report.
+    pub(crate) fn reload(&self) -> mpp::node::ReloadReport {
+        self.node
+            .as_ref()
+            .expect("node running")
+            .reload()
+            .expect("the control thread answered the reload")
     }
 
     /// Makes shard `shard` fail (see `mpp::node::router::Fault`).

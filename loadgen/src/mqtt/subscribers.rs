@@ -360,7 +360,7 @@ impl Worker {
         )
         .with_context(|| format!("{who}: creating a socket"))?;
         sock.set_nonblocking(true)?;
-        sock.set_nodelay(true)?;
+        sock.set_tcp_nodelay(true)?;
         let connected = match sock.connect(&broker.into()) {
             Ok(()) => true,
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -20,20 +21,20 @@ use mpp::time::UnixMillis;
 use crate::http;
 use crate::InvalidInput;
 
-/// Set by SIGINT/SIGTERM.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
+/// A flag set by SIGINT or SIGTERM (signal-hook: the handler only stores
+/// to the atomic). A second SIGINT after the first ends the process at once,
+/// as a user pressing Ctrl-C twice expects.
+fn interruption_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // Exit 130 on the second signal (the flag is already set then)…
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&flag))
+            .context("cannot handle signals")?;
+        // …and set the flag on the first.
+        signal_hook::flag::register(signal, Arc::clone(&flag)).context("cannot handle signals")?;
     }
+    Ok(flag)
 }
 
 /// Arguments shared by the commands that talk to a node over UDP.
@@ -60,20 +61,27 @@ fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
 }
 
 impl NodeArgs {
-    /// The credential, the nodes to use (the first first) and a socket.
-    fn open(&self) -> anyhow::Result<(Credential, Vec<SocketAddr>, UdpSocket)> {
+    /// The credential file, read and checked.
+    pub(crate) fn credential(&self) -> anyhow::Result<Credential> {
         let text = std::fs::read_to_string(&self.credential).map_err(|e| {
             InvalidInput(format!(
                 "cannot read credential {}: {e}",
                 self.credential.display()
             ))
         })?;
-        let credential = Credential::from_json(&text).map_err(|e| {
-            InvalidInput(format!(
-                "invalid credential {}: {e}",
-                self.credential.display()
-            ))
-        })?;
+        Credential::from_json(&text)
+            .map_err(|e| {
+                InvalidInput(format!(
+                    "invalid credential {}: {e}",
+                    self.credential.display()
+                ))
+            })
+            .map_err(Into::into)
+    }
+
+    /// The credential, the nodes to use (the first first) and a socket.
+    pub(crate) fn open(&self) -> anyhow::Result<(Credential, Vec<SocketAddr>, UdpSocket)> {
+        let credential = self.credential()?;
         let nodes: Vec<SocketAddr> = match &self.node {
             Some(n) => vec![resolve(n)?],
             None if credential.endpoints.is_empty() => {
@@ -101,9 +109,21 @@ impl NodeArgs {
     }
 }
 
+/// The client settings of a one-shot command. A command run twice in the
+/// same second starts at the same Serials (they follow the clock,
+/// docs/PROTOCOL.md D2), so the node drops the second run's connects as
+/// replays; the client's next round jumps 64 ahead. A device waits 60 s
+/// before that round, a command only a moment: its `--timeout` bounds it.
+pub(crate) fn one_shot_config() -> ClientConfig {
+    ClientConfig {
+        reconnect_ms: 100,
+        ..ClientConfig::default()
+    }
+}
+
 /// A client and its socket, stepped until an event or a deadline.
-struct Session {
-    client: Client,
+pub(crate) struct Session {
+    pub(crate) client: Client,
     socket: UdpSocket,
     /// The nodes the client may use; datagrams from others are ignored.
     nodes: Vec<SocketAddr>,
@@ -111,14 +131,12 @@ struct Session {
 }
 
 impl Session {
-    fn new(
+    pub(crate) fn new(
         credential: &Credential,
         nodes: &[SocketAddr],
         socket: UdpSocket,
         state: DeviceState,
     ) -> Self {
-        let mut seed = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
         // Above every Serial of the last run (and at least the clock).
         let first_serial = state
             .serial
@@ -128,6 +146,26 @@ impl Session {
             first_serial,
             ..ClientConfig::default()
         };
+        Session::with_config(credential, nodes, socket, config)
+    }
+
+    /// A session for a one-shot command (`mpp endpoint`, `mpp resolve`).
+    pub(crate) fn one_shot(
+        credential: &Credential,
+        nodes: &[SocketAddr],
+        socket: UdpSocket,
+    ) -> Self {
+        Session::with_config(credential, nodes, socket, one_shot_config())
+    }
+
+    fn with_config(
+        credential: &Credential,
+        nodes: &[SocketAddr],
+        socket: UdpSocket,
+        config: ClientConfig,
+    ) -> Self {
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
         let mut client = Client::new(credential, nodes[0], config, now(), seed);
         client.set_nodes(nodes);
         Session {
@@ -140,7 +178,7 @@ impl Session {
 
     /// Sends what is queued, waits for one datagram or timer (at most
     /// `max_wait`), and returns the events that produced.
-    fn step(&mut self, max_wait: Duration) -> anyhow::Result<Vec<ClientEvent>> {
+    pub(crate) fn step(&mut self, max_wait: Duration) -> anyhow::Result<Vec<ClientEvent>> {
         while let Some(t) = self.client.poll_transmit(&mut self.buf) {
             // A send error (no route, refused) is like a lost datagram: the
             // client's timers retry.
@@ -185,7 +223,7 @@ impl Session {
     }
 }
 
-fn now() -> UnixMillis {
+pub(crate) fn now() -> UnixMillis {
     UnixMillis::from_system_clock()
 }
 
@@ -251,7 +289,7 @@ pub(crate) struct SubscribeArgs {
 /// The device state `--state` keeps: `{"mark": N, "serial": S}`, the last
 /// notify Serial processed and the last request Serial sent.
 #[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Default, PartialEq, Eq)]
-struct DeviceState {
+pub(crate) struct DeviceState {
     mark: Option<i64>,
     #[serde(default)]
     serial: Option<i64>,
@@ -291,7 +329,7 @@ impl SubscribeArgs {
             Some(path) => read_state(path)?,
             None => DeviceState::default(),
         };
-        install_signal_handlers();
+        let interrupted = interruption_flag()?;
         let mut session = Session::new(&credential, &nodes, socket, state);
         let mut node = session.client.node();
         let deadline = self
@@ -299,7 +337,7 @@ impl SubscribeArgs {
             .map(|s| Instant::now() + Duration::from_secs(s));
         let mut notifies = 0u64;
         loop {
-            let stop = INTERRUPTED.load(Ordering::Relaxed)
+            let stop = interrupted.load(Ordering::Relaxed)
                 || deadline.is_some_and(|d| Instant::now() >= d)
                 || self.count.is_some_and(|c| notifies >= c);
             if stop {
@@ -376,7 +414,7 @@ impl EndpointArgs {
     pub(crate) fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
         let (credential, nodes, socket) = self.node.open()?;
         let node = nodes[0];
-        let mut session = Session::new(&credential, &nodes, socket, DeviceState::default());
+        let mut session = Session::one_shot(&credential, &nodes, socket);
         let until = Instant::now() + Duration::from_secs(self.timeout);
         let mut asked = false;
         while Instant::now() < until {

@@ -15,11 +15,12 @@ use std::io::{self, Read, Write};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use mpp::codec::Message;
 
 mod http;
 mod live;
+mod resolve;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -65,6 +66,17 @@ Output, one JSON object per line:
   {\"event\":\"connected\",\"endpoint\":\"127.0.0.1:40000\"}
   {\"event\":\"notify\",\"serial\":1,\"bitmask\":\"05\"}
   {\"event\":\"disconnected\",\"reason\":\"requested\",...}";
+
+const RESOLVE_EXAMPLES: &str = "\
+Examples:
+  mpp resolve --credential phone.json example.com
+  mpp resolve --credential phone.json example.com TXT --json
+  mpp resolve --credential phone.json --transport http --web http://127.0.0.1:15099 example.com AAAA
+
+Exit status: 0 with the answer (an NXDOMAIN prints nothing, as dig +short),
+2 for a bad name or type, 1 when the resolve failed (the node's Status:
+502 no upstream or it failed, 504 upstream timeout, 425 address not yet
+validated, 429 too many resolves).";
 
 const NOTIFY_EXAMPLES: &str = "\
 Examples:
@@ -120,6 +132,19 @@ enum Command {
     /// Publish a notification to every device of an account (control plane)
     #[command(after_help = NOTIFY_EXAMPLES)]
     Notify(live::NotifyArgs),
+    /// Look a name up through the node's DNS proxy; prints like dig +short
+    #[command(after_help = RESOLVE_EXAMPLES)]
+    Resolve(resolve::ResolveArgs),
+    /// Write the man pages (mpp.1 and one per subcommand) into DIR
+    Manpage {
+        /// Where to write them (created if missing).
+        dir: std::path::PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 impl Command {
@@ -130,6 +155,14 @@ impl Command {
             Command::Subscribe(args) => args.run(out),
             Command::Endpoint(args) => args.run(out),
             Command::Notify(args) => args.run(out),
+            Command::Resolve(args) => args.run(out),
+            Command::Manpage { dir } => std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir))
+                .with_context(|| format!("cannot write man pages into {}", dir.display())),
+            Command::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "mpp", out);
+                Ok(())
+            }
         }
     }
 }
