@@ -21,7 +21,7 @@ use clap::{Args, ValueEnum};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use mpp::packet::{Credential, MAX_PACKET};
-use mpp::proto::{Client, ClientConfig, ClientEvent, DisconnectReason};
+use mpp::proto::{Client, ClientEvent, DisconnectReason};
 
 use crate::live::{now, NodeArgs, Session};
 use crate::{http, InvalidInput};
