@@ -811,9 +811,10 @@ impl clap::FromArgMatches for ConfigFlags {
                 .unwrap_or_default();
             // `--no-x` and `--x V` both given: the later one wins, as
             // with any flag given twice (`--no-pin --pin true` pins).
-            let negated_last = if s.is_bool {
-                m.indices_of(&format!("no_{}", s.key))
-                    .and_then(|mut i| i.next_back())
+            // (A `SetTrue` flag has an index even when absent: its default.)
+            let negated = format!("no_{}", s.key);
+            let negated_last = if s.is_bool && m.get_flag(&negated) {
+                m.indices_of(&negated).and_then(|mut i| i.next_back())
             } else {
                 None
             };
