@@ -55,6 +55,11 @@ const CLUSTER_FAMILIES: &[(&str, Kind, &str, ClusterValue)] = &[
     ("mpp_cluster_disconnects_total", Kind::Counter, "Times the connection to the bus was lost.", |c| c.disconnects),
 ];
 
+/// The names of the cluster's families (served only in a cluster).
+pub fn cluster_family_names() -> impl Iterator<Item = &'static str> {
+    CLUSTER_FAMILIES.iter().map(|f| f.0)
+}
+
 /// Reads one counter of a shard.
 pub type ShardValue = fn(&ShardMetrics) -> u64;
 
