@@ -408,12 +408,20 @@ impl<'a> Started<'a> {
         // unanswered meanwhile make some connect again. Only a node that
         // answers nobody at all ends the run, after a few connect timeouts.
         let silence_s = (c.timeout_ms as f64 / 1000.0 * 5.0).max(5.0);
+        // The silence counts from when every worker has built its devices
+        // and is sending: deriving the keys of 10M devices alone takes
+        // longer than that.
         let workers = &self.workers;
+        let ready_at = std::cell::Cell::new(None::<f64>);
         self.mon.phase("connect", f64::INFINITY, &|| {
+            let now = shared.epoch.elapsed().as_secs_f64();
+            if ready_at.get().is_none() && shared.workers_ready.load(Relaxed) >= threads {
+                ready_at.set(Some(now));
+            }
             shared.connect_done.load(Relaxed) >= threads
                 || workers.iter().any(|w| w.is_finished())
                 || (shared.counters.connected.load(Relaxed) == 0
-                    && shared.epoch.elapsed().as_secs_f64() >= silence_s)
+                    && ready_at.get().is_some_and(|t| now - t >= silence_s))
         })?;
         if self.workers.iter().any(|w| w.is_finished()) {
             bail!("a worker stopped during the connect phase");

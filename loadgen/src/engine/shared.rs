@@ -239,6 +239,9 @@ pub(crate) struct Shared {
     /// Workers whose devices are all held or refused for good (reported
     /// once, when the connect phase's work is done).
     pub(crate) connect_done: AtomicU64,
+    /// Workers that have built their devices (key derivation takes
+    /// seconds at millions of devices) and started sending.
+    pub(crate) workers_ready: AtomicU64,
     /// Time zero of the run.
     pub(crate) epoch: Instant,
     /// The Unix time (seconds) at `epoch`.
@@ -258,6 +261,7 @@ impl Shared {
             measuring: AtomicBool::new(false),
             active: AtomicBool::new(true),
             connect_done: AtomicU64::new(0),
+            workers_ready: AtomicU64::new(0),
             epoch: Instant::now(),
             epoch_unix_s: mpp::time::UnixMillis::from_system_clock()
                 .seconds()

@@ -30,6 +30,7 @@ pub(crate) fn run_worker(
         crate::sys::pin(cpu)?;
     }
     let mut w = Worker::new(cfg, ident, shared)?;
+    w.shared.workers_ready.fetch_add(1, Relaxed);
     w.run();
     Ok(WorkerResult {
         rtt: w.rtt,
