@@ -4,7 +4,12 @@
 //! the worst case for the account records and their catch-up state), and
 //! prints the heap bytes and RSS growth per connection.
 //!
-//! `cargo bench --bench table_memory [-- N [A]]`
+//! `cargo bench --bench table_memory [-- N [A] [--snapshot]]`
+//!
+//! With `--snapshot` it then saves the shard's state as a graceful stop
+//! does (docs/PROTOCOL.md §6.8), reads it back and restores it into a new
+//! shard, and prints the time of each step: the in-process part of the
+//! 10M save-and-restore bar, without sockets or devices.
 //!
 //! Allocations go to mimalloc, the allocator `mppd` runs on, through a
 //! wrapper that counts live bytes: the heap figure is what the table holds,
@@ -57,6 +62,7 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() {
+    let snapshot = std::env::args().any(|a| a == "--snapshot");
     let numbers: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -139,5 +145,58 @@ fn main() {
         "record sizes:               {} bytes per connection, {} per account",
         std::mem::size_of::<mpp::table::Connection>(),
         std::mem::size_of::<mpp::table::Account>()
+    );
+    if snapshot {
+        save_and_restore(&server, now);
+    }
+}
+
+/// Saves `server` as shard 0 of 1, loads it back and restores it into a
+/// new shard, timing each step.
+fn save_and_restore(server: &Service, now: UnixMillis) {
+    use mpp::node::snapshot;
+    let dir = std::env::temp_dir().join(format!("mpp-snapshot-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let master = MasterKey::new([7; 32]);
+    let id = snapshot::SaveId {
+        generation: 1,
+        count: 1,
+    };
+    let t = std::time::Instant::now();
+    let bytes = snapshot::save_shard(&dir, &master, id, 0, server, now).expect("save");
+    let save = t.elapsed();
+    let keys = mpp::proto::KeySet {
+        current: master.clone(),
+        parity: 0,
+        previous: None,
+    };
+    let t = std::time::Instant::now();
+    let loaded = snapshot::load(&dir, &keys, 1, |_| 0, now, 86_400)
+        .expect("load")
+        .expect("a saved state");
+    let load = t.elapsed();
+    let shard = &loaded.shards[0];
+    let mut fresh = Service::new(ServiceConfig::default(), master, [3; 32], now);
+    let t = std::time::Instant::now();
+    let done = fresh.restore_indexed(
+        loaded.epoch,
+        &shard.accounts,
+        &shard.connections,
+        &shard.account_of,
+    );
+    let restore = t.elapsed();
+    assert_eq!(
+        done.connections,
+        server.connections(),
+        "every connection restored"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("snapshot bytes:             {bytes}");
+    println!("save (encode, sign, fsync): {:.2} s", save.as_secs_f64());
+    println!("load (read, verify, parse): {:.2} s", load.as_secs_f64());
+    println!("restore into a new shard:   {:.2} s", restore.as_secs_f64());
+    println!(
+        "total:                      {:.2} s",
+        (save + load + restore).as_secs_f64()
     );
 }

@@ -921,8 +921,9 @@ fn every_publish_is_delivered_or_caught_up_across_absence_and_restarts() {
                 }
                 // A graceful restart: the state saved and taken back.
                 5 => {
-                    let accounts_saved: Vec<_> = sim.server.saved_accounts().collect();
-                    let conns: Vec<_> = sim.server.saved_connections().collect();
+                    let accounts_saved: Vec<_> =
+                        sim.server.saved_accounts().map(|(_, a)| a).collect();
+                    let conns: Vec<_> = sim.server.saved_connections().map(|(_, c)| c).collect();
                     let epoch = sim.server.epoch();
                     let mut fresh = mpp::proto::Service::new(
                         ServiceConfig::default(),

@@ -313,7 +313,12 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
     }
     if let Some((epoch, state)) = &setup.restore {
         let started = Instant::now();
-        let done = server.restore(*epoch, &state.accounts, &state.connections);
+        let done = server.restore_indexed(
+            *epoch,
+            &state.accounts,
+            &state.connections,
+            &state.account_of,
+        );
         tracing::info!(
             shard = setup.id,
             accounts = done.accounts,

@@ -21,7 +21,7 @@
 //! This module knows the file format and nothing of sockets or threads.
 
 use std::fs;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use sha2::Sha256;
 
 use crate::packet::{ConnId, MasterKey};
 use crate::proto::{SavedConnection, Service, MAX_BITMASK};
-use crate::table::{Account, AccountKey};
+use crate::table::{Account, AccountKey, AccountSlot};
 use crate::time::UnixMillis;
 
 /// First bytes of a state file.
@@ -86,16 +86,46 @@ fn mac(master: &MasterKey) -> StateMac {
     <StateMac as KeyInit>::new(&block.into())
 }
 
-/// A writer that feeds the HMAC with every byte it writes.
+/// A writer that feeds the HMAC with every byte it writes, a MiB at a
+/// time (one HMAC update per record cost more than the hashing).
 struct Signed<W: Write> {
     out: W,
     mac: StateMac,
+    buf: Vec<u8>,
 }
 
 impl<W: Write> Signed<W> {
+    const CHUNK: usize = 1 << 20;
+
+    fn new(out: W, mac: StateMac) -> Self {
+        Signed {
+            out,
+            mac,
+            buf: Vec::with_capacity(Self::CHUNK + 256),
+        }
+    }
+
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.mac.update(bytes);
-        self.out.write_all(bytes)
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= Self::CHUNK {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.mac.update(&self.buf);
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes what is buffered and the tag; returns the writer.
+    fn finish(mut self) -> io::Result<W> {
+        self.flush()?;
+        let tag = self.mac.finalize().into_bytes();
+        self.out.write_all(&tag)?;
+        Ok(self.out)
     }
 }
 
@@ -117,7 +147,7 @@ pub fn save_shard(
         .create(&dir)?;
     let path = shard_file(&dir, index);
     let tmp = path.with_extension("tmp");
-    let accounts: Vec<Account> = service.saved_accounts().collect();
+    let accounts: Vec<(AccountSlot, Account)> = service.saved_accounts().collect();
     let count = service.table().len();
     // Accounts, conn ids and addresses: for the node's user only.
     let file = fs::OpenOptions::new()
@@ -126,10 +156,7 @@ pub fn save_shard(
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    let mut w = Signed {
-        out: BufWriter::with_capacity(1 << 20, file),
-        mac: mac(master),
-    };
+    let mut w = Signed::new(file, mac(master));
     w.put(MAGIC)?;
     w.put(&VERSION.to_le_bytes())?;
     w.put(&id.generation.to_le_bytes())?;
@@ -139,9 +166,11 @@ pub fn save_shard(
     w.put(&service.epoch().0.to_le_bytes())?;
     w.put(&(accounts.len() as u64).to_le_bytes())?;
     w.put(&(count as u64).to_le_bytes())?;
-    let mut index_of = std::collections::HashMap::with_capacity(accounts.len());
-    for (i, a) in accounts.iter().enumerate() {
-        index_of.insert((a.affinity, a.low), i as u32);
+    // A connection names its account by its index in the file, looked up
+    // by the account's slot in the table (no hashing per connection).
+    let mut index_of = vec![u32::MAX; accounts.last().map_or(0, |(s, _)| s.0 as usize + 1)];
+    for (i, (slot, a)) in accounts.iter().enumerate() {
+        index_of[slot.0 as usize] = i as u32;
         let mut rec = [0u8; ACCOUNT_LEN];
         for (chunk, v) in rec.chunks_exact_mut(4).zip([
             a.affinity, a.low, a.serial, a.since, a.catch_up, a.epoch, a.stamp,
@@ -152,10 +181,11 @@ pub fn save_shard(
     }
     let mut written = 0usize;
     let mut buf = Vec::with_capacity(MIN_CONNECTION_LEN + 16 + MAX_BITMASK);
-    for c in service.saved_connections() {
-        let Some(&account) = index_of.get(&(c.account.affinity, c.account.low)) else {
+    for (slot, c) in service.saved_connections() {
+        let account = index_of.get(slot.0 as usize).copied().unwrap_or(u32::MAX);
+        if account == u32::MAX {
             continue;
-        };
+        }
         buf.clear();
         encode_connection(&c, account, &mut buf);
         w.put(&buf)?;
@@ -166,10 +196,7 @@ pub fn save_shard(
             "{count} connections held but {written} saved"
         )));
     }
-    let tag = w.mac.finalize().into_bytes();
-    let mut out = w.out;
-    out.write_all(&tag)?;
-    let file = out.into_inner().map_err(|e| e.into_error())?;
+    let file = w.finish()?;
     file.sync_all()?;
     let bytes = file.metadata()?.len();
     drop(file);
@@ -222,6 +249,9 @@ pub struct ShardState {
     pub accounts: Vec<Account>,
     /// Connections, times relative to `epoch`.
     pub connections: Vec<SavedConnection>,
+    /// For each connection, the index of its account in `accounts` (so
+    /// that a restore need not look 10M account keys up).
+    pub account_of: Vec<u32>,
 }
 
 /// A saved state, read and verified, split by the new shard count.
@@ -296,6 +326,8 @@ struct ShardFile {
     epoch: UnixMillis,
     accounts: Vec<Account>,
     connections: Vec<SavedConnection>,
+    /// Each connection's account: its index in `accounts`.
+    account_of: Vec<u32>,
 }
 
 /// A bounds-checked little-endian reader over a verified file's body.
@@ -381,11 +413,46 @@ fn decode_file(path: &Path, bytes: &[u8], master: &MasterKey) -> Result<ShardFil
     if needed > room {
         return Err(truncated());
     }
-    let mut m = mac(master);
-    m.update(body);
-    if m.verify_slice(tag).is_err() {
+    // The HMAC is checked on another thread while this one parses (half
+    // the time of a large file); the parse is bounds-checked and its sizes
+    // bounded by the file's, and nothing parsed is used unless the HMAC
+    // verifies.
+    let (parsed, authentic) = std::thread::scope(|scope| {
+        let check = scope.spawn(|| {
+            let mut m = mac(master);
+            m.update(body);
+            m.verify_slice(tag).is_ok()
+        });
+        let parsed = parse_records(path, c, body.len(), n_accounts, n_connections);
+        // A thread that cannot run (or panicked) verifies nothing.
+        (parsed, check.join().unwrap_or(false))
+    });
+    if !authentic {
         return Err(LoadError::Tampered(path.to_path_buf()));
     }
+    let (accounts, connections, account_of) = parsed?;
+    Ok(ShardFile {
+        id: SaveId { generation, count },
+        index,
+        saved,
+        epoch,
+        accounts,
+        connections,
+        account_of,
+    })
+}
+
+/// The records of a shard file, after its header.
+type Records = (Vec<Account>, Vec<SavedConnection>, Vec<u32>);
+
+fn parse_records(
+    path: &Path,
+    mut c: Cursor<'_>,
+    body_len: usize,
+    n_accounts: u64,
+    n_connections: u64,
+) -> Result<Records, LoadError> {
+    let truncated = || LoadError::Truncated(path.to_path_buf());
     let bad = |what| LoadError::BadRecord {
         path: path.to_path_buf(),
         what,
@@ -412,6 +479,7 @@ fn decode_file(path: &Path, bytes: &[u8], master: &MasterKey) -> Result<ShardFil
         });
     }
     let mut connections = Vec::with_capacity(n_connections as usize);
+    let mut account_of = Vec::with_capacity(n_connections as usize);
     for _ in 0..n_connections {
         let conn_id: [u8; 8] = c
             .take(8)
@@ -449,6 +517,7 @@ fn decode_file(path: &Path, bytes: &[u8], master: &MasterKey) -> Result<ShardFil
         let Some(a) = accounts.get(account as usize) else {
             return Err(bad("a connection of an account not in the file"));
         };
+        account_of.push(account);
         connections.push(SavedConnection {
             conn_id: ConnId(conn_id),
             account: AccountKey {
@@ -468,17 +537,10 @@ fn decode_file(path: &Path, bytes: &[u8], master: &MasterKey) -> Result<ShardFil
             key_parity: u8::from(flags & FLAG_KEY_PARITY != 0),
         });
     }
-    if c.pos != body.len() {
+    if c.pos != body_len {
         return Err(bad("bytes after the last record"));
     }
-    Ok(ShardFile {
-        id: SaveId { generation, count },
-        index,
-        saved,
-        epoch,
-        accounts,
-        connections,
-    })
+    Ok((accounts, connections, account_of))
 }
 
 /// Not API: one state file decoded by [`decode_state`], for tests and
@@ -611,17 +673,47 @@ pub fn load(
     // Every record's times become relative to the earliest epoch.
     let epoch = files.iter().map(|f| f.epoch).min().unwrap_or(now);
     let mut out: Vec<ShardState> = (0..shards.max(1)).map(|_| ShardState::default()).collect();
-    for f in files {
+    // Room for an even share and an eighth more: records are not copied
+    // twice over while the vectors grow (10M connections are a GB).
+    let n = out.len();
+    let share = |total: usize| (total / n).saturating_add(total / n / 8);
+    let total_accounts = files.iter().map(|f| f.accounts.len()).sum();
+    let total_connections = files.iter().map(|f| f.connections.len()).sum();
+    if n > 1 {
+        for o in &mut out {
+            o.accounts.reserve(share(total_accounts));
+            o.connections.reserve(share(total_connections));
+            o.account_of.reserve(share(total_connections));
+        }
+    }
+    for mut f in files {
         let shift = (f.epoch.millis_since(epoch) / 1000).min(u64::from(u32::MAX)) as u32;
-        for mut a in f.accounts {
+        for a in &mut f.accounts {
             a.epoch = a.epoch.saturating_add(shift);
             a.stamp = a.stamp.saturating_add(shift);
-            let i = owner(a.affinity).min(out.len() - 1);
+        }
+        for c in &mut f.connections {
+            c.last_seen = c.last_seen.saturating_add(shift);
+        }
+        if n == 1 && out[0].accounts.is_empty() {
+            // One shard takes everything: the file's vectors move whole.
+            out[0] = ShardState {
+                accounts: f.accounts,
+                connections: f.connections,
+                account_of: f.account_of,
+            };
+            continue;
+        }
+        // Each account's index in the shard it goes to.
+        let mut moved = Vec::with_capacity(f.accounts.len());
+        for a in f.accounts {
+            let i = owner(a.affinity).min(n - 1);
+            moved.push(out[i].accounts.len() as u32);
             out[i].accounts.push(a);
         }
-        for mut c in f.connections {
-            c.last_seen = c.last_seen.saturating_add(shift);
-            let i = owner(c.account.affinity).min(out.len() - 1);
+        for (c, a) in f.connections.into_iter().zip(f.account_of) {
+            let i = owner(c.account.affinity).min(n - 1);
+            out[i].account_of.push(moved[a as usize]);
             out[i].connections.push(c);
         }
     }

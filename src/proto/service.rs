@@ -671,23 +671,24 @@ impl Service {
     }
 
     /// Every account record, for saving (times relative to [`Service::epoch`]).
-    pub fn saved_accounts(&self) -> impl Iterator<Item = Account> + '_ {
-        (0..self.table.account_bound())
-            .filter_map(|s| self.table.account(AccountSlot(s)))
-            .filter(|a| a.in_use())
-            .map(|a| Account { head: 0, ..*a })
+    pub fn saved_accounts(&self) -> impl Iterator<Item = (AccountSlot, Account)> + '_ {
+        (0..self.table.account_bound()).filter_map(|s| {
+            let a = self.table.account(AccountSlot(s)).filter(|a| a.in_use())?;
+            Some((AccountSlot(s), Account { head: 0, ..*a }))
+        })
     }
 
     /// Every connection, for saving.
-    pub fn saved_connections(&self) -> impl Iterator<Item = SavedConnection> + '_ {
+    pub fn saved_connections(&self) -> impl Iterator<Item = (AccountSlot, SavedConnection)> + '_ {
         (0..self.table.slot_bound()).filter_map(|s| {
             let slot = Slot(s);
             let rec = self.table.get(slot).filter(|r| r.in_use())?;
-            let account = self.table.account(self.table.account_of(slot))?;
+            let account_slot = self.table.account_of(slot);
+            let account = self.table.account(account_slot)?;
             let mut pending = [0u8; MAX_BITMASK];
             let mask = self.table.pending_mask(slot);
             pending[..mask.len()].copy_from_slice(mask);
-            Some(SavedConnection {
+            let saved = SavedConnection {
                 conn_id: ConnId(rec.conn_id),
                 account: AccountKey {
                     affinity: account.affinity,
@@ -704,7 +705,8 @@ impl Service {
                 catch_up: rec.catch_up(),
                 validated: rec.validated(),
                 key_parity: rec.key_parity(),
-            })
+            };
+            Some((account_slot, saved))
         })
     }
 
@@ -718,12 +720,28 @@ impl Service {
         accounts: &[Account],
         connections: &[SavedConnection],
     ) -> Restored {
+        self.restore_indexed(epoch, accounts, connections, &[])
+    }
+
+    /// [`Service::restore`], told each connection's account as its index
+    /// in `accounts` (`account_of[i]` for `connections[i]`; a missing or
+    /// wrong index is looked up by key instead).
+    pub fn restore_indexed(
+        &mut self,
+        epoch: UnixMillis,
+        accounts: &[Account],
+        connections: &[SavedConnection],
+        account_of: &[u32],
+    ) -> Restored {
         let mut done = Restored::default();
         if !self.table.is_empty() || self.table.accounts_len() > 0 {
             done.skipped = accounts.len() + connections.len();
             return done;
         }
         self.epoch = epoch;
+        self.table.reserve(connections.len(), accounts.len());
+        // The slot each of `accounts` went to (None: skipped).
+        let mut slot_of = Vec::with_capacity(accounts.len());
         for a in accounts {
             let key = AccountKey {
                 affinity: a.affinity,
@@ -731,15 +749,30 @@ impl Service {
             };
             if !a.in_use() || self.table.find_account(key).is_some() {
                 done.skipped += 1;
+                slot_of.push(None);
                 continue;
             }
             match self.table.insert_account(Account { head: 0, ..*a }) {
-                Ok(_) => done.accounts += 1,
-                Err(_) => done.skipped += 1,
+                Ok(slot) => {
+                    done.accounts += 1;
+                    slot_of.push(Some(slot));
+                }
+                Err(_) => {
+                    done.skipped += 1;
+                    slot_of.push(None);
+                }
             }
         }
-        for c in connections {
-            let Some(account) = self.table.find_account(c.account) else {
+        for (i, c) in connections.iter().enumerate() {
+            let hinted = account_of
+                .get(i)
+                .and_then(|&a| slot_of.get(a as usize).copied().flatten())
+                .filter(|&slot| {
+                    self.table
+                        .account(slot)
+                        .is_some_and(|a| a.affinity == c.account.affinity && a.low == c.account.low)
+                });
+            let Some(account) = hinted.or_else(|| self.table.find_account(c.account)) else {
                 done.skipped += 1;
                 continue;
             };

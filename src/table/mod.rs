@@ -313,6 +313,22 @@ impl Table {
         (n != 0).then(|| Slot(n - 1))
     }
 
+    /// Makes room for `conns` more connections and `accounts` more account
+    /// records (within the limits), so that inserting them does not grow
+    /// the indexes step by step: a restore knows how many it brings.
+    pub fn reserve(&mut self, conns: usize, accounts: usize) {
+        let conns = conns.min(self.limit.saturating_sub(self.conns.len));
+        let accounts = accounts.min(self.account_limit.saturating_sub(self.accounts.len));
+        let (pages, hasher) = (&self.conns, &self.hasher);
+        self.by_conn
+            .reserve(conns, |&s| hash_conn_id(hasher, &pages.at(s).conn_id));
+        let (pages, hasher) = (&self.accounts, &self.hasher);
+        self.by_account.reserve(accounts, |&s| {
+            let a = pages.at(s);
+            hash_account(hasher, a.affinity, a.low)
+        });
+    }
+
     /// Adds an account record (the key must not be held: check with
     /// [`Table::find_account`] first).
     pub fn insert_account(&mut self, record: Account) -> Result<AccountSlot, TableFull> {

@@ -174,7 +174,7 @@ fn a_saved_shard_reads_back_record_for_record() {
     let mut again = Service::new(ServiceConfig::default(), master(), [2; 32], NOW);
     again.restore(loaded.epoch, &shard.accounts, &shard.connections);
     assert_eq!(
-        sorted_conns(again.saved_connections().collect()),
+        sorted_conns(again.saved_connections().map(|(_, c)| c).collect()),
         sorted_conns(connections)
     );
 }
