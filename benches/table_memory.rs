@@ -176,6 +176,7 @@ fn save_and_restore(server: &Service, now: UnixMillis) {
         .expect("a saved state");
     let load = t.elapsed();
     let shard = &loaded.shards[0];
+    let rss_loaded = rss_bytes();
     let mut fresh = Service::new(ServiceConfig::default(), master, [3; 32], now);
     let t = std::time::Instant::now();
     let done = fresh.restore_indexed(
@@ -189,6 +190,16 @@ fn save_and_restore(server: &Service, now: UnixMillis) {
         done.connections,
         server.connections(),
         "every connection restored"
+    );
+    let rss_restored = rss_bytes();
+    drop(loaded);
+    mpp::node::release_freed_memory();
+    let rss_dropped = rss_bytes();
+    println!(
+        "RSS MiB: loaded {}, restored {}, loaded state dropped {}",
+        rss_loaded >> 20,
+        rss_restored >> 20,
+        rss_dropped >> 20
     );
     let _ = std::fs::remove_dir_all(&dir);
     println!("snapshot bytes:             {bytes}");

@@ -182,6 +182,18 @@ impl Default for Clock {
     }
 }
 
+/// Returns memory freed on this thread to the OS now, when the allocator is
+/// mimalloc (as in `mppd`). mimalloc keeps freed pages for reuse and
+/// returns them only on later allocator activity, which a shard that has
+/// just dropped a restore's temporary gigabyte may not have for hours: its
+/// RSS would stay 2.6 times what it holds (a 10M restore: 2.5 GB instead
+/// of 0.97 GB). Harmless under another allocator.
+pub fn release_freed_memory() {
+    // SAFETY: mi_collect takes no pointer and may be called from any thread
+    // at any time; with no mimalloc heap in use it does nothing.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 /// Pins the calling thread to `cpu`; false when the OS refused.
 pub fn pin_current_thread(cpu: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
@@ -738,6 +750,8 @@ fn start_inner(
                 revocations_changed_since_save =
                     keyring::revocations_changed_after(&config.data_dir, state.saved);
                 restored = state.shards.into_iter().map(Some).collect();
+                // The files' bytes, freed in `load`, go back to the OS.
+                release_freed_memory();
                 if let Err(e) = snapshot::discard(&config.data_dir) {
                     tracing::warn!(%e, "could not remove the state files once read");
                 }

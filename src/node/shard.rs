@@ -328,7 +328,11 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
             "state restored"
         );
     }
-    drop(setup.restore);
+    if setup.restore.is_some() {
+        drop(setup.restore);
+        // The restore's temporary records (a GB at 10M) go back to the OS.
+        super::release_freed_memory();
+    }
     if setup.revocations_changed_since_save {
         // A revocation made while the node was stopped: the restored
         // connections of every account with a revocation reconnect, and

@@ -19,7 +19,11 @@ MPPD_SOCKET_BUFFER=33554432 ./mppd --threads 1 --cpus 0 --data-dir d10 --max-con
 NODE=$!
 for i in $(seq 1 500); do curl -sf http://127.0.0.1:15099/healthz >/dev/null && break; sleep 0.05; done
 T2=$(date +%s.%N)
-echo "stop took $(echo "$T1-$T0"|bc) s, start to healthz $(echo "$T2-$T1"|bc) s, total $(echo "$T2-$T0"|bc) s"
+# The devices are served again once every shard has restored its state.
+for i in $(seq 1 1200); do grep -q '"state restored"' out/r10-node2.log && break; sleep 0.05; done
+T3=$(date +%s.%N)
+echo "stop took $(echo "$T1-$T0"|bc) s, start to healthz $(echo "$T2-$T1"|bc) s, SIGTERM to state restored $(echo "$T3-$T0"|bc) s"
+grep -h '"state saved"\|"saved state read"\|"state restored"' out/r10-node1.log out/r10-node2.log
 wait $LG
 curl -s http://127.0.0.1:15099/metrics > out/r10-metrics.txt
 kill -TERM $NODE; wait $NODE
