@@ -600,3 +600,53 @@ fn bad_cluster_urls_refuse_to_start() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("invalid node id"), "{stderr}");
 }
+
+/// A NATS server that cannot be reached (nothing listens on its loopback
+/// port) is no reason to stop: the node starts, delivers locally, retries in
+/// the background, counts each failed attempt and warns once per outage,
+/// not at each attempt (the client alone logged several lines a second).
+#[test]
+fn an_unreachable_bus_is_retried_with_one_warning() {
+    let dir = TempDir::new("cluster-unreachable");
+    let nobody = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut cmd = node::command(env!("CARGO_BIN_EXE_mppd"));
+    cmd.arg("--data-dir").arg(dir.path());
+    cmd.args(["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"]);
+    cmd.args(["--threads", "1", "--cluster", &format!("nats://{nobody}")]);
+    let mut mppd = node::Proc::spawn("mppd", cmd);
+    let listening = mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+    let control: SocketAddr = listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no http= in {listening:?}"));
+    // Several attempts failed (the client retries within a second).
+    let until = deadline();
+    let errors = loop {
+        let text = http(control, "GET", "/metrics", None, "", &[]).text();
+        let m = Metrics(text);
+        let errors = gauge(&m, "mpp_cluster_connect_errors_total");
+        if errors >= 3 {
+            assert_eq!(gauge(&m, "mpp_cluster_connected"), 0);
+            break errors;
+        }
+        assert!(
+            Instant::now() < until,
+            "{errors} failed attempts within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(http(control, "GET", "/healthz", None, "", &[]).status, 200);
+    mppd.signal(libc::SIGTERM);
+    let status = mppd.wait_exit();
+    assert!(status.success(), "{status:?}");
+    let stderr = mppd.stderr_now();
+    let warnings = stderr.matches("cannot reach a NATS server").count();
+    assert_eq!(warnings, 1, "{errors} attempts, one warning: {stderr}");
+    assert!(
+        !stderr.contains("async_nats"),
+        "the client's own lines: {stderr}"
+    );
+}

@@ -339,11 +339,23 @@ impl Write for Stderr {
 /// The log filter in force, changeable by a reload.
 type LogHandle = reload::Handle<EnvFilter, Registry>;
 
+/// The filter of `log_level`. The NATS client logs every failed connect
+/// attempt at info (several a second while a cluster's server is away); the
+/// node logs the outage once itself (src/node/cluster.rs), so the client's
+/// lines show at warn unless `log_level` names `async_nats`.
+fn log_filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    let filter = EnvFilter::try_new(level)?;
+    if level.contains("async_nats") {
+        return Ok(filter);
+    }
+    Ok(filter.add_directive("async_nats=warn".parse()?))
+}
+
 /// Sets up logging on stderr: colour only when stderr is a terminal; JSON
 /// with the field names README documents (`timestamp`, `level`, `target`,
 /// `message`, `threadName`, then the event's own fields).
 fn init_logging(config: &NodeConfig) -> anyhow::Result<LogHandle> {
-    let filter = EnvFilter::try_new(&config.log_level)
+    let filter = log_filter(&config.log_level)
         .map_err(|e| anyhow::anyhow!("invalid log_level {:?}: {e}", config.log_level))?;
     let (filter, handle) = reload::Layer::new(filter);
     let writer = || Stderr;
@@ -398,7 +410,7 @@ impl mpp::node::Operator for MppdOperator {
 
     fn set_log_level(&self, filter: &str) -> Result<(), String> {
         let filter =
-            EnvFilter::try_new(filter).map_err(|e| format!("invalid log_level {filter:?}: {e}"))?;
+            log_filter(filter).map_err(|e| format!("invalid log_level {filter:?}: {e}"))?;
         self.log.reload(filter).map_err(|e| e.to_string())
     }
 

@@ -216,6 +216,9 @@ pub struct ClusterMetrics {
     pub answers_given: u64,
     /// Times the connection to the bus was lost.
     pub disconnects: u64,
+    /// Attempts to connect to a NATS server that failed (the host did not
+    /// resolve, the server refused or did not answer).
+    pub connect_errors: u64,
 }
 
 #[derive(Default)]
@@ -229,6 +232,7 @@ struct Counters {
     answered: AtomicU64,
     answers_given: AtomicU64,
     disconnects: AtomicU64,
+    connect_errors: AtomicU64,
     reconnects: AtomicU64,
     partitions: AtomicU64,
     heard: AtomicU64,
@@ -261,6 +265,7 @@ impl Bus {
         let connected = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let (c, k) = (Arc::clone(&connected), Arc::clone(&counters));
+        let warned = Arc::new(AtomicBool::new(false));
         let node_id = config.node_id.clone();
         let options = ConnectOptions::new()
             .name(format!("mppd-{node_id}"))
@@ -277,9 +282,26 @@ impl Bus {
             })
             .event_callback(move |event| {
                 let (c, k, node_id) = (Arc::clone(&c), Arc::clone(&k), node_id.clone());
+                let warned = Arc::clone(&warned);
                 async move {
                     match event {
+                        // Once per outage (the client retries up to every
+                        // second): the reason, e.g. a host that does not
+                        // resolve or a server that refuses.
+                        async_nats::Event::ClientError(e) => {
+                            k.connect_errors.fetch_add(1, Relaxed);
+                            if !warned.swap(true, Relaxed) {
+                                tracing::warn!(
+                                    node_id,
+                                    error = %e,
+                                    "cluster bus: cannot reach a NATS server; retrying, local delivery goes on"
+                                );
+                            } else {
+                                tracing::debug!(node_id, error = %e, "cluster bus: connect failed again");
+                            }
+                        }
                         async_nats::Event::Connected => {
+                            warned.store(false, Relaxed);
                             c.store(true, Relaxed);
                             k.reconnects.fetch_add(1, Relaxed);
                             tracing::info!(node_id, "cluster bus connected");
@@ -333,6 +355,7 @@ impl Bus {
             answered: k.answered.load(Relaxed),
             answers_given: k.answers_given.load(Relaxed),
             disconnects: k.disconnects.load(Relaxed),
+            connect_errors: k.connect_errors.load(Relaxed),
         }
     }
 

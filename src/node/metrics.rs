@@ -53,6 +53,7 @@ const CLUSTER_FAMILIES: &[(&str, Kind, &str, ClusterValue)] = &[
     ("mpp_cluster_catch_up_answered_total", Kind::Counter, "Catch-up questions of this node that another node answered (the rest resynchronised).", |c| c.answered),
     ("mpp_cluster_catch_up_answers_given_total", Kind::Counter, "Catch-up questions of other nodes this node answered.", |c| c.answers_given),
     ("mpp_cluster_disconnects_total", Kind::Counter, "Times the connection to the bus was lost.", |c| c.disconnects),
+    ("mpp_cluster_connect_errors_total", Kind::Counter, "Attempts to connect to a NATS server that failed (the host did not resolve, the server refused or did not answer); the first of an outage is logged.", |c| c.connect_errors),
 ];
 
 /// The names of the cluster's families (served only in a cluster).
