@@ -39,4 +39,6 @@ done
 grep -q '^data_dir = "/var/lib/mppd"$' "$out/mppd.toml"
 "$bindir/mppd" config check "$out/mppd.toml" >/dev/null
 
-cargo deb -p mpp --no-build --profile "$profile"
+# --strip: the release profile keeps debug info for perf (150 MB a binary);
+# the package ships the binaries without it.
+cargo deb -p mpp --no-build --strip --profile "$profile"

@@ -694,13 +694,26 @@ fn the_debian_package_holds_what_readme_lists() {
     let postinst = std::fs::read_to_string(scratch.join("control/postinst")).expect("postinst");
     assert!(postinst.contains("adduser --system"), "{postinst}");
     assert!(
-        postinst.contains("install -d -o mppd -g mppd -m 0700 /var/lib/mppd"),
+        postinst.contains("chown mppd:mppd /var/lib/mppd")
+            && postinst.contains("chmod 0700 /var/lib/mppd"),
         "{postinst}"
     );
-    assert!(
-        postinst.contains("systemctl") || postinst.contains("deb-systemd"),
-        "{postinst}"
-    );
+    // The unit is enabled and started once, after its user exists (a
+    // marker in a comment once made cargo-deb insert the enable/start
+    // block a second time, at the top, and left half a comment as a command).
+    let user = postinst.find("adduser --system").expect("adduser");
+    let enables: Vec<usize> = postinst
+        .match_indices("deb-systemd-helper enable")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(enables.len(), 1, "{postinst}");
+    assert!(enables[0] > user, "enabled before the user exists: {postinst}");
+    let check = Command::new("sh")
+        .arg("-n")
+        .arg(scratch.join("control/postinst"))
+        .status()
+        .expect("sh -n");
+    assert!(check.success(), "postinst does not parse");
     let conffiles = std::fs::read_to_string(scratch.join("control/conffiles")).unwrap_or_default();
     assert!(conffiles.contains("/etc/mppd/mppd.toml"), "{conffiles}");
     let fields = Command::new("dpkg-deb")
