@@ -707,7 +707,10 @@ fn the_debian_package_holds_what_readme_lists() {
         .map(|(i, _)| i)
         .collect();
     assert_eq!(enables.len(), 1, "{postinst}");
-    assert!(enables[0] > user, "enabled before the user exists: {postinst}");
+    assert!(
+        enables[0] > user,
+        "enabled before the user exists: {postinst}"
+    );
     let check = Command::new("sh")
         .arg("-n")
         .arg(scratch.join("control/postinst"))
