@@ -414,4 +414,60 @@ mod tests {
         assert!(lim.allow(t2.plus_millis(500), src));
         assert!(!lim.allow(t2.plus_millis(500), src));
     }
+
+    #[test]
+    fn pair_limits_are_per_source_and_per_conn_id() {
+        // Fixed hash keys and the largest table, so the pairs below land in
+        // distinct buckets every run (checked: no collision with these seeds).
+        let mut lim = RateLimiter::new(1, 1, MAX_BUCKETS);
+        lim.hasher = ahash::RandomState::with_seeds(1, 2, 3, 4);
+        let t = UnixMillis(0);
+        // One address speaking for seven conn ids: each id has its own share.
+        // Rotated left by 29, keys 1..=7 set only bits 29..=31, which the
+        // address 255.255.255.255 already has: OR-ing key into source
+        // instead of XOR-ing would merge them into one bucket.
+        let all_ones: IpAddr = Ipv4Addr::BROADCAST.into();
+        let per_key = (1..=7u64)
+            .filter(|&key| lim.allow_pair(t, all_ones, key))
+            .count();
+        assert_eq!(per_key, 7, "each conn id behind one address has a share");
+        for key in 1..=7u64 {
+            assert!(!lim.allow_pair(t, all_ones, key), "conn id {key} spent");
+        }
+        // Seven addresses speaking for one conn id (0): each address has its
+        // own share (AND-ing would map every source to the same key).
+        let per_source = (1..=7u8)
+            .filter(|&last| lim.allow_pair(t, v4(last), 0))
+            .count();
+        assert_eq!(
+            per_source, 7,
+            "each address has a share for the same conn id"
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_in_different_64s_are_independent() {
+        // Fixed hash keys: the two /64s below get different buckets.
+        let mut lim = RateLimiter::new(1, 1, MAX_BUCKETS);
+        lim.hasher = ahash::RandomState::with_seeds(1, 2, 3, 4);
+        let t = UnixMillis(0);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let c: IpAddr = "2001:db9::1".parse().unwrap();
+        assert_ne!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        assert!(lim.allow(t, a));
+        assert!(!lim.allow(t, a), "a's burst spent");
+        assert!(lim.allow(t, b), "another /64 is not charged for a's");
+        assert!(lim.allow(t, c), "another prefix is not charged for a's");
+    }
+
+    #[test]
+    fn debug_shows_rate_burst_and_buckets() {
+        let lim = RateLimiter::new(7, 3, 1000);
+        assert_eq!(
+            format!("{lim:?}"),
+            "RateLimiter { rate_per_sec: 7, burst: 3, buckets: 1024, .. }"
+        );
+    }
 }
