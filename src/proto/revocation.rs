@@ -151,4 +151,18 @@ mod tests {
         }
         assert_eq!(restored, after);
     }
+
+    #[test]
+    fn is_empty_until_an_account_or_a_device_is_revoked() {
+        assert!(Revocations::new().is_empty());
+        let mut device_only = Revocations::new();
+        device_only.revoke_device("a", "phone");
+        assert!(!device_only.is_empty(), "a revoked device is a revocation");
+        let mut account_only = Revocations::new();
+        account_only.revoke_account("a");
+        assert!(
+            !account_only.is_empty(),
+            "a revoked account is a revocation"
+        );
+    }
 }
