@@ -618,23 +618,7 @@ mod tests {
         let server = std::thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut bodies = Vec::new();
-            for _ in 0..3 {
-                let mut length = 0;
-                loop {
-                    let mut line = String::new();
-                    r.read_line(&mut line).unwrap();
-                    if line == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = line.strip_prefix("Content-Length:") {
-                        length = v.trim().parse().unwrap();
-                    }
-                }
-                let mut body = vec![0u8; length];
-                std::io::Read::read_exact(&mut r, &mut body).unwrap();
-                bodies.push(body);
-            }
+            let bodies: Vec<Vec<u8>> = (0..3).map(|_| read_request(&mut r)).collect();
             let mut w = s;
             for body in bodies {
                 write!(
