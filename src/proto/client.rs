@@ -947,3 +947,199 @@ impl Client {
         self.push(Outgoing::Acknowledge(serial));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::MasterKey;
+
+    fn credential() -> Credential {
+        let mut rng = StdRng::seed_from_u64(1);
+        Credential::issue(
+            &MasterKey::new([7; 32]),
+            "alice",
+            "phone",
+            UnixSeconds(2_000_000_000),
+            Vec::new(),
+            &mut rng,
+        )
+        .expect("valid credential")
+    }
+
+    /// `seal_request_with` needs a buffer of `MAX_PACKET` bytes: exactly
+    /// that is enough, one byte less is refused (not sliced into).
+    #[test]
+    fn seal_request_needs_max_packet_bytes() {
+        let cred = credential();
+        let key = cred.secret.key(Direction::ClientToServer, cred.conn_id);
+        let mut buf = vec![0u8; MAX_PACKET];
+        let n = seal_request(
+            &key,
+            cred.conn_id,
+            [1; 12],
+            5,
+            &Request::Heartbeat,
+            &mut buf,
+        )
+        .expect("a MAX_PACKET buffer is enough");
+        assert!(n > HEADER_LEN && n <= MAX_PACKET);
+        for short in [0, 16, MAX_PACKET - 1] {
+            let mut buf = vec![0u8; short];
+            assert_eq!(
+                seal_request(
+                    &key,
+                    cred.conn_id,
+                    [1; 12],
+                    5,
+                    &Request::Heartbeat,
+                    &mut buf
+                ),
+                Err(SealRequestError::Packet),
+                "a buffer of {short} bytes"
+            );
+        }
+    }
+
+    fn client(config: ClientConfig) -> Client {
+        let node: SocketAddr = "127.0.0.1:15099".parse().expect("addr");
+        Client::new(&credential(), node, config, T0, [3; 32])
+    }
+
+    /// `mark` gives back the mark the application handed in (a positive one).
+    #[test]
+    fn mark_is_the_configured_mark() {
+        let c = client(ClientConfig {
+            mark: Some(42),
+            ..ClientConfig::default()
+        });
+        assert_eq!(c.mark(), Some(42));
+        assert_eq!(client(ClientConfig::default()).mark(), None);
+    }
+
+    const T0: UnixMillis = UnixMillis(1_795_262_400_000);
+
+    /// Runs `client`'s timers until `done`, dropping every datagram it
+    /// sends (a node that does not answer); returns their destinations and
+    /// the time of the last timeout handled.
+    fn unanswered(
+        client: &mut Client,
+        done: impl Fn(&Client) -> bool,
+    ) -> (Vec<SocketAddr>, UnixMillis) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut sent = Vec::new();
+        let mut now = T0;
+        for _ in 0..100 {
+            while let Some(t) = client.poll_transmit(&mut buf) {
+                sent.push(t.destination);
+            }
+            if done(client) {
+                return (sent, now);
+            }
+            now = client.poll_timeout().expect("a timer runs");
+            client.handle_timeout(now);
+        }
+        panic!("not done after 100 timeouts");
+    }
+
+    /// `set_node` moves the client: `node` says so and the next connect goes there.
+    #[test]
+    fn set_node_sends_the_next_connect_there() {
+        let mut c = client(ClientConfig::default());
+        let other: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        c.set_node(other);
+        assert_eq!(c.node(), other);
+        let (sent, _) = unanswered(&mut c, |c| c.stats().sent >= 2);
+        assert!(sent.iter().all(|&d| d == other), "{sent:?}");
+    }
+
+    /// With `set_nodes`, a node whose connects go unanswered is left for
+    /// the next one in the list.
+    #[test]
+    fn set_nodes_fails_over_to_the_next_node() {
+        let mut c = client(ClientConfig::default());
+        let first = c.node();
+        let second: SocketAddr = "192.0.2.8:5000".parse().expect("addr");
+        c.set_nodes(&[first, second]);
+        assert_eq!(c.failovers(), 0);
+        let (sent, now) = unanswered(&mut c, |c| c.failovers() == 1);
+        assert_eq!(sent, vec![first; 3]);
+        assert_eq!(c.node(), second);
+        assert_eq!(c.state(), ClientState::Disconnected);
+        // The next connect waits a random delay below reconnect_jitter_ms.
+        let at = c.poll_timeout().expect("a timer runs");
+        assert!(
+            at >= now && at < now.plus_millis(1_000),
+            "{at:?} after {now:?}"
+        );
+        let (sent, _) = unanswered(&mut c, |c| c.stats().sent == 4);
+        assert_eq!(sent, vec![second]);
+    }
+
+    /// Once every node failed in a row the client is back at the first and
+    /// waits `reconnect_ms` (not the jitter) before connecting again.
+    #[test]
+    fn every_node_failing_in_a_row_waits_reconnect_ms() {
+        let mut c = client(ClientConfig::default());
+        let first = c.node();
+        let second: SocketAddr = "192.0.2.8:5000".parse().expect("addr");
+        c.set_nodes(&[first, second]);
+        let (sent, now) = unanswered(&mut c, |c| c.stats().sent == 6 && c.failovers() == 2);
+        assert_eq!(&sent[3..], &[second; 3]);
+        assert_eq!(c.node(), first);
+        assert_eq!(c.state(), ClientState::Disconnected);
+        assert_eq!(c.poll_timeout(), Some(now.plus_millis(60_000)));
+    }
+
+    /// A single node is never failed over from: the client waits and
+    /// connects to it again.
+    #[test]
+    fn one_node_is_no_failover() {
+        let mut c = client(ClientConfig::default());
+        let (_, now) = unanswered(&mut c, |c| c.state() == ClientState::Disconnected);
+        assert_eq!(c.failovers(), 0);
+        assert_eq!(c.poll_timeout(), Some(now.plus_millis(60_000)));
+    }
+
+    /// `request_status` does nothing before the client is connected: no
+    /// heartbeat, and the client keeps connecting.
+    #[test]
+    fn request_status_only_while_connected() {
+        let mut c = client(ClientConfig::default());
+        c.request_status(T0);
+        assert_eq!(c.state(), ClientState::Connecting);
+        let mut buf = vec![0u8; MAX_PACKET];
+        assert!(c.poll_transmit(&mut buf).is_some(), "the connect");
+        assert!(c.poll_transmit(&mut buf).is_none(), "no heartbeat");
+    }
+
+    /// An unanswered disconnect is sent `connect_tries` times, then the
+    /// client gives up waiting and ends `Aborted` (`Requested`).
+    #[test]
+    fn unanswered_disconnect_is_sent_three_times_then_aborts() {
+        let mut c = client(ClientConfig::default());
+        let mut buf = vec![0u8; MAX_PACKET];
+        assert!(c.poll_transmit(&mut buf).is_some(), "the connect");
+        c.disconnect(T0);
+        let (sent, _) = unanswered(&mut c, |c| c.state() == ClientState::Aborted);
+        assert_eq!(sent.len(), 3, "three disconnects");
+        assert_eq!(
+            c.poll_event(),
+            Some(ClientEvent::Disconnected(DisconnectReason::Requested))
+        );
+    }
+
+    /// `poll_transmit` with a buffer shorter than `MAX_PACKET` writes
+    /// nothing and keeps the request for a full buffer.
+    #[test]
+    fn poll_transmit_needs_max_packet_bytes() {
+        let mut c = client(ClientConfig::default());
+        let mut short = vec![0u8; MAX_PACKET - 1];
+        assert!(c.poll_transmit(&mut short).is_none());
+        let mut buf = vec![0u8; MAX_PACKET];
+        assert!(
+            c.poll_transmit(&mut buf).is_some(),
+            "the connect, still queued"
+        );
+        assert_eq!(c.stats().sent, 1);
+    }
+}
