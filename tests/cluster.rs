@@ -617,11 +617,9 @@ fn an_unreachable_bus_is_retried_with_one_warning() {
     cmd.args(["--threads", "1", "--cluster", &format!("nats://{nobody}")]);
     let mut mppd = node::Proc::spawn("mppd", cmd);
     let listening = mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
-    let control: SocketAddr = listening
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no http= in {listening:?}"));
+    let control: SocketAddr = node::field(&listening, "http=")
+        .parse()
+        .expect("the http= address");
     // Several attempts failed (the client retries within a second).
     let until = deadline();
     let errors = loop {

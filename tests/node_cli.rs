@@ -14,7 +14,7 @@ use std::path::Path;
 use mpp::config::IoChoice;
 use serde_json::Value;
 
-use node::{command, io_name, now, run, Proc, TempDir, TestNode};
+use node::{command, field, io_name, now, run, Proc, TempDir, TestNode};
 
 const MPPD: &str = env!("CARGO_BIN_EXE_mppd");
 const MPP: &str = env!("CARGO_BIN_EXE_mpp");
@@ -24,13 +24,6 @@ on_both_drivers!(
     endpoint_prints_the_clients_address,
     crash_and_immediate_restart
 );
-
-/// The value of `key=` in a start-up line.
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-}
 
 /// A JSON line of `mpp subscribe`, or Null.
 fn event(line: &str) -> Value {

@@ -162,10 +162,9 @@ fn listening(line: &str) -> bool {
 
 /// The `http=` address of the start-up line.
 fn http_of(line: &str) -> std::net::SocketAddr {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no http= in {line:?}"))
+    let addr = node::field(line, "http=");
+    addr.parse()
+        .unwrap_or_else(|_| panic!("bad http= address {addr:?} in {line:?}"))
 }
 
 /// Item 4: text logs on a pipe carry no ANSI escape; JSON logs carry the

@@ -919,6 +919,13 @@ pub(crate) fn receives_within(socket: &UdpSocket, within: Duration) -> Option<(u
 // Child processes
 // ---------------------------------------------------------------------------
 
+/// The value of `key=` in a start-up line (`mppd: listening udp=… http=…`).
+pub(crate) fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
 /// A command with no `MPPD_*` variables inherited (they would change the node).
 pub(crate) fn command(program: &str) -> Command {
     let mut cmd = Command::new(program);
