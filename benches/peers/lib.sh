@@ -185,13 +185,13 @@ def num(x):
         return None
 r, c, l = num(rate), num(cpu), num(lcpu)
 per_cpu = f"{r / c:,.0f}" if r is not None and c else "-"
-print(f"{name:<18} {r or 0:>14,.0f} {per_cpu:>16} {p50:>9} {p99:>9} {lost:>8} "
+print(f"{name:<26} {r or 0:>14,.0f} {per_cpu:>16} {p50:>9} {p99:>9} {lost:>8} "
       f"{(c or 0) * 100:>8.0f}% {(l or 0) * 100:>8.0f}%")
 EOF
 }
 
 header() {
-    printf '%-18s %14s %16s %9s %9s %8s %9s %9s\n' "" "$1/s" "per node CPU-s" \
+    printf '%-26s %14s %16s %9s %9s %8s %9s %9s\n' "" "$1/s" "per node CPU-s" \
         "p50 µs" "p99 µs" "lost" "node CPU" "lg CPU"
 }
 

@@ -906,10 +906,24 @@ impl Mosquitto {
 }
 
 /// `mqtt` through a real mosquitto: 50 subscribers, 200 publishes a
-/// second (QoS 0, the only QoS the scenario speaks). On loopback, with a
-/// broker that keeps up, every publish reaches every subscriber, intact.
+/// second, at QoS 0. On loopback, with a broker that keeps up, every
+/// publish reaches every subscriber, intact.
 #[test]
 fn mqtt_through_mosquitto_delivers_every_publish_to_every_subscriber() {
+    mqtt_through_mosquitto(0);
+}
+
+/// The same at QoS 1: the broker PUBACKs every publish (counted by the
+/// publisher), and every delivery arrives, which needs the subscribers'
+/// PUBACKs: mosquitto keeps at most 20 unacknowledged messages in flight
+/// per subscriber (`max_inflight_messages`), far fewer than the run's
+/// publishes.
+#[test]
+fn mqtt_at_qos_1_through_mosquitto_acknowledges_every_publish() {
+    mqtt_through_mosquitto(1);
+}
+
+fn mqtt_through_mosquitto(qos: u8) {
     let Some(broker) = Mosquitto::start() else {
         return;
     };
@@ -931,6 +945,8 @@ fn mqtt_through_mosquitto_delivers_every_publish_to_every_subscriber() {
         "mqtt",
         "--broker",
         &addr,
+        "--qos",
+        &qos.to_string(),
         "--rate",
         "200",
         "--payload-bytes",
@@ -968,6 +984,12 @@ fn mqtt_through_mosquitto_delivers_every_publish_to_every_subscriber() {
     assert_eq!(u(&f["settle_timeouts"]), 0, "{r}");
     assert_eq!(u(&f["disconnects"]), 0, "{r}");
     assert!(f.get("foreign_messages").is_none(), "{r}");
+    assert_eq!(u(&f["qos"]), u64::from(qos), "{r}");
+    if qos == 1 {
+        assert_eq!(u(&f["publish_acks"]), u(&f["published_total"]), "{r}");
+    } else {
+        assert!(f.get("publish_acks").is_none(), "{r}");
+    }
 }
 
 fn one_line_error(out: &Output, code: i32, needle: &str) {

@@ -1,6 +1,9 @@
-//! A minimal MQTT 3.1.1 client: QoS 0 fan-out through a broker, the
-//! mosquitto peer of docs/BENCHMARKS.md ("fan-out of one publish to N
-//! subscribers, same N, same payload size").
+//! A minimal MQTT 3.1.1 client: fan-out through a broker at QoS 0 or QoS 1,
+//! the mosquitto peer of docs/BENCHMARKS.md ("fan-out of one publish to N
+//! subscribers, same N, same payload size"). QoS 1 is the guarantee mppd
+//! gives (every device acknowledges every notify): the publisher publishes
+//! at QoS 1 and counts the broker's PUBACKs, every subscriber subscribes at
+//! QoS 1 and PUBACKs every delivery.
 //!
 //! `--devices` subscriber connections and one publisher connection, all on
 //! non-blocking sockets driven by epoll in `--threads` workers (worker 0 also
@@ -51,6 +54,11 @@ pub(crate) struct MqttArgs {
     /// Topic the publisher publishes to and every subscriber subscribes to.
     #[arg(long, default_value = "mpp/loadgen")]
     pub(crate) topic: String,
+    /// Quality of service of the publishes and subscriptions: 0 (at most
+    /// once, nothing acknowledged) or 1 (at least once: the broker PUBACKs
+    /// each publish, each subscriber PUBACKs each delivery).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub(crate) qos: u8,
     /// Payload bytes of each publish (at least 16: send time and sequence).
     #[arg(long, default_value_t = 16)]
     pub(crate) payload_bytes: usize,
@@ -88,6 +96,7 @@ const MEASURED: u64 = 1 << 63;
 struct Config {
     broker: SocketAddr,
     topic: String,
+    qos: u8,
     payload_bytes: usize,
     rate: f64,
     max_in_flight: u64,
@@ -113,6 +122,8 @@ struct Shared {
     delivered_measured: AtomicU64,
     published: AtomicU64,
     published_measured: AtomicU64,
+    /// PUBACKs the publisher got from the broker (QoS 1).
+    publish_acks: AtomicU64,
     settle_timeouts: AtomicU64,
     malformed: AtomicU64,
     /// Payloads that differ from what was published.

@@ -1,6 +1,7 @@
-//! The MQTT publisher: one connection that publishes QoS 0 messages
-//! carrying their send time and sequence number, at `--rate` or within
-//! `--max-in-flight` publishes not yet seen by every subscriber.
+//! The MQTT publisher: one connection that publishes messages (QoS 0, or
+//! QoS 1 with the broker's PUBACKs counted) carrying their send time and
+//! sequence number, at `--rate` or within `--max-in-flight` publishes not
+//! yet seen by every subscriber.
 //!
 //! It exists apart from the subscribers because it paces and settles the
 //! window; it must not count deliveries (the subscribers' sink does).
@@ -15,13 +16,21 @@ use anyhow::{bail, Context, Result};
 
 use super::epoll::{epoll_ctl, TOKEN_PUBLISHER};
 use super::wire::{
-    check_connack, connect_frame, kind_name, put_publish, FrameStream, CONNACK, KEEPALIVE_S,
-    PINGRESP,
+    check_connack, connect_frame, kind_name, puback_id, put_publish, FrameStream, CONNACK,
+    KEEPALIVE_S, PINGRESP, PUBACK,
 };
 use super::{Config, Shared, MEASURE, MEASURED, WARMUP};
 
 /// Publishes built per write at most.
 const PUBLISH_BATCH: u64 = 256;
+/// QoS 1 publishes the broker has not PUBACKed yet, at most: their packet
+/// identifiers (1..=65535, from the sequence number) must stay unique.
+const MAX_UNACKED: u64 = 60_000;
+
+/// The packet identifier of QoS 1 publish `seq` (from 1): 1..=65535 in turn.
+fn packet_id(seq: u64) -> u16 {
+    ((seq - 1) % 65_535 + 1) as u16
+}
 
 /// The one publisher connection, driven by worker 0.
 pub(super) struct Publisher {
@@ -44,6 +53,10 @@ pub(super) struct Publisher {
     /// Rate mode: when publishing started, and publishes since.
     rate_start: Option<Instant>,
     rate_sent: u64,
+    /// QoS 1: PUBACKs received (a broker acknowledges in the order it
+    /// received, MQTT 3.1.1 §4.6).
+    acked: u64,
+    qos: u8,
 }
 
 impl Publisher {
@@ -114,6 +127,8 @@ impl Publisher {
             sent_ns: vec![0; ring_len],
             rate_start: None,
             rate_sent: 0,
+            acked: 0,
+            qos: cfg.qos,
         })
     }
 
@@ -153,6 +168,12 @@ impl Publisher {
             let count = room.min(PUBLISH_BATCH);
             (count, if room > count { 0 } else { 10 })
         };
+        let count = if self.qos > 0 {
+            let unacked = self.next_seq - 1 - self.acked;
+            count.min(MAX_UNACKED.saturating_sub(unacked))
+        } else {
+            count
+        };
         if count == 0 {
             return Ok(timeout);
         }
@@ -165,7 +186,8 @@ impl Publisher {
             self.sent_ns[slot] = now_ns;
             self.payload[0..8].copy_from_slice(&now_ns.to_le_bytes());
             self.payload[8..16].copy_from_slice(&(seq | flag).to_le_bytes());
-            put_publish(&mut self.out, &self.topic, &self.payload)?;
+            let id = (self.qos > 0).then(|| packet_id(seq));
+            put_publish(&mut self.out, &self.topic, &self.payload, id)?;
         }
         shared.published.fetch_add(count, Ordering::AcqRel);
         if flag != 0 {
@@ -237,7 +259,13 @@ impl Publisher {
         )
     }
 
-    pub(super) fn on_event(&mut self, flags: u32, scratch: &mut [u8], ep: &OwnedFd) -> Result<()> {
+    pub(super) fn on_event(
+        &mut self,
+        flags: u32,
+        scratch: &mut [u8],
+        ep: &OwnedFd,
+        shared: &Shared,
+    ) -> Result<()> {
         if flags & libc::EPOLLOUT as u32 != 0 {
             self.flush(ep)?;
         }
@@ -261,9 +289,29 @@ impl Publisher {
                 return Err(e).with_context(|| format!("publisher: connection to broker {broker}"))
             }
         };
-        self.stream.feed(&scratch[..n], |f| match f.kind() {
+        let (qos, published, before) = (self.qos, self.next_seq - 1, self.acked);
+        let acked = &mut self.acked;
+        let result = self.stream.feed(&scratch[..n], |f| match f.kind() {
             PINGRESP => Ok(()),
+            PUBACK if qos > 0 => {
+                let expected = packet_id(*acked + 1);
+                match puback_id(&f) {
+                    Some(id) if *acked < published && id == expected => {
+                        *acked += 1;
+                        Ok(())
+                    }
+                    Some(id) => bail!(
+                        "publisher: PUBACK for packet {id} from the broker, expected {expected} \
+                         ({published} published, {acked} acknowledged)"
+                    ),
+                    None => bail!("publisher: malformed PUBACK from the broker"),
+                }
+            }
             k => bail!("publisher: unexpected {} from the broker", kind_name(k)),
-        })
+        });
+        shared
+            .publish_acks
+            .fetch_add(self.acked - before, Ordering::AcqRel);
+        result
     }
 }

@@ -84,6 +84,7 @@ pub(crate) fn run(common: &Common, args: &MqttArgs) -> Result<Report> {
         delivered_measured: AtomicU64::new(0),
         published: AtomicU64::new(0),
         published_measured: AtomicU64::new(0),
+        publish_acks: AtomicU64::new(0),
         settle_timeouts: AtomicU64::new(0),
         malformed: AtomicU64::new(0),
         wrong: AtomicU64::new(0),
@@ -99,6 +100,7 @@ pub(crate) fn run(common: &Common, args: &MqttArgs) -> Result<Report> {
     let cfg = Arc::new(Config {
         broker: args.broker,
         topic: args.topic.clone(),
+        qos: args.qos,
         payload_bytes: args.payload_bytes,
         rate: args.rate,
         max_in_flight: max_in_flight as u64,
@@ -293,6 +295,10 @@ fn report(
     r.figure("connect_ms", o.connect_ms.round());
     r.figure("drain_ms", o.drain_ms.round());
     r.figure("payload_bytes", args.payload_bytes);
+    r.figure("qos", args.qos);
+    if args.qos > 0 {
+        r.figure("publish_acks", s.publish_acks.load(Ordering::Acquire));
+    }
     r.figure(
         "publish_mode",
         if args.rate > 0.0 {
@@ -320,7 +326,8 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::super::wire::{
-        encode_remaining_length, FrameStream, CONNECT, PINGREQ, PINGRESP, PUBLISH, SUBSCRIBE,
+        encode_remaining_length, publish_packet_id, put_puback, FrameStream, CONNECT, PINGREQ,
+        PINGRESP, PUBACK, PUBLISH, SUBSCRIBE,
     };
     use super::*;
     use clap::Parser;
@@ -338,16 +345,21 @@ mod tests {
 
     // --- Against a tiny in-process broker -------------------------------
 
-    /// A broker that answers CONNECT with `code` and forwards every PUBLISH
-    /// to every subscriber, one thread per connection.
-    fn fake_broker(code: u8) -> SocketAddr {
+    /// A broker that answers CONNECT with `code`, grants each SUBSCRIBE
+    /// the QoS asked, PUBACKs QoS 1 publishes and forwards every PUBLISH
+    /// as it came to every subscriber, one thread per connection. Returns
+    /// its address and the PUBACKs the subscribers sent it.
+    fn fake_broker(code: u8) -> (SocketAddr, Arc<AtomicU64>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let subs: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let acks = Arc::new(AtomicU64::new(0));
+        let acks_out = Arc::clone(&acks);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
                 let subs = Arc::clone(&subs);
+                let acks = Arc::clone(&acks);
                 std::thread::spawn(move || {
                     let mut stream = FrameStream::default();
                     let mut buf = [0u8; 4096];
@@ -364,13 +376,21 @@ mod tests {
                             match f.kind() {
                                 CONNECT => replies.extend_from_slice(&[0x20, 2, 0, code]),
                                 SUBSCRIBE => {
-                                    replies.extend_from_slice(&[0x90, 3, f.body[0], f.body[1], 0]);
+                                    let qos = *f.body.last().unwrap();
+                                    replies
+                                        .extend_from_slice(&[0x90, 3, f.body[0], f.body[1], qos]);
                                     subscribed = true;
                                 }
                                 PUBLISH => {
+                                    if let Some(id) = publish_packet_id(&f) {
+                                        put_puback(&mut replies, id);
+                                    }
                                     forward.push(f.header);
                                     encode_remaining_length(f.body.len(), &mut forward)?;
                                     forward.extend_from_slice(f.body);
+                                }
+                                PUBACK => {
+                                    acks.fetch_add(1, Ordering::SeqCst);
                                 }
                                 PINGREQ => replies.extend_from_slice(&[PINGRESP << 4, 0]),
                                 _ => closing = true,
@@ -392,7 +412,7 @@ mod tests {
                 });
             }
         });
-        addr
+        (addr, acks_out)
     }
 
     fn cli(args: &[&str]) -> crate::Cli {
@@ -410,7 +430,7 @@ mod tests {
 
     #[test]
     fn fan_out_through_a_broker() {
-        let addr = fake_broker(0).to_string();
+        let addr = fake_broker(0).0.to_string();
         let c = cli(&[
             "--devices",
             "20",
@@ -442,9 +462,50 @@ mod tests {
         assert!(r.timeline.iter().any(|s| s.phase == "measure"));
     }
 
+    /// QoS 1: every delivery is PUBACKed by its subscriber, every publish
+    /// by the broker, and the report says so.
+    #[test]
+    fn fan_out_at_qos_1_acknowledges_every_delivery() {
+        let (addr, acks) = fake_broker(0);
+        let addr = addr.to_string();
+        let c = cli(&[
+            "--devices",
+            "10",
+            "--threads",
+            "2",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "mqtt",
+            "--broker",
+            &addr,
+            "--qos",
+            "1",
+            "--drain",
+            "2s",
+        ]);
+        let r = run_cli(&c).unwrap();
+        assert_eq!(r.lost, 0, "{:?}", r.figures);
+        assert_eq!(r.wrong, 0, "{:?}", r.figures);
+        assert_eq!(r.figures["qos"].as_u64(), Some(1));
+        let total = r.figures["published_total"].as_u64().unwrap();
+        assert!(total > 0);
+        assert_eq!(r.figures["publish_acks"].as_u64(), Some(total));
+        let delivered = r.figures["delivered_total"].as_u64().unwrap();
+        assert_eq!(delivered, total * 10);
+        // The subscribers' PUBACKs went out before their goodbye; the
+        // broker's threads may still be reading the last of them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while acks.load(Ordering::SeqCst) < delivered && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(acks.load(Ordering::SeqCst), delivered);
+    }
+
     #[test]
     fn refused_connack_is_a_clear_error() {
-        let addr = fake_broker(5).to_string();
+        let addr = fake_broker(5).0.to_string();
         let c = cli(&["--devices", "3", "mqtt", "--broker", &addr]);
         let e = format!("{:#}", run_cli(&c).unwrap_err());
         assert!(e.contains("CONNACK return code 5 (not authorized)"), "{e}");

@@ -2,7 +2,8 @@
 //! connections on one epoll instance (worker 0 also drives the publisher),
 //! opens them within the handshake and rate limits, walks each through
 //! CONNECT → CONNACK → SUBSCRIBE → SUBACK, and counts every PUBLISH it
-//! receives (latency, and settling the publisher's window).
+//! receives (latency, and settling the publisher's window); at QoS 1 it
+//! PUBACKs each one.
 //!
 //! It must not publish (that is [`super::publisher`]) nor decide phases
 //! (the controller in [`super::run`] does).
@@ -20,9 +21,9 @@ use hdrhistogram::Histogram;
 use super::epoll::{epoll_ctl, epoll_new, TOKEN_PUBLISHER, TOKEN_WAKE};
 use super::publisher::Publisher;
 use super::wire::{
-    check_connack, check_suback, connect_frame, kind_name, publish_payload, subscribe_frame,
-    FrameStream, CONNACK, DISCONNECT, KEEPALIVE_S, PINGREQ, PINGRESP, PUBLISH, SUBACK,
-    SUBSCRIBE_ID,
+    check_connack, check_suback, connect_frame, kind_name, publish_packet_id, publish_payload,
+    put_puback, subscribe_frame, FrameStream, CONNACK, DISCONNECT, KEEPALIVE_S, PINGREQ, PINGRESP,
+    PUBLISH, SUBACK, SUBSCRIBE_ID,
 };
 use super::{new_histogram, Config, Shared, MEASURED, STOP};
 
@@ -60,6 +61,10 @@ struct Sub {
     /// Highest sequence number received.
     last_seq: u64,
     since: Instant,
+    /// PUBACKs not yet written (QoS 1).
+    acks: Vec<u8>,
+    /// EPOLLOUT is registered: `acks` waits for room in the socket.
+    want_out: bool,
 }
 
 /// What a worker hands back.
@@ -206,6 +211,8 @@ impl Worker {
                 stream: FrameStream::default(),
                 last_seq: 0,
                 since: now,
+                acks: Vec::new(),
+                want_out: false,
             })
             .collect();
         let sink = Sink {
@@ -301,7 +308,7 @@ impl Worker {
                     }
                     TOKEN_PUBLISHER => {
                         if let Some(p) = &mut self.publisher {
-                            p.on_event(flags, &mut self.scratch, &self.ep)?;
+                            p.on_event(flags, &mut self.scratch, &self.ep, &self.shared)?;
                         }
                     }
                     idx => self.on_sub_event(idx as usize, flags)?,
@@ -406,6 +413,9 @@ impl Worker {
     }
 
     fn on_sub_event(&mut self, idx: usize, flags: u32) -> Result<()> {
+        if flags & libc::EPOLLOUT as u32 != 0 && self.subs.get(idx).is_some_and(|s| s.want_out) {
+            self.write_acks(idx)?;
+        }
         let Some(sub) = self.subs.get_mut(idx) else {
             return Ok(());
         };
@@ -446,21 +456,31 @@ impl Worker {
         let mut became_ready = false;
         let result = stream.feed(&self.scratch[..n], |frame| {
             match (sub.state, frame.kind()) {
-                (State::Ready, PUBLISH) => match publish_payload(&frame) {
-                    Some(p) => sink.deliver(&mut sub.last_seq, p),
-                    None => bail!("broker sent a malformed PUBLISH"),
-                },
+                (State::Ready, PUBLISH) => {
+                    match publish_payload(&frame) {
+                        Some(p) => sink.deliver(&mut sub.last_seq, p),
+                        None => bail!("broker sent a malformed PUBLISH"),
+                    }
+                    if let Some(id) = publish_packet_id(&frame) {
+                        put_puback(&mut sub.acks, id);
+                    }
+                }
                 (_, PINGRESP) => {}
                 (State::AwaitConnack, CONNACK) => {
                     check_connack(&frame, &format!("subscriber {}", sub.id), cfg.broker)?;
-                    let subscribe = subscribe_frame(SUBSCRIBE_ID, &cfg.topic, 0)?;
+                    let subscribe = subscribe_frame(SUBSCRIBE_ID, &cfg.topic, cfg.qos)?;
                     if let Some(sock) = &sub.sock {
                         write_small(sock, &subscribe).context("sending SUBSCRIBE")?;
                     }
                     sub.state = State::AwaitSuback;
                 }
                 (State::AwaitSuback, SUBACK) => {
-                    check_suback(&frame, &format!("subscriber {}", sub.id), &cfg.topic)?;
+                    check_suback(
+                        &frame,
+                        &format!("subscriber {}", sub.id),
+                        &cfg.topic,
+                        cfg.qos,
+                    )?;
                     sub.state = State::Ready;
                     became_ready = true;
                 }
@@ -473,11 +493,64 @@ impl Worker {
             Ok(())
         });
         sub.stream = stream;
+        let acks = !sub.acks.is_empty() && !sub.want_out;
         if became_ready {
             self.in_progress -= 1;
             self.shared.ready.fetch_add(1, Ordering::AcqRel);
         }
-        result.with_context(|| format!("subscriber {}", self.subs[idx].id))
+        result.with_context(|| format!("subscriber {}", self.subs[idx].id))?;
+        if acks {
+            self.write_acks(idx)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what the socket takes of a subscriber's PUBACKs; the rest
+    /// waits for EPOLLOUT.
+    fn write_acks(&mut self, idx: usize) -> Result<()> {
+        let sub = &mut self.subs[idx];
+        let Some(sock) = &sub.sock else {
+            sub.acks.clear();
+            return Ok(());
+        };
+        let mut done = 0;
+        let mut failed = None;
+        while done < sub.acks.len() {
+            match (&*sock).write(&sub.acks[done..]) {
+                Ok(0) => {
+                    failed = Some("the broker stopped reading".to_string());
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failed {
+            sub.acks.clear();
+            return self.lost(idx, why);
+        }
+        sub.acks.drain(..done);
+        let want_out = !sub.acks.is_empty();
+        if want_out != sub.want_out {
+            sub.want_out = want_out;
+            let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+            if want_out {
+                events |= libc::EPOLLOUT as u32;
+            }
+            epoll_ctl(
+                &self.ep,
+                libc::EPOLL_CTL_MOD,
+                sock.as_raw_fd(),
+                events,
+                idx as u64,
+            )?;
+        }
+        Ok(())
     }
 
     /// A subscriber's connection ended: fatal before its SUBACK, counted after.

@@ -1,7 +1,7 @@
 //! MQTT 3.1.1 control packets as this client writes and reads them: the
 //! fixed header and its remaining-length varint, a byte stream split into
-//! frames whatever the reads' boundaries, CONNECT, SUBSCRIBE, QoS 0
-//! PUBLISH, and the checks of CONNACK and SUBACK.
+//! frames whatever the reads' boundaries, CONNECT, SUBSCRIBE, PUBLISH at
+//! QoS 0 or 1 and its PUBACK, and the checks of CONNACK and SUBACK.
 //!
 //! It exists so that the framing is tested apart from sockets. It must not
 //! touch a socket or keep any connection's state beyond the bytes of a
@@ -15,6 +15,7 @@ use anyhow::{anyhow, bail, Result};
 pub(super) const CONNECT: u8 = 1;
 pub(super) const CONNACK: u8 = 2;
 pub(super) const PUBLISH: u8 = 3;
+pub(super) const PUBACK: u8 = 4;
 pub(super) const SUBSCRIBE: u8 = 8;
 pub(super) const SUBACK: u8 = 9;
 pub(super) const PINGREQ: u8 = 12;
@@ -214,11 +215,47 @@ pub(crate) fn subscribe_frame(packet_id: u16, topic: &str, qos: u8) -> Result<Ve
     Ok(out)
 }
 
-/// Appends a QoS 0 PUBLISH.
-pub(crate) fn put_publish(out: &mut Vec<u8>, topic: &[u8], payload: &[u8]) -> Result<()> {
+/// Appends a PUBLISH: QoS 0 without a packet identifier, QoS 1 with `id`.
+pub(crate) fn put_publish(
+    out: &mut Vec<u8>,
+    topic: &[u8],
+    payload: &[u8],
+    id: Option<u16>,
+) -> Result<()> {
     let len = u16::try_from(topic.len()).map_err(|_| anyhow!("topic too long"))?;
-    put_frame(out, PUBLISH << 4, &[&len.to_be_bytes(), topic, payload])?;
+    match id {
+        None => put_frame(out, PUBLISH << 4, &[&len.to_be_bytes(), topic, payload])?,
+        Some(id) => put_frame(
+            out,
+            (PUBLISH << 4) | (1 << 1),
+            &[&len.to_be_bytes(), topic, &id.to_be_bytes(), payload],
+        )?,
+    }
     Ok(())
+}
+
+/// Appends the PUBACK of a QoS 1 PUBLISH.
+pub(crate) fn put_puback(out: &mut Vec<u8>, id: u16) {
+    let [hi, lo] = id.to_be_bytes();
+    out.extend_from_slice(&[PUBACK << 4, 2, hi, lo]);
+}
+
+/// The packet identifier of a PUBLISH at QoS 1 or 2 (none at QoS 0).
+pub(crate) fn publish_packet_id(frame: &Frame<'_>) -> Option<u16> {
+    let b = frame.body;
+    if (frame.header >> 1) & 3 == 0 {
+        return None;
+    }
+    let at = 2 + usize::from(u16::from_be_bytes([*b.first()?, *b.get(1)?]));
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+/// The packet identifier a PUBACK acknowledges.
+pub(crate) fn puback_id(frame: &Frame<'_>) -> Option<u16> {
+    match frame.body {
+        [hi, lo] => Some(u16::from_be_bytes([*hi, *lo])),
+        _ => None,
+    }
 }
 
 /// The application payload of a PUBLISH (after topic and packet id).
@@ -255,11 +292,13 @@ pub(super) fn check_connack(frame: &Frame<'_>, who: &str, broker: SocketAddr) ->
     }
 }
 
-/// Checks a SUBACK for our one SUBSCRIBE.
-pub(super) fn check_suback(frame: &Frame<'_>, who: &str, topic: &str) -> Result<()> {
+/// Checks a SUBACK for our one SUBSCRIBE at `qos`: a broker that grants
+/// less than asked is an error (the run would measure another guarantee).
+pub(super) fn check_suback(frame: &Frame<'_>, who: &str, topic: &str, qos: u8) -> Result<()> {
     match frame.body {
         [hi, lo, code, ..] if u16::from_be_bytes([*hi, *lo]) == SUBSCRIBE_ID => match code {
-            0..=2 => Ok(()),
+            0..=2 if *code >= qos => Ok(()),
+            0..=2 => bail!("broker granted {who} QoS {code} for {topic:?}, not the QoS {qos} asked"),
             _ => bail!("broker rejected {who}'s subscription to {topic:?} (SUBACK return code 0x{code:02x})"),
         },
         _ => bail!("broker sent {who} a malformed SUBACK"),
@@ -347,7 +386,7 @@ mod tests {
 
     fn publish(payload: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
-        put_publish(&mut v, b"mpp/loadgen", payload).unwrap();
+        put_publish(&mut v, b"mpp/loadgen", payload, None).unwrap();
         v
     }
 
@@ -479,11 +518,46 @@ mod tests {
             header: 0x90,
             body: &[0, 1, 0],
         };
-        assert!(check_suback(&granted, "x", "t").is_ok());
+        assert!(check_suback(&granted, "x", "t", 0).is_ok());
+        // Asked QoS 1, granted 0: another guarantee than the run measures.
+        let e = check_suback(&granted, "x", "t", 1).unwrap_err();
+        assert!(e.to_string().contains("granted x QoS 0"), "{e}");
+        let granted_1 = Frame {
+            header: 0x90,
+            body: &[0, 1, 1],
+        };
+        assert!(check_suback(&granted_1, "x", "t", 1).is_ok());
         let failed = Frame {
             header: 0x90,
             body: &[0, 1, 0x80],
         };
-        assert!(check_suback(&failed, "x", "t").is_err());
+        assert!(check_suback(&failed, "x", "t", 0).is_err());
+    }
+
+    #[test]
+    fn qos1_publish_and_puback_round_trip() {
+        let mut v = Vec::new();
+        put_publish(&mut v, b"mpp/loadgen", b"0123456789abcdef", Some(0x1234)).unwrap();
+        // QoS 1 in the fixed header; 2 + 11 topic + 2 id + 16 payload.
+        assert_eq!(&v[..2], &[0x32, 31]);
+        let (f, n) = parse_frame(&v).unwrap().unwrap();
+        assert_eq!(n, v.len());
+        assert_eq!(publish_packet_id(&f), Some(0x1234));
+        assert_eq!(publish_payload(&f), Some(&b"0123456789abcdef"[..]));
+        // QoS 0 carries no identifier.
+        let q0 = publish(b"0123456789abcdef");
+        let (f0, _) = parse_frame(&q0).unwrap().unwrap();
+        assert_eq!(publish_packet_id(&f0), None);
+        let mut ack = Vec::new();
+        put_puback(&mut ack, 0x1234);
+        assert_eq!(ack, [0x40, 2, 0x12, 0x34]);
+        let (a, _) = parse_frame(&ack).unwrap().unwrap();
+        assert_eq!(a.kind(), PUBACK);
+        assert_eq!(puback_id(&a), Some(0x1234));
+        let bad = Frame {
+            header: 0x40,
+            body: &[1],
+        };
+        assert_eq!(puback_id(&bad), None);
     }
 }
