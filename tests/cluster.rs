@@ -286,6 +286,20 @@ fn quick() -> ClientConfig {
     }
 }
 
+/// [`quick`] at noticing a silent node, but patient with a connect: a
+/// node that holds no device of the account's partition parks a connect
+/// until it hears the partition and then while it asks the cluster about
+/// the device's mark (docs/PROTOCOL.md §10.3–10.4: each wait up to
+/// `cluster_catch_up_timeout_ms`, 500 ms, the first 250 ms more), and a
+/// client that gives up sooner leaves a live node (quick's two connects
+/// 200 ms apart give it about 400 ms). Ten give it 2 s, above both waits.
+fn patient() -> ClientConfig {
+    ClientConfig {
+        connect_tries: 10,
+        ..quick()
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Cases
 // ---------------------------------------------------------------------------
@@ -497,6 +511,125 @@ fn a_stopped_nodes_devices_fail_over_and_catch_up() {
     wait_bits(&mut moving, &[0x10]);
     let m = nodes[1].metrics();
     assert!(gauge(&m, "mpp_cluster_catch_up_questions_total") >= 1);
+}
+
+/// A cluster node in a process of its own (`mppd`), so that the test can
+/// kill it with SIGKILL: no state saved, no goodbye to anyone.
+struct NodeProcess {
+    proc: node::Proc,
+    udp: SocketAddr,
+    http: SocketAddr,
+    _dir: TempDir,
+}
+
+impl NodeProcess {
+    /// Starts `mppd` named `id` on `nats` with the cluster's master key
+    /// (`master`, the first node's key file); returns once it listens.
+    fn start(nats: &Nats, id: &str, master: &Path) -> NodeProcess {
+        let dir = TempDir::new(&format!("cluster-{id}"));
+        std::fs::copy(master, dir.join(mpp::node::data_dir::MASTER_KEY_FILE))
+            .expect("copy the cluster's master key");
+        let mut cmd = node::command(env!("CARGO_BIN_EXE_mppd"));
+        cmd.arg("--data-dir").arg(dir.path());
+        cmd.args(["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"]);
+        cmd.args(["--threads", "1", "--cluster", &nats.url(), "--node-id", id]);
+        let mut proc = node::Proc::spawn(&format!("mppd {id}"), cmd);
+        let listening = proc.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+        let addr = |key| {
+            node::field(&listening, key)
+                .parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("{key} in {listening:?}: {e}"))
+        };
+        NodeProcess {
+            udp: addr("udp="),
+            http: addr("http="),
+            proc,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    fn kill(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        self.proc.signal(libc::SIGKILL);
+        let status = self.proc.wait_exit();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    }
+}
+
+/// A node killed with SIGKILL (no state saved, no goodbye): its devices,
+/// whose credentials list every node (in two orders), notice that it
+/// stopped answering, fail over to the next endpoint and catch up there.
+/// The node that knew their marks is gone, so the catch-up is a resync,
+/// and it covers what was published while they moved, entering a
+/// surviving node: never an empty answer.
+#[test]
+fn a_killed_nodes_devices_fail_over_and_catch_up() {
+    let nats = Nats::start();
+    let nodes = cluster(&nats, 2, |_, _| {});
+    let key = nodes[0].dir.join(mpp::node::data_dir::MASTER_KEY_FILE);
+    let mut doomed = NodeProcess::start(&nats, "k", &key);
+    let names = accounts("killed", 1, &[]);
+    let account = &names[0];
+    // Two devices on the doomed node: one lists node a next, one node b.
+    let mut moving: Vec<(Device, SocketAddr)> = [(0, 1), (1, 0)]
+        .iter()
+        .map(|&(next, last)| {
+            let credential = nodes[0].credential(account, &format!("moving-{next}"));
+            let mut d = Device::with_config(&credential, doomed.udp, patient());
+            d.client.set_nodes(&[nodes[next].udp, nodes[last].udp]);
+            d.connect();
+            (d, nodes[next].udp)
+        })
+        .collect();
+    let mut staying = device_on(&nodes[0], account, "staying", &[], ClientConfig::default());
+    node::wait_metrics(doomed.http, "node k hears the account", |m| {
+        gauge(m, "mpp_cluster_connected") == 1 && gauge(m, "mpp_cluster_partitions_heard") == 1
+    });
+    wait_heard(&nodes[0], 1);
+    publish_everywhere(&nodes[0], account, "01");
+    for (d, _) in moving.iter_mut() {
+        wait_bits(d, &[0x01]);
+    }
+    wait_bits(&mut staying, &[0x01]);
+    let before: Vec<usize> = moving.iter().map(|(d, _)| d.events.len()).collect();
+
+    doomed.kill();
+    // Published while the devices are moving, entering a surviving node.
+    let r = notify(&nodes[0], account, "08");
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_bits(&mut staying, &[0x08]);
+    for ((d, next), &from) in moving.iter_mut().zip(&before) {
+        let moved = d.pump(
+            |e| {
+                e[from..].iter().any(|e| {
+                    matches!(e, ClientEvent::Notify { catch_up: true, bitmask, .. } if covers(bitmask, &[0x08]))
+                })
+            },
+            deadline(),
+        );
+        assert!(
+            moved,
+            "device {} did not fail over and catch up: {:?}",
+            d.client.conn_id(),
+            &d.events[from..]
+        );
+        assert_eq!(d.client.node(), *next, "it moved to its next endpoint");
+        assert!(d.client.failovers() >= 1);
+        let (_, bits, resync) = catch_ups(&d.events[from..]).pop().expect("a catch-up");
+        assert!(resync, "nobody knew its mark: a resync, {bits:02x?}");
+        settle(d);
+    }
+    // They are devices of nodes a and b from now on: a publish entering
+    // node b reaches them all.
+    publish_everywhere(&nodes[1], account, "10");
+    for (d, _) in moving.iter_mut() {
+        wait_bits(d, &[0x10]);
+    }
+    wait_bits(&mut staying, &[0x10]);
+    for n in &nodes {
+        assert!(gauge(&n.metrics(), "mpp_cluster_catch_up_questions_total") >= 1);
+    }
 }
 
 /// A device that moves while its old node still lives gets the old node's
