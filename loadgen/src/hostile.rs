@@ -259,7 +259,11 @@ mod tests {
     /// Serial far below any connected device's).
     #[test]
     fn the_mix_is_what_it_says() {
-        let ident = Identity::new(mpp::packet::MasterKey::new([7; 32]), 4).unwrap();
+        let ident = Identity::new(
+            mpp::packet::MasterKey::new([7; 32]),
+            crate::ident::Space::new(4, 4),
+        )
+        .unwrap();
         let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let h = Hostile::new(&ident, 4, sink.local_addr().unwrap(), 1.0).unwrap();
         for (k, pool) in h.pools.iter().enumerate() {

@@ -22,6 +22,7 @@ use mpp::config::CpuList;
 
 mod baseline;
 mod engine;
+mod hist;
 mod hostile;
 mod html;
 mod ident;
@@ -52,15 +53,38 @@ pub(crate) struct Cli {
 /// Flags every scenario understands.
 #[derive(Args, Debug, Clone, serde::Serialize)]
 pub(crate) struct Common {
-    /// The node's (or STUN server's, or reflector's) UDP address.
-    #[arg(long, global = true, default_value = "127.0.0.1:15099")]
-    pub(crate) node: std::net::SocketAddr,
-    /// The node's control API, for publishing (fanout).
-    #[arg(long, global = true, default_value = "http://127.0.0.1:15099")]
-    pub(crate) control: String,
+    /// The node's (or STUN server's, or reflector's) UDP address; for hold,
+    /// fanout, heartbeat and churn also the nodes of a cluster,
+    /// comma-separated: device n of the space (see --first-device) connects
+    /// to the (n mod k)-th of the k nodes, and fanout's publishes enter
+    /// every node (each account's through one node, account a's through
+    /// the (a mod k)-th), so most deliveries cross the bus.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        num_args = 1,
+        value_name = "ADDR[,ADDR…]",
+        default_value = "127.0.0.1:15099"
+    )]
+    pub(crate) node: Vec<std::net::SocketAddr>,
+    /// The nodes' control APIs, for publishing (fanout): one URL per
+    /// --node, comma-separated, in the same order (default: http:// and
+    /// each --node address, which is mppd's default for one node).
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        num_args = 1,
+        value_name = "URL[,URL…]"
+    )]
+    pub(crate) control: Vec<String>,
     /// The node's data directory: credentials are minted from its master.key
     /// and publishes authorized with its admin.token. The default is mppd's
-    /// own, so a loadgen started beside a default mppd needs no flag.
+    /// own, so a loadgen started beside a default mppd needs no flag. With
+    /// several --node, any one of theirs: the nodes of a cluster share the
+    /// master key, and the loadgen publishes to every node with this one
+    /// admin token (copy it into each node's directory too).
     #[arg(long, global = true, default_value = "./mppd-data")]
     pub(crate) data_dir: PathBuf,
     /// A master key file (64 hex digits) instead of --data-dir's.
@@ -72,9 +96,19 @@ pub(crate) struct Common {
     /// Simulated devices.
     #[arg(long, global = true, default_value_t = 10_000)]
     pub(crate) devices: u64,
-    /// Accounts the devices are spread over (default: one per device).
+    /// Accounts the devices are spread over (default: one per device),
+    /// each a block of consecutive devices (device n of the space is in
+    /// account ⌊n × accounts / devices⌋).
     #[arg(long, global = true)]
     pub(crate) accounts: Option<u64>,
+    /// Simulate devices N .. N+devices-1 of a device space shared by
+    /// several loadgen processes (each with the same --devices and
+    /// --accounts and its own N, a multiple of devices/accounts): their
+    /// devices, conn ids and accounts never overlap, so each one's counts
+    /// are exact. Conn ids are then the space's, not salted per run: a run
+    /// takes over what an earlier run of the same range left on the node.
+    #[arg(long, global = true, value_name = "N")]
+    pub(crate) first_device: Option<u64>,
     /// Measured window, e.g. 10s, 2m.
     #[arg(long, global = true, default_value = "10s", value_parser = parse_secs)]
     pub(crate) duration: u64,
@@ -118,8 +152,21 @@ pub(crate) struct Common {
     /// the node answered to each kind (0 = none sent).
     #[arg(long, global = true, default_value_t = 0.0)]
     pub(crate) hostile: f64,
-    /// The node's pid: report its CPU use (and for hold, its RSS growth).
-    #[arg(long, global = true)]
+    /// The node's pid: report its CPU use (and for hold, its RSS growth);
+    /// with several nodes, their pids, comma-separated: the sum is
+    /// reported (2.0 = two cores), and fanout reports the nodes' CPU time
+    /// per publish.
+    #[arg(
+        long = "node-pid",
+        global = true,
+        value_delimiter = ',',
+        num_args = 1,
+        value_name = "PID[,PID…]"
+    )]
+    pub(crate) node_pids: Vec<u32>,
+    /// The first of --node-pid (the scenarios that watch one node).
+    #[arg(skip)]
+    #[serde(skip)]
     pub(crate) node_pid: Option<u32>,
     /// Also run the scenario's baseline (raw echo or raw fan-out) in this
     /// run and report the ratio.
@@ -156,6 +203,12 @@ pub(crate) struct Common {
     /// Write a self-contained HTML page with charts.
     #[arg(long, global = true)]
     pub(crate) html: Option<PathBuf>,
+    /// Write the measured window's latency histograms to FILE, in
+    /// HdrHistogram's interval log format (each histogram V2 + deflate,
+    /// tagged `latency` and, with several fanout nodes, `cross-node`), for
+    /// `mpp-loadgen merge` to add up over several processes.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) histogram_out: Option<PathBuf>,
     /// No live progress bar.
     #[arg(long, global = true)]
     pub(crate) no_progress: bool,
@@ -185,6 +238,18 @@ pub(crate) enum Command {
     RawFanout(RawFanoutArgs),
     /// MQTT QoS 0 fan-out through a broker (mosquitto): one publisher, --devices subscribers.
     Mqtt(mqtt::MqttArgs),
+    /// Add up the --histogram-out files of several runs (processes that
+    /// split one device space) and print the latency table of the sum, per
+    /// tag; --histogram-out writes the sum.
+    Merge(MergeArgs),
+}
+
+/// `merge`.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub(crate) struct MergeArgs {
+    /// --histogram-out files.
+    #[arg(required = true, value_name = "FILE")]
+    pub(crate) files: Vec<PathBuf>,
 }
 
 /// `heartbeat`, `stun`, `echo`.
@@ -222,7 +287,7 @@ pub(crate) struct FanoutArgs {
     /// Notifications per HTTP request (the batch API).
     #[arg(long, default_value_t = 100)]
     pub(crate) publish_batch: usize,
-    /// Publish requests kept in flight on the control connection (HTTP/1.1
+    /// Publish requests kept in flight on each control connection (HTTP/1.1
     /// pipelining, 1 to 64; 1 = wait for each answer before the next).
     #[arg(long, default_value_t = 4)]
     pub(crate) pipeline: usize,
@@ -295,6 +360,21 @@ fn parse_secs(text: &str) -> Result<u64, String> {
 }
 
 impl Common {
+    /// The first (or only) --node.
+    pub(crate) fn first_node(&self) -> std::net::SocketAddr {
+        self.node[0]
+    }
+
+    /// The control API of each --node: --control, or http:// and the
+    /// node's address.
+    pub(crate) fn controls(&self) -> Vec<String> {
+        if self.control.is_empty() {
+            self.node.iter().map(|n| format!("http://{n}")).collect()
+        } else {
+            self.control.clone()
+        }
+    }
+
     /// The CPUs of `--cpus`, or `None` when workers stay unpinned (no
     /// flag, or an empty list).
     pub(crate) fn worker_cpus(&self) -> Option<&[usize]> {
@@ -377,7 +457,8 @@ fn handle_interruptions() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.common.node_pid = cli.common.node_pids.first().copied();
     if let Err(e) = handle_interruptions() {
         eprintln!("mpp-loadgen: cannot handle signals: {e:#}");
         return ExitCode::FAILURE;

@@ -178,7 +178,7 @@ impl<'a, P: Probe> Monitor<'a, P> {
         let server_cpu = || match (server, server_tid) {
             (Some(_), Some(tid)) => crate::sys::thread_cpu_seconds(tid),
             (Some(_), None) => None,
-            (None, _) => c.node_pid.and_then(crate::sys::proc_cpu_seconds),
+            (None, _) => crate::sys::procs_cpu_seconds(&c.node_pids),
         };
         let cpu0 = crate::sys::own_cpu_seconds();
         let server0 = server_cpu();

@@ -42,8 +42,9 @@ pub(crate) enum RawKind {
 /// Where a side's server CPU is read.
 #[derive(Debug, Clone)]
 pub(crate) enum ServerCpu {
-    /// A process: the node (`--node-pid`, `--versus-pid`).
-    Process(u32),
+    /// Processes: the node or nodes (`--node-pid`, summed), or
+    /// `--versus-pid`.
+    Process(Vec<u32>),
     /// A thread of this process, an in-process baseline server (its id, 0
     /// until it has started).
     Thread(Arc<AtomicU32>),
@@ -55,7 +56,7 @@ impl ServerCpu {
     /// CPU seconds used so far.
     pub(crate) fn seconds(&self) -> Option<f64> {
         match self {
-            ServerCpu::Process(pid) => crate::sys::proc_cpu_seconds(*pid),
+            ServerCpu::Process(pids) => crate::sys::procs_cpu_seconds(pids),
             ServerCpu::Thread(tid) => match tid.load(Relaxed) {
                 0 => None,
                 t => crate::sys::thread_cpu_seconds(t),
@@ -72,17 +73,20 @@ pub(crate) struct Plan<'a> {
     pub(crate) name: String,
     pub(crate) ident: Arc<Identity>,
     pub(crate) mode: Mode,
-    pub(crate) target: SocketAddr,
+    /// The node(s) the devices connect to (device `l` to
+    /// `targets[Space::node_of(l)]`), or the in-process baseline server.
+    pub(crate) targets: Vec<SocketAddr>,
     pub(crate) window: usize,
     pub(crate) connect_rate: f64,
-    /// Accounts that get publish clocks (fanout).
+    /// Publish clocks (fanout: one per account and node, [`crate::ident::Space::clocks`]).
     pub(crate) clocks: u64,
     pub(crate) rate_name: &'a str,
     pub(crate) rate_of: RateOf,
     /// Label of the measured phase in the timeline ("measure" or "baseline").
     pub(crate) label: &'static str,
-    /// Publish over HTTP once connected (fanout).
-    pub(crate) publish: Option<(Http, PublishConfig)>,
+    /// Publish over HTTP once connected (fanout): one control connection
+    /// per node of `targets`.
+    pub(crate) publish: Option<(Vec<Http>, PublishConfig)>,
     /// Time after the measured window before stopping (fanout).
     pub(crate) drain_s: u64,
     /// Run a raw fan-out sender (baseline) with this bitmask, pinned to
@@ -102,6 +106,8 @@ pub(crate) struct Outcome {
     pub(crate) node_cpu: Option<f64>,
     pub(crate) rtt: Histogram<u64>,
     pub(crate) notify: Histogram<u64>,
+    /// Of `notify`, the deliveries across the bus (several nodes).
+    pub(crate) remote: Histogram<u64>,
     pub(crate) timeline: Vec<Sample>,
     pub(crate) connect_s: f64,
     pub(crate) held_at_measure_end: u64,
@@ -185,13 +191,19 @@ pub(crate) fn cpu_for(c: &Common, i: usize) -> Option<usize> {
     c.worker_cpus().map(|l| l[i % l.len()])
 }
 
-/// Sockets for worker `t`, connected to `target`.
-pub(crate) fn worker_sockets(c: &Common, target: SocketAddr) -> Result<Vec<Vec<socket2::Socket>>> {
-    let per = (c.sockets / c.threads).max(1);
+/// Each worker's sockets: `--sockets` shared out over the workers and the
+/// `targets`, at least one per worker and target; a worker's sockets are
+/// one group per target, in order, each connected to its target.
+pub(crate) fn worker_sockets(
+    c: &Common,
+    targets: &[SocketAddr],
+) -> Result<Vec<Vec<socket2::Socket>>> {
+    let per = (c.sockets / (c.threads * targets.len().max(1))).max(1);
     (0..c.threads)
         .map(|_| {
-            (0..per)
-                .map(|_| crate::io::connected_socket(target))
+            targets
+                .iter()
+                .flat_map(|&t| (0..per).map(move |_| crate::io::connected_socket(t)))
                 .collect()
         })
         .collect()
@@ -245,8 +257,7 @@ pub(crate) struct Started<'a> {
     name: String,
     label: &'static str,
     rate_of: RateOf,
-    target: SocketAddr,
-    clocks: u64,
+    targets: Vec<SocketAddr>,
     drain_s: u64,
     connects: bool,
     shared: Arc<Shared>,
@@ -257,7 +268,7 @@ pub(crate) struct Started<'a> {
     raw: Option<RawHandles>,
     server_cpu: ServerCpu,
     mon: Monitor<'a, Devices>,
-    publish: Option<(Http, PublishConfig)>,
+    publish: Option<(Vec<Http>, PublishConfig)>,
     publisher: Option<JoinHandle<Result<PublishStats>>>,
     connect_s: f64,
     rss_before: Option<u64>,
@@ -278,7 +289,7 @@ impl<'a> Started<'a> {
     pub(crate) fn spawn(mut plan: Plan<'a>) -> Result<Started<'a>> {
         let c = plan.common;
         let shared = Shared::new(plan.clocks);
-        let mut sockets = worker_sockets(c, plan.target)?;
+        let mut sockets = worker_sockets(c, &plan.targets)?;
         let stop_aux = Arc::new(AtomicBool::new(false));
         let mut aux: Vec<JoinHandle<Result<()>>> = Vec::new();
         let mut raw = None;
@@ -286,7 +297,7 @@ impl<'a> Started<'a> {
         if let Some((kind, bitmask, cpu)) = plan.raw_sender.take() {
             let addrs: Vec<Vec<SocketAddr>> =
                 sockets.iter().map(|s| engine::local_addrs(s)).collect();
-            let bind = loopback_any(plan.target);
+            let bind = loopback_any(plan.targets[0]);
             let stop = stop_aux.clone();
             let batch = c.batch;
             let (from, handles, (thread, tid)) = match kind {
@@ -337,7 +348,7 @@ impl<'a> Started<'a> {
             aux.push(thread);
             server_cpu = ServerCpu::Thread(tid);
         }
-        let rss_before = c.node_pid.and_then(crate::sys::proc_rss_bytes);
+        let rss_before = crate::sys::procs_rss_bytes(&c.node_pids);
         let mut workers = Vec::new();
         for (i, socks) in sockets.drain(..).enumerate() {
             let cfg = WorkerConfig {
@@ -345,6 +356,7 @@ impl<'a> Started<'a> {
                 threads: c.threads,
                 devices: c.devices,
                 sockets: socks,
+                nodes: plan.targets.len(),
                 batch: c.batch,
                 cpu: cpu_for(c, i),
                 mode: plan.mode,
@@ -373,8 +385,7 @@ impl<'a> Started<'a> {
             name: plan.name,
             label: plan.label,
             rate_of: plan.rate_of,
-            target: plan.target,
-            clocks: plan.clocks,
+            targets: plan.targets.clone(),
             drain_s: plan.drain_s,
             connects,
             shared,
@@ -442,35 +453,44 @@ impl<'a> Started<'a> {
                          this data directory's key?)"
                     )
                 });
-            bail!("no device connected to {}{why}", self.target);
+            let to = self
+                .targets
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            bail!("no device connected to {to}{why}");
         }
         // The hostile mix starts once the devices are connected.
         if c.hostile > 0.0 {
-            let h = crate::hostile::Hostile::new(&self.ident, c.devices, self.target, c.hostile)?;
+            let h =
+                crate::hostile::Hostile::new(&self.ident, c.devices, self.targets[0], c.hostile)?;
             self.hostile = Some((h.counts.clone(), std::time::Instant::now()));
             let (stop, batch) = (self.stop_aux.clone(), c.batch);
             self.aux
                 .push(std::thread::spawn(move || h.run(batch, &stop)));
         }
-        if let Some((mut http, pcfg)) = self.publish.take() {
+        if let Some((mut https, pcfg)) = self.publish.take() {
             // A node with catch-up (docs/PROTOCOL.md §6.7) told every
             // device its account's Serial when it connected; an older one
-            // did not, and a priming publish to those accounts does.
-            let accounts = self.clocks as usize;
-            let unprimed: Vec<u64> = (0..self.clocks)
-                .filter(|&a| shared.accounts[a as usize].base.load(Relaxed) == 0)
+            // did not, and a priming publish to those accounts does. A
+            // clock is an account's devices on one node (clocks without
+            // devices never learn a Serial).
+            let unprimed_clock = |c: usize| {
+                pcfg.devices_per_clock.get(c).copied().unwrap_or(0) > 0
+                    && shared.accounts[c].base.load(Relaxed) == 0
+            };
+            let space = pcfg.space;
+            let unprimed: Vec<u64> = (0..space.accounts)
+                .filter(|&a| (0..space.nodes as usize).any(|j| unprimed_clock(space.clock(a, j))))
                 .collect();
-            publisher::prime(&mut http, &unprimed)?;
+            publisher::prime(&mut https, &space, &unprimed)?;
             self.mon.phase("prime", 10.0, &|| {
-                shared
-                    .accounts
-                    .iter()
-                    .take(accounts)
-                    .all(|a| a.base.load(Relaxed) != 0)
+                (0..shared.accounts.len()).all(|c| !unprimed_clock(c))
             })?;
             let (sh, stop) = (shared.clone(), self.stop_aux.clone());
             self.publisher = Some(std::thread::spawn(move || {
-                publisher::run(&mut http, &pcfg, &sh, &stop)
+                publisher::run(&mut https, &pcfg, &sh, &stop)
             }));
         }
         Ok(())
@@ -585,12 +605,14 @@ impl<'a> Started<'a> {
         let timeline = mon.finish();
         let mut rtt = histogram();
         let mut notify = histogram();
+        let mut remote = histogram();
         let mut worker_error = None;
         for w in workers {
             match w.join() {
                 Ok(Ok(r)) => {
                     let _ = rtt.add(&r.rtt);
                     let _ = notify.add(&r.notify);
+                    let _ = remote.add(&r.remote);
                 }
                 Ok(Err(e)) => worker_error = Some(e),
                 Err(_) => worker_error = Some(anyhow!("a worker panicked")),
@@ -615,6 +637,7 @@ impl<'a> Started<'a> {
             node_cpu: m.node_cpu,
             rtt,
             notify,
+            remote,
             timeline,
             connect_s,
             held_at_measure_end: m.held_at_end,
@@ -629,7 +652,7 @@ impl<'a> Started<'a> {
             first_refusal: shared.first_refusal.lock().ok().and_then(|f| f.clone()),
             hostile: hostile.map(|(counts, since)| counts.to_json(since.elapsed().as_secs_f64())),
             rss_before,
-            rss_after: c.node_pid.and_then(crate::sys::proc_rss_bytes),
+            rss_after: crate::sys::procs_rss_bytes(&c.node_pids),
             wrong: shared.wrong(),
         })
     }

@@ -31,7 +31,7 @@ use hdrhistogram::Histogram;
 
 use crate::engine::content::{publish_mask, record};
 use crate::engine::{Shared, RING};
-use crate::ident::account_name;
+use crate::ident::{account_name, Space};
 
 /// A keep-alive HTTP/1.1 connection to the control API.
 pub(crate) struct Http {
@@ -189,10 +189,20 @@ pub(crate) struct PublishConfig {
     /// Bytes of each published mask (`--bitmask-bytes`, 1 to 32): each
     /// sets one store of `8 × bitmask_bytes`.
     pub(crate) bitmask_bytes: usize,
-    /// Devices per account (for the in-flight guard).
+    /// The run's devices, accounts and nodes: account `a`'s publishes go
+    /// to the control API of its entry node ([`Space::entry_node`]), and
+    /// its name is the space's ([`Space::first_account`]).
+    pub(crate) space: Space,
+    /// Devices per account (the deliveries each publish owes).
     pub(crate) devices_per_account: Vec<u64>,
-    /// `POST /v1/notify` requests kept in flight on the control connection
-    /// (`--pipeline`; 1 = each answer read before the next request).
+    /// Devices of each publish clock (account `a` on node `j` at `a·k + j`,
+    /// [`Space::devices_per_clock`]): each node counts its own Serials of
+    /// the account, so a publish is recorded once per node that holds
+    /// devices of the account, and the in-flight guard is per node.
+    pub(crate) devices_per_clock: Vec<u64>,
+    /// `POST /v1/notify` requests kept in flight on each control
+    /// connection (`--pipeline`; 1 = each answer read before the next
+    /// request).
     pub(crate) pipeline: usize,
     /// Publishes of one account allowed in flight beyond the first
     /// (`--ahead`, at most [`MAX_AHEAD`]).
@@ -228,19 +238,29 @@ pub(crate) struct PublishStats {
     pub(crate) http_rtt_max_us: u64,
 }
 
-/// Sends one priming publish to each of `accounts` (bitmask `01`), so each
-/// device learns its account's Serial before the measured publishes (a node
-/// with catch-up tells it at connect, and then no account needs one).
-pub(crate) fn prime(http: &mut Http, accounts: &[u64]) -> Result<()> {
-    for chunk in accounts.chunks(1000) {
-        let body = batch_body(chunk.iter().map(|&a| (account_name(a), "01")));
-        let ans = http.post(NOTIFY, &body)?;
-        if ans.status != 202 {
-            bail!(
-                "priming publish refused: HTTP {} {}",
-                ans.status,
-                ans.body.trim()
-            );
+/// Sends one priming publish to each of `accounts` (bitmask `01`), each
+/// through its entry node's control API (`https`, one per node), so each
+/// device learns its account's Serial before the measured publishes (a
+/// node with catch-up tells it at connect, and then no account needs one).
+pub(crate) fn prime(https: &mut [Http], space: &Space, accounts: &[u64]) -> Result<()> {
+    for (node, http) in https.iter_mut().enumerate() {
+        let mine: Vec<u64> = accounts
+            .iter()
+            .copied()
+            .filter(|&a| space.entry_node(a) == node)
+            .collect();
+        for chunk in mine.chunks(1000) {
+            let names = chunk
+                .iter()
+                .map(|&a| (account_name(space.first_account() + a), "01"));
+            let ans = http.post(NOTIFY, &batch_body(names))?;
+            if ans.status != 202 {
+                bail!(
+                    "priming publish refused: HTTP {} {}",
+                    ans.status,
+                    ans.body.trim()
+                );
+            }
         }
     }
     Ok(())
@@ -266,8 +286,9 @@ fn batch_body<'m>(entries: impl Iterator<Item = (String, &'m str)>) -> String {
 /// The publish endpoint.
 const NOTIFY: &str = "/v1/notify";
 
-/// One publish of a batch: its account, the Serial the loadgen gave it,
-/// and the store its mask sets.
+/// One publish of a batch: its account, the Serial the loadgen gave it
+/// (on the first node holding devices of the account), and the store its
+/// mask sets.
 type Entry = (u64, u32, u8);
 
 /// A `POST /v1/notify` written and not answered yet.
@@ -291,32 +312,45 @@ struct Publisher<'a> {
     published: Vec<u64>,
     /// The hex mask of each store (`8 × --bitmask-bytes` of them).
     masks: Vec<String>,
-    /// The next account to consider.
-    cursor: u64,
-    /// Requests written and not answered, oldest first: the node answers a
-    /// connection's requests in order.
-    in_flight: VecDeque<InFlight>,
+    /// For each node, the next of its accounts to consider (the accounts
+    /// whose publishes enter it: every k-th from its first).
+    cursors: Vec<u64>,
+    /// For each node's connection, the requests written and not answered,
+    /// oldest first: the node answers a connection's requests in order.
+    in_flight: Vec<VecDeque<InFlight>>,
     /// Publishes in `in_flight` (they count against the --rate budget).
     unanswered: u64,
+    /// The node whose connection is offered the next batch.
+    turn: usize,
     rtt: Histogram<u64>,
 }
 
 impl<'a> Publisher<'a> {
     fn new(cfg: &'a PublishConfig, shared: &'a Shared) -> Publisher<'a> {
         let bytes = cfg.bitmask_bytes.clamp(1, 32);
+        let nodes = cfg.space.nodes.max(1) as usize;
         Publisher {
             cfg,
             shared,
             stats: PublishStats::default(),
-            published: vec![0; shared.accounts.len()],
+            published: vec![0; cfg.devices_per_account.len()],
             masks: (0..bytes * 8)
                 .map(|bit| hex::encode(publish_mask(bytes, bit)))
                 .collect(),
-            cursor: 0,
-            in_flight: VecDeque::with_capacity(cfg.pipeline.max(1)),
+            cursors: (0..nodes).map(|j| Self::first_of(cfg, j)).collect(),
+            in_flight: (0..nodes)
+                .map(|_| VecDeque::with_capacity(cfg.pipeline.max(1)))
+                .collect(),
             unanswered: 0,
+            turn: 0,
             rtt: crate::engine::histogram(),
         }
+    }
+
+    /// Node `node`'s first account (the others follow every k-th).
+    fn first_of(cfg: &PublishConfig, node: usize) -> u64 {
+        let k = cfg.space.nodes.max(1);
+        (node as u64 + k - cfg.space.first_account() % k) % k
     }
 
     /// Publishes the next batch may carry: what `--rate` allows by now
@@ -333,38 +367,60 @@ impl<'a> Publisher<'a> {
         }
     }
 
-    /// Up to `budget` publishes, one per account, round-robin from the
-    /// cursor over the primed accounts that are not too far ahead of their
-    /// devices; each counted as published, and its time and store written
-    /// to its account's clock under its Serial (before the request leaves,
-    /// so before any device can get it).
-    fn next_batch(&mut self, budget: usize) -> Vec<Entry> {
+    /// The clocks of account `a` that have devices: (clock, devices).
+    fn clocks(&self, a: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
+        (0..self.cfg.space.nodes.max(1) as usize).filter_map(move |j| {
+            let c = self.cfg.space.clock(a, j);
+            let d = self.cfg.devices_per_clock.get(c).copied().unwrap_or(0);
+            (d > 0).then_some((c, d))
+        })
+    }
+
+    /// Up to `budget` publishes to accounts entering `node`, one per
+    /// account, round-robin from the node's cursor over the primed
+    /// accounts whose devices are not too far behind on any node; each
+    /// counted as published, and its time and store written to each of
+    /// its clocks under that node's Serial for it (before the request
+    /// leaves, so before any device can get it).
+    fn next_batch(&mut self, node: usize, budget: usize) -> Vec<Entry> {
         let shared = self.shared;
-        let accounts = shared.accounts.len() as u64;
+        let accounts = self.published.len() as u64;
+        let k = self.cfg.space.nodes.max(1);
+        let first = Self::first_of(self.cfg, node);
+        let mine = if first < accounts {
+            (accounts - first).div_ceil(k)
+        } else {
+            0
+        };
         let max_ahead = self.cfg.ahead;
         let mut entries = Vec::with_capacity(budget);
         let mut scanned = 0;
-        while entries.len() < budget && scanned < accounts {
-            let a = self.cursor;
-            self.cursor = (self.cursor + 1) % accounts;
+        while entries.len() < budget && scanned < mine {
+            let a = self.cursors[node];
+            self.cursors[node] = if a + k < accounts { a + k } else { first };
             scanned += 1;
-            let clock = &shared.accounts[a as usize];
-            let base = clock.base.load(Relaxed);
-            if base == 0 {
-                continue; // not primed yet
+            let published = self.published[a as usize];
+            let ready = self.clocks(a).all(|(c, d)| {
+                let clock = &shared.accounts[c];
+                clock.base.load(Relaxed) != 0
+                    && published * d <= clock.delivered.load(Relaxed) + max_ahead * d
+            });
+            if !ready {
+                continue; // not primed yet, or too far ahead
             }
-            let d = self.cfg.devices_per_account[a as usize].max(1);
-            let delivered = clock.delivered.load(Relaxed);
-            let published = &mut self.published[a as usize];
-            if *published * d > delivered + max_ahead * d {
-                continue;
+            let published = published + 1;
+            self.published[a as usize] = published;
+            let bit = ((published - 1) % self.masks.len() as u64) as u8;
+            let now = shared.now_us();
+            let mut first_serial = None;
+            for (c, _) in self.clocks(a) {
+                let clock = &shared.accounts[c];
+                let serial = clock.base.load(Relaxed).wrapping_add(published as u32);
+                first_serial.get_or_insert(serial);
+                clock.ring[serial as usize % RING].store(now, Relaxed);
+                clock.sent[serial as usize % RING].store(record(serial, bit), Release);
             }
-            *published += 1;
-            let serial = base.wrapping_add(*published as u32);
-            let bit = ((*published - 1) % self.masks.len() as u64) as u8;
-            clock.ring[serial as usize % RING].store(shared.now_us(), Relaxed);
-            clock.sent[serial as usize % RING].store(record(serial, bit), Release);
-            entries.push((a, serial, bit));
+            entries.push((a, first_serial.unwrap_or(0), bit));
         }
         entries
     }
@@ -374,9 +430,9 @@ impl<'a> Publisher<'a> {
     /// on them may be the loadgen's (engine/content.rs).
     fn unverifiable(&self, entries: &[Entry]) {
         for &(a, _, _) in entries {
-            self.shared.accounts[a as usize]
-                .unverifiable
-                .store(true, Relaxed);
+            for (c, _) in self.clocks(a) {
+                self.shared.accounts[c].unverifiable.store(true, Relaxed);
+            }
         }
     }
 
@@ -396,20 +452,23 @@ impl<'a> Publisher<'a> {
         )
     }
 
-    /// Writes a request for `entries`. If nothing else is in flight, a
-    /// failed write is tried once more on a new connection, as
-    /// [`Http::post`] does; otherwise it ends the run.
-    fn send(&mut self, http: &mut Http, entries: Vec<Entry>) -> Result<()> {
+    /// Writes a request for `entries` on `node`'s connection `http`. If
+    /// nothing else is in flight there, a failed write is tried once more
+    /// on a new connection, as [`Http::post`] does; otherwise it ends the
+    /// run.
+    fn send(&mut self, http: &mut Http, node: usize, entries: Vec<Entry>) -> Result<()> {
+        let first = self.cfg.space.first_account();
         let body = batch_body(
             entries
                 .iter()
-                .map(|&(a, _, bit)| (account_name(a), self.masks[bit as usize].as_str())),
+                .map(|&(a, _, bit)| (account_name(first + a), self.masks[bit as usize].as_str())),
         );
         let sent_at = self.shared.now_us();
         let mut retried = false;
         if let Err(e) = http.send(NOTIFY, &body) {
-            if !self.in_flight.is_empty() {
-                return Err(e.context(self.broken(http, self.in_flight.len() + 1)));
+            let queued = self.in_flight[node].len();
+            if queued > 0 {
+                return Err(e.context(self.broken(http, queued + 1)));
             }
             http.disconnect();
             http.send(NOTIFY, &body)
@@ -419,7 +478,7 @@ impl<'a> Publisher<'a> {
             self.unverifiable(&entries);
         }
         self.unanswered += entries.len() as u64;
-        self.in_flight.push_back(InFlight {
+        self.in_flight[node].push_back(InFlight {
             entries,
             body,
             sent_at,
@@ -428,19 +487,21 @@ impl<'a> Publisher<'a> {
         Ok(())
     }
 
-    /// Reads the answer to the oldest request in flight and counts it.
-    /// Returns whether the node refused some of its publishes (inboxes
-    /// full). If the answer cannot be read and no other request is in
-    /// flight, the request is sent once more on a new connection, as
-    /// [`Http::post`] does; with others in flight it ends the run.
-    fn receive(&mut self, http: &mut Http) -> Result<bool> {
-        let Some(f) = self.in_flight.pop_front() else {
+    /// Reads the answer to the oldest request in flight on `node`'s
+    /// connection `http` and counts it. Returns whether the node refused
+    /// some of its publishes (inboxes full). If the answer cannot be read
+    /// and no other request is in flight there, the request is sent once
+    /// more on a new connection, as [`Http::post`] does; with others in
+    /// flight it ends the run.
+    fn receive(&mut self, http: &mut Http, node: usize) -> Result<bool> {
+        let Some(f) = self.in_flight[node].pop_front() else {
             return Ok(false);
         };
         self.unanswered -= f.entries.len() as u64;
+        let queued = self.in_flight[node].len();
         let ans = match http.receive() {
             Ok(ans) => ans,
-            Err(_) if self.in_flight.is_empty() && !f.retried => {
+            Err(_) if queued == 0 && !f.retried => {
                 // The node may have taken the first one: its publishes
                 // may now have two Serials each.
                 self.unverifiable(&f.entries);
@@ -449,7 +510,7 @@ impl<'a> Publisher<'a> {
                     .and_then(|()| http.receive())
                     .with_context(|| self.broken(http, 1))?
             }
-            Err(e) => return Err(e.context(self.broken(http, self.in_flight.len() + 1))),
+            Err(e) => return Err(e.context(self.broken(http, queued + 1))),
         };
         let _ = self
             .rtt
@@ -479,7 +540,8 @@ impl<'a> Publisher<'a> {
         // in-flight depth; the counts stay right, as `expected` counts only
         // accepted publishes and `delivered` follows the node's Serials.
         // The same shift makes the content check's records of those
-        // accounts unsure (engine/content.rs).
+        // accounts unsure (engine/content.rs). (An account's publishes all
+        // enter one node, on one connection, so this holds per account.)
         for &(a, _, _) in entries[accepted..].iter().rev() {
             self.published[a as usize] -= 1;
         }
@@ -494,18 +556,33 @@ impl<'a> Publisher<'a> {
         }
         Ok(accepted < entries.len())
     }
+
+    /// The node whose oldest request in flight was written first (its
+    /// answer is due soonest), if any is in flight.
+    fn oldest(&self) -> Option<usize> {
+        (0..self.in_flight.len())
+            .filter_map(|j| Some((self.in_flight[j].front()?.sent_at, j)))
+            .min()
+            .map(|(_, j)| j)
+    }
 }
 
-/// Publishes until `stop` is set, with up to `cfg.pipeline` requests in
-/// flight; then reads the answers still due, so every publish the node
-/// took is counted.
+/// Publishes until `stop` is set, through `https` (one control connection
+/// per node, in `--node` order), with up to `cfg.pipeline` requests in
+/// flight on each; the nodes are offered batches in turn, each with the
+/// accounts that enter it. Then reads the answers still due, so every
+/// publish the nodes took is counted.
 pub(crate) fn run(
-    http: &mut Http,
+    https: &mut [Http],
     cfg: &PublishConfig,
     shared: &Arc<Shared>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<PublishStats> {
     let depth = cfg.pipeline.max(1);
+    let nodes = https.len();
+    if nodes == 0 || nodes as u64 != cfg.space.nodes {
+        bail!("{nodes} control connections for {} nodes", cfg.space.nodes);
+    }
     let mut p = Publisher::new(cfg, shared);
     let mut start = shared.now_us();
     let mut paused_at = None;
@@ -514,8 +591,8 @@ pub(crate) fn run(
             // Another side's slice (--interleave): answers still due are
             // read, nothing new is published, and the --rate budget does
             // not bank the pause.
-            if !p.in_flight.is_empty() {
-                p.receive(http)?;
+            if let Some(j) = p.oldest() {
+                p.receive(&mut https[j], j)?;
                 continue;
             }
             paused_at.get_or_insert(shared.now_us());
@@ -525,29 +602,45 @@ pub(crate) fn run(
         if let Some(t) = paused_at.take() {
             start += shared.now_us().saturating_sub(t);
         }
-        if p.in_flight.len() < depth {
-            let budget = p.budget(start);
-            if budget > 0 {
-                let entries = p.next_batch(budget);
-                if !entries.is_empty() {
-                    p.send(http, entries)?;
-                    continue;
-                }
-                p.stats.throttled += 1;
-            }
-            if p.in_flight.is_empty() {
-                // Nothing to send yet and no answer to wait for.
-                std::thread::sleep(Duration::from_micros(200));
+        // Each node with room in its pipeline is offered a batch, in turn.
+        let mut sent = false;
+        let mut throttled = false;
+        for _ in 0..nodes {
+            let j = p.turn;
+            p.turn = (j + 1) % nodes;
+            if p.in_flight[j].len() >= depth {
                 continue;
             }
+            let budget = p.budget(start);
+            if budget == 0 {
+                break;
+            }
+            let entries = p.next_batch(j, budget);
+            if !entries.is_empty() {
+                p.send(&mut https[j], j, entries)?;
+                sent = true;
+                break;
+            }
+            throttled = true;
         }
-        // The pipeline is full, or nothing can be sent before an answer.
-        if p.receive(http)? {
+        if sent {
+            continue;
+        }
+        if throttled {
+            p.stats.throttled += 1;
+        }
+        // Every pipeline is full, or nothing can be sent before an answer.
+        let Some(j) = p.oldest() else {
+            // Nothing to send yet and no answer to wait for.
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        };
+        if p.receive(&mut https[j], j)? {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    while !p.in_flight.is_empty() {
-        p.receive(http)?;
+    while let Some(j) = p.oldest() {
+        p.receive(&mut https[j], j)?;
     }
     let mut stats = p.stats;
     if !p.rtt.is_empty() {
@@ -698,7 +791,9 @@ mod tests {
             rate: 0.0,
             batch: 3,
             bitmask_bytes: 2,
+            space: Space::new(3, 3),
             devices_per_account: vec![1; 3],
+            devices_per_clock: vec![1; 3],
             pipeline: 2,
             ahead: 32,
         };
@@ -707,7 +802,7 @@ mod tests {
         // Two batches in flight: every account's first publish sets store
         // 0, its second store 1, each recorded under its Serial.
         for k in 0..2u32 {
-            let entries = p.next_batch(3);
+            let entries = p.next_batch(0, 3);
             assert_eq!(
                 entries,
                 vec![
@@ -720,10 +815,10 @@ mod tests {
                 let s = BASE + 1 + k;
                 assert_eq!(a.sent[s as usize % RING].load(Relaxed), record(s, k as u8));
             }
-            p.send(&mut http, entries).unwrap();
+            p.send(&mut http, 0, entries).unwrap();
         }
-        assert!(p.receive(&mut http).unwrap(), "some refused");
-        assert!(!p.receive(&mut http).unwrap());
+        assert!(p.receive(&mut http, 0).unwrap(), "some refused");
+        assert!(!p.receive(&mut http, 0).unwrap());
         let bodies = server.join().unwrap();
         for (k, mask) in [(0, "0100"), (1, "0200")] {
             for e in bodies[k]["notifications"].as_array().unwrap() {
@@ -743,6 +838,57 @@ mod tests {
         assert_eq!(
             (p.stats.published, p.stats.expected, p.stats.overloaded),
             (4, 4, 1)
+        );
+    }
+
+    /// Two nodes, two accounts of two devices each (one on each node):
+    /// account 0's publishes enter node 0 and account 1's node 1, and each
+    /// publish is recorded on both of its account's clocks, under each
+    /// node's own Serial for it.
+    #[test]
+    fn on_two_nodes_each_account_enters_one_and_is_recorded_on_both() {
+        use crate::engine::content::record;
+        let space = Space {
+            first: 0,
+            devices: 4,
+            accounts: 2,
+            nodes: 2,
+            shared: false,
+        };
+        let shared = Shared::new(space.clocks());
+        // Each node has its own Serials for each account.
+        let bases = [100u32, 5000, 700, 90_000];
+        for (c, &b) in bases.iter().enumerate() {
+            shared.accounts[c].base.store(b, Relaxed);
+        }
+        let cfg = PublishConfig {
+            rate: 0.0,
+            batch: 10,
+            bitmask_bytes: 1,
+            space,
+            devices_per_account: space.devices_per_account(),
+            devices_per_clock: space.devices_per_clock(),
+            pipeline: 1,
+            ahead: 32,
+        };
+        assert_eq!(cfg.devices_per_clock, [1, 1, 1, 1]);
+        let mut p = Publisher::new(&cfg, &shared);
+        assert_eq!(p.next_batch(0, 10), [(0, 101, 0)]);
+        assert_eq!(p.next_batch(1, 10), [(1, 701, 0)]);
+        assert_eq!(p.next_batch(0, 10), [(0, 102, 1)]);
+        for (c, serials) in [(0, [101, 102]), (1, [5001, 5002])] {
+            for (k, s) in serials.into_iter().enumerate() {
+                let clock = &shared.accounts[c];
+                assert_eq!(
+                    clock.sent[s as usize % RING].load(Relaxed),
+                    record(s, k as u8)
+                );
+                assert_ne!(clock.ring[s as usize % RING].load(Relaxed), 0);
+            }
+        }
+        assert_eq!(
+            shared.accounts[3].sent[90_001 % RING].load(Relaxed),
+            record(90_001, 0)
         );
     }
 

@@ -28,6 +28,14 @@ pub(crate) struct Latency {
 }
 
 impl Latency {
+    /// The table's row: `p50 … p90 … p99 … p99.9 … max … (n=…)`.
+    pub(crate) fn row(&self) -> String {
+        format!(
+            "p50 {} p90 {} p99 {} p99.9 {} max {} (n={})",
+            self.p50, self.p90, self.p99, self.p999, self.max, self.count
+        )
+    }
+
     /// Percentiles of a histogram of microseconds.
     pub(crate) fn of(h: &hdrhistogram::Histogram<u64>) -> Latency {
         Latency {
@@ -102,6 +110,10 @@ pub(crate) struct Report {
     pub(crate) ratio_per_cpu: Option<f64>,
     /// The scenario's latency (round trip, or publish → device).
     pub(crate) latency_us: Option<Latency>,
+    /// `fanout` on several nodes: the publish → device latency of the
+    /// deliveries to devices on another node than the one the publish
+    /// entered (across the bus); part of `latency_us`.
+    pub(crate) cross_node_latency_us: Option<Latency>,
     /// Requests or notifications that never got through.
     pub(crate) lost: u64,
     /// Messages whose content was wrong: for `fanout`, notifies (or the
@@ -133,6 +145,10 @@ pub(crate) struct Report {
     /// range) against each other side; `ratio` and `ratio_per_cpu` are then
     /// the medians against the first.
     pub(crate) interleave: Option<crate::interleave::Interleaved>,
+    /// The histograms behind `latency_us` and `cross_node_latency_us`, by
+    /// tag, for `--histogram-out`.
+    #[serde(skip)]
+    pub(crate) histograms: Vec<(&'static str, hdrhistogram::Histogram<u64>)>,
 }
 
 /// A second baseline's figures.
@@ -163,6 +179,7 @@ impl Report {
             baseline_server_cpu: None,
             ratio_per_cpu: None,
             latency_us: None,
+            cross_node_latency_us: None,
             lost: 0,
             wrong: 0,
             node_rss_bytes_per_device: None,
@@ -175,6 +192,7 @@ impl Report {
             baseline_timeline: Vec::new(),
             second_baseline: None,
             interleave: None,
+            histograms: Vec::new(),
         }
     }
 
@@ -205,11 +223,21 @@ impl Report {
         if h.is_empty() {
             return;
         }
+        self.histograms.push((crate::hist::LATENCY, h.clone()));
         self.latency_us = Some(Latency::of(h));
         self.latency_buckets = h
             .iter_log(1, 2.0)
             .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
             .collect();
+    }
+
+    /// Stores the cross-node deliveries' percentiles (fanout on several nodes).
+    pub(crate) fn set_cross_node_latency(&mut self, h: &hdrhistogram::Histogram<u64>) {
+        if h.is_empty() {
+            return;
+        }
+        self.histograms.push((crate::hist::CROSS_NODE, h.clone()));
+        self.cross_node_latency_us = Some(Latency::of(h));
     }
 
     /// Sets the baseline figure and the ratio.
@@ -375,13 +403,10 @@ impl Report {
             }
         }
         if let Some(l) = &self.latency_us {
-            rows.push((
-                "latency µs".into(),
-                format!(
-                    "p50 {} p90 {} p99 {} p99.9 {} max {} (n={})",
-                    l.p50, l.p90, l.p99, l.p999, l.max, l.count
-                ),
-            ));
+            rows.push(("latency µs".into(), l.row()));
+        }
+        if let Some(l) = &self.cross_node_latency_us {
+            rows.push(("cross-node latency µs".into(), l.row()));
         }
         rows.push(("lost".into(), self.lost.to_string()));
         rows.push(("wrong".into(), self.wrong.to_string()));

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::baseline::Reflector;
 use crate::engine::{histogram, Mode, Shared, Snapshot};
-use crate::ident::{load_master, load_master_or_random, load_token, Identity};
+use crate::ident::{load_master, load_master_or_random, load_token, Identity, Space};
 use crate::interleave::{Interleaved, SideControl};
 use crate::monitor::Monitor;
 use crate::plan::{
@@ -29,7 +29,10 @@ use crate::{Cli, Command, Common};
 /// Runs the command line's scenario and prints/writes its report.
 pub(crate) fn run(cli: &Cli) -> Result<()> {
     let c = &cli.common;
-    validate(c)?;
+    if let Command::Merge(a) = &cli.command {
+        return crate::hist::merge(&a.files, c.histogram_out.as_deref());
+    }
+    validate(c, &cli.command)?;
     let config = json!({ "common": c, "command": &cli.command });
     if c.interleave.is_some() && !matches!(cli.command, Command::Heartbeat(_) | Command::Fanout(_))
     {
@@ -45,6 +48,7 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::Stun(a) => stun(c, a, config)?,
         Command::Reflector(a) => reflector(c, a, config)?,
         Command::Mqtt(a) => crate::mqtt::run(c, a)?,
+        Command::Merge(_) => unreachable!("merged above"),
     };
     if crate::interrupted() {
         report.figure("interrupted", true);
@@ -52,7 +56,29 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
     finish(c, &report)
 }
 
-fn validate(c: &Common) -> Result<()> {
+fn validate(c: &Common, command: &Command) -> Result<()> {
+    if c.node.is_empty() {
+        bail!("--node needs an address");
+    }
+    if !c.control.is_empty() && c.control.len() != c.node.len() {
+        bail!(
+            "--control lists {} URLs for {} --node addresses: give one per node, in the same order",
+            c.control.len(),
+            c.node.len()
+        );
+    }
+    if c.node.len() > 1 {
+        let several = matches!(
+            command,
+            Command::Hold(_) | Command::Fanout(_) | Command::Heartbeat(_) | Command::Churn(_)
+        );
+        if !several {
+            bail!("several --node addresses are for hold, fanout, heartbeat and churn: give one");
+        }
+        if c.interleave.is_some() || c.baseline || c.versus.is_some() || c.hostile > 0.0 {
+            bail!("--interleave, --baseline, --versus and --hostile take one --node");
+        }
+    }
     if c.devices == 0 {
         bail!("--devices must be at least 1");
     }
@@ -94,6 +120,7 @@ fn validate(c: &Common) -> Result<()> {
     if c.versus.is_some() && c.baseline {
         bail!("--versus and --baseline exclude each other");
     }
+    space(c, c.node.len()).check()?;
     Ok(())
 }
 
@@ -106,6 +133,9 @@ pub(crate) fn finish(common: &Common, report: &Report) -> Result<()> {
     if let Some(p) = &common.html {
         report.write_html(p)?;
     }
+    if let Some(p) = &common.histogram_out {
+        crate::hist::write(p, &report.scenario, &report.histograms)?;
+    }
     Ok(())
 }
 
@@ -113,11 +143,26 @@ fn master(c: &Common) -> Result<MasterKey> {
     load_master(c.master_key.as_deref(), &c.data_dir)
 }
 
+/// The run's devices (`--first-device`, `--devices`, `--accounts`) on
+/// `nodes` nodes.
+fn space(c: &Common, nodes: usize) -> Space {
+    Space {
+        first: c.first_device.unwrap_or(0),
+        devices: c.devices,
+        accounts: c.accounts.unwrap_or(c.devices),
+        nodes: nodes as u64,
+        shared: c.first_device.is_some(),
+    }
+}
+
+/// The identities of the run's devices on its `nodes` nodes.
+fn identity_on(c: &Common, master: MasterKey, nodes: usize) -> Result<Arc<Identity>> {
+    Ok(Arc::new(Identity::new(master, space(c, nodes))?))
+}
+
+/// The identities of the run's devices on the --node list.
 fn identity(c: &Common, master: MasterKey) -> Result<Arc<Identity>> {
-    Ok(Arc::new(Identity::new(
-        master,
-        c.accounts.unwrap_or(c.devices),
-    )?))
+    identity_on(c, master, c.node.len())
 }
 
 fn common_figures(r: &mut Report, o: &Outcome) {
@@ -157,7 +202,7 @@ fn device_plan<'a>(
         common: c,
         ident,
         mode,
-        target: c.node,
+        targets: c.node.clone(),
         window: 4096,
         connect_rate: 50_000.0,
         clocks: 0,
@@ -167,7 +212,11 @@ fn device_plan<'a>(
         publish: None,
         drain_s: 0,
         raw_sender: None,
-        server_cpu: c.node_pid.map_or(ServerCpu::Unknown, ServerCpu::Process),
+        server_cpu: if c.node_pids.is_empty() {
+            ServerCpu::Unknown
+        } else {
+            ServerCpu::Process(c.node_pids.clone())
+        },
         name: "node".into(),
     }
 }
@@ -258,14 +307,14 @@ fn outage(timeline: &[crate::report::Sample], target: u64) -> Option<serde_json:
 fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
     let ident = identity(c, master(c)?)?;
     let window = a.window.min(c.devices as usize);
-    let node_plan = |c, ident, target: SocketAddr| {
+    let node_plan = |c, ident, targets: Vec<SocketAddr>| {
         let mut plan = device_plan(c, ident, Mode::Window, "heartbeat round trips", replies);
-        plan.target = target;
+        plan.targets = targets;
         plan.window = window;
         plan.connect_rate = a.connect_rate.max(1) as f64;
         plan
     };
-    let plan = node_plan(c, ident.clone(), c.node);
+    let plan = node_plan(c, ident.clone(), c.node.clone());
     let mut r = Report::new("heartbeat", "heartbeat round trips", config);
     r.devices = c.devices;
     r.figure("window", window);
@@ -279,7 +328,7 @@ fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Re
     };
     let reflector;
     let other = if let Some(v) = versus(c)? {
-        let mut p = node_plan(c, v.ident, v.node);
+        let mut p = node_plan(c, v.ident, vec![v.node]);
         p.name = "versus".into();
         p.label = "versus";
         p.server_cpu = v.server_cpu;
@@ -288,7 +337,7 @@ fn heartbeat(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Re
         reflector = ReflectorThread::start(c)?;
         let mut p = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
         p.name = "raw echo".into();
-        p.target = reflector.addr;
+        p.targets = vec![reflector.addr];
         p.window = window;
         p.label = "baseline";
         p.server_cpu = ServerCpu::Thread(reflector.tid.clone());
@@ -325,7 +374,7 @@ fn versus(c: &Common) -> Result<Option<Versus>> {
         .versus_data_dir
         .clone()
         .unwrap_or_else(|| c.data_dir.clone());
-    let ident = identity(c, load_master(None, &data_dir)?)?;
+    let ident = identity_on(c, load_master(None, &data_dir)?, 1)?;
     Ok(Some(Versus {
         node,
         control: c
@@ -334,7 +383,9 @@ fn versus(c: &Common) -> Result<Option<Versus>> {
             .unwrap_or_else(|| format!("http://{node}")),
         ident,
         data_dir,
-        server_cpu: c.versus_pid.map_or(ServerCpu::Unknown, ServerCpu::Process),
+        server_cpu: c
+            .versus_pid
+            .map_or(ServerCpu::Unknown, |p| ServerCpu::Process(vec![p])),
     }))
 }
 
@@ -442,7 +493,7 @@ struct ReflectorThread {
 
 impl ReflectorThread {
     fn start(c: &Common) -> Result<ReflectorThread> {
-        let refl = Reflector::bind(loopback_any(c.node))?;
+        let refl = Reflector::bind(loopback_any(c.first_node()))?;
         let addr = refl.addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu(), c.batch);
@@ -472,7 +523,7 @@ fn with_reflector<T>(
     c: &Common,
     load: impl FnOnce(SocketAddr, Arc<AtomicU32>) -> Result<T>,
 ) -> Result<T> {
-    let refl = Reflector::bind(loopback_any(c.node))?;
+    let refl = Reflector::bind(loopback_any(c.first_node()))?;
     let addr = refl.addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let (s2, cpu, batch) = (stop.clone(), c.baseline_cpu(), c.batch);
@@ -487,7 +538,7 @@ fn with_reflector<T>(
 fn echo_baseline(c: &Common, ident: Arc<Identity>, window: usize) -> Result<Baseline> {
     let o = with_reflector(c, |addr, tid| {
         let mut plan = device_plan(c, ident, Mode::Echo, "echo round trips", replies);
-        plan.target = addr;
+        plan.targets = vec![addr];
         plan.window = window;
         plan.label = "baseline";
         plan.server_cpu = ServerCpu::Thread(tid);
@@ -542,17 +593,26 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     let mask = bitmask(a.bitmask_bytes)?;
     let ident = identity(c, master(c)?)?;
     let accounts = ident.accounts();
-    let node_plan = |ident: Arc<Identity>, target, control: &str, data_dir| -> Result<Plan<'_>> {
+    // One control connection per node (the nodes of a cluster share the
+    // data directory's admin token, as they share its master key).
+    let node_plan = |ident: Arc<Identity>,
+                     targets: Vec<SocketAddr>,
+                     controls: &[String],
+                     data_dir|
+     -> Result<Plan<'_>> {
         let token = load_token(c.token_file.as_deref(), data_dir)?;
-        let http = Http::new(control, token)?;
-        let per_account: Vec<u64> = (0..accounts)
-            .map(|x| c.devices / accounts + u64::from(x < c.devices % accounts))
-            .collect();
+        let https = controls
+            .iter()
+            .map(|url| Http::new(url, token.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let space = *ident.space();
         let pcfg = PublishConfig {
             rate: a.rate,
             batch: a.publish_batch,
             bitmask_bytes: a.bitmask_bytes,
-            devices_per_account: per_account,
+            space,
+            devices_per_account: space.devices_per_account(),
+            devices_per_clock: space.devices_per_clock(),
             pipeline: a.pipeline,
             ahead: a.ahead,
         };
@@ -565,20 +625,20 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
             "notifications delivered",
             notifications,
         );
-        plan.target = target;
+        plan.targets = targets;
         plan.connect_rate = a.connect_rate.max(1) as f64;
-        plan.clocks = accounts;
-        plan.publish = Some((http, pcfg));
+        plan.clocks = space.clocks();
+        plan.publish = Some((https, pcfg));
         plan.drain_s = a.drain;
         Ok(plan)
     };
-    let plan = node_plan(ident.clone(), c.node, &c.control, &c.data_dir)?;
+    let plan = node_plan(ident.clone(), c.node.clone(), &c.controls(), &c.data_dir)?;
     let mut r = Report::new("fanout", "notifications delivered", config);
     r.devices = c.devices;
     r.figure("accounts", accounts);
     let Some(slice) = c.interleave else {
         let o = run_plan(plan)?;
-        fanout_figures(&mut r, &o);
+        fanout_figures(&mut r, &o, c.node.len());
         if c.baseline {
             let reliable = raw_fanout_baseline(c, ident.clone(), mask.clone(), RawKind::Reliable)?;
             r.set_baseline(RELIABLE, reliable);
@@ -588,7 +648,12 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
         return Ok(r);
     };
     let others = if let Some(v) = versus(c)? {
-        let mut p = node_plan(v.ident, v.node, &v.control, &v.data_dir)?;
+        let mut p = node_plan(
+            v.ident,
+            vec![v.node],
+            std::slice::from_ref(&v.control),
+            &v.data_dir,
+        )?;
         p.name = "versus".into();
         p.label = "versus";
         p.server_cpu = v.server_cpu;
@@ -602,7 +667,7 @@ fn fanout(c: &Common, a: &crate::FanoutArgs, config: serde_json::Value) -> Resul
     let mut plans = vec![plan];
     plans.extend(others);
     let (outcomes, il) = interleaved(c, plans, slice)?;
-    fanout_figures(&mut r, &outcomes[0]);
+    fanout_figures(&mut r, &outcomes[0], c.node.len());
     r.set_interleaved(il, |i| outcomes[i].timeline.clone());
     for (i, o) in outcomes.iter().enumerate().skip(1) {
         if let Some(n) = o.raw_resent {
@@ -617,7 +682,7 @@ const RELIABLE: &str = "raw reliable fan-out";
 /// The name of the one-way raw fan-out baseline (orientation).
 const ONE_WAY: &str = "raw one-way fan-out";
 
-fn fanout_figures(r: &mut Report, o: &Outcome) {
+fn fanout_figures(r: &mut Report, o: &Outcome, nodes: usize) {
     let p = o.publish.unwrap_or_default();
     // Notify datagrams that brought a device news (a new Serial): what the
     // raw fan-out baselines' acknowledged datagrams compare with. Publishes
@@ -631,8 +696,20 @@ fn fanout_figures(r: &mut Report, o: &Outcome) {
     // Every accepted publish should reach every device of its account.
     r.lost = p.expected.saturating_sub(o.end.delivered);
     r.set_latency(&o.notify);
+    if nodes > 1 {
+        r.set_cross_node_latency(&o.remote);
+    }
     common_figures(r, o);
+    r.figure("nodes", nodes);
     r.figure("publishes_per_s", p.published_measured as f64 / o.wall_s);
+    // The nodes' CPU time per publish they took while measuring (all the
+    // --node-pid processes): with several nodes, what the bus adds.
+    if let Some(cpu) = o.node_cpu.filter(|_| p.published_measured > 0) {
+        r.figure(
+            "node_cpu_us_per_publish",
+            (cpu * o.wall_s * 1e6 / p.published_measured as f64 * 10.0).round() / 10.0,
+        );
+    }
     r.figure("published", p.published);
     r.figure("expected_deliveries", p.expected);
     r.figure("delivered", o.end.delivered);
@@ -777,7 +854,7 @@ fn stun_run(
     server: Option<&AtomicU32>,
 ) -> Result<StunRun> {
     let shared = Shared::new(0);
-    let sockets = worker_sockets(c, target)?;
+    let sockets = worker_sockets(c, &[target])?;
     let per_worker = (a.window / c.threads).max(1);
     let mut workers = Vec::new();
     for (i, socks) in sockets.into_iter().enumerate() {
@@ -821,7 +898,7 @@ fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<
         timeline,
         cpu,
         node_cpu,
-    } = stun_run(c, a, c.node, false, "measure", None)?;
+    } = stun_run(c, a, c.first_node(), false, "measure", None)?;
     let mut r = Report::new("stun", "STUN binding responses", config);
     r.rate_per_s = m.replies as f64 / wall;
     r.duration_s = wall;
@@ -836,7 +913,7 @@ fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<
     if m.replies == 0 {
         bail!(
             "no STUN response from {} (is a STUN server listening there?)",
-            c.node
+            c.first_node()
         );
     }
     if c.baseline {

@@ -77,6 +77,24 @@ pub(crate) fn proc_rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The CPU seconds of all of `pids` (the nodes of a cluster), or `None`
+/// when there are none or one is unreadable.
+pub(crate) fn procs_cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| proc_cpu_seconds(p)).sum()
+}
+
+/// The resident set sizes of all of `pids`, summed, or `None` when there
+/// are none or one is unreadable.
+pub(crate) fn procs_rss_bytes(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| proc_rss_bytes(p)).sum()
+}
+
 /// Raises the open-files limit to at least `need`.
 pub(crate) fn raise_nofile(need: u64) -> Result<()> {
     // SAFETY: getrlimit/setrlimit read and write a plain struct.

@@ -175,7 +175,14 @@ fn every_bitmask_covered_what_was_published(r: &Value) {
 /// publish reached each of its account's 20 devices and nothing was lost;
 /// returns the publishes.
 fn every_publish_reached_every_device(r: &Value) -> u64 {
-    assert_eq!(u(&r["devices_held"]), 2000);
+    every_publish_reached_every_one_of(r, 2000)
+}
+
+/// A fanout report of `devices` devices, 20 per account, in which every
+/// accepted publish reached each of its account's devices and nothing was
+/// lost; returns the publishes.
+fn every_publish_reached_every_one_of(r: &Value, devices: u64) -> u64 {
+    assert_eq!(u(&r["devices_held"]), devices);
     let f = &r["figures"];
     let published = u(&f["published"]);
     assert!(published > 0, "{r}");
@@ -262,6 +269,140 @@ fn fanout_delivers_every_publish_to_every_device() {
     let f = &r["figures"];
     assert!(u(&f["acknowledgements_sent"]) > 0);
     assert!(u(&r["latency_us"]["count"]) > 0, "{r}");
+}
+
+/// The sum of `name`'s samples on the node's `/metrics`.
+fn metric(node: &TestNode, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let addr = node.http.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("control API");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Two loadgen processes split one device space at the same time against
+/// one node (`--first-device 0` and `1000`, 1000 devices in 50 accounts
+/// each): no device and no account in common, so each one's counts are
+/// exact (a shared account would get the other's publishes: more
+/// deliveries than expected) and the node holds all 2000 connections (a
+/// shared conn id would be one). Their `--histogram-out` files add up with
+/// `merge`: the count is the sum of both runs', and the percentiles come
+/// from both (the sum's minimum and maximum are the lower and the higher
+/// of the two).
+#[test]
+fn two_processes_split_one_device_space_and_their_histograms_merge() {
+    let node = TestNode::start();
+    let dir = node.data_dir().to_string_lossy().into_owned();
+    let runs: Vec<_> = ["0", "1000"]
+        .into_iter()
+        .map(|first| {
+            let json = node.data_dir().join(format!("split-{first}.json"));
+            let hlog = node.data_dir().join(format!("split-{first}.hlog"));
+            let args: Vec<String> = [
+                "--node",
+                &node.udp,
+                "--control",
+                &node.http,
+                "--data-dir",
+                &dir,
+                "--duration",
+                "2s",
+                "--warmup",
+                "1s",
+                "--no-progress",
+                "--timeout-ms",
+                "5000",
+                "--devices",
+                "1000",
+                "--accounts",
+                "50",
+                "--first-device",
+                first,
+                "--json",
+                json.to_str().unwrap(),
+                "--histogram-out",
+                hlog.to_str().unwrap(),
+                "fanout",
+                "--rate",
+                "250",
+                "--drain",
+                "5s",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let run = std::thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                loadgen(&args)
+            });
+            (run, json, hlog)
+        })
+        .collect();
+    let mut reports = Vec::new();
+    let mut hlogs = Vec::new();
+    for (run, json, hlog) in runs {
+        let out = run.join().expect("the loadgen thread");
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON report")).unwrap();
+        every_publish_reached_every_one_of(&r, 1000);
+        reports.push(r);
+        hlogs.push(hlog);
+    }
+    assert_eq!(
+        metric(&node, "mpp_connections"),
+        2000,
+        "no conn id in common"
+    );
+    let out = loadgen(&[
+        "merge",
+        hlogs[0].to_str().unwrap(),
+        hlogs[1].to_str().unwrap(),
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("latency µs"))
+        .unwrap_or_else(|| panic!("no latency row: {table}"));
+    let field = |key: &str| -> u64 {
+        let v = row
+            .split_whitespace()
+            .skip_while(|w| *w != key)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {key} in {row}"));
+        v.trim_start_matches("(n=")
+            .trim_end_matches(')')
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} in {row}"))
+    };
+    let lat = |i: usize, k: &str| u(&reports[i]["latency_us"][k]);
+    let n = row.rsplit("(n=").next().unwrap().trim_end_matches(')');
+    assert_eq!(
+        n.parse::<u64>().unwrap(),
+        lat(0, "count") + lat(1, "count"),
+        "{row}"
+    );
+    assert_eq!(field("max"), lat(0, "max").max(lat(1, "max")), "{row}");
+    let p50 = field("p50");
+    let (lo, hi) = (
+        lat(0, "p50").min(lat(1, "p50")),
+        lat(0, "p50").max(lat(1, "p50")),
+    );
+    assert!(lo <= p50 && p50 <= hi, "{row}: p50 between {lo} and {hi}");
 }
 
 #[test]
@@ -1048,6 +1189,57 @@ fn bad_flags_give_clear_errors() {
         1,
         "--accounts must be between 1 and --devices",
     );
+    one_line_error(
+        &loadgen(&["--node", "127.0.0.1:1,127.0.0.1:2", "stun"]),
+        1,
+        "several --node addresses are for hold, fanout, heartbeat and churn",
+    );
+    one_line_error(
+        &loadgen(&[
+            "--node",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--control",
+            "http://127.0.0.1:1",
+            "fanout",
+        ]),
+        1,
+        "--control lists 1 URLs for 2 --node addresses",
+    );
+    one_line_error(
+        &loadgen(&[
+            "--node",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--baseline",
+            "heartbeat",
+        ]),
+        1,
+        "take one --node",
+    );
+    one_line_error(
+        &loadgen(&[
+            "--devices",
+            "100",
+            "--accounts",
+            "10",
+            "--first-device",
+            "5",
+            "heartbeat",
+        ]),
+        1,
+        "--first-device 5 does not start an account",
+    );
+    one_line_error(
+        &loadgen(&[
+            "--devices",
+            "10",
+            "--first-device",
+            "4294967290",
+            "heartbeat",
+        ]),
+        1,
+        "at most 2^32",
+    );
+    one_line_error(&loadgen(&["merge"]), 2, "required");
     let missing = loadgen(&["--data-dir", "/nonexistent/mpp", "heartbeat"]);
     one_line_error(&missing, 1, "/nonexistent/mpp/master.key");
     let dir = tempfile::tempdir().unwrap();

@@ -252,7 +252,7 @@ impl Worker {
     /// The content check of a message with Serial `s` and `bitmask` to
     /// device `l`, whose mark is `mark` ([`super::content`]).
     fn check_content(&mut self, l: usize, mark: u32, s: u32, bitmask: &[u8]) {
-        let account = self.ident.account_of(self.global(l)) as usize;
+        let account = self.ident.clock_of(self.global(l));
         let Some(clock) = self.shared.accounts.get(account) else {
             return;
         };
@@ -274,7 +274,7 @@ impl Worker {
     /// counting from it also counts publishes whose own notify this device
     /// missed (it sees a later, merged one).
     fn first_serial(&mut self, l: usize, s: u32) {
-        let account = self.ident.account_of(self.global(l)) as usize;
+        let account = self.ident.clock_of(self.global(l));
         self.local.primed += 1;
         self.devices[l].last_notify = match self.shared.accounts.get(account) {
             Some(c) => match c.base.compare_exchange(0, s, Relaxed, Relaxed) {
@@ -318,7 +318,8 @@ impl Worker {
         }
         let mark = self.devices[l].last_notify;
         self.check_content(l, mark, s, bitmask);
-        let account = self.ident.account_of(self.global(l)) as usize;
+        let account = self.ident.clock_of(self.global(l));
+        let remote = self.ident.is_remote(self.global(l));
         let clock = self.shared.accounts.get(account);
         let dev = &mut self.devices[l];
         if s > dev.last_notify {
@@ -329,6 +330,9 @@ impl Worker {
                     let t = c.ring[j as usize % RING].load(Relaxed);
                     if measuring && t != 0 && t <= now_us {
                         let _ = self.notify.record((now_us - t).max(1));
+                        if remote {
+                            let _ = self.remote.record((now_us - t).max(1));
+                        }
                     }
                 }
                 c.delivered.fetch_add(u64::from(delta), Relaxed);
@@ -354,22 +358,23 @@ mod tests {
     use super::super::content::record;
     use super::super::{Mode, Shared, WorkerConfig, RING};
     use super::*;
-    use crate::ident::Identity;
+    use crate::ident::{Identity, Space};
 
     /// The account Serial the devices learn at their connect.
     const BASE: u32 = 1 << 20;
 
-    /// One worker with 4 devices in 2 accounts (devices 0 and 2 are account
+    /// One worker with 4 devices in 2 accounts (devices 0 and 1 are account
     /// 0's), fanout clocks for both, and a socket to a peer that reads
     /// nothing (the acknowledgements are only queued).
     fn worker() -> (Worker, Arc<Identity>, std::net::UdpSocket) {
-        let ident = Arc::new(Identity::new(MasterKey::new([3; 32]), 2).unwrap());
+        let ident = Arc::new(Identity::new(MasterKey::new([3; 32]), Space::new(4, 2)).unwrap());
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let cfg = WorkerConfig {
             index: 0,
             threads: 1,
             devices: 4,
             sockets: vec![crate::io::connected_socket(peer.local_addr().unwrap()).unwrap()],
+            nodes: 1,
             batch: 8,
             cpu: None,
             mode: Mode::Sweep {
@@ -434,16 +439,16 @@ mod tests {
     #[test]
     fn a_notify_missing_a_published_bit_counts_wrong_though_no_serial_is_lost() {
         let (mut w, ident, _peer) = worker();
-        // Devices 0 and 2 connect (no mark: a resync, all FF), then their
+        // Devices 0 and 1 connect (no mark: a resync, all FF), then their
         // account is published to twice: stores 0 and 1.
-        for g in [0, 2] {
+        for g in [0, 1] {
             receive(&mut w, &ident, g, connected(BASE, Some(&[0xFF; 32])));
         }
         assert_eq!(w.shared.accounts[0].base.load(Relaxed), BASE);
         published(&w, 0, &[0, 1]);
-        // Device 0 gets both merged without store 1; device 2 right.
+        // Device 0 gets both merged without store 1; device 1 right.
         receive(&mut w, &ident, 0, notify(BASE + 2, &[0b01]));
-        receive(&mut w, &ident, 2, notify(BASE + 2, &[0b11]));
+        receive(&mut w, &ident, 1, notify(BASE + 2, &[0b11]));
         // By Serials both publishes reached both devices: nothing lost.
         assert_eq!((w.local.delivered, w.local.notifications), (4, 2));
         assert_eq!(w.local.content_checked, 2);
@@ -467,16 +472,16 @@ mod tests {
     fn a_connect_answer_with_nothing_pending_after_a_publish_counts_wrong() {
         let (mut w, ident, _peer) = worker();
         receive(&mut w, &ident, 0, connected(BASE, Some(&[0xFF; 32])));
-        receive(&mut w, &ident, 2, connected(BASE, Some(&[0xFF; 32])));
+        receive(&mut w, &ident, 1, connected(BASE, Some(&[0xFF; 32])));
         published(&w, 0, &[4]);
         // Device 0 connects again with its mark BASE: the node owes it
         // store 4 (the catch-up), and says nothing is pending.
         receive(&mut w, &ident, 0, connected(BASE + 1, None));
-        // Device 2's answer carries it, in a superset (the catch-up union).
-        receive(&mut w, &ident, 2, connected(BASE + 1, Some(&[0x31])));
-        // Device 1 (account 1, nothing published) learns its Serial.
-        receive(&mut w, &ident, 1, connected(BASE + 7, None));
-        receive(&mut w, &ident, 1, connected(BASE + 7, None));
+        // Device 1's answer carries it, in a superset (the catch-up union).
+        receive(&mut w, &ident, 1, connected(BASE + 1, Some(&[0x31])));
+        // Device 2 (account 1, nothing published) learns its Serial.
+        receive(&mut w, &ident, 2, connected(BASE + 7, None));
+        receive(&mut w, &ident, 2, connected(BASE + 7, None));
         assert_eq!(w.local.content_checked, 2);
         assert_eq!(w.local.content_mismatches, 1);
         assert_eq!(w.shared.wrong().wrong, 1);

@@ -79,7 +79,11 @@ pub(crate) struct WorkerConfig {
     pub(crate) threads: usize,
     /// Devices in the whole run.
     pub(crate) devices: u64,
+    /// The worker's sockets: `nodes` groups of equal size, group `j`
+    /// connected to node `j` (device `l` uses its node's group).
     pub(crate) sockets: Vec<Socket>,
+    /// Nodes the devices are spread over (`--node`'s list).
+    pub(crate) nodes: usize,
     pub(crate) batch: usize,
     pub(crate) cpu: Option<usize>,
     pub(crate) mode: Mode,
@@ -99,6 +103,9 @@ pub(crate) struct WorkerResult {
     pub(crate) rtt: Histogram<u64>,
     /// Publish → device latencies (µs) recorded while measuring.
     pub(crate) notify: Histogram<u64>,
+    /// Of those, the deliveries to a device on another node than the one
+    /// the publish entered (several `--node`s): across the bus.
+    pub(crate) remote: Histogram<u64>,
 }
 
 /// A latency histogram from 1 µs to 100 s, 3 significant digits.

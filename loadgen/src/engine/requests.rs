@@ -14,7 +14,7 @@ use std::cmp::Reverse;
 
 use super::device::{ConnectTimer, Pending, RequestKind};
 use super::worker::Worker;
-use crate::ident::{account_name, device_name, Identity};
+use crate::ident::Identity;
 
 impl Worker {
     pub(super) fn next_nonce(&mut self) -> [u8; 12] {
@@ -49,8 +49,8 @@ impl Worker {
         let (account, device, binding);
         let request = match kind {
             RequestKind::Connect => {
-                account = account_name(self.ident.account_of(g));
-                device = device_name(g);
+                account = self.ident.account_name(self.ident.account_of(g));
+                device = self.ident.device_name(g);
                 binding = self.ident.binding(g).unwrap_or([0; 32]);
                 Request::Connect {
                     account: &account,

@@ -188,7 +188,8 @@ impl Worker {
     /// Moves `rate` devices per second to another socket (a new source port,
     /// as after a NAT rebinding) and heartbeats from there.
     pub(super) fn rebind(&mut self, now_ms: u64, rate: u64, now_us: u64) -> usize {
-        let socks = self.fds.len();
+        // Another socket of the device's node's group.
+        let socks = self.fds.len() / self.cfg.nodes.max(1);
         if socks < 2 {
             return 0;
         }
@@ -205,7 +206,8 @@ impl Worker {
             if dev.state != DeviceState::Connected || dev.outstanding != 0 {
                 continue;
             }
-            dev.sock = ((dev.sock as usize + 1) % socks) as u16;
+            let (group, i) = (dev.sock as usize / socks, dev.sock as usize % socks);
+            dev.sock = (group * socks + (i + 1) % socks) as u16;
             dev.rebinding = true;
             dev.tries = 0;
             self.rebound += 1;

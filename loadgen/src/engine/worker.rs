@@ -35,6 +35,7 @@ pub(crate) fn run_worker(
     Ok(WorkerResult {
         rtt: w.rtt,
         notify: w.notify,
+        remote: w.remote,
     })
 }
 
@@ -65,6 +66,7 @@ pub(super) struct Worker {
     pub(super) local: Snapshot,
     pub(super) rtt: Histogram<u64>,
     pub(super) notify: Histogram<u64>,
+    pub(super) remote: Histogram<u64>,
     pub(super) connect_reported: bool,
     /// Connects in flight and 503 waits, soonest first.
     pub(super) connect_timers: BinaryHeap<Reverse<ConnectTimer>>,
@@ -93,7 +95,9 @@ impl Worker {
         } else {
             0
         };
-        let socks = cfg.sockets.len().max(1);
+        // Each node's group of sockets (device l uses its node's).
+        let nodes = cfg.nodes.max(1);
+        let socks = (cfg.sockets.len() / nodes).max(1);
         let first_serial = (mpp::time::UnixMillis::from_system_clock().seconds().0 as u32).max(1);
         let mut devices = Vec::with_capacity(n as usize);
         let mut to_connect = VecDeque::with_capacity(n as usize);
@@ -120,7 +124,7 @@ impl Worker {
                     DeviceState::Connected
                 },
                 tries: 0,
-                sock: (l % socks as u64) as u16,
+                sock: (ident.space().node_of(g) * socks + (l % socks as u64) as usize) as u16,
                 rebinding: false,
                 settled: false,
             });
@@ -169,6 +173,7 @@ impl Worker {
             local: Snapshot::default(),
             rtt: histogram(),
             notify: histogram(),
+            remote: histogram(),
             loss: (cfg_loss * 4_294_967_296.0) as u64,
             rng: u64::from(rand::random::<u32>()) | 1,
             connect_reported: false,
