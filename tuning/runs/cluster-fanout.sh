@@ -68,6 +68,7 @@ run() {
         fanout --rate "$rate" "$@" > "out/$tag.txt" 2>&1 || echo "$tag: loadgen failed (out/$tag.txt)"
     local n1; n1=$(cpu_ticks $NATS)
     echo $(( n1 - n0 )) > "out/$tag.nats-ticks"
+    for i in $(seq 1 "$k"); do curl -s "http://127.0.0.1:2720$i/metrics" > "out/$tag-node$i.metrics"; done
     for p in "${pids[@]}"; do kill -TERM "$p"; done
     wait "${pids[@]}" 2>/dev/null
 }
@@ -97,6 +98,17 @@ def load(tag):
     lat = r.get("latency_us") or {}
     cross = r.get("cross_node_latency_us") or {}
     ticks = int(open(f"out/{tag}.nats-ticks").read())
+    # The bus's trouble, summed over the nodes (docs/PROTOCOL.md §10.3).
+    bus = {}
+    for i in range(1, 4):
+        try:
+            lines = open(f"out/{tag}-node{i}.metrics").read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name = line.split("{")[0].split(" ")[0]
+            if name in TROUBLE:
+                bus[TROUBLE[name]] = bus.get(TROUBLE[name], 0) + int(float(line.rsplit(" ", 1)[1]))
     pub = f["published"]
     return {
         "pub/s": f["publishes_per_s"],
@@ -110,19 +122,30 @@ def load(tag):
         "nats µs/pub": round(ticks / hz * 1e6 / pub, 1) if pub and not tag.startswith("k1-") else None,
         "lost": r["lost"],
         "wrong": r["wrong"],
+        "bus": " ".join(f"{k} {v}" for k, v in bus.items() if v) or None,
     }
+
+TROUBLE = {
+    "mpp_cluster_received_dropped_total": "dropped",
+    "mpp_cluster_disconnects_total": "disconnects",
+    "mpp_cluster_publish_retries_total": "retries",
+    "mpp_cluster_publish_failed_total": "failed",
+    "mpp_cluster_gap_resyncs_total": "gap-resyncs",
+}
 
 def num(x):
     if x is None:
         return "-"
+    if isinstance(x, str):
+        return x
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:g}"
 
 def show(rows, keys):
     for tag, v in rows:
         print(f"{tag:<12}", "  ".join(f"{k} {num(v[k])}" for k in keys))
 
-fixed = ["p50", "p99", "x p50", "x p99", "node µs/pub", "nats µs/pub", "lost", "wrong"]
-most = ["pub/s", "notif/s", "p50", "p99", "x p50", "x p99", "node µs/pub", "nats µs/pub", "lost", "wrong"]
+fixed = ["p50", "p99", "x p50", "x p99", "node µs/pub", "nats µs/pub", "lost", "wrong", "bus"]
+most = ["pub/s", "notif/s", "p50", "p99", "x p50", "x p99", "node µs/pub", "nats µs/pub", "lost", "wrong", "bus"]
 print("runs:")
 for kind, keys in (("fixed", fixed), ("max", most)):
     for r in range(1, repeat + 1):
@@ -134,7 +157,7 @@ for kind, keys in (("fixed", fixed), ("max", most)):
         cells = []
         for key in keys:
             xs = [x[key] for x in runs if x[key] is not None]
-            if not xs:
+            if not xs or key == "bus":
                 continue
             cells.append(f"{key} {num(statistics.median(xs))} ({num(min(xs))}-{num(max(xs))})")
         print(f"{k} node{'s' if k != '1' else ''} {kind}:", "  ".join(cells))
