@@ -372,6 +372,81 @@ fn a_publish_on_any_node_reaches_the_accounts_devices_on_every_node() {
     }
 }
 
+/// docs/PROTOCOL.md §10.3: another node's publishes come numbered per
+/// partition. A copy of one already delivered (a batch sent again, e.g.
+/// after the publish-confirm round trip timed out) is dropped, so the
+/// device's Serials count each publish once and its notify covers exactly
+/// what was published; a number skipped (a publish lost between the server
+/// and this node, which NATS core allows without a disconnect) resyncs the
+/// partition's devices instead of leaving a silent gap. A raw NATS client
+/// stands in for the other node, so the copy and the loss are exact, not
+/// timing luck.
+#[test]
+fn a_repeated_bus_publish_is_dropped_and_a_missing_one_resyncs() {
+    use mpp::node::cluster::wire::{numbered_publish, Number};
+    let nats = Nats::start();
+    let nodes = cluster(&nats, 1, |_, _| {});
+    let node = &nodes[0];
+    let account = accounts("numbered", 1, &[]).remove(0);
+    let mut d = device_on(node, &account, "d", &[], ClientConfig::default());
+    wait_heard(node, 1);
+    settle(&mut d);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let other = rt
+        .block_on(async_nats::connect(nats.url()))
+        .expect("a raw NATS client");
+    let subject = format!("mpp.pub.{}", partition(&account));
+    let send = |seq: u64, bits: u8| {
+        rt.block_on(async {
+            let n = Number { sender: 42, seq };
+            let payload = numbered_publish(n, &account, &[bits]);
+            other
+                .publish(subject.clone(), payload)
+                .await
+                .expect("publish");
+            other.flush().await.expect("flush");
+        })
+    };
+    let metric = |name: &str| gauge(&node.metrics(), name);
+
+    send(1, 0x01);
+    wait_bits(&mut d, &[0x01]);
+    // The same publish again (the sender's retry), then the next one.
+    send(1, 0x01);
+    send(2, 0x02);
+    wait_bits(&mut d, &[0x02]);
+    let got = notifies(&d.events);
+    assert_eq!(got.len(), 2, "each publish once: {got:?}");
+    assert_eq!(got[1].0, got[0].0 + 1, "one Serial per publish: {got:?}");
+    assert_eq!(metric("mpp_cluster_received_duplicates_total"), 1);
+    assert_eq!(metric("mpp_cluster_received_total"), 2);
+
+    // Publish 3 is lost on the way; 4 arrives: the device resynchronises.
+    send(4, 0x08);
+    let resynced = d.pump(
+        |e| {
+            notifies(e)
+                .iter()
+                .any(|(_, b)| b.len() == 32 && b.iter().all(|&x| x == 0xFF))
+        },
+        deadline(),
+    );
+    assert!(resynced, "a resync after the gap: {:?}", d.events);
+    settle(&mut d);
+    assert_eq!(metric("mpp_cluster_sequence_gaps_total"), 1);
+    // The shard's record of it (shard counters reach /metrics periodically).
+    node.wait_metrics("the account's record resynchronised", |m| {
+        gauge(m, "mpp_cluster_gap_resyncs_total") == 1
+    });
+    // And publish 5 goes on as usual.
+    send(5, 0x10);
+    wait_bits(&mut d, &[0x10]);
+}
+
 /// nats-server restarted mid-run: local delivery goes on; a publish whose
 /// node retries long enough reaches the other nodes after the outage; one
 /// whose node gives up first is counted and reported as failed, and the

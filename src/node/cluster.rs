@@ -17,10 +17,14 @@
 //!   (a round trip confirms it); the shards are told when a partition is
 //!   heard or no longer heard, and every account record of a partition
 //!   heard again takes a resync (what was published meanwhile is unknown).
-//! * Publishes: `mpp.pub.<p>` with [`wire::publish`]; the node's own
-//!   messages are not echoed back to it (`no_echo`). A batch counts as
-//!   handed over once a round trip after it returns; while the bus is away
-//!   it is retried until `cluster_publish_timeout_ms`, then counted failed.
+//! * Publishes: `mpp.pub.<p>` with [`wire::numbered_publish`]: each node
+//!   numbers its publishes per partition (a stream id drawn at start, then
+//!   1, 2, …), so a receiver drops one it already had (a batch sent again)
+//!   and resynchronises the partition's records when a number is missing
+//!   (NATS core delivers at most once). The node's own messages are not
+//!   echoed back to it (`no_echo`). A batch counts as handed over once a
+//!   round trip after it returns; while the bus is away it is retried
+//!   until `cluster_publish_timeout_ms`, then counted failed.
 //! * Catch-up: `mpp.catchup.<p>`, a NATS request with [`wire::question`];
 //!   only a node whose own Serials contain the mark answers.
 
@@ -31,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Request, RequestErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -49,8 +54,12 @@ pub const MAX_QUESTIONS: usize = 1024;
 /// How long one confirming round trip to the server may take.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
 /// A publish from the bus that finds its shard's inbox full is retried this
-/// many times, 5 ms apart, then counted as dropped.
+/// many times, 5 ms apart, then counted as dropped (and its partition
+/// resynchronised).
 const INBOX_RETRIES: u32 = 20;
+/// Senders' streams a partition's receiver remembers (a node that
+/// restarts starts a new stream; the least recently heard is forgotten).
+const MAX_STREAMS: usize = 64;
 
 /// The cluster's settings, from the node's configuration.
 #[derive(Debug, Clone)]
@@ -208,6 +217,11 @@ pub struct ClusterMetrics {
     /// Publishes received from the bus and dropped: the shard's inbox
     /// stayed full, or the payload was malformed.
     pub received_dropped: u64,
+    /// Publishes received a second time (a batch sent again) and dropped.
+    pub received_duplicates: u64,
+    /// Times a sender's numbered stream skipped publishes (lost on the
+    /// way): the partition's account records resynchronised.
+    pub sequence_gaps: u64,
     /// Catch-up questions asked of the cluster.
     pub questions: u64,
     /// … answered by a node that could tell.
@@ -228,6 +242,8 @@ struct Counters {
     publish_retries: AtomicU64,
     received: AtomicU64,
     received_dropped: AtomicU64,
+    received_duplicates: AtomicU64,
+    sequence_gaps: AtomicU64,
     questions: AtomicU64,
     answered: AtomicU64,
     answers_given: AtomicU64,
@@ -244,7 +260,6 @@ pub struct Bus {
     client: Client,
     config: ClusterConfig,
     router: Arc<Router>,
-    connected: Arc<AtomicBool>,
     counters: Arc<Counters>,
     /// A subject nobody subscribes to: a request to it comes back at once
     /// as "no responders", after everything sent before it was processed.
@@ -252,6 +267,13 @@ pub struct Bus {
     /// The node's clock: a publish from the bus is stamped when it arrives
     /// (the start of its publish → send latency here).
     clock: super::Clock,
+    /// This node's stream id: its publishes are numbered per partition
+    /// within it ([`wire::Number`]).
+    stream: u64,
+    /// The number of this node's last publish to each partition. Held
+    /// while a batch is numbered and queued, so the numbers reach the
+    /// server in order.
+    numbers: tokio::sync::Mutex<Vec<u64>>,
 }
 
 impl Bus {
@@ -262,9 +284,8 @@ impl Bus {
         router: Arc<Router>,
         clock: super::Clock,
     ) -> Result<Arc<Bus>, String> {
-        let connected = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
-        let (c, k) = (Arc::clone(&connected), Arc::clone(&counters));
+        let k = Arc::clone(&counters);
         let warned = Arc::new(AtomicBool::new(false));
         let node_id = config.node_id.clone();
         let options = ConnectOptions::new()
@@ -281,7 +302,7 @@ impl Bus {
                 Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
             })
             .event_callback(move |event| {
-                let (c, k, node_id) = (Arc::clone(&c), Arc::clone(&k), node_id.clone());
+                let (k, node_id) = (Arc::clone(&k), node_id.clone());
                 let warned = Arc::clone(&warned);
                 async move {
                     match event {
@@ -302,17 +323,21 @@ impl Bus {
                         }
                         async_nats::Event::Connected => {
                             warned.store(false, Relaxed);
-                            c.store(true, Relaxed);
                             k.reconnects.fetch_add(1, Relaxed);
                             tracing::info!(node_id, "cluster bus connected");
                         }
                         async_nats::Event::Disconnected => {
-                            c.store(false, Relaxed);
                             k.disconnects.fetch_add(1, Relaxed);
                             tracing::warn!(
                                 node_id,
                                 "cluster bus disconnected: local delivery goes on, remote publishes are retried"
                             );
+                        }
+                        // The client dropped a message its subscription's
+                        // queue had no room for (the numbered streams see
+                        // the gap and resynchronise the partition).
+                        async_nats::Event::SlowConsumer(sid) => {
+                            tracing::warn!(node_id, sid, "cluster bus: a subscription fell behind and the client dropped messages");
                         }
                         other => tracing::debug!(node_id, event = %other, "cluster bus event"),
                     }
@@ -328,22 +353,36 @@ impl Bus {
             .await
             .map_err(|e| format!("cannot start the cluster client: {e}"))?;
         let sync_subject = format!("mpp-sync.{}", config.node_id);
+        let numbers = tokio::sync::Mutex::new(vec![0; config.partitions.max(1) as usize]);
         Ok(Arc::new(Bus {
+            stream: rand::random(),
+            numbers,
             client,
             config,
             router,
-            connected,
             counters,
             sync_subject,
             clock,
         }))
     }
 
+    /// Whether the client is connected to a server now (its own state,
+    /// not the event callback's, which may lag or miss an event).
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Connections the client made so far (the first and every reconnect):
+    /// subscriptions confirmed on an earlier one may have missed messages.
+    fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(Relaxed)
+    }
+
     /// The bus's counters.
     pub fn metrics(&self) -> ClusterMetrics {
         let k = &self.counters;
         ClusterMetrics {
-            connected: self.connected.load(Relaxed),
+            connected: self.is_connected(),
             partitions: k.partitions.load(Relaxed),
             heard: k.heard.load(Relaxed),
             published: k.published.load(Relaxed),
@@ -351,6 +390,8 @@ impl Bus {
             publish_retries: k.publish_retries.load(Relaxed),
             received: k.received.load(Relaxed),
             received_dropped: k.received_dropped.load(Relaxed),
+            received_duplicates: k.received_duplicates.load(Relaxed),
+            sequence_gaps: k.sequence_gaps.load(Relaxed),
             questions: k.questions.load(Relaxed),
             answered: k.answered.load(Relaxed),
             answers_given: k.answers_given.load(Relaxed),
@@ -371,46 +412,80 @@ impl Bus {
         }
     }
 
-    /// Hands publishes to the other nodes (docs/PROTOCOL.md §10.3): each to
-    /// its partition's subject; the batch counts as handed over once a
-    /// round trip after it came back. While the bus is away the batch is
-    /// sent again (a publish the server did see is then delivered twice,
-    /// which only repeats a notify) until `cluster_publish_timeout_ms`;
-    /// what is left then is counted failed and logged.
-    pub async fn publish_remote(&self, batch: &[(String, Vec<u8>)]) -> RemoteOutcome {
-        if batch.is_empty() {
-            return RemoteOutcome::default();
+    /// Sends numbered messages in order.
+    async fn send_all(&self, messages: &[(String, Bytes)]) -> Result<(), ()> {
+        for (subject, payload) in messages {
+            self.client
+                .publish(subject.clone(), payload.clone())
+                .await
+                .map_err(|_| ())?;
         }
+        Ok(())
+    }
+
+    /// Numbers a batch (the next number of each publish's partition in
+    /// this node's stream) and queues it, under the lock, so that every
+    /// partition's numbers reach the server in order.
+    async fn number_and_send(
+        &self,
+        batch: &[(String, Vec<u8>)],
+        within: Duration,
+    ) -> (Vec<(String, Bytes)>, bool) {
+        let mut numbers = self.numbers.lock().await;
         let messages: Vec<(String, Bytes)> = batch
             .iter()
             .map(|(account, bitmask)| {
                 let p = partition_of(account_affinity(account), self.config.partitions);
-                (publish_subject(p), wire::publish(account, bitmask))
+                let len = numbers.len();
+                let n = &mut numbers[p as usize % len];
+                *n += 1;
+                let number = wire::Number {
+                    sender: self.stream,
+                    seq: *n,
+                };
+                (
+                    publish_subject(p),
+                    wire::numbered_publish(number, account, bitmask),
+                )
             })
             .collect();
+        let sent = tokio::time::timeout(within, self.send_all(&messages)).await;
+        (messages, matches!(sent, Ok(Ok(()))))
+    }
+
+    /// Hands publishes to the other nodes (docs/PROTOCOL.md §10.3): each to
+    /// its partition's subject, numbered; the batch counts as handed over
+    /// once a round trip after it came back. A round trip that does not
+    /// come back in time on the same connection is only asked again (what
+    /// the client queued is still on its way); a batch is sent again only
+    /// after the connection broke, with the same numbers, so a receiver
+    /// that had it drops the copy. That goes on until
+    /// `cluster_publish_timeout_ms`; what is left then is counted failed
+    /// and logged.
+    pub async fn publish_remote(&self, batch: &[(String, Vec<u8>)]) -> RemoteOutcome {
+        if batch.is_empty() {
+            return RemoteOutcome::default();
+        }
         let deadline = Instant::now() + self.config.publish_timeout;
-        let mut first = true;
+        let mut connection = self.connects();
+        let (messages, mut sent) = self
+            .number_and_send(batch, self.config.publish_timeout)
+            .await;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            if !first {
+            if !sent {
                 self.counters.publish_retries.fetch_add(1, Relaxed);
+                connection = self.connects();
+                sent = matches!(
+                    tokio::time::timeout(left, self.send_all(&messages)).await,
+                    Ok(Ok(()))
+                );
             }
-            first = false;
-            let sent = tokio::time::timeout(left, async {
-                for (subject, payload) in &messages {
-                    self.client
-                        .publish(subject.clone(), payload.clone())
-                        .await
-                        .map_err(|_| ())?;
-                }
-                Ok::<(), ()>(())
-            })
-            .await;
             let left = deadline.saturating_duration_since(Instant::now());
-            if matches!(sent, Ok(Ok(()))) && self.confirm(left.min(CONFIRM_TIMEOUT)).await {
+            if sent && self.confirm(left.min(CONFIRM_TIMEOUT)).await {
                 self.counters
                     .published
                     .fetch_add(messages.len() as u64, Relaxed);
@@ -419,9 +494,13 @@ impl Bus {
                     failed: 0,
                 };
             }
-            // The bus is away: wait for it (bounded), then send again.
-            while !self.connected.load(Relaxed) && Instant::now() < deadline {
+            // The bus is away: wait for it (bounded), then send again if
+            // the connection the batch went out on broke meanwhile.
+            while !self.is_connected() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if self.connects() != connection {
+                sent = false;
             }
         }
         self.counters
@@ -449,10 +528,44 @@ impl Bus {
         false
     }
 
-    /// A message on one of this node's partition subjects.
-    async fn on_message(self: &Arc<Self>, message: async_nats::Message) {
+    /// Tells the shards that partition `p`'s stream skipped publishes:
+    /// its account records resynchronise (docs/PROTOCOL.md §10.3). Never
+    /// dropped (the router waits for room in each inbox).
+    fn gap(&self, p: u32) {
+        self.router
+            .broadcast(|| ShardMessage::BusGap { partition: p });
+    }
+
+    /// A message on partition `p`'s subjects; `streams` is what this
+    /// subscription heard of each sender's stream.
+    async fn on_message(
+        self: &Arc<Self>,
+        p: u32,
+        streams: &mut Streams,
+        message: async_nats::Message,
+    ) {
         match wire::decode(&message.payload) {
-            Ok(wire::BusMessage::Publish { account, bitmask }) => {
+            Ok(wire::BusMessage::Publish {
+                account,
+                bitmask,
+                number,
+            }) => {
+                let gap = match number.map(|n| streams.place(n)) {
+                    Some(Place::Again) => {
+                        self.counters.received_duplicates.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    Some(Place::After { missing }) => {
+                        self.counters.sequence_gaps.fetch_add(1, Relaxed);
+                        tracing::warn!(
+                            partition = p,
+                            missing,
+                            "cluster bus: publishes of another node missing on the way; the partition's devices resynchronise"
+                        );
+                        true
+                    }
+                    Some(Place::Next) | None => false,
+                };
                 let shard = self.router.shard_of_account(account);
                 let routed = self
                     .route(shard, || ShardMessage::Publish {
@@ -467,6 +580,9 @@ impl Bus {
                     &self.counters.received_dropped
                 };
                 counter.fetch_add(1, Relaxed);
+                if gap || !routed {
+                    self.gap(p);
+                }
             }
             Ok(wire::BusMessage::Question { account, mark }) => {
                 let Some(reply) = message.reply.clone() else {
@@ -530,6 +646,57 @@ impl Bus {
     }
 }
 
+/// Where a numbered publish falls in its sender's stream, as one
+/// partition subscription heard it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The next one (or the first heard of the stream).
+    Next,
+    /// A number already heard (or older): a copy, dropped.
+    Again,
+    /// Past the next one: `missing` publishes were lost on the way.
+    After { missing: u64 },
+}
+
+/// The last number heard of each sender's stream on one partition
+/// subscription (a new subscription starts empty: what was published
+/// before it is heard is covered by the resync of hearing the partition).
+#[derive(Default)]
+struct Streams {
+    last: HashMap<u64, (u64, u64)>,
+    clock: u64,
+}
+
+impl Streams {
+    /// Places `n` and remembers it.
+    fn place(&mut self, n: wire::Number) -> Place {
+        self.clock += 1;
+        let clock = self.clock;
+        if !self.last.contains_key(&n.sender) && self.last.len() >= MAX_STREAMS {
+            if let Some(oldest) = self.last.iter().min_by_key(|(_, v)| v.1).map(|(&k, _)| k) {
+                self.last.remove(&oldest);
+            }
+        }
+        match self.last.get_mut(&n.sender) {
+            None => {
+                self.last.insert(n.sender, (n.seq, clock));
+                Place::Next
+            }
+            Some((last, _)) if n.seq <= *last => Place::Again,
+            Some((last, seen)) => {
+                let missing = n.seq - *last - 1;
+                *last = n.seq;
+                *seen = clock;
+                if missing == 0 {
+                    Place::Next
+                } else {
+                    Place::After { missing }
+                }
+            }
+        }
+    }
+}
+
 /// One partition subscription.
 struct Partition {
     receiver: tokio::task::JoinHandle<()>,
@@ -541,9 +708,10 @@ struct Partition {
 
 /// What the cluster task learns from the tasks it starts.
 enum Note {
-    /// A round trip confirmed the subscriptions made up to `generation`.
+    /// A round trip on the client's `connection`-th connection confirmed
+    /// the subscriptions to `partitions`.
     Confirmed {
-        generation: u64,
+        connection: u64,
         partitions: Vec<u32>,
     },
 }
@@ -571,8 +739,9 @@ async fn subscribe(
     };
     let bus2 = Arc::clone(bus);
     let receiver = tokio::spawn(async move {
+        let mut streams = Streams::default();
         while let Some(m) = sub.next().await {
-            bus2.on_message(m).await;
+            bus2.on_message(p, &mut streams, m).await;
         }
     });
     subs.insert(
@@ -598,22 +767,23 @@ pub async fn run(
     let (notes_tx, mut notes) = tokio::sync::mpsc::channel::<Note>(64);
     let mut tick = tokio::time::interval(SAMPLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Bumped whenever subscriptions are lost (an outage): older
-    // confirmations no longer count.
-    let mut generation = 0u64;
-    let mut seen_reconnects = 0u64;
-    let mut was_connected = false;
+    // The client's connection the heard partitions were confirmed on
+    // (its count of connections, from the client's own statistics: the
+    // event callback may run late or miss an event). When it changes, or
+    // the client is disconnected, what was heard may have missed messages.
+    let mut connection = 0u64;
 
-    let confirm = |generation: u64, partitions: Vec<u32>| {
+    let confirm = |partitions: Vec<u32>| {
         let (bus, notes) = (Arc::clone(&bus), notes_tx.clone());
         tokio::spawn(async move {
             // Retried while the bus is away: a partition is heard only once
             // the server has its subscription.
             for _ in 0..600 {
-                if bus.confirm(CONFIRM_TIMEOUT).await {
+                let before = bus.connects();
+                if bus.confirm(CONFIRM_TIMEOUT).await && bus.connects() == before {
                     let _ = notes
                         .send(Note::Confirmed {
-                            generation,
+                            connection: before,
                             partitions,
                         })
                         .await;
@@ -622,6 +792,36 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
+    };
+    // The bus went away or came back on another connection: every
+    // partition is unheard until the server has its subscriptions again.
+    let check = |subs: &mut HashMap<u32, Partition>, connection: &mut u64| {
+        let connected = bus.is_connected();
+        let now = bus.connects();
+        if connected && now == *connection {
+            return;
+        }
+        let deaf: Vec<u32> = subs
+            .iter_mut()
+            .filter_map(|(&p, s)| std::mem::replace(&mut s.heard, false).then_some(p))
+            .collect();
+        if !deaf.is_empty() {
+            tracing::info!(
+                partitions = deaf.len(),
+                "cluster bus: subscriptions to be confirmed again (the connection changed)"
+            );
+            let deaf: Arc<[u32]> = deaf.into();
+            bus.router.broadcast(|| ShardMessage::Hearing {
+                partitions: Arc::clone(&deaf),
+                heard: false,
+            });
+        }
+        if connected && now != *connection {
+            *connection = now;
+            if !subs.is_empty() {
+                confirm(subs.keys().copied().collect());
+            }
+        }
     };
 
     loop {
@@ -632,14 +832,17 @@ pub async fn run(
                 // publish after the question reaches this node, and one
                 // before it the node that answers.
                 if subscribe(&bus, q.partition, &mut subs, LINGER).await {
-                    confirm(generation, vec![q.partition]);
+                    confirm(vec![q.partition]);
                 }
                 tokio::spawn(Arc::clone(&bus).ask(q));
                 continue;
             }
             Some(note) = notes.recv() => {
-                let Note::Confirmed { generation: g, partitions: ps } = note;
-                if g != generation {
+                let Note::Confirmed { connection: c, partitions: ps } = note;
+                // A confirmation on a connection that has since been
+                // replaced no longer counts (all are confirmed again).
+                check(&mut subs, &mut connection);
+                if c != connection || !bus.is_connected() {
                     continue;
                 }
                 let newly: Vec<u32> = ps
@@ -656,32 +859,7 @@ pub async fn run(
                 continue;
             }
         }
-        // The bus went away (or came back): every partition is unheard
-        // until the server has its subscriptions again.
-        let connected = bus.connected.load(Relaxed);
-        let reconnects = bus.counters.reconnects.load(Relaxed);
-        let lost = (was_connected && !connected) || reconnects != seen_reconnects;
-        if lost {
-            let deaf: Vec<u32> = subs
-                .iter_mut()
-                .filter_map(|(&p, s)| std::mem::replace(&mut s.heard, false).then_some(p))
-                .collect();
-            if !deaf.is_empty() {
-                let deaf: Arc<[u32]> = deaf.into();
-                bus.router.broadcast(|| ShardMessage::Hearing {
-                    partitions: Arc::clone(&deaf),
-                    heard: false,
-                });
-            }
-            generation += 1;
-            if connected && reconnects != seen_reconnects && !subs.is_empty() {
-                confirm(generation, subs.keys().copied().collect());
-            }
-        }
-        if connected {
-            seen_reconnects = reconnects;
-        }
-        was_connected = connected;
+        check(&mut subs, &mut connection);
         // Interest: subscribe where devices are, let go where none were
         // for LINGER.
         let mut added = Vec::new();
@@ -691,7 +869,7 @@ pub async fn run(
             }
         }
         if !added.is_empty() {
-            confirm(generation, added);
+            confirm(added);
         }
         let now = Instant::now();
         let idle: Vec<u32> = subs

@@ -97,6 +97,14 @@ pub enum ShardMessage {
         /// Heard from now on, or not.
         heard: bool,
     },
+    /// The bus's stream of publishes for `partition` skipped some (a
+    /// numbered publish missing, or one this node could not hand to the
+    /// shard): the partition's account records resynchronise
+    /// (docs/PROTOCOL.md §10.3).
+    BusGap {
+        /// The partition (account affinity mod the partition count).
+        partition: u32,
+    },
 }
 
 /// A failure a test makes a shard suffer, to check that the node notices.

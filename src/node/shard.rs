@@ -681,6 +681,9 @@ impl Shard {
             ShardMessage::Hearing { partitions, heard } => {
                 self.server.set_hearing(now, &partitions, heard);
             }
+            ShardMessage::BusGap { partition } => {
+                self.server.bus_gap(now, partition);
+            }
         }
     }
 

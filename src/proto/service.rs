@@ -1737,6 +1737,22 @@ impl Service {
         }
     }
 
+    /// docs/PROTOCOL.md §10.3: the bus's stream for `partition` skipped
+    /// publishes (a number missing, or a publish the node could not hand
+    /// over): nobody can say which, so each of the partition's account
+    /// records takes a publish of every store, as when the partition is
+    /// heard again. A partition not heard now is left alone: hearing it
+    /// again does the same.
+    pub fn bus_gap(&mut self, now: UnixMillis, partition: u32) {
+        let n = self.heard.len();
+        if n == 0 || !self.hears(partition) {
+            return;
+        }
+        let mut partitions = vec![false; n];
+        partitions[partition as usize % n] = true;
+        self.gap(now, &partitions);
+    }
+
     /// Whether this shard hears `partition` (cluster only).
     pub fn hears(&self, partition: u32) -> bool {
         self.heard.get(partition as usize).copied().unwrap_or(false)

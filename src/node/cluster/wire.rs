@@ -16,6 +16,7 @@ use crate::proto::MAX_BITMASK;
 pub const VERSION: u8 = 1;
 
 const PUBLISH: u8 = b'P';
+const NUMBERED: u8 = b'N';
 const QUESTION: u8 = b'Q';
 const ANSWER: u8 = b'A';
 
@@ -28,6 +29,11 @@ pub enum BusMessage<'a> {
         account: &'a str,
         /// The stores that changed (1 to 32 bytes, not all zero).
         bitmask: &'a [u8],
+        /// Where it sits in its sender's stream for the partition: the
+        /// sender (a random number the node drew at start) and the
+        /// publish's number in that stream (1, 2, …). Absent in the
+        /// unnumbered kind `'P'` (nodes before numbering).
+        number: Option<Number>,
     },
     /// "What was published to `account` after `mark`?" (a request; the
     /// answer goes to the message's reply subject).
@@ -43,6 +49,17 @@ pub enum BusMessage<'a> {
         /// The union of what was published after the mark (0 to 32 bytes).
         bitmask: &'a [u8],
     },
+}
+
+/// A publish's place in its sender's stream for one partition
+/// (docs/PROTOCOL.md §10.3): a receiver that sees a number twice drops the
+/// second, and one that sees a number skipped resynchronises the partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Number {
+    /// The sending node's stream id, drawn at random when its bus started.
+    pub sender: u64,
+    /// 1 for the sender's first publish to the partition, then one more each.
+    pub seq: u64,
 }
 
 /// Why a payload was refused.
@@ -64,6 +81,18 @@ pub fn publish(account: &str, bitmask: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(4 + account.len() + bitmask.len());
     b.put_u8(VERSION);
     b.put_u8(PUBLISH);
+    put_short(&mut b, account.as_bytes());
+    put_short(&mut b, bitmask);
+    b.freeze()
+}
+
+/// A numbered publish: `1 'N' sender(u64be) seq(u64be) len account len bitmask`.
+pub fn numbered_publish(number: Number, account: &str, bitmask: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(20 + account.len() + bitmask.len());
+    b.put_u8(VERSION);
+    b.put_u8(NUMBERED);
+    b.put_u64(number.sender);
+    b.put_u64(number.seq);
     put_short(&mut b, account.as_bytes());
     put_short(&mut b, bitmask);
     b.freeze()
@@ -103,7 +132,18 @@ pub fn decode(payload: &[u8]) -> Result<BusMessage<'_>, WireError> {
     }
     let (&kind, rest) = rest.split_first().ok_or(WireError::Malformed)?;
     match kind {
-        PUBLISH => {
+        PUBLISH | NUMBERED => {
+            let (number, rest) = if kind == NUMBERED {
+                let (head, rest) = rest.split_at_checked(16).ok_or(WireError::Malformed)?;
+                let sender = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+                let seq = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+                if seq == 0 {
+                    return Err(WireError::Malformed);
+                }
+                (Some(Number { sender, seq }), rest)
+            } else {
+                (None, rest)
+            };
             let (account, rest) = short(rest)?;
             let (bitmask, rest) = short(rest)?;
             let account = account_name(account)?;
@@ -114,7 +154,11 @@ pub fn decode(payload: &[u8]) -> Result<BusMessage<'_>, WireError> {
             {
                 return Err(WireError::Malformed);
             }
-            Ok(BusMessage::Publish { account, bitmask })
+            Ok(BusMessage::Publish {
+                account,
+                bitmask,
+                number,
+            })
         }
         QUESTION => {
             let (mark, rest) = rest.split_at_checked(4).ok_or(WireError::Malformed)?;
@@ -165,7 +209,25 @@ mod tests {
             decode(&p),
             Ok(BusMessage::Publish {
                 account: "alice@example.com",
-                bitmask: &[0x05, 0x00, 0x80]
+                bitmask: &[0x05, 0x00, 0x80],
+                number: None,
+            })
+        );
+        let number = Number {
+            sender: 0x0102_0304_0506_0708,
+            seq: 9,
+        };
+        let n = numbered_publish(number, "a", &[0x10]);
+        assert_eq!(
+            &n[..],
+            &[1, b'N', 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9, 1, b'a', 1, 0x10]
+        );
+        assert_eq!(
+            decode(&n),
+            Ok(BusMessage::Publish {
+                account: "a",
+                bitmask: &[0x10],
+                number: Some(number),
             })
         );
         let q = question("a", 0x0102_0304);
@@ -206,5 +268,12 @@ mod tests {
         assert_eq!(decode(&question("a", 0)), Err(WireError::Malformed));
         assert_eq!(decode(&[1, b'P', 1, 0xFF, 1, 1]), Err(WireError::Malformed));
         assert_eq!(decode(&answer(&[1; 33])), Err(WireError::Malformed));
+        let number = Number { sender: 7, seq: 1 };
+        let good = numbered_publish(number, "a", &[1]);
+        for cut in 0..good.len() {
+            assert!(decode(&good[..cut]).is_err(), "numbered cut at {cut}");
+        }
+        let zero = numbered_publish(Number { sender: 7, seq: 0 }, "a", &[1]);
+        assert_eq!(decode(&zero), Err(WireError::Malformed));
     }
 }
