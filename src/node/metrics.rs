@@ -7,7 +7,7 @@
 //! [`Exposition`]. Rendering is a pure function of a [`NodeMetrics`]
 //! snapshot, so it never reaches into a shard.
 
-use super::latency::BUCKETS_NS;
+use super::latency::{LatencySnapshot, BUCKETS_NS};
 use super::process::ProcessStats;
 use super::shard::ShardMetrics;
 use crate::control::metrics::{counter, gauge, Exposition, Family, Kind};
@@ -345,26 +345,37 @@ pub fn render(metrics: &NodeMetrics, out: &mut Exposition) {
             out.sample(name, &[], value(cluster));
         }
     }
-    out.family(
-        "mpp_publish_send_seconds",
-        Kind::Histogram,
-        "Publish to send: from the control plane handing a publish to the router to the shard sealing the last notify it queued.",
-    );
-    for s in &metrics.shards {
-        let shard = s.shard.to_string();
-        let l = &s.publish_latency;
-        let buckets: Vec<(f64, u64)> = BUCKETS_NS
-            .iter()
-            .zip(l.buckets.iter().copied().chain(std::iter::repeat(0)))
-            .map(|(&le, n)| (le as f64 / 1e9, n))
-            .collect();
-        out.histogram(
+    type Hop = fn(&ShardMetrics) -> &LatencySnapshot;
+    const HOPS: [(&str, &str, Hop); 2] = [
+        (
             "mpp_publish_send_seconds",
-            &[("shard", &shard)],
-            &buckets,
-            l.count,
-            l.sum_ns as f64 / 1e9,
-        );
+            "Publish to send: from the control plane handing a publish to the router to the shard sealing the last notify it queued.",
+            |s| &s.publish_latency,
+        ),
+        (
+            "mpp_publish_pickup_seconds",
+            "Publish to pick-up: from the control plane handing a publish to the router to the shard taking it from its inbox (the shard's wake-up, or the rest of the turn it was in).",
+            |s| &s.publish_pickup,
+        ),
+    ];
+    for (name, help, hop) in HOPS {
+        out.family(name, Kind::Histogram, help);
+        for s in &metrics.shards {
+            let shard = s.shard.to_string();
+            let l = hop(s);
+            let buckets: Vec<(f64, u64)> = BUCKETS_NS
+                .iter()
+                .zip(l.buckets.iter().copied().chain(std::iter::repeat(0)))
+                .map(|(&le, n)| (le as f64 / 1e9, n))
+                .collect();
+            out.histogram(
+                name,
+                &[("shard", &shard)],
+                &buckets,
+                l.count,
+                l.sum_ns as f64 / 1e9,
+            );
+        }
     }
 }
 
@@ -418,6 +429,11 @@ mod tests {
                 count: base + 2,
                 sum_ns: 1_500_000_000,
             },
+            publish_pickup: crate::node::latency::LatencySnapshot {
+                buckets: vec![base + 3; crate::node::latency::BUCKETS_NS.len()],
+                count: base + 4,
+                sum_ns: 2_500_000_000,
+            },
         }
     }
 
@@ -452,7 +468,7 @@ mod tests {
             .collect();
         assert_eq!(
             families.len(),
-            7 + SOCKET_FAMILIES.len() + 1 + PROTOCOL_FAMILIES.len() + 1
+            7 + SOCKET_FAMILIES.len() + 1 + PROTOCOL_FAMILIES.len() + 2
         );
         for name in &families {
             let help = format!("# HELP {name} ");
@@ -471,7 +487,7 @@ mod tests {
                 | "mpp_revocations"
                 | "mpp_build_info" => 1,
                 "mpp_drops_total" => 2 * DROP_REASONS.len(),
-                "mpp_publish_send_seconds" => 0,
+                "mpp_publish_send_seconds" | "mpp_publish_pickup_seconds" => 0,
                 _ => 2,
             };
             assert_eq!(samples, expected, "{name}");
@@ -480,11 +496,13 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap_or_default();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
-        let buckets = text
-            .lines()
-            .filter(|l| l.starts_with("mpp_publish_send_seconds_bucket{"))
-            .count();
-        assert_eq!(buckets, 2 * (crate::node::latency::BUCKETS_NS.len() + 1));
+        for hop in ["mpp_publish_send_seconds", "mpp_publish_pickup_seconds"] {
+            let buckets = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("{hop}_bucket{{")))
+                .count();
+            assert_eq!(buckets, 2 * (crate::node::latency::BUCKETS_NS.len() + 1));
+        }
         assert!(text.ends_with('\n'));
     }
 
@@ -517,6 +535,10 @@ mod tests {
             "mpp_publish_send_seconds_bucket{shard=\"1\",le=\"+Inf\"} 102",
             "mpp_publish_send_seconds_sum{shard=\"0\"} 1.5",
             "mpp_publish_send_seconds_count{shard=\"0\"} 2",
+            "# TYPE mpp_publish_pickup_seconds histogram",
+            "mpp_publish_pickup_seconds_bucket{shard=\"1\",le=\"0.00005\"} 103",
+            "mpp_publish_pickup_seconds_sum{shard=\"1\"} 2.5",
+            "mpp_publish_pickup_seconds_count{shard=\"1\"} 104",
         ] {
             assert!(text.lines().any(|l| l == expected), "missing {expected}");
         }

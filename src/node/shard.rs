@@ -37,6 +37,12 @@ const INBOX_PER_TURN: usize = 4096;
 /// again: a publish to a large account (or many publishes) must not keep
 /// acknowledgements and heartbeats waiting until the socket overflows.
 const SEND_PER_TURN: usize = 1024;
+/// A turn's first datagrams are submitted as soon as this many are sealed
+/// (then each time as many again have been sealed, doubling, until the
+/// driver's batch is full): the first devices of a large account need not
+/// wait for the whole batch's seals, while a busy turn still sends in full
+/// batches (a few more submissions per turn, out of `SEND_PER_TURN`).
+const FIRST_FLUSH: usize = 8;
 /// While more datagrams than this wait to be sent, the shard takes no more
 /// messages from its inbox: publishes wait there (the inbox is bounded, so
 /// the router then refuses them and the publisher hears 503), instead of
@@ -202,6 +208,9 @@ pub struct ShardMetrics {
     pub forwarded_in: u64,
     /// Publish → send latency (see [`super::latency`]).
     pub publish_latency: super::latency::LatencySnapshot,
+    /// Publish → pick-up latency: from the router to the shard taking the
+    /// publish from its inbox (its wake-up and the turn in progress).
+    pub publish_pickup: super::latency::LatencySnapshot,
 }
 
 /// Everything a shard thread needs.
@@ -356,6 +365,7 @@ fn run_loop(setup: ShardSetup) -> std::io::Result<()> {
         cluster: setup.cluster,
         clock: setup.clock,
         latency: PublishLatency::new(),
+        pickup: PublishLatency::new(),
     };
     tracing::info!(shard = shard.id, cpu = ?setup.cpu, io = driver.backend().name(), "shard started");
     let mut last_metrics = Instant::now();
@@ -573,6 +583,8 @@ struct Shard {
     clock: Clock,
     /// Publish → send latency.
     latency: PublishLatency,
+    /// Publish → pick-up latency (router to this shard's turn).
+    pickup: PublishLatency,
 }
 
 impl Shard {
@@ -635,6 +647,8 @@ impl Shard {
                 bitmask,
                 stamp,
             } => {
+                self.pickup
+                    .record(self.clock.mono_nanos().saturating_sub(stamp));
                 let published = self
                     .server
                     .handle_publish_stamped(now, &account, &bitmask, stamp);
@@ -854,9 +868,14 @@ impl Shard {
         answering: bool,
     ) -> std::io::Result<()> {
         let mut produced = 0;
+        let mut early = FIRST_FLUSH;
         loop {
             if produced >= SEND_PER_TURN && !answering {
                 break;
+            }
+            if produced == early {
+                early *= 2;
+                driver.flush()?;
             }
             let Some(slot) = driver.send_slot() else {
                 // Full batch: submit it. If that fails, the rest waits in the
@@ -915,6 +934,7 @@ impl Shard {
             misrouted_dropped: self.misrouted_dropped,
             forwarded_in: self.router.forwarded_datagrams(self.id),
             publish_latency: self.latency.snapshot(),
+            publish_pickup: self.pickup.snapshot(),
         };
         if let Ok(mut guard) = sink.lock() {
             *guard = m;
