@@ -36,8 +36,8 @@ start() { # start IO UDP_PORT [KEY_FROM] -> pid in $started
     local io="$1" port="$2" data="$WORK/data-$1"
     rm -rf "$data"
     mkdir -p "$data"
-    # Nodes that share a master key accept each other's credentials, so
-    # the loadgen mints for both from one data directory.
+    # Both nodes share one master key (the devices' credentials are minted
+    # once); each has its own admin token (--versus-data-dir).
     [[ -z "${3:-}" ]] || cp -p "$3/master.key" "$data/master.key"
     "$MPPD" --threads 1 --cpus "$NODE_CPU" --io "$io" --data-dir "$data" \
         --udp "127.0.0.1:$port" --http "127.0.0.1:$((port + 1))" --log-level warn \
@@ -70,6 +70,7 @@ for scenario in $SCENARIOS; do
             --node 127.0.0.1:27300 --control http://127.0.0.1:27301 --data-dir "$WORK/data-uring" \
             --node-pid "$uring_pid" \
             --versus 127.0.0.1:27310 --versus-control http://127.0.0.1:27311 --versus-pid "$mmsg_pid" \
+            --versus-data-dir "$WORK/data-mmsg" \
             --interleave "$SLICE" --devices "$DEVICES" --duration "$DURATION" --warmup "$WARMUP" \
             --json "$json" "${extra[@]}" >"$WORK/out/$scenario-$run.txt" 2>&1 ||
             { echo "$scenario #$run failed: $(tail -2 "$WORK/out/$scenario-$run.txt")"; continue; }

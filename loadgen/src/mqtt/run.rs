@@ -243,9 +243,15 @@ fn control(common: &Common, args: &MqttArgs, shared: &Shared, cfg: &Config) -> R
     let connect_ms = shared.start.elapsed().as_secs_f64() * 1e3;
     let window = mon.measure(common, "measure", None)?;
     let t1 = Instant::now();
+    // Drained: every measured publish reached every live subscriber and,
+    // at QoS 1, the broker acknowledged every publish (its last PUBACKs may
+    // still be on their way when the last delivery arrives).
     mon.phase("drain", args.drain as f64, &|| {
         shared.delivered_measured.load(Ordering::Acquire)
             >= shared.published_measured.load(Ordering::Acquire) * shared.live()
+            && (cfg.qos == 0
+                || shared.publish_acks.load(Ordering::Acquire)
+                    >= shared.published.load(Ordering::Acquire))
     })?;
     let drain_ms = t1.elapsed().as_secs_f64() * 1e3;
     Ok(Outcome {
