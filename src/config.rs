@@ -424,8 +424,8 @@ settings! {
     cpus: CpuList = CpuList::default(), "LIST", check cpus_fit_a_cpu_set;
     /// Pin shard threads to CPUs.
     pin: bool = true, "BOOL";
-    /// I/O backend: uring, mmsg or auto (auto probes io_uring and falls back
-    /// to recvmmsg/sendmmsg).
+    /// I/O backend: uring, mmsg or auto (auto: the faster one measured on
+    /// this kernel, recvmmsg/sendmmsg; see docs/BENCHMARKS.md).
     io: IoChoice = IoChoice::Auto, "BACKEND";
     /// Log line format: text or json.
     log_format: LogFormat = LogFormat::Text, "FORMAT";
