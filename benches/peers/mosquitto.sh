@@ -17,7 +17,8 @@
 #            [--no-sweep]
 #   or the same through the environment: N=200 DURATION=10s WARMUP=2s
 #   SWEEP_DURATION=5s P99_MS=10 BYTES=16 ONLY= OUT= NODE_CPU=0 LOADGEN_CPU=1
-#   SKIP_BUILD=1 AHEAD=0
+#   SKIP_BUILD=1 AHEAD=0 QOS="0 1" (mosquitto's QoS levels to run)
+#   FRACTIONS="0.90 0.75 …" (the sweep's shares of max, highest first)
 #
 # Both servers run pinned to NODE_CPU (taskset; mppd with --threads 1), the
 # loadgen to LOADGEN_CPU. mosquitto keeps its defaults but for what a
@@ -56,7 +57,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --no-sweep) SWEEP=0; shift ;;
-    -h | --help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -70,7 +71,8 @@ done
 mkdir -p "$OUT"
 BOUND=$(($(secs "$DURATION") + $(secs "$WARMUP") + 90))
 SWEEP_BOUND=$(($(secs "$SWEEP_DURATION") + $(secs "$WARMUP") + 90))
-FRACTIONS=(0.90 0.75 0.60 0.50 0.40 0.30 0.20 0.10 0.05 0.02 0.01)
+read -r -a FRACTIONS <<<"${FRACTIONS:-0.90 0.75 0.60 0.50 0.40 0.30 0.20 0.10 0.05 0.02 0.01}"
+read -r -a QOS <<<"${QOS:-0 1}"
 ulimit -n $((N + 4096)) 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 build
@@ -169,8 +171,10 @@ CONF
     PIDS+=("$mpid")
     wait_tcp "$port" "$mpid" || { cat "$TMP/mosquitto.log" >&2; die "mosquitto did not start on 127.0.0.1:$port"; }
     note "mosquitto $(mosquitto -h 2>/dev/null | head -1 | awk '{print $3}') pid $mpid on 127.0.0.1:$port (CPU $NODE_CPU); $N subscribers, $BYTES-byte payload"
-    measure mosquitto-qos0
-    measure mosquitto-qos1
+    for q in "${QOS[@]}"; do
+        [[ "$q" == 0 || "$q" == 1 ]] || die "QOS lists 0 and/or 1"
+        measure "mosquitto-qos$q"
+    done
     stop_server "$mpid"
 fi
 

@@ -37,26 +37,35 @@ mkdir -p "$WORK/out"
 NODE=""
 trap '[[ -z "$NODE" ]] || kill "$NODE" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 
+# A loopback port nobody holds now: free_port udp|tcp
+free_port() {
+    python3 -c "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1]=='udp' else socket.SOCK_STREAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])" "$1"
+}
+
 # run SIZE RATE TAG: one fresh node, one loadgen run; prints one line.
 run() {
     local size="$1" rate="$2" tag="$3" data="$WORK/data" json="$WORK/out/$1-$3.json" extra=()
     rm -rf "$data"
     mkdir -p "$data"
-    "$MPPD" --threads 1 --cpus "$NODE_CPU" --data-dir "$data" --udp 127.0.0.1:27400 \
-        --http 127.0.0.1:27401 --log-level warn "${EXTRA[@]}" >"$WORK/out/mppd.log" 2>&1 &
+    local udp http
+    udp="$(free_port udp)"
+    http="$(free_port tcp)"
+    "$MPPD" --threads 1 --cpus "$NODE_CPU" --data-dir "$data" --udp "127.0.0.1:$udp" \
+        --http "127.0.0.1:$http" --log-level warn "${EXTRA[@]}" >"$WORK/out/mppd.log" 2>&1 &
     NODE=$!
     for _ in $(seq 100); do
-        curl -sf http://127.0.0.1:27401/healthz >/dev/null && break
+        curl -sf "http://127.0.0.1:$http/healthz" >/dev/null && break
+        kill -0 "$NODE" 2>/dev/null || { echo "mppd did not start: $(tail -1 "$WORK/out/mppd.log")" >&2; exit 1; }
         sleep 0.1
     done
     [[ "$rate" == 0 ]] && extra=(--ahead 0)
     taskset -c "$LOADGEN_CPU" "$LOADGEN" --no-progress --cpus "$LOADGEN_CPU" \
-        --node 127.0.0.1:27400 --control http://127.0.0.1:27401 --data-dir "$data" \
+        --node "127.0.0.1:$udp" --control "http://127.0.0.1:$http" --data-dir "$data" \
         --devices "$DEVICES" --accounts $((DEVICES / size)) --duration "$DURATION" \
         --warmup "$WARMUP" --node-pid "$NODE" --json "$json" \
         fanout --rate "$rate" "${extra[@]}" >"$WORK/out/$size-$tag.txt" 2>&1 ||
         { echo "size $size $tag failed: $(tail -2 "$WORK/out/$size-$tag.txt")" >&2; }
-    curl -s http://127.0.0.1:27401/metrics >"$WORK/out/$size-$tag.metrics" || true
+    curl -s "http://127.0.0.1:$http/metrics" >"$WORK/out/$size-$tag.metrics" || true
     kill "$NODE"
     wait "$NODE" 2>/dev/null || true
     NODE=""
