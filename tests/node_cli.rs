@@ -327,6 +327,42 @@ fn startup_error_unknown_io_backend() {
     assert!(!dir.join("data").exists(), "nothing was created");
 }
 
+/// README's decision: `--io auto` (the default) runs on recvmmsg/sendmmsg,
+/// the backend measured faster here (docs/BENCHMARKS.md, io_uring against
+/// mmsg), even where io_uring works (this machine: the driver tests need
+/// it); `--io uring` still gets io_uring.
+#[test]
+fn auto_io_is_the_backend_measured_faster_mmsg() {
+    for (flag, expected) in [
+        (None, "mmsg"),
+        (Some("auto"), "mmsg"),
+        (Some("uring"), "uring"),
+    ] {
+        let dir = TempDir::new("io-auto");
+        let mut cmd = command(MPPD);
+        cmd.args([
+            "--udp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+        ])
+        .args(["--no-pin", "--data-dir"])
+        .arg(dir.join("data"));
+        if let Some(io) = flag {
+            cmd.args(["--io", io]);
+        }
+        let mut mppd = Proc::spawn("mppd", cmd);
+        let listening = mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+        assert_eq!(
+            field(&listening, "io="),
+            expected,
+            "--io {flag:?}: {listening}"
+        );
+    }
+}
+
 /// Case 13: `mppd credential issue` without a master key, and with a bad ttl.
 #[test]
 fn credential_issue_errors() {
