@@ -1142,4 +1142,556 @@ mod tests {
         );
         assert_eq!(c.stats().sent, 1);
     }
+
+    /// Seals `message` as the node would for `c` (the keys its credential gives).
+    fn from_node(c: &Client, message: &Message<'_>) -> Vec<u8> {
+        let mut plain = vec![0u8; MAX_PLAINTEXT];
+        let n = message.encode(&mut plain).expect("encodes");
+        crate::packet::seal(&c.s2c, c.conn_id, [9; 12], &plain[..n]).expect("seals")
+    }
+
+    /// What `c` sent in `datagram` (opened with its own key).
+    fn sent_name(c: &Client, datagram: &[u8]) -> &'static str {
+        let mut packet = datagram.to_vec();
+        let plain = open_in_place(&c.c2s, &mut packet).expect("opens");
+        Message::decode(plain).expect("decodes").name()
+    }
+
+    /// A client whose connect the node answered at `T0`.
+    fn connected(config: ClientConfig) -> Client {
+        let mut c = client(config);
+        let mut buf = vec![0u8; MAX_PACKET];
+        let t = c.poll_transmit(&mut buf).expect("the connect");
+        assert_eq!(sent_name(&c, &buf[..t.size]), "PresenceConnectRequest");
+        let answer = from_node(
+            &c,
+            &Message::ConnectResponse(crate::codec::PresenceConnectResponse {
+                connection_timeout: Some(30_000),
+                header: crate::codec::ServiceHeader {
+                    acknowledge: Some(c.highest_serial_sent()),
+                    endpoint: Some("198.51.100.1:4000".parse().expect("addr")),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+        );
+        c.handle_datagram(T0, &answer);
+        assert_eq!(c.state(), ClientState::Connected);
+        assert!(matches!(
+            c.poll_event(),
+            Some(ClientEvent::Connected { .. })
+        ));
+        c
+    }
+
+    /// docs/PROTOCOL.md §6: a connected client whose node goes silent sends
+    /// `heartbeat_tries` (3) heartbeats, `retry_ms` apart, then reports a
+    /// `Timeout` and connects again; not a fourth heartbeat.
+    #[test]
+    fn silent_node_gets_three_heartbeats_then_a_connect() {
+        let mut c = connected(ClientConfig::default());
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut now;
+        let mut heartbeats = Vec::new();
+        loop {
+            now = c.poll_timeout().expect("a timer runs");
+            c.handle_timeout(now);
+            if let Some(event) = c.poll_event() {
+                assert_eq!(event, ClientEvent::Disconnected(DisconnectReason::Timeout));
+                break;
+            }
+            let t = c.poll_transmit(&mut buf).expect("a heartbeat");
+            assert_eq!(sent_name(&c, &buf[..t.size]), "PresenceHeartbeat");
+            heartbeats.push(now);
+            assert!(heartbeats.len() <= 3, "a fourth heartbeat at {now:?}");
+        }
+        let first = T0.plus_millis(30_000);
+        assert_eq!(
+            heartbeats,
+            vec![first, first.plus_millis(1_000), first.plus_millis(2_000)]
+        );
+        assert_eq!(now, first.plus_millis(3_000));
+        assert_eq!(c.state(), ClientState::Connecting);
+        let t = c.poll_transmit(&mut buf).expect("a connect");
+        assert_eq!(sent_name(&c, &buf[..t.size]), "PresenceConnectRequest");
+    }
+
+    /// The node's answer to `c`'s request `ack`: an endpoint response.
+    fn endpoint_answer(c: &Client, ack: i64) -> Vec<u8> {
+        from_node(
+            c,
+            &Message::EndpointResponse(crate::codec::PresenceEndpointResponse {
+                header: crate::codec::ServiceHeader {
+                    acknowledge: Some(ack),
+                    endpoint: Some("198.51.100.1:4000".parse().expect("addr")),
+                    ..Default::default()
+                },
+            }),
+        )
+    }
+
+    /// docs/PROTOCOL.md §7: a reply counts once, also after later
+    /// requests moved the window of answered Serials on (`record_sent`
+    /// keeps the bits of earlier Serials; `fresh_reply` tests the
+    /// reply's own bit).
+    #[test]
+    fn a_reply_counts_once_after_later_requests() {
+        let mut c = connected(ClientConfig::default());
+        let connect = c.highest_serial_sent();
+        let connect_answer = from_node(
+            &c,
+            &Message::ConnectResponse(crate::codec::PresenceConnectResponse {
+                header: crate::codec::ServiceHeader {
+                    acknowledge: Some(connect),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+        );
+        c.request_endpoint();
+        c.request_endpoint();
+        let mut buf = vec![0u8; MAX_PACKET];
+        assert!(c.poll_transmit(&mut buf).is_some());
+        assert!(c.poll_transmit(&mut buf).is_some());
+        assert_eq!(c.highest_serial_sent(), connect + 2);
+        let endpoint: SocketAddr = "198.51.100.1:4000".parse().expect("addr");
+        c.handle_datagram(T0, &endpoint_answer(&c, connect + 1));
+        assert_eq!(c.poll_event(), Some(ClientEvent::Endpoint(endpoint)));
+        c.handle_datagram(T0, &endpoint_answer(&c, connect + 1));
+        assert_eq!(c.poll_event(), None);
+        assert_eq!(c.stats().replays_dropped, 1);
+        c.handle_datagram(T0, &connect_answer);
+        assert_eq!(c.stats().replays_dropped, 2, "the connect's answer again");
+        c.handle_datagram(T0, &endpoint_answer(&c, connect + 2));
+        assert_eq!(c.poll_event(), Some(ClientEvent::Endpoint(endpoint)));
+        assert_eq!(c.stats().replays_dropped, 2);
+    }
+
+    /// Seals `plain` as the node would for `c`, under the conn id `conn_id`.
+    fn sealed_for(c: &Client, conn_id: ConnId, plain: &[u8]) -> Vec<u8> {
+        crate::packet::seal(&c.s2c, conn_id, [9; 12], plain).expect("seals")
+    }
+
+    /// A packet sealed with the client's key but under another conn id is
+    /// dropped before it is opened (the conn id is the AAD, so it would
+    /// authenticate): the conn id must be the client's own.
+    #[test]
+    fn a_packet_under_another_conn_id_is_dropped() {
+        let mut c = connected(ClientConfig::default());
+        c.request_endpoint();
+        let mut buf = vec![0u8; MAX_PACKET];
+        assert!(c.poll_transmit(&mut buf).is_some());
+        let mut plain = vec![0u8; MAX_PLAINTEXT];
+        let n = Message::EndpointResponse(crate::codec::PresenceEndpointResponse {
+            header: crate::codec::ServiceHeader {
+                acknowledge: Some(c.highest_serial_sent()),
+                endpoint: Some("198.51.100.1:4000".parse().expect("addr")),
+                ..Default::default()
+            },
+        })
+        .encode(&mut plain)
+        .expect("encodes");
+        let mut other = c.conn_id();
+        other.0[0] ^= 1;
+        c.handle_datagram(T0, &sealed_for(&c, other, &plain[..n]));
+        assert_eq!(c.poll_event(), None);
+        assert_eq!((c.stats().dropped, c.stats().received), (1, 1));
+        c.handle_datagram(T0, &sealed_for(&c, c.conn_id(), &plain[..n]));
+        assert!(matches!(c.poll_event(), Some(ClientEvent::Endpoint(_))));
+        assert_eq!((c.stats().dropped, c.stats().received), (1, 2));
+    }
+
+    /// Every datagram the client cannot use counts once in `dropped`:
+    /// too long, not authentic, a bad fragment, not a message, not a
+    /// message from a node.
+    #[test]
+    fn unusable_datagrams_count_as_dropped() {
+        let mut c = connected(ClientConfig::default());
+        let id = c.conn_id();
+        let mut too_long = vec![0u8; MAX_PACKET + 1];
+        too_long[..8].copy_from_slice(&id.0);
+        let mut forged = sealed_for(&c, id, b"{}");
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let mut heartbeat = vec![0u8; MAX_PLAINTEXT];
+        let n = Message::Heartbeat(PresenceHeartbeat::default())
+            .encode(&mut heartbeat)
+            .expect("encodes");
+        let datagrams = [
+            too_long,
+            forged,
+            sealed_for(&c, id, &[FRAGMENT_MARKER, 0, 1, 0, 0]),
+            sealed_for(&c, id, b"not a message"),
+            sealed_for(&c, id, &heartbeat[..n]),
+        ];
+        for (i, d) in datagrams.iter().enumerate() {
+            c.handle_datagram(T0, d);
+            assert_eq!(c.stats().dropped, i as u64 + 1, "datagram {i}");
+        }
+        assert_eq!(c.stats().received, 1, "only the connect's answer");
+        assert_eq!(c.poll_event(), None);
+    }
+
+    /// What `c` sent in `datagram`: the message's name and its `ID`.
+    fn sent_id(c: &Client, datagram: &[u8]) -> (&'static str, Option<Vec<u8>>) {
+        let mut packet = datagram.to_vec();
+        let plain = open_in_place(&c.c2s, &mut packet).expect("opens");
+        let m = Message::decode(plain).expect("decodes");
+        let id = m
+            .client_header()
+            .and_then(|h| h.id.as_deref().map(<[u8]>::to_vec));
+        (m.name(), id)
+    }
+
+    /// docs/PROTOCOL.md §7.9: a reply carrying a new challenge, with
+    /// nothing else to send, is echoed at once in an acknowledgement; the
+    /// same challenge again is not echoed again (it rides in the next
+    /// request), and a reply without one ends the echoing.
+    #[test]
+    fn a_new_challenge_is_echoed_once() {
+        let mut c = connected(ClientConfig::default());
+        let mut buf = vec![0u8; MAX_PACKET];
+        let challenge = [5u8; 8];
+        let answer = |c: &mut Client, id: Option<[u8; 8]>| {
+            c.request_endpoint();
+            let mut buf = vec![0u8; MAX_PACKET];
+            assert!(c.poll_transmit(&mut buf).is_some(), "the request");
+            let mut plain = vec![0u8; MAX_PLAINTEXT];
+            let n = Message::EndpointResponse(crate::codec::PresenceEndpointResponse {
+                header: crate::codec::ServiceHeader {
+                    acknowledge: Some(c.highest_serial_sent()),
+                    endpoint: Some("198.51.100.1:4000".parse().expect("addr")),
+                    id: id.as_ref().map(|i| (&i[..]).into()),
+                    ..Default::default()
+                },
+            })
+            .encode(&mut plain)
+            .expect("encodes");
+            let d = sealed_for(c, c.conn_id(), &plain[..n]);
+            c.handle_datagram(T0, &d);
+            assert!(matches!(c.poll_event(), Some(ClientEvent::Endpoint(_))));
+        };
+        answer(&mut c, Some(challenge));
+        let t = c.poll_transmit(&mut buf).expect("the echo");
+        assert_eq!(
+            sent_id(&c, &buf[..t.size]),
+            ("PresenceAcknowledge", Some(challenge.to_vec()))
+        );
+        assert!(c.poll_transmit(&mut buf).is_none());
+        answer(&mut c, Some(challenge));
+        assert!(c.poll_transmit(&mut buf).is_none(), "no second echo");
+        c.request_endpoint();
+        let t = c.poll_transmit(&mut buf).expect("a request");
+        assert_eq!(
+            sent_id(&c, &buf[..t.size]),
+            ("PresenceEndpointRequest", Some(challenge.to_vec()))
+        );
+        answer(&mut c, None);
+        assert!(c.poll_transmit(&mut buf).is_none());
+        c.request_endpoint();
+        let t = c.poll_transmit(&mut buf).expect("a request");
+        assert_eq!(
+            sent_id(&c, &buf[..t.size]),
+            ("PresenceEndpointRequest", None)
+        );
+    }
+
+    /// A node's reply header acknowledging `ack`.
+    fn answering(ack: i64) -> crate::codec::ServiceHeader<'static> {
+        crate::codec::ServiceHeader {
+            acknowledge: Some(ack),
+            endpoint: Some("198.51.100.1:4000".parse().expect("addr")),
+            ..Default::default()
+        }
+    }
+
+    /// Seals `m` for `c` and hands it to `c` at `now`.
+    fn deliver(c: &mut Client, now: UnixMillis, m: Message<'_>) {
+        let d = from_node(c, &m);
+        c.handle_datagram(now, &d);
+    }
+
+    /// The answer to `c`'s last request: a `PresenceConnectResponse` with
+    /// `connection_timeout` and `serial`.
+    fn connect_answer(c: &mut Client, connection_timeout: Option<i64>, serial: Option<i64>) {
+        let m = Message::ConnectResponse(crate::codec::PresenceConnectResponse {
+            connection_timeout,
+            serial,
+            header: answering(c.highest_serial_sent()),
+            ..Default::default()
+        });
+        deliver(c, T0, m);
+    }
+
+    /// When a connect was sent twice and both are answered, the second
+    /// answer only carries pending state: one `Connected`, not two.
+    #[test]
+    fn a_retried_connect_answered_twice_connects_once() {
+        let mut c = client(ClientConfig::default());
+        let mut buf = vec![0u8; MAX_PACKET];
+        assert!(c.poll_transmit(&mut buf).is_some(), "the connect");
+        let first = c.highest_serial_sent();
+        c.handle_timeout(T0.plus_millis(1_000));
+        assert!(c.poll_transmit(&mut buf).is_some(), "the connect again");
+        connect_answer(&mut c, None, None);
+        assert!(matches!(
+            c.poll_event(),
+            Some(ClientEvent::Connected { .. })
+        ));
+        let late = Message::ConnectResponse(crate::codec::PresenceConnectResponse {
+            header: answering(first),
+            ..Default::default()
+        });
+        deliver(&mut c, T0.plus_millis(1_100), late);
+        assert_eq!(c.stats().received, 2);
+        assert_eq!(c.poll_event(), None);
+        assert_eq!(c.state(), ClientState::Connected);
+        assert_eq!(c.poll_timeout(), Some(T0.plus_millis(60_000)));
+    }
+
+    /// A connect answered after the application asked to disconnect does
+    /// not connect; the disconnect's answer then ends the client at once.
+    #[test]
+    fn a_connect_answered_while_disconnecting_does_not_connect() {
+        let mut c = client(ClientConfig::default());
+        let mut buf = vec![0u8; MAX_PACKET];
+        assert!(c.poll_transmit(&mut buf).is_some(), "the connect");
+        let connect = c.highest_serial_sent();
+        c.disconnect(T0);
+        assert!(c.poll_transmit(&mut buf).is_some(), "the disconnect");
+        let late = Message::ConnectResponse(crate::codec::PresenceConnectResponse {
+            header: answering(connect),
+            ..Default::default()
+        });
+        deliver(&mut c, T0, late);
+        assert_eq!(c.state(), ClientState::Connecting);
+        assert_eq!(c.poll_event(), None);
+        let done = Message::DisconnectResponse(crate::codec::PresenceDisconnectResponse {
+            header: answering(c.highest_serial_sent()),
+        });
+        deliver(&mut c, T0, done);
+        assert_eq!(c.state(), ClientState::Aborted);
+        assert_eq!(
+            c.poll_event(),
+            Some(ClientEvent::Disconnected(DisconnectReason::Requested))
+        );
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    /// A 404 answering a disconnect (the node had already forgotten us)
+    /// ends the disconnect as requested; no reconnect.
+    #[test]
+    fn a_404_while_disconnecting_is_the_end() {
+        let mut c = connected(ClientConfig::default());
+        let mut buf = vec![0u8; MAX_PACKET];
+        c.disconnect(T0);
+        assert!(c.poll_transmit(&mut buf).is_some(), "the disconnect");
+        let refused = Message::ErrorRefused(crate::codec::PresenceErrorRefused {
+            header: crate::codec::ServiceHeader {
+                status: Some(404),
+                ..answering(c.highest_serial_sent())
+            },
+        });
+        deliver(&mut c, T0, refused);
+        assert_eq!(c.state(), ClientState::Aborted);
+        assert_eq!(
+            c.poll_event(),
+            Some(ClientEvent::Disconnected(DisconnectReason::Requested))
+        );
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    /// The heartbeat period is the ConnectionTimeout the node announces,
+    /// when positive; otherwise the protocol's default.
+    #[test]
+    fn connection_timeout_sets_the_heartbeat_period() {
+        for (announced, period) in [
+            (Some(12_000), 12_000),
+            (Some(0), 60_000),
+            (Some(-5), 60_000),
+            (None, 60_000),
+        ] {
+            let mut c = client(ClientConfig::default());
+            let mut buf = vec![0u8; MAX_PACKET];
+            assert!(c.poll_transmit(&mut buf).is_some(), "the connect");
+            connect_answer(&mut c, announced, None);
+            assert_eq!(c.state(), ClientState::Connected);
+            assert_eq!(
+                c.poll_timeout(),
+                Some(T0.plus_millis(period)),
+                "ConnectionTimeout {announced:?}"
+            );
+        }
+    }
+
+    /// docs/PROTOCOL.md §6: the Serial in a connect's answer is the
+    /// device's next mark, when positive.
+    #[test]
+    fn a_connect_answers_serial_becomes_the_mark() {
+        for (mark, serial, after) in [
+            (None, Some(77), Some(77)),
+            (Some(42), Some(77), Some(77)),
+            (Some(42), Some(0), Some(42)),
+            (Some(42), Some(-3), Some(42)),
+            (None, Some(0), None),
+            (Some(42), None, Some(42)),
+        ] {
+            let mut c = client(ClientConfig {
+                mark,
+                ..ClientConfig::default()
+            });
+            let mut buf = vec![0u8; MAX_PACKET];
+            assert!(c.poll_transmit(&mut buf).is_some(), "the connect");
+            connect_answer(&mut c, None, serial);
+            assert_eq!(c.state(), ClientState::Connected);
+            assert_eq!(c.mark(), after, "mark {mark:?}, Serial {serial:?}");
+        }
+    }
+
+    /// `notifies_received` counts every notify, repeats of a Serial too;
+    /// the application hears of the Serial once.
+    #[test]
+    fn notifies_received_counts_repeats() {
+        let mut c = connected(ClientConfig::default());
+        let notify = || {
+            Message::Notify(crate::codec::PresenceNotify {
+                serial: Some(5),
+                bitmask: Some((&[1u8][..]).into()),
+                header: crate::codec::ServiceHeader::default(),
+            })
+        };
+        deliver(&mut c, T0, notify());
+        deliver(&mut c, T0, notify());
+        assert_eq!(c.stats().notifies_received, 2);
+        assert!(matches!(
+            c.poll_event(),
+            Some(ClientEvent::Notify { serial: 5, .. })
+        ));
+        assert_eq!(c.poll_event(), None);
+    }
+
+    /// A 503 (node full) waits the StatusExtended the node asks for, when
+    /// positive, or else `reconnect_ms` (no jitter configured here).
+    #[test]
+    fn a_503_waits_status_extended_or_reconnect_ms() {
+        for (extended, wait) in [
+            (Some(5_000), 5_000),
+            (Some(0), 60_000),
+            (Some(-1), 60_000),
+            (None, 60_000),
+        ] {
+            let mut c = client(ClientConfig {
+                reconnect_jitter_ms: 0,
+                ..ClientConfig::default()
+            });
+            let mut buf = vec![0u8; MAX_PACKET];
+            assert!(c.poll_transmit(&mut buf).is_some(), "the connect");
+            let refused = Message::ErrorRefused(crate::codec::PresenceErrorRefused {
+                header: crate::codec::ServiceHeader {
+                    status: Some(503),
+                    status_extended: extended,
+                    ..answering(c.highest_serial_sent())
+                },
+            });
+            deliver(&mut c, T0, refused);
+            assert_eq!(c.state(), ClientState::Disconnected);
+            assert!(matches!(
+                c.poll_event(),
+                Some(ClientEvent::Disconnected(DisconnectReason::Refused {
+                    status: 503,
+                    ..
+                }))
+            ));
+            assert_eq!(
+                c.poll_timeout(),
+                Some(T0.plus_millis(wait)),
+                "StatusExtended {extended:?}"
+            );
+        }
+    }
+
+    /// A 404 (the node forgot the connection) reconnects after a random
+    /// delay below `reconnect_jitter_ms`: spread over the range, not one
+    /// fixed value.
+    #[test]
+    fn a_404_reconnects_after_a_random_delay() {
+        let node: SocketAddr = "127.0.0.1:15099".parse().expect("addr");
+        let mut delays = Vec::new();
+        for seed in 0..8u8 {
+            let mut c = Client::new(&credential(), node, ClientConfig::default(), T0, [seed; 32]);
+            let mut buf = vec![0u8; MAX_PACKET];
+            assert!(c.poll_transmit(&mut buf).is_some(), "the connect");
+            let refused = Message::ErrorRefused(crate::codec::PresenceErrorRefused {
+                header: crate::codec::ServiceHeader {
+                    status: Some(404),
+                    ..answering(c.highest_serial_sent())
+                },
+            });
+            deliver(&mut c, T0, refused);
+            assert_eq!(c.state(), ClientState::Disconnected);
+            let at = c.poll_timeout().expect("a reconnect");
+            delays.push(at.millis_since(T0));
+        }
+        assert!(delays.iter().all(|&d| d < 1_000), "{delays:?}");
+        assert!(delays.iter().any(|&d| d > 1), "{delays:?}");
+        assert!(delays.windows(2).any(|w| w[0] != w[1]), "{delays:?}");
+    }
+
+    /// A notify whose bitmask is empty or longer than `MAX_BITMASK` is
+    /// ignored: not reported, not acknowledged.
+    #[test]
+    fn a_notify_with_an_empty_or_oversize_bitmask_is_ignored() {
+        let mut c = connected(ClientConfig::default());
+        let mut buf = vec![0u8; MAX_PACKET];
+        for (serial, len) in [(5, 0), (6, MAX_BITMASK + 1)] {
+            let bitmask = vec![1u8; len];
+            deliver(
+                &mut c,
+                T0,
+                Message::Notify(crate::codec::PresenceNotify {
+                    serial: Some(serial),
+                    bitmask: Some((&bitmask[..]).into()),
+                    header: crate::codec::ServiceHeader::default(),
+                }),
+            );
+            assert_eq!(c.poll_event(), None, "a bitmask of {len} bytes");
+            assert!(c.poll_transmit(&mut buf).is_none(), "no acknowledgement");
+        }
+        assert_eq!(c.stats().notifies_received, 2);
+        assert_eq!(c.mark(), None);
+    }
+
+    /// `resync` is a catch-up of exactly `MAX_BITMASK` bytes of `FF`: a
+    /// shorter all-ones bitmask, or a full-length one with a bit clear, is
+    /// not.
+    #[test]
+    fn resync_is_max_bitmask_bytes_of_ff() {
+        let mut c = connected(ClientConfig::default());
+        let mut short_ff = vec![0xFFu8; MAX_BITMASK];
+        short_ff.pop();
+        let mut full_but_one = vec![0xFFu8; MAX_BITMASK];
+        full_but_one[7] = 0xFE;
+        let cases = [
+            (short_ff, false),
+            (full_but_one, false),
+            (vec![0xFFu8; MAX_BITMASK], true),
+        ];
+        for (serial, (bitmask, resync)) in (10..).zip(cases) {
+            deliver(
+                &mut c,
+                T0,
+                Message::Notify(crate::codec::PresenceNotify {
+                    serial: Some(serial),
+                    bitmask: Some((&bitmask[..]).into()),
+                    header: crate::codec::ServiceHeader::default(),
+                }),
+            );
+            match c.poll_event() {
+                Some(ClientEvent::Notify { resync: r, .. }) => {
+                    assert_eq!(r, resync, "{} bytes", bitmask.len())
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }
