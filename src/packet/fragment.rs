@@ -578,4 +578,98 @@ mod tests {
             assert!(r.in_progress() <= MAX_MESSAGES_IN_PROGRESS);
         }
     }
+
+    /// A chunk's accessors and `Fragments`' count and size hint describe
+    /// what goes on the wire.
+    #[test]
+    fn chunk_accessors_match_the_wire() {
+        let msg = message(2 * MAX_FRAGMENT_DATA + 100);
+        let mut f = Fragments::new(&msg, 0xBEEF).expect("fits");
+        // `f.count()` would be `Iterator::count` (it takes `self`, found
+        // before the inherent `&self` method), so name the inherent one.
+        assert_eq!(Fragments::count(&f), 3);
+        let mut at = 0;
+        for i in 0..3 {
+            assert_eq!(f.size_hint(), (3 - i, Some(3 - i)));
+            assert_eq!(f.len(), 3 - i);
+            let c = f.next().expect("a chunk");
+            assert_eq!(c.message_id(), 0xBEEF);
+            assert_eq!(c.index(), i);
+            assert_eq!(c.count(), 3);
+            let end = (at + MAX_FRAGMENT_DATA).min(msg.len());
+            assert_eq!(c.data(), &msg[at..end]);
+            assert_eq!(c.wire_len(), FRAGMENT_HEADER_LEN + end - at);
+            let v = c.to_vec();
+            assert_eq!(v.len(), c.wire_len());
+            assert_eq!(&v[FRAGMENT_HEADER_LEN..], c.data());
+            at = end;
+        }
+        assert_eq!(at, msg.len());
+        assert_eq!(f.size_hint(), (0, Some(0)));
+        assert_eq!(f.next(), None);
+        assert_eq!(Fragments::count(&f), 3, "the count, not what is left");
+    }
+
+    /// docs/PROTOCOL.md §5: up to 16 chunks; a message of exactly 16
+    /// reassembles (17 is refused, `seventeen_fragments_refused`).
+    #[test]
+    fn sixteen_fragments_reassemble() {
+        let msg = message(16 * MAX_FRAGMENT_DATA);
+        let cs = chunks(&msg, 16);
+        assert_eq!(cs.len(), 16);
+        let mut r = Reassembler::new();
+        let (last, rest) = cs.split_last().expect("chunks");
+        for c in rest {
+            assert_eq!(r.push(UnixMillis(0), c), Ok(None));
+        }
+        assert_eq!(r.push(UnixMillis(0), last), Ok(Some(msg)));
+    }
+
+    /// A single-chunk message: what the reassembler gives back for it.
+    fn single(id: u16) -> [u8; 6] {
+        let [hi, lo] = id.to_be_bytes();
+        [FRAGMENT_MARKER, hi, lo, 0, 1, b'x']
+    }
+
+    /// `clear` forgets the sets in progress and the messages delivered.
+    #[test]
+    fn clear_forgets_everything() {
+        let msg = message(2000);
+        let cs = chunks(&msg, 3);
+        let mut r = Reassembler::new();
+        assert_eq!(r.push(UnixMillis(0), &single(9)), Ok(Some(b"x".to_vec())));
+        assert_eq!(r.push(UnixMillis(0), &cs[0]), Ok(None));
+        r.clear();
+        assert_eq!(r.in_progress(), 0);
+        assert_eq!(r.poll_timeout(), None);
+        assert_eq!(
+            r.push(UnixMillis(1), &single(9)),
+            Ok(Some(b"x".to_vec())),
+            "no longer a duplicate"
+        );
+        assert_eq!(r.push(UnixMillis(1), &cs[1]), Ok(None), "a fresh set");
+        assert_eq!(r.push(UnixMillis(1), &cs[0]), Ok(Some(msg)));
+    }
+
+    /// The last four messages delivered are remembered (late duplicates of
+    /// any of them are ignored); a fifth pushes out the first.
+    #[test]
+    fn four_delivered_messages_are_remembered() {
+        let mut r = Reassembler::new();
+        for id in 1..=4 {
+            assert_eq!(r.push(UnixMillis(0), &single(id)), Ok(Some(b"x".to_vec())));
+        }
+        for id in 1..=4 {
+            assert_eq!(r.push(UnixMillis(1), &single(id)), Ok(None), "{id} again");
+        }
+        assert_eq!(r.push(UnixMillis(2), &single(5)), Ok(Some(b"x".to_vec())));
+        assert_eq!(
+            r.push(UnixMillis(3), &single(1)),
+            Ok(Some(b"x".to_vec())),
+            "1 was pushed out by 5"
+        );
+        for id in [3, 4, 5, 1] {
+            assert_eq!(r.push(UnixMillis(4), &single(id)), Ok(None), "{id} again");
+        }
+    }
 }

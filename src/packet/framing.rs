@@ -258,4 +258,19 @@ mod tests {
         assert_eq!(peek_conn_id(&[0; 64]), None);
         assert_eq!(peek_conn_id(&[7; 64]), Some(ConnId([7; 8])));
     }
+
+    /// The boundaries of `seal` and `peek_conn_id`: exactly
+    /// `MAX_PLAINTEXT` bytes seal into a `MAX_PACKET` packet, and exactly
+    /// `OVERHEAD` bytes (an empty plaintext) is a packet whose conn id
+    /// can be read.
+    #[test]
+    fn boundaries_of_seal_and_peek() {
+        let k = key(4);
+        let p = seal(&k, ID, [3; 12], &[5; MAX_PLAINTEXT]).expect("the largest plaintext");
+        assert_eq!(p.len(), MAX_PACKET);
+        assert_eq!(open(&k, &p), Ok(vec![5; MAX_PLAINTEXT]));
+        assert_eq!(peek_conn_id(&[7; OVERHEAD]), Some(ConnId([7; 8])));
+        let empty = seal(&k, ID, [3; 12], b"").expect("seals");
+        assert_eq!(peek_conn_id(&empty), Some(ID));
+    }
 }
