@@ -447,6 +447,137 @@ fn a_repeated_bus_publish_is_dropped_and_a_missing_one_resyncs() {
     wait_bits(&mut d, &[0x10]);
 }
 
+/// The last publish of a stream on a partition is lost on the way (no later
+/// publish shows the gap): the sender's announcement of its last number
+/// shows it, and the partition's devices resynchronise; an announcement of
+/// what was received changes nothing. The node announces its own last
+/// number after its publishes.
+#[test]
+fn a_lost_last_bus_publish_is_announced_and_resyncs() {
+    use futures_util::StreamExt;
+    use mpp::node::cluster::wire::{decode, last, numbered_publish, BusMessage, Number};
+    let nats = Nats::start();
+    let nodes = cluster(&nats, 1, |_, _| {});
+    let node = &nodes[0];
+    let account = accounts("announced", 1, &[]).remove(0);
+    let mut d = device_on(node, &account, "d", &[], ClientConfig::default());
+    wait_heard(node, 1);
+    settle(&mut d);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let other = rt
+        .block_on(async_nats::connect(nats.url()))
+        .expect("a raw NATS client");
+    let subject = format!("mpp.pub.{}", partition(&account));
+    let send = |payload: bytes::Bytes| {
+        rt.block_on(async {
+            other
+                .publish(subject.clone(), payload)
+                .await
+                .expect("publish");
+            other.flush().await.expect("flush");
+        })
+    };
+    let publish =
+        |seq: u64, bits: u8| numbered_publish(Number { sender: 42, seq }, &account, &[bits]);
+    let announce = |seq: u64| last(Number { sender: 42, seq });
+    let metric = |name: &str| gauge(&node.metrics(), name);
+    let resynced = |e: &[ClientEvent]| {
+        notifies(e)
+            .iter()
+            .any(|(_, b)| b.len() == 32 && b.iter().all(|&x| x == 0xFF))
+    };
+
+    send(publish(1, 0x01));
+    wait_bits(&mut d, &[0x01]);
+    // The announcement of what was received: nothing. (Publish 2 comes
+    // after it on the same subscription, so had it resynchronised, the
+    // resync would be here before 0x02.)
+    send(announce(1));
+    send(publish(2, 0x02));
+    wait_bits(&mut d, &[0x02]);
+    assert!(!resynced(&d.events), "no resync: {:?}", d.events);
+    assert_eq!(metric("mpp_cluster_sequence_gaps_total"), 0);
+
+    // Publish 3, the stream's last, is lost on the way; its announcement
+    // arrives: the device resynchronises.
+    send(announce(3));
+    assert!(
+        d.pump(resynced, deadline()),
+        "a resync after the announcement: {:?}",
+        d.events
+    );
+    settle(&mut d);
+    assert_eq!(metric("mpp_cluster_sequence_gaps_total"), 1);
+    node.wait_metrics("the account's record resynchronised", |m| {
+        gauge(m, "mpp_cluster_gap_resyncs_total") == 1
+    });
+    // A late copy of 3 is dropped; 4 goes on as usual, without another gap.
+    send(publish(3, 0x04));
+    send(publish(4, 0x08));
+    wait_bits(&mut d, &[0x08]);
+    assert_eq!(metric("mpp_cluster_sequence_gaps_total"), 1);
+    assert_eq!(metric("mpp_cluster_received_duplicates_total"), 1);
+
+    // The node's own stream: its publishes to the partition, then (within
+    // about a second) the announcement of its last number, never ahead of
+    // a publish; after that, nothing until it publishes again.
+    let mut sub = rt.block_on(async {
+        let s = other.subscribe(subject.clone()).await.expect("subscribe");
+        other.flush().await.expect("flush");
+        s
+    });
+    let mut next = || {
+        let m = rt
+            .block_on(async { tokio::time::timeout(WAIT, sub.next()).await })
+            .expect("a message of the node within the deadline")
+            .expect("the subscription is open");
+        match decode(&m.payload).expect("a well-formed payload") {
+            BusMessage::Publish {
+                number: Some(n), ..
+            } => ('N', n),
+            BusMessage::Last { number } => ('L', number),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    // Reads until the announcement of `upto`; every announcement seen is
+    // of the publish just before it (the first message is a publish).
+    let mut until_announced = |upto: u64| {
+        let mut published = None;
+        loop {
+            match next() {
+                ('L', n) if published.is_none() => panic!("announced while idle: {n:?}"),
+                ('N', n) => {
+                    if let Some(p) = published {
+                        assert_eq!(n.seq, p + 1, "in order");
+                    }
+                    published = Some(n.seq);
+                }
+                (_, n) => {
+                    assert_eq!(
+                        Some(n.seq),
+                        published,
+                        "an announcement of the last publish"
+                    );
+                    if n.seq == upto {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    publish_everywhere(node, &account, "10");
+    publish_everywhere(node, &account, "20");
+    until_announced(2);
+    publish_everywhere(node, &account, "40");
+    // (Had it announced 2 again while idle, that would come first.)
+    until_announced(3);
+    rt.block_on(async move { drop(sub) });
+}
+
 /// nats-server restarted mid-run: local delivery goes on; a publish whose
 /// node retries long enough reaches the other nodes after the outage; one
 /// whose node gives up first is counted and reported as failed, and the

@@ -21,7 +21,12 @@
 //!   numbers its publishes per partition (a stream id drawn at start, then
 //!   1, 2, …), so a receiver drops one it already had (a batch sent again)
 //!   and resynchronises the partition's records when a number is missing
-//!   (NATS core delivers at most once). The node's own messages are not
+//!   (NATS core delivers at most once). About once a second the node
+//!   announces, on each partition it published to since its last
+//!   announcement, the number of its last publish there
+//!   ([`wire::last`]), so a receiver that lost the last publishes of a
+//!   stream (no later publish shows the gap) resynchronises too; an idle
+//!   node announces nothing. The node's own messages are not
 //!   echoed back to it (`no_echo`). A batch counts as handed over once a
 //!   round trip after it returns; while the bus is away it is retried
 //!   until `cluster_publish_timeout_ms`, then counted failed.
@@ -60,6 +65,9 @@ const INBOX_RETRIES: u32 = 20;
 /// Senders' streams a partition's receiver remembers (a node that
 /// restarts starts a new stream; the least recently heard is forgotten).
 const MAX_STREAMS: usize = 64;
+/// How often a node announces the last number of its stream on each
+/// partition it published to since its previous announcement.
+const ANNOUNCE: Duration = Duration::from_secs(1);
 
 /// The cluster's settings, from the node's configuration.
 #[derive(Debug, Clone)]
@@ -584,6 +592,17 @@ impl Bus {
                     self.gap(p);
                 }
             }
+            Ok(wire::BusMessage::Last { number }) => {
+                if let Some(missing) = streams.announced(number) {
+                    self.counters.sequence_gaps.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        partition = p,
+                        missing,
+                        "cluster bus: the last publishes of another node missing on the way (its announced number is ahead); the partition's devices resynchronise"
+                    );
+                    self.gap(p);
+                }
+            }
             Ok(wire::BusMessage::Question { account, mark }) => {
                 let Some(reply) = message.reply.clone() else {
                     return;
@@ -611,6 +630,43 @@ impl Bus {
             Err(e) => {
                 self.counters.received_dropped.fetch_add(1, Relaxed);
                 tracing::debug!(%e, subject = %message.subject, "malformed cluster payload dropped");
+            }
+        }
+    }
+
+    /// Announces, about once a second, the last number of this node's
+    /// stream on each partition it published to since its previous
+    /// announcement (docs/PROTOCOL.md §10.3); nothing while idle or while
+    /// the bus is away (then after it is back). Each announcement is
+    /// queued after the publishes it counts (they are queued under the
+    /// lock it reads the numbers under), so it reaches a receiver after them.
+    async fn announce(self: Arc<Self>) {
+        let mut announced = vec![0u64; self.config.partitions.max(1) as usize];
+        let mut tick = tokio::time::interval(ANNOUNCE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.is_connected() {
+                continue;
+            }
+            let due = {
+                let numbers = self.numbers.lock().await;
+                due(&numbers, &mut announced)
+            };
+            for (p, seq) in due {
+                let number = wire::Number {
+                    sender: self.stream,
+                    seq,
+                };
+                if self
+                    .client
+                    .publish(publish_subject(p), wire::last(number))
+                    .await
+                    .is_err()
+                {
+                    // Announced again at the next tick.
+                    announced[p as usize] = 0;
+                }
             }
         }
     }
@@ -646,6 +702,21 @@ impl Bus {
     }
 }
 
+/// The partitions whose last number moved since it was last announced,
+/// with that number; `announced` is brought up to date.
+fn due(numbers: &[u64], announced: &mut [u64]) -> Vec<(u32, u64)> {
+    numbers
+        .iter()
+        .zip(announced.iter_mut())
+        .enumerate()
+        .filter(|(_, (&n, a))| n != **a)
+        .map(|(p, (&n, a))| {
+            *a = n;
+            (p as u32, n)
+        })
+        .collect()
+}
+
 /// Where a numbered publish falls in its sender's stream, as one
 /// partition subscription heard it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -668,15 +739,38 @@ struct Streams {
 }
 
 impl Streams {
-    /// Places `n` and remembers it.
-    fn place(&mut self, n: wire::Number) -> Place {
+    /// Makes room for a new sender's stream (the least recently heard is
+    /// forgotten); the clock now.
+    fn tick(&mut self, sender: u64) -> u64 {
         self.clock += 1;
-        let clock = self.clock;
-        if !self.last.contains_key(&n.sender) && self.last.len() >= MAX_STREAMS {
+        if !self.last.contains_key(&sender) && self.last.len() >= MAX_STREAMS {
             if let Some(oldest) = self.last.iter().min_by_key(|(_, v)| v.1).map(|(&k, _)| k) {
                 self.last.remove(&oldest);
             }
         }
+        self.clock
+    }
+
+    /// Takes the announcement that `n` is its stream's last number so far:
+    /// how many publishes were lost on the way when it is beyond the last
+    /// heard (the first heard of a stream is taken as it comes, as in
+    /// [`Streams::place`]).
+    fn announced(&mut self, n: wire::Number) -> Option<u64> {
+        let clock = self.tick(n.sender);
+        let (last, seen) = self.last.entry(n.sender).or_insert((n.seq, clock));
+        *seen = clock;
+        if n.seq > *last {
+            let missing = n.seq - *last;
+            *last = n.seq;
+            Some(missing)
+        } else {
+            None
+        }
+    }
+
+    /// Places `n` and remembers it.
+    fn place(&mut self, n: wire::Number) -> Place {
+        let clock = self.tick(n.sender);
         match self.last.get_mut(&n.sender) {
             None => {
                 self.last.insert(n.sender, (n.seq, clock));
@@ -763,6 +857,7 @@ pub async fn run(
     mut questions: tokio::sync::mpsc::Receiver<CatchUpQuestion>,
 ) {
     let partitions = bus.config.partitions;
+    tokio::spawn(Arc::clone(&bus).announce());
     let mut subs: HashMap<u32, Partition> = HashMap::new();
     let (notes_tx, mut notes) = tokio::sync::mpsc::channel::<Note>(64);
     let mut tick = tokio::time::interval(SAMPLE);
@@ -947,6 +1042,34 @@ mod tests {
         for bad in ["", "a.b", "a b", "*", ">", &"x".repeat(65)] {
             assert!(check_node_id(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_partitions_published_to_since_are_announced() {
+        let mut announced = vec![0; 4];
+        assert_eq!(due(&[0, 0, 0, 0], &mut announced), vec![]);
+        assert_eq!(due(&[0, 3, 0, 1], &mut announced), vec![(1, 3), (3, 1)]);
+        // Idle: nothing.
+        assert_eq!(due(&[0, 3, 0, 1], &mut announced), vec![]);
+        assert_eq!(due(&[0, 5, 0, 1], &mut announced), vec![(1, 5)]);
+        assert_eq!(announced, vec![0, 5, 0, 1]);
+    }
+
+    #[test]
+    fn an_announced_number_beyond_the_last_heard_is_a_gap() {
+        let n = |seq| wire::Number { sender: 9, seq };
+        let mut s = Streams::default();
+        // The first heard of a stream is its start.
+        assert_eq!(s.announced(n(4)), None);
+        assert_eq!(s.place(n(5)), Place::Next);
+        assert_eq!(s.announced(n(5)), None);
+        assert_eq!(s.announced(n(4)), None);
+        // 6 and 7 never came.
+        assert_eq!(s.announced(n(7)), Some(2));
+        assert_eq!(s.announced(n(7)), None);
+        // A late copy of 7 is dropped; 8 goes on as usual.
+        assert_eq!(s.place(n(7)), Place::Again);
+        assert_eq!(s.place(n(8)), Place::Next);
     }
 
     #[test]

@@ -50,7 +50,7 @@ const CLUSTER_FAMILIES: &[(&str, Kind, &str, ClusterValue)] = &[
     ("mpp_cluster_received_total", Kind::Counter, "Publishes of other nodes received from the bus and handed to a shard.", |c| c.received),
     ("mpp_cluster_received_dropped_total", Kind::Counter, "Messages received from the bus and dropped: malformed, or the shard's inbox stayed full.", |c| c.received_dropped),
     ("mpp_cluster_received_duplicates_total", Kind::Counter, "Publishes received from the bus a second time (a batch sent again after the connection broke) and dropped.", |c| c.received_duplicates),
-    ("mpp_cluster_sequence_gaps_total", Kind::Counter, "Times another node's numbered publishes for a partition arrived with some missing (lost on the way): the partition's account records resynchronised.", |c| c.sequence_gaps),
+    ("mpp_cluster_sequence_gaps_total", Kind::Counter, "Times another node's numbered publishes for a partition arrived with some missing, or its announced last number was beyond the last received (lost on the way): the partition's account records resynchronised.", |c| c.sequence_gaps),
     ("mpp_cluster_catch_up_questions_total", Kind::Counter, "Catch-up questions this node asked the cluster for moving devices.", |c| c.questions),
     ("mpp_cluster_catch_up_answered_total", Kind::Counter, "Catch-up questions of this node that another node answered (the rest resynchronised).", |c| c.answered),
     ("mpp_cluster_catch_up_answers_given_total", Kind::Counter, "Catch-up questions of other nodes this node answered.", |c| c.answers_given),

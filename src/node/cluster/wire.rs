@@ -1,5 +1,6 @@
 //! The payloads the nodes of a cluster exchange over NATS (docs/PROTOCOL.md
-//! §10.2): a publish, a catch-up question and its answer, each a few bytes
+//! §10.2): a publish, the announcement of a stream's last number, a
+//! catch-up question and its answer, each a few bytes
 //! behind a version and a kind byte.
 //!
 //! Decoding is strict (every length checked, nothing left over) because a
@@ -17,6 +18,7 @@ pub const VERSION: u8 = 1;
 
 const PUBLISH: u8 = b'P';
 const NUMBERED: u8 = b'N';
+const LAST: u8 = b'L';
 const QUESTION: u8 = b'Q';
 const ANSWER: u8 = b'A';
 
@@ -34,6 +36,13 @@ pub enum BusMessage<'a> {
         /// publish's number in that stream (1, 2, …). Absent in the
         /// unnumbered kind `'P'` (nodes before numbering).
         number: Option<Number>,
+    },
+    /// The number of the sender's last publish to the partition, announced
+    /// about once a second after it published there (docs/PROTOCOL.md
+    /// §10.3): a receiver that heard less lost the tail of the stream.
+    Last {
+        /// The sender's stream and its last number there.
+        number: Number,
     },
     /// "What was published to `account` after `mark`?" (a request; the
     /// answer goes to the message's reply subject).
@@ -98,6 +107,17 @@ pub fn numbered_publish(number: Number, account: &str, bitmask: &[u8]) -> Bytes 
     b.freeze()
 }
 
+/// The announcement of a stream's last number on a partition:
+/// `1 'L' sender(u64be) seq(u64be)`.
+pub fn last(number: Number) -> Bytes {
+    let mut b = BytesMut::with_capacity(18);
+    b.put_u8(VERSION);
+    b.put_u8(LAST);
+    b.put_u64(number.sender);
+    b.put_u64(number.seq);
+    b.freeze()
+}
+
 /// A catch-up question: `1 'Q' mark(u32be) len account`.
 pub fn question(account: &str, mark: u32) -> Bytes {
     let mut b = BytesMut::with_capacity(7 + account.len());
@@ -132,15 +152,14 @@ pub fn decode(payload: &[u8]) -> Result<BusMessage<'_>, WireError> {
     }
     let (&kind, rest) = rest.split_first().ok_or(WireError::Malformed)?;
     match kind {
+        LAST => match number(rest)? {
+            (number, []) => Ok(BusMessage::Last { number }),
+            _ => Err(WireError::Malformed),
+        },
         PUBLISH | NUMBERED => {
             let (number, rest) = if kind == NUMBERED {
-                let (head, rest) = rest.split_at_checked(16).ok_or(WireError::Malformed)?;
-                let sender = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
-                let seq = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
-                if seq == 0 {
-                    return Err(WireError::Malformed);
-                }
-                (Some(Number { sender, seq }), rest)
+                let (number, rest) = number(rest)?;
+                (Some(number), rest)
             } else {
                 (None, rest)
             };
@@ -181,6 +200,17 @@ pub fn decode(payload: &[u8]) -> Result<BusMessage<'_>, WireError> {
         }
         other => Err(WireError::Kind(other)),
     }
+}
+
+/// A stream id and a number (not 0); the rest.
+fn number(bytes: &[u8]) -> Result<(Number, &[u8]), WireError> {
+    let (head, rest) = bytes.split_at_checked(16).ok_or(WireError::Malformed)?;
+    let sender = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+    let seq = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+    if seq == 0 {
+        return Err(WireError::Malformed);
+    }
+    Ok((Number { sender, seq }, rest))
 }
 
 /// A length byte and that many bytes; the rest.
@@ -230,6 +260,12 @@ mod tests {
                 number: Some(number),
             })
         );
+        let l = last(number);
+        assert_eq!(
+            &l[..],
+            &[1, b'L', 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 9]
+        );
+        assert_eq!(decode(&l), Ok(BusMessage::Last { number }));
         let q = question("a", 0x0102_0304);
         assert_eq!(&q[..], &[1, b'Q', 1, 2, 3, 4, 1, b'a']);
         assert_eq!(
@@ -274,6 +310,15 @@ mod tests {
             assert!(decode(&good[..cut]).is_err(), "numbered cut at {cut}");
         }
         let zero = numbered_publish(Number { sender: 7, seq: 0 }, "a", &[1]);
+        assert_eq!(decode(&zero), Err(WireError::Malformed));
+        let good = last(number);
+        for cut in 0..good.len() {
+            assert!(decode(&good[..cut]).is_err(), "last cut at {cut}");
+        }
+        let mut longer = good.to_vec();
+        longer.push(0);
+        assert_eq!(decode(&longer), Err(WireError::Malformed));
+        let zero = last(Number { sender: 7, seq: 0 });
         assert_eq!(decode(&zero), Err(WireError::Malformed));
     }
 }
