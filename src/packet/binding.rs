@@ -287,4 +287,10 @@ mod tests {
             Err(BindingError::Invalid)
         );
     }
+
+    /// A binding key's `Debug` names the type and shows no key bytes.
+    #[test]
+    fn binding_key_debug_hides_the_key() {
+        assert_eq!(format!("{:?}", BindingKey::new(&KEY)), "BindingKey(..)");
+    }
 }
