@@ -14,7 +14,7 @@ use std::path::Path;
 use mpp::config::IoChoice;
 use serde_json::Value;
 
-use node::{command, field, io_name, now, run, Proc, TempDir, TestNode};
+use node::{command, field, io_name, loopback_mppd, now, run, Proc, TempDir, TestNode};
 
 const MPPD: &str = env!("CARGO_BIN_EXE_mppd");
 const MPP: &str = env!("CARGO_BIN_EXE_mpp");
@@ -34,16 +34,8 @@ fn event(line: &str) -> Value {
 fn walk_through(io: IoChoice) {
     let dir = TempDir::new(&format!("cli-{}", io_name(io)));
     let data = dir.join("data");
-    let mut mppd = command(MPPD);
-    mppd.args([
-        "--udp",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--data-dir",
-    ])
-    .arg(&data)
-    .args(["--threads", "2", "--no-pin", "--io", io_name(io)]);
+    let mut mppd = loopback_mppd(&data);
+    mppd.args(["--threads", "2", "--io", io_name(io)]);
     let mut mppd = Proc::spawn("mppd", mppd);
     let listening = mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
     let udp: SocketAddr = field(&listening, "udp=").parse().expect("udp address");
@@ -339,17 +331,8 @@ fn auto_io_is_the_backend_measured_faster_mmsg() {
         (Some("uring"), "uring"),
     ] {
         let dir = TempDir::new("io-auto");
-        let mut cmd = command(MPPD);
-        cmd.args([
-            "--udp",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-        ])
-        .args(["--no-pin", "--data-dir"])
-        .arg(dir.join("data"));
+        let mut cmd = loopback_mppd(&dir.join("data"));
+        cmd.args(["--threads", "1"]);
         if let Some(io) = flag {
             cmd.args(["--io", io]);
         }
@@ -531,16 +514,8 @@ fn config_show_reports_each_value_and_its_source() {
 fn subscribe_state_keeps_the_mark_across_runs() {
     let dir = TempDir::new("state");
     let data = dir.join("data");
-    let mut mppd = command(MPPD);
-    mppd.args([
-        "--udp",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--data-dir",
-    ])
-    .arg(&data)
-    .args(["--threads", "1", "--no-pin", "--io", "mmsg"]);
+    let mut mppd = loopback_mppd(&data);
+    mppd.args(["--threads", "1", "--io", "mmsg"]);
     let mut mppd = Proc::spawn("mppd", mppd);
     let listening = mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
     let udp: SocketAddr = field(&listening, "udp=").parse().expect("udp address");

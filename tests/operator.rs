@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mpp::config::IoChoice;
-use node::{command, TempDir, TestNode, WAIT};
+use node::{command, loopback_mppd, TempDir, TestNode, WAIT};
 
 const MPPD: &str = env!("CARGO_BIN_EXE_mppd");
 const MPP: &str = env!("CARGO_BIN_EXE_mpp");
@@ -138,21 +138,8 @@ impl Drop for Daemon {
 
 /// `mppd` on loopback port 0 with its own data directory in `dir`.
 fn mppd(dir: &TempDir, extra: &[&str]) -> Command {
-    let mut cmd = command(MPPD);
-    cmd.args([
-        "--udp",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--threads",
-        "2",
-        "--no-pin",
-        "--io",
-        "mmsg",
-        "--data-dir",
-    ])
-    .arg(dir.join("data"))
-    .args(extra);
+    let mut cmd = loopback_mppd(&dir.join("data"));
+    cmd.args(["--threads", "2", "--io", "mmsg"]).args(extra);
     cmd
 }
 

@@ -926,6 +926,23 @@ pub(crate) fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
 
+/// `mppd` on loopback ports the kernel picks (read them from its
+/// "listening" line), unpinned, with `data` as its data directory; the
+/// caller adds threads, backend and the rest.
+pub(crate) fn loopback_mppd(data: &Path) -> Command {
+    let mut cmd = command(env!("CARGO_BIN_EXE_mppd"));
+    cmd.args([
+        "--udp",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--no-pin",
+        "--data-dir",
+    ])
+    .arg(data);
+    cmd
+}
+
 /// A command with no `MPPD_*` variables inherited (they would change the node).
 pub(crate) fn command(program: &str) -> Command {
     let mut cmd = Command::new(program);
