@@ -434,27 +434,20 @@ mod tests {
         }
     }
 
+    /// A 1 s run of `devices` subscribers on 2 threads through the broker
+    /// at `addr`, with `mqtt` flags `extra`.
+    fn run_through(addr: SocketAddr, devices: &str, extra: &[&str]) -> Report {
+        let addr = addr.to_string();
+        let mut args = vec!["--devices", devices, "--threads", "2"];
+        args.extend(["--duration", "1s", "--warmup", "0s"]);
+        args.extend(["mqtt", "--broker", &addr, "--drain", "2s"]);
+        args.extend_from_slice(extra);
+        run_cli(&cli(&args)).unwrap()
+    }
+
     #[test]
     fn fan_out_through_a_broker() {
-        let addr = fake_broker(0).0.to_string();
-        let c = cli(&[
-            "--devices",
-            "20",
-            "--threads",
-            "2",
-            "--duration",
-            "1s",
-            "--warmup",
-            "0s",
-            "mqtt",
-            "--broker",
-            &addr,
-            "--payload-bytes",
-            "32",
-            "--drain",
-            "2s",
-        ]);
-        let r = run_cli(&c).unwrap();
+        let r = run_through(fake_broker(0).0, "20", &["--payload-bytes", "32"]);
         assert_eq!(r.scenario, "mqtt");
         assert_eq!(r.devices, 20);
         assert_eq!(r.devices_held, 20);
@@ -473,25 +466,7 @@ mod tests {
     #[test]
     fn fan_out_at_qos_1_acknowledges_every_delivery() {
         let (addr, acks) = fake_broker(0);
-        let addr = addr.to_string();
-        let c = cli(&[
-            "--devices",
-            "10",
-            "--threads",
-            "2",
-            "--duration",
-            "1s",
-            "--warmup",
-            "0s",
-            "mqtt",
-            "--broker",
-            &addr,
-            "--qos",
-            "1",
-            "--drain",
-            "2s",
-        ]);
-        let r = run_cli(&c).unwrap();
+        let r = run_through(addr, "10", &["--qos", "1"]);
         assert_eq!(r.lost, 0, "{:?}", r.figures);
         assert_eq!(r.wrong, 0, "{:?}", r.figures);
         assert_eq!(r.figures["qos"].as_u64(), Some(1));
