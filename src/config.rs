@@ -424,6 +424,10 @@ settings! {
     cpus: CpuList = CpuList::default(), "LIST", check cpus_fit_a_cpu_set;
     /// Pin shard threads to CPUs.
     pin: bool = true, "BOOL";
+    /// CPUs the control thread (HTTP API, DNS relay, cluster bus) may run
+    /// on, e.g. 2-3; empty = the shards' CPUs when they are pinned (a node
+    /// given --cpus stays on them), else any.
+    control_cpus: CpuList = CpuList::default(), "LIST", check cpus_fit_a_cpu_set;
     /// I/O backend: uring, mmsg or auto (auto: the faster one measured on
     /// this kernel, recvmmsg/sendmmsg; see docs/BENCHMARKS.md).
     io: IoChoice = IoChoice::Auto, "BACKEND";
@@ -903,6 +907,7 @@ mod tests {
             "threads" => "3",
             "cpus" => "0,2-3",
             "pin" => "false",
+            "control_cpus" => "1",
             "io" => "mmsg",
             "log_format" => "json",
             "log_level" => "debug",
@@ -1108,5 +1113,16 @@ mod tests {
             example_file(),
             "mppd.example.toml is out of date: regenerate it with `mppd config example > mppd.example.toml`"
         );
+    }
+
+    #[test]
+    fn readme_counts_every_setting() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let text = std::fs::read_to_string(path).expect("README.md");
+        let said = format!(
+            "`mppd --help` lists all {} with their defaults",
+            SETTINGS.len()
+        );
+        assert!(text.contains(&said), "README.md should say: {said}");
     }
 }

@@ -346,6 +346,103 @@ fn auto_io_is_the_backend_measured_faster_mmsg() {
     }
 }
 
+/// The CPUs a thread may run on, from `/proc/PID/task/TID/status`.
+fn cpus_allowed(status: &Path) -> Vec<usize> {
+    let text = std::fs::read_to_string(status).unwrap_or_default();
+    let list = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_else(|| panic!("no Cpus_allowed_list in {}", status.display()));
+    list.trim()
+        .parse::<mpp::config::CpuList>()
+        .expect("a CPU list")
+        .0
+}
+
+/// The CPUs each thread named `name` of process `pid` may run on.
+fn thread_cpus(pid: u32, name: &str) -> Vec<Vec<usize>> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let task = task.expect("task").path();
+        if std::fs::read_to_string(task.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            == name
+        {
+            found.push(cpus_allowed(&task.join("status")));
+        }
+    }
+    found
+}
+
+/// A node given `--cpus` keeps its control thread (HTTP, DNS relay, bus) on
+/// those CPUs, so that it neither lands on another program's core nor wakes
+/// its shard across cores; `--control-cpus` puts it elsewhere.
+#[test]
+fn control_thread_stays_on_the_cpus_the_node_was_given() {
+    let allowed = cpus_allowed(Path::new("/proc/self/status"));
+    let (first, last) = (allowed[0], *allowed.last().expect("a CPU"));
+    // On a one-CPU machine both cases name CPU `first`: the first still
+    // proves the control thread is confined, not left on every CPU.
+    for (control, expected) in [(None, first), (Some(last), last)] {
+        let dir = TempDir::new("control-cpus");
+        let mut cmd = command(env!("CARGO_BIN_EXE_mppd"));
+        cmd.args([
+            "--udp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+        ])
+        .args(["--cpus", &first.to_string(), "--data-dir"])
+        .arg(dir.join("data"));
+        if let Some(cpu) = control {
+            cmd.args(["--control-cpus", &cpu.to_string()]);
+        }
+        let mut mppd = Proc::spawn("mppd", cmd);
+        mppd.wait_line("mppd: listening", |l| l.starts_with("mppd: listening "));
+        assert_eq!(thread_cpus(mppd.pid(), "mpp-shard-0"), [vec![first]]);
+        // The control thread confines itself as it starts: wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let seen = thread_cpus(mppd.pid(), "mpp-control");
+            if seen == [vec![expected]] {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "--control-cpus {control:?}: control thread on {seen:?}, expected [{expected}] (the process may run on {allowed:?})"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    // A CPU the process may not run on is a configuration error, said at
+    // start (CPU 1000 fits a CPU set but is on no machine this runs on).
+    for (flag, key) in [("--cpus", "cpus"), ("--control-cpus", "control_cpus")] {
+        let dir = TempDir::new("control-cpus-bad");
+        let mut cmd = command(env!("CARGO_BIN_EXE_mppd"));
+        cmd.args([
+            "--udp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            flag,
+            "1000",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("data"));
+        let (status, _, stderr) = run("mppd", cmd);
+        assert_eq!(status.code(), Some(2), "{flag} 1000: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "{key} names CPU 1000, which this process may not run on"
+            )),
+            "{flag} 1000: {stderr}"
+        );
+    }
+}
+
 /// Case 13: `mppd credential issue` without a master key, and with a bad ttl.
 #[test]
 fn credential_issue_errors() {

@@ -199,6 +199,58 @@ pub fn pin_current_thread(cpu: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
 }
 
+/// The CPUs the control thread is confined to: `control_cpus` when given,
+/// else the CPUs the shards are pinned to when `cpus` names them (a node
+/// given CPUs stays on them: on a shared machine its HTTP and DNS work then
+/// neither lands on another program's core nor wakes a shard across cores),
+/// else none (any CPU).
+fn control_cpus(config: &NodeConfig, shards: usize) -> Vec<usize> {
+    if !config.control_cpus.0.is_empty() {
+        return config.control_cpus.0.clone();
+    }
+    if !config.pin {
+        return Vec::new();
+    }
+    let mut cpus: Vec<usize> = config.cpus.0.iter().copied().take(shards).collect();
+    cpus.sort_unstable();
+    cpus.dedup();
+    cpus
+}
+
+/// Confines the calling thread (and the threads it starts later) to `cpus`;
+/// false when the list is empty, names a CPU beyond a CPU set, or the OS
+/// refused.
+pub fn confine_current_thread(cpus: &[usize]) -> bool {
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= crate::config::MAX_CPUS) {
+        return false;
+    }
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET is given CPUs
+    // below CPU_SETSIZE (checked above); sched_setaffinity(0, …) reads the
+    // set we own and applies to the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// The CPUs of the calling thread's affinity mask (empty when unknown).
+pub fn current_thread_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity(0, …) fills the set we own for the calling
+    // thread; CPU_ISSET reads it below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..crate::config::MAX_CPUS)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
 /// The `host:port` endpoints written into credentials.
 pub fn public_endpoints(config: &NodeConfig, udp: SocketAddr) -> Vec<String> {
     if !config.public_endpoints.is_empty() {
@@ -557,36 +609,35 @@ fn start_inner(
     config.validate()?;
     let data = open_data_dir(&config.data_dir)?;
     let shards = config.shard_count();
-    let cpus = config.cpus.0.clone();
-    if config.pin && !cpus.is_empty() {
-        // A CPU the process may not run on (absent, offline, outside its
-        // cpuset) cannot be pinned to: a configuration error, said at once.
-        let allowed: Vec<usize> = core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
-        if let Some(cpu) = cpus
-            .iter()
-            .find(|c| !allowed.is_empty() && !allowed.contains(c))
-        {
-            return Err(StartError::Config(ConfigError::Invalid {
-                key: "cpus",
-                message: format!(
-                    "names CPU {cpu}, which this process may not run on (it may run on {})",
-                    crate::config::CpuList(allowed)
-                ),
-            }));
-        }
+    // A CPU the process may not run on (absent, offline, outside its
+    // cpuset) cannot be pinned to: a configuration error, said at once.
+    let allowed: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let runnable = |key: &'static str, list: &[usize]| match list
+        .iter()
+        .find(|c| !allowed.is_empty() && !allowed.contains(c))
+    {
+        Some(cpu) => Err(StartError::Config(ConfigError::Invalid {
+            key,
+            message: format!(
+                "names CPU {cpu}, which this process may not run on (it may run on {})",
+                crate::config::CpuList(allowed.clone())
+            ),
+        })),
+        None => Ok(()),
+    };
+    if config.pin {
+        runnable("cpus", &config.cpus.0)?;
     }
-    let cpus = if cpus.is_empty() {
-        core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.id)
-            .collect()
+    runnable("control_cpus", &config.control_cpus.0)?;
+    let control_cpus = control_cpus(config, shards);
+    let cpus = if config.cpus.0.is_empty() {
+        allowed.clone()
     } else {
-        cpus
+        config.cpus.0.clone()
     };
     let backend = choose_backend(config.io)?;
     // Every HTTP connection the caps allow must be able to exist.
@@ -859,6 +910,7 @@ fn start_inner(
         stop_on_signals,
         dns: config.dns_upstream.map(|up| (up, dns_rx)),
         cluster: cluster_setup.map(|(_, asked, interest, settings)| (settings, interest, asked)),
+        cpus: control_cpus,
     })?;
     Ok(Node {
         udp,
@@ -888,6 +940,8 @@ struct Control {
     cluster: Option<ClusterSetup>,
     reloader: reload::Reloader,
     reload_requests: tokio::sync::mpsc::UnboundedReceiver<ReloadRequest>,
+    /// CPUs the control thread is confined to; empty = any.
+    cpus: Vec<usize>,
 }
 
 /// What the control thread starts the cluster bus with.
@@ -941,6 +995,7 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
         cluster: cluster_setup,
         mut reloader,
         mut reload_requests,
+        cpus,
     } = control;
     let reloader_operator = reloader.operator.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -956,6 +1011,9 @@ fn spawn_control(control: Control) -> Result<JoinHandle<io::Result<()>>, StartEr
     std::thread::Builder::new()
         .name("mpp-control".into())
         .spawn(move || {
+            if !cpus.is_empty() && !confine_current_thread(&cpus) {
+                tracing::warn!(cpus = %crate::config::CpuList(cpus), "could not confine the control thread");
+            }
             let _stop_shards = StopShardsOnDrop(router.clone());
             runtime.block_on(async move {
                 let mut http = Vec::with_capacity(listeners.len());
@@ -1124,4 +1182,53 @@ fn poll_keyring(
             .broadcast(|| ShardMessage::Revocations(Arc::clone(&revocations)));
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod control_cpu_tests {
+    use super::*;
+    use crate::config::CpuList;
+
+    #[test]
+    fn the_control_thread_follows_the_shards_cpus_unless_told() {
+        let on = |cpus: &[usize], control: &[usize], pin: bool, shards: usize| {
+            let config = NodeConfig {
+                cpus: CpuList(cpus.to_vec()),
+                control_cpus: CpuList(control.to_vec()),
+                pin,
+                ..NodeConfig::default()
+            };
+            control_cpus(&config, shards)
+        };
+        // No CPUs given: anywhere.
+        assert_eq!(on(&[], &[], true, 4), Vec::<usize>::new());
+        // The CPUs the shards are pinned to (only as many as there are shards).
+        assert_eq!(on(&[3, 0, 2], &[], true, 2), vec![0, 3]);
+        assert_eq!(on(&[1, 1], &[], true, 2), vec![1]);
+        // Shards not pinned: the control thread is not either.
+        assert_eq!(on(&[0], &[], false, 1), Vec::<usize>::new());
+        // Told: where it was told, pinned shards or not.
+        assert_eq!(on(&[0], &[1, 2], true, 1), vec![1, 2]);
+        assert_eq!(on(&[], &[2], false, 1), vec![2]);
+    }
+
+    #[test]
+    fn confining_names_the_cpus_it_was_given() {
+        let before = current_thread_cpus();
+        assert!(!before.is_empty());
+        std::thread::spawn(move || {
+            let one = before[before.len() - 1];
+            assert!(confine_current_thread(&[one]));
+            assert_eq!(current_thread_cpus(), vec![one]);
+            assert!(!confine_current_thread(&[]));
+            assert!(!confine_current_thread(&[crate::config::MAX_CPUS]));
+            assert_eq!(
+                current_thread_cpus(),
+                vec![one],
+                "a refused set changes nothing"
+            );
+        })
+        .join()
+        .expect("the confined thread");
+    }
 }
