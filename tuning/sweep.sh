@@ -28,8 +28,9 @@
 #   MPPD, LOADGEN: binaries [${CARGO_TARGET_DIR:-target}/release/{mppd,mpp-loadgen}]
 #   JSON_TOOL=jq|python3 (default: jq when installed)
 #
-# One node per (io, threads, scenario): started, polled on /healthz (10 s at
-# most), loaded, stopped with SIGTERM. A failed run becomes a row saying
+# One node per run (io, threads, scenario, repeat), with no state kept from
+# the run before: started, polled on /healthz (10 s at most), loaded,
+# stopped with SIGTERM. A failed run becomes a row saying
 # "failed" with the first line of the error, and the sweep goes on.
 set -euo pipefail
 
@@ -310,8 +311,12 @@ start_node() { # io threads cpus log
         WHY="HTTP port $HTTP_PORT already answers (set PORT=)"
         return 1
     fi
+    # --no-keep-state: every run starts from an empty node. With the state
+    # kept, each node restored the last run's 10,000 connections, whose
+    # devices had gone: the second run fanned out to 20,000 (half of them
+    # dead, every notify retransmitted), the third to 30,000.
     NO_COLOR=1 "$MPPD" --threads "$threads" --cpus "$cpus" --io "$io" --data-dir "$DATA" \
-        --udp "127.0.0.1:$PORT" --http "127.0.0.1:$HTTP_PORT" >"$log" 2>&1 &
+        --no-keep-state --udp "127.0.0.1:$PORT" --http "127.0.0.1:$HTTP_PORT" >"$log" 2>&1 &
     NODE_PID=$!
     for _ in $(seq 50); do
         if ! alive "$NODE_PID"; then

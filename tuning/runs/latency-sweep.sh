@@ -30,6 +30,9 @@ WARMUP="${WARMUP:-2s}"
 NODE_CPU="${NODE_CPU:-0}"
 LOADGEN_CPU="${LOADGEN_CPU:-1}"
 read -r -a EXTRA <<<"${MPPD_ARGS:-}"
+NODE_ARGS="${MPPD_ARGS:-}"
+# mppd refuses MPPD_* variables it does not know: do not hand this one down.
+unset MPPD_ARGS
 bin() { if [[ -x "$WORK/$1" ]]; then echo "$WORK/$1"; else echo "$ROOT/target/release/$1"; fi; }
 MPPD="$(bin mppd)"
 LOADGEN="$(bin mpp-loadgen)"
@@ -88,7 +91,7 @@ print(f"{size:>4} dev/acct  {tag:>4}  {r['rate_per_s']:>9,.0f} notif/s  p50 {l.g
 PY
 }
 
-echo "commit $(git -C "$ROOT" rev-parse --short HEAD), $(date -u +%FT%TZ); node --threads 1 --cpus $NODE_CPU ${MPPD_ARGS:-}, loadgen --cpus $LOADGEN_CPU; $DEVICES devices"
+echo "commit $(git -C "$ROOT" rev-parse --short HEAD), $(date -u +%FT%TZ); node --threads 1 --cpus $NODE_CPU $NODE_ARGS, loadgen --cpus $LOADGEN_CPU; $DEVICES devices"
 for size in $SIZES; do
     run "$size" 0 max
     max="$(python3 -c "import json; print(json.load(open('$WORK/out/$size-max.json'))['rate_per_s'])")"
