@@ -287,7 +287,7 @@ emit "# mppd sweep $(date -u '+%Y-%m-%d %H:%M UTC')"
 emit ""
 emit "- commit $commit; Linux $(uname -r); $NCPU CPUs (${cpu_model:-unknown model}); loopback"
 emit "- devices $DEVICES, fanout accounts $ACCOUNTS, warmup $WARMUP, measured $DURATION, loadgen threads $LG_THREADS; $baseline_note"
-emit "- node: \`mppd --threads T --cpus C --io IO --udp 127.0.0.1:$PORT --http 127.0.0.1:$HTTP_PORT --data-dir D\`, a fresh one per row"
+emit "- node: \`mppd --threads T --cpus C --io IO --udp 127.0.0.1:$PORT --http 127.0.0.1:$HTTP_PORT --data-dir D --no-keep-state\`, a fresh one per row"
 emit "- heartbeat: \`mpp-loadgen ... --devices $DEVICES heartbeat --window $WINDOW\`; fanout: \`mpp-loadgen ... --devices $DEVICES --accounts $ACCOUNTS fanout --rate $RATE --ahead $AHEAD\`"
 for t in $THREADS; do
     if [ -z "$(loadgen_cpus "$t")" ]; then
