@@ -400,10 +400,13 @@ impl<'a> Publisher<'a> {
             self.cursors[node] = if a + k < accounts { a + k } else { first };
             scanned += 1;
             let published = self.published[a as usize];
+            // Ready when primed and its devices have all but `--ahead` of
+            // the publishes so far; if not, the delivery that makes it so
+            // wakes this thread (see `run`).
             let ready = self.clocks(a).all(|(c, d)| {
                 let clock = &shared.accounts[c];
                 clock.base.load(Relaxed) != 0
-                    && published * d <= clock.delivered.load(Relaxed) + max_ahead * d
+                    && clock.delivered_or_wake_at(published.saturating_sub(max_ahead) * d)
             });
             if !ready {
                 continue; // not primed yet, or too far ahead
@@ -584,6 +587,7 @@ pub(crate) fn run(
         bail!("{nodes} control connections for {} nodes", cfg.space.nodes);
     }
     let mut p = Publisher::new(cfg, shared);
+    let _ = shared.publisher.set(std::thread::current());
     let mut start = shared.now_us();
     let mut paused_at = None;
     while !stop.load(Relaxed) {
@@ -631,8 +635,12 @@ pub(crate) fn run(
         }
         // Every pipeline is full, or nothing can be sent before an answer.
         let Some(j) = p.oldest() else {
-            // Nothing to send yet and no answer to wait for.
-            std::thread::sleep(Duration::from_micros(200));
+            // Nothing to send yet and no answer to wait for: wait for the
+            // delivery that lets an account have its next publish (it
+            // unparks this thread), or 200 µs (--rate's next publish, an
+            // account being primed). A sleep alone held each round of a
+            // one-account `--ahead 0` fan-out for up to 250 µs.
+            std::thread::park_timeout(Duration::from_micros(200));
             continue;
         };
         if p.receive(&mut https[j], j)? {

@@ -335,7 +335,11 @@ impl Worker {
                         }
                     }
                 }
-                c.delivered.fetch_add(u64::from(delta), Relaxed);
+                if c.add_delivered(u64::from(delta)) {
+                    if let Some(publisher) = self.shared.publisher.get() {
+                        publisher.unpark();
+                    }
+                }
             }
             dev.last_notify = s;
             self.local.delivered += u64::from(delta);

@@ -191,6 +191,10 @@ pub(crate) struct AccountClock {
     pub(crate) sent: [AtomicU64; RING],
     /// Deliveries counted by the devices (one per publish per device).
     pub(crate) delivered: AtomicU64,
+    /// The `delivered` count the publisher waits for before its next
+    /// publish to the account (`u64::MAX`: none): the device whose delivery
+    /// reaches it wakes the publisher ([`AccountClock::add_delivered`]).
+    pub(crate) wake_at: AtomicU64,
     /// Messages to the account's devices that lacked a recorded bit.
     pub(crate) wrong: AtomicU64,
     /// Set by the publisher when its Serials for the account may be off
@@ -206,9 +210,32 @@ impl AccountClock {
             ring: std::array::from_fn(|_| AtomicU64::new(0)),
             sent: std::array::from_fn(|_| AtomicU64::new(0)),
             delivered: AtomicU64::new(0),
+            wake_at: AtomicU64::new(u64::MAX),
             wrong: AtomicU64::new(0),
             unverifiable: AtomicBool::new(false),
         }
+    }
+}
+
+impl AccountClock {
+    /// Whether `target` deliveries have been counted; if not, the
+    /// delivery that reaches it will wake the publisher. The wish is
+    /// written before `delivered` is read, so a delivery counted in
+    /// between is not missed: it either shows in the count or sees the
+    /// wish.
+    pub(crate) fn delivered_or_wake_at(&self, target: u64) -> bool {
+        self.wake_at.store(target, Relaxed);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.delivered.load(Relaxed) >= target
+    }
+
+    /// Counts `delta` deliveries; true when they reached the count the
+    /// publisher waits for (then the wish is spent).
+    pub(crate) fn add_delivered(&self, delta: u64) -> bool {
+        let now = self.delivered.fetch_add(delta, Relaxed) + delta;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let want = self.wake_at.load(Relaxed);
+        now >= want && now - delta < want && self.wake_at.compare_exchange(want, u64::MAX, Relaxed, Relaxed).is_ok()
     }
 }
 
@@ -250,6 +277,9 @@ pub(crate) struct Shared {
     pub(crate) accounts: Vec<AccountClock>,
     /// The first refusal's Status and description, for the report.
     pub(crate) first_refusal: std::sync::Mutex<Option<String>>,
+    /// The fanout publisher's thread, which parks while no account may be
+    /// published to and is unparked by the delivery that lets one.
+    pub(crate) publisher: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -269,6 +299,7 @@ impl Shared {
                 .max(0) as u64,
             accounts: (0..clocks).map(|_| AccountClock::new()).collect(),
             first_refusal: std::sync::Mutex::new(None),
+            publisher: std::sync::OnceLock::new(),
         })
     }
 
@@ -290,5 +321,27 @@ impl Shared {
     /// Microseconds since the epoch.
     pub(crate) fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delivery_that_reaches_the_wished_count_wakes_once() {
+        let c = AccountClock::new();
+        // Nothing wished: no delivery wakes.
+        assert!(!c.add_delivered(5));
+        // 5 counted; a wish for 5 is met at once, one for 8 is not.
+        assert!(c.delivered_or_wake_at(5));
+        assert!(!c.delivered_or_wake_at(8));
+        assert!(!c.add_delivered(2), "7 of 8");
+        assert!(c.add_delivered(1), "the 8th wakes");
+        assert!(!c.add_delivered(1), "the wish is spent");
+        // A batch of deliveries that jumps over the wished count wakes too.
+        assert!(!c.delivered_or_wake_at(12));
+        assert!(c.add_delivered(10));
+        assert_eq!(c.delivered.load(Relaxed), 19);
     }
 }
