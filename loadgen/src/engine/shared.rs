@@ -235,7 +235,12 @@ impl AccountClock {
         let now = self.delivered.fetch_add(delta, Relaxed) + delta;
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let want = self.wake_at.load(Relaxed);
-        now >= want && now - delta < want && self.wake_at.compare_exchange(want, u64::MAX, Relaxed, Relaxed).is_ok()
+        now >= want
+            && now - delta < want
+            && self
+                .wake_at
+                .compare_exchange(want, u64::MAX, Relaxed, Relaxed)
+                .is_ok()
     }
 }
 
