@@ -14,7 +14,9 @@ use std::path::Path;
 use mpp::config::IoChoice;
 use serde_json::Value;
 
-use node::{command, field, io_name, loopback_mppd, now, run, Proc, TempDir, TestNode};
+use node::{
+    command, field, io_name, loopback_mppd, now, pinned_loopback_mppd, run, Proc, TempDir, TestNode,
+};
 
 const MPPD: &str = env!("CARGO_BIN_EXE_mppd");
 const MPP: &str = env!("CARGO_BIN_EXE_mpp");
@@ -386,17 +388,8 @@ fn control_thread_stays_on_the_cpus_the_node_was_given() {
     // proves the control thread is confined, not left on every CPU.
     for (control, expected) in [(None, first), (Some(last), last)] {
         let dir = TempDir::new("control-cpus");
-        let mut cmd = command(env!("CARGO_BIN_EXE_mppd"));
-        cmd.args([
-            "--udp",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-        ])
-        .args(["--cpus", &first.to_string(), "--data-dir"])
-        .arg(dir.join("data"));
+        let mut cmd = pinned_loopback_mppd(&dir.join("data"));
+        cmd.args(["--threads", "1", "--cpus", &first.to_string()]);
         if let Some(cpu) = control {
             cmd.args(["--control-cpus", &cpu.to_string()]);
         }
@@ -421,17 +414,8 @@ fn control_thread_stays_on_the_cpus_the_node_was_given() {
     // start (CPU 1000 fits a CPU set but is on no machine this runs on).
     for (flag, key) in [("--cpus", "cpus"), ("--control-cpus", "control_cpus")] {
         let dir = TempDir::new("control-cpus-bad");
-        let mut cmd = command(env!("CARGO_BIN_EXE_mppd"));
-        cmd.args([
-            "--udp",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            flag,
-            "1000",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join("data"));
+        let mut cmd = pinned_loopback_mppd(&dir.join("data"));
+        cmd.args([flag, "1000"]);
         let (status, _, stderr) = run("mppd", cmd);
         assert_eq!(status.code(), Some(2), "{flag} 1000: {stderr}");
         assert!(

@@ -930,13 +930,19 @@ pub(crate) fn field<'a>(line: &'a str, key: &str) -> &'a str {
 /// "listening" line), unpinned, with `data` as its data directory; the
 /// caller adds threads, backend and the rest.
 pub(crate) fn loopback_mppd(data: &Path) -> Command {
+    let mut cmd = pinned_loopback_mppd(data);
+    cmd.arg("--no-pin");
+    cmd
+}
+
+/// [`loopback_mppd`] with the shards pinned, as `mppd` does by default.
+pub(crate) fn pinned_loopback_mppd(data: &Path) -> Command {
     let mut cmd = command(env!("CARGO_BIN_EXE_mppd"));
     cmd.args([
         "--udp",
         "127.0.0.1:0",
         "--http",
         "127.0.0.1:0",
-        "--no-pin",
         "--data-dir",
     ])
     .arg(data);
