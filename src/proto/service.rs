@@ -2279,3 +2279,6 @@ impl Service {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
