@@ -180,12 +180,13 @@ pub(crate) struct Common {
     /// Alternate the node and its baseline (--baseline) or a second node
     /// (--versus) in slices of this length (e.g. 500ms, 2s) for the whole
     /// --duration, and report the median of the per-round ratios with
-    /// their range (heartbeat, fanout).
+    /// their range (heartbeat, fanout, stun).
     #[arg(long, global = true, value_parser = interleave::parse_slice)]
     pub(crate) interleave: Option<std::time::Duration>,
     /// A second node's UDP address: with --interleave, the same scenario
     /// runs against it in alternate slices, and the ratio is this node's
-    /// rate over the second's (e.g. io_uring against mmsg).
+    /// rate over the second's (e.g. io_uring against mmsg; for stun any
+    /// STUN server, e.g. coturn).
     #[arg(long, global = true)]
     pub(crate) versus: Option<std::net::SocketAddr>,
     /// The second node's control API (default: http:// and --versus).

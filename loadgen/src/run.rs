@@ -34,9 +34,13 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
     }
     validate(c, &cli.command)?;
     let config = json!({ "common": c, "command": &cli.command });
-    if c.interleave.is_some() && !matches!(cli.command, Command::Heartbeat(_) | Command::Fanout(_))
+    if c.interleave.is_some()
+        && !matches!(
+            cli.command,
+            Command::Heartbeat(_) | Command::Fanout(_) | Command::Stun(_)
+        )
     {
-        bail!("--interleave is for heartbeat and fanout");
+        bail!("--interleave is for heartbeat, fanout and stun");
     }
     let mut report = match &cli.command {
         Command::Hold(a) => hold(c, a, config)?,
@@ -854,6 +858,35 @@ fn stun_run(
     server: Option<&AtomicU32>,
 ) -> Result<StunRun> {
     let shared = Shared::new(0);
+    let workers = spawn_stun_workers(c, a, target, accept_echo, &shared)?;
+    let probe = Devices::new(shared.clone(), replies, None);
+    let mut mon = Monitor::new(c, probe, "STUN responses");
+    let window = mon.measure(c, label, server);
+    shared.stop.store(true, Relaxed);
+    let timeline = mon.finish();
+    let window = window?;
+    let rtt = join_stun_workers(workers)?;
+    Ok(StunRun {
+        measured: window.after.since(&window.before),
+        wall: window.wall_s,
+        rtt,
+        timeline,
+        cpu: window.loadgen_cpu,
+        node_cpu: window.node_cpu,
+    })
+}
+
+type StunWorkers = Vec<JoinHandle<Result<Histogram<u64>>>>;
+
+/// `--threads` STUN workers keeping `--window` requests to `target` in
+/// flight, counting into `shared`.
+fn spawn_stun_workers(
+    c: &Common,
+    a: &crate::WindowArgs,
+    target: SocketAddr,
+    accept_echo: bool,
+    shared: &Arc<Shared>,
+) -> Result<StunWorkers> {
     let sockets = worker_sockets(c, &[target])?;
     let per_worker = (a.window / c.threads).max(1);
     let mut workers = Vec::new();
@@ -869,28 +902,145 @@ fn stun_run(
         let sh = shared.clone();
         workers.push(std::thread::spawn(move || crate::stun::run_worker(cfg, sh)));
     }
-    let probe = Devices::new(shared.clone(), replies, None);
-    let mut mon = Monitor::new(c, probe, "STUN responses");
-    let window = mon.measure(c, label, server);
-    shared.stop.store(true, Relaxed);
-    let timeline = mon.finish();
-    let window = window?;
+    Ok(workers)
+}
+
+/// Waits for STUN workers (told to stop) and merges their round trips.
+fn join_stun_workers(workers: StunWorkers) -> Result<Histogram<u64>> {
     let mut rtt = histogram();
     for w in workers {
         let h = w.join().map_err(|_| anyhow!("a STUN worker panicked"))??;
         let _ = rtt.add(&h);
     }
-    Ok(StunRun {
-        measured: window.after.since(&window.before),
-        wall: window.wall_s,
-        rtt,
-        timeline,
-        cpu: window.loadgen_cpu,
-        node_cpu: window.node_cpu,
-    })
+    Ok(rtt)
+}
+
+/// One side of an interleaved STUN run: its workers and their counters.
+struct StunSide {
+    name: String,
+    shared: Arc<Shared>,
+    server: ServerCpu,
+    workers: StunWorkers,
+}
+
+impl StunSide {
+    fn start(
+        c: &Common,
+        a: &crate::WindowArgs,
+        name: &str,
+        (target, accept_echo): (SocketAddr, bool),
+        server: ServerCpu,
+    ) -> Result<StunSide> {
+        let shared = Shared::new(0);
+        shared.active.store(false, Relaxed);
+        let workers = spawn_stun_workers(c, a, target, accept_echo, &shared)?;
+        Ok(StunSide {
+            name: name.to_owned(),
+            shared,
+            server,
+            workers,
+        })
+    }
+
+    fn finish(self) -> Result<(Snapshot, Histogram<u64>)> {
+        self.shared.stop.store(true, Relaxed);
+        let rtt = join_stun_workers(self.workers)?;
+        Ok((self.shared.counters.snapshot(), rtt))
+    }
+}
+
+impl SideControl for StunSide {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn count(&self) -> u64 {
+        self.shared.counters.replies.load(Relaxed)
+    }
+    fn server_cpu_seconds(&self) -> Option<f64> {
+        self.server.seconds()
+    }
+    fn set_active(&self, active: bool) {
+        self.shared.active.store(active, Relaxed);
+    }
+    fn set_measuring(&self, measuring: bool) {
+        self.shared.measuring.store(measuring, Relaxed);
+    }
+}
+
+/// `stun --interleave SLICE`: the node and the in-process reflector
+/// (`--baseline`) or a second STUN server (`--versus ADDR`, e.g. coturn,
+/// with `--versus-pid`) take turns, as heartbeat and fanout do.
+fn stun_interleaved(
+    c: &Common,
+    a: &crate::WindowArgs,
+    config: serde_json::Value,
+    slice: Duration,
+) -> Result<Report> {
+    let node_cpu = if c.node_pids.is_empty() {
+        ServerCpu::Unknown
+    } else {
+        ServerCpu::Process(c.node_pids.clone())
+    };
+    let reflector;
+    let (name, other_target, other_cpu) = match c.versus {
+        Some(addr) => (
+            "versus",
+            (addr, false),
+            c.versus_pid
+                .map_or(ServerCpu::Unknown, |p| ServerCpu::Process(vec![p])),
+        ),
+        None => {
+            reflector = ReflectorThread::start(c)?;
+            (
+                "raw echo",
+                (reflector.addr, true),
+                ServerCpu::Thread(reflector.tid.clone()),
+            )
+        }
+    };
+    let sides = [
+        StunSide::start(c, a, "node", (c.first_node(), false), node_cpu)?,
+        StunSide::start(c, a, name, other_target, other_cpu)?,
+    ];
+    let run = (|| -> Result<Interleaved> {
+        for i in 0..sides.len() {
+            for (j, s) in sides.iter().enumerate() {
+                s.set_active(i == j);
+            }
+            std::thread::sleep(Duration::from_secs(c.warmup));
+            if sides[i].count() == 0 {
+                bail!(
+                    "no STUN response from the {} side during the warm-up (is a STUN server listening there?)",
+                    sides[i].name
+                );
+            }
+        }
+        let refs: Vec<&dyn SideControl> = sides.iter().map(|s| s as &dyn SideControl).collect();
+        crate::interleave::run(&refs, slice, Duration::from_secs(c.duration), &mut |_| {})
+    })();
+    let [node, other] = sides;
+    let (node_end, rtt) = node.finish()?;
+    other.finish()?;
+    let il = run?;
+    let mut r = Report::new("stun", "STUN binding responses", config);
+    let mine: Vec<_> = il.slices.iter().filter(|s| s.side == 0).collect();
+    let secs: f64 = mine.iter().map(|s| s.secs).sum();
+    let count: f64 = mine.iter().map(|s| s.rate_per_s * s.secs).sum();
+    r.rate_per_s = count / secs.max(f64::MIN_POSITIVE);
+    r.duration_s = secs;
+    r.lost = node_end.lost;
+    r.node_cpu = il.server_cpu(0);
+    r.set_latency(&rtt);
+    r.figure("requests_sent", node_end.sent);
+    r.figure("unexpected", node_end.other + node_end.duplicates);
+    r.set_interleaved(il, |_| Vec::new());
+    Ok(r)
 }
 
 fn stun(c: &Common, a: &crate::WindowArgs, config: serde_json::Value) -> Result<Report> {
+    if let Some(slice) = c.interleave {
+        return stun_interleaved(c, a, config, slice);
+    }
     let StunRun {
         measured: m,
         wall,

@@ -138,10 +138,14 @@ pub(crate) fn run_worker(cfg: StunWorker, shared: Arc<Shared>) -> anyhow::Result
             }
             c.lost.fetch_add(lost, Relaxed);
         }
-        // Fill the window.
+        // Fill the window (not while another side of an interleaved run
+        // has its turn: answers and timeouts go on).
         let mut sent_total = 0;
         let mut queued = 0;
-        while let Some(slot) = free.pop() {
+        while shared.active.load(Relaxed) {
+            let Some(slot) = free.pop() else {
+                break;
+            };
             gen += 1;
             let s = slot as usize % socks;
             let b = &mut out[s];
@@ -179,6 +183,41 @@ pub(crate) fn run_worker(cfg: StunWorker, shared: Arc<Shared>) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paused_worker_sends_nothing_until_it_is_resumed() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let shared = Shared::new(0);
+        shared.active.store(false, Relaxed);
+        let cfg = StunWorker {
+            sockets: vec![crate::io::connected_socket(server.local_addr().unwrap()).unwrap()],
+            window: 4,
+            batch: 4,
+            timeout_ms: 1000,
+            cpu: None,
+            accept_echo: true,
+        };
+        let sh = shared.clone();
+        let worker = std::thread::spawn(move || run_worker(cfg, sh));
+        // Paused (another side's turn): no request in 300 ms.
+        server
+            .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(
+            server.recv_from(&mut buf).is_err(),
+            "a paused worker sent a request"
+        );
+        // Resumed: its window of requests arrives.
+        shared.active.store(true, Relaxed);
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let (n, _) = server.recv_from(&mut buf).expect("a request once resumed");
+        assert!(mpp::proto::stun::is_stun(&buf[..n]));
+        shared.stop.store(true, Relaxed);
+        worker.join().expect("worker").expect("worker result");
+    }
 
     #[test]
     fn requests_are_stun_and_answers_match() {
