@@ -14,6 +14,16 @@ pub(super) const TOKEN_PUBLISHER: u64 = u64::MAX;
 /// The wake eventfd's epoll token.
 pub(super) const TOKEN_WAKE: u64 = u64::MAX - 1;
 
+/// The events a connection is registered for: readable and hang-up
+/// always, writable while output waits for room in its socket.
+pub(super) fn connection_events(want_out: bool) -> u32 {
+    let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+    if want_out {
+        events |= libc::EPOLLOUT as u32;
+    }
+    events
+}
+
 /// A new epoll instance.
 pub(super) fn epoll_new() -> Result<OwnedFd> {
     // SAFETY: epoll_create1 returns a new fd or -1.

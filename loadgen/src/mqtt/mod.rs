@@ -45,6 +45,34 @@ mod wire;
 
 pub(crate) use run::run;
 
+/// Writes what the non-blocking `sock` takes of `buf` now: the bytes
+/// written (fewer than `buf.len()` once the socket is full), or the error
+/// that ends the connection (a write of 0 bytes: the broker stopped
+/// reading). The publisher's and the subscribers' output both go out
+/// through it, and register for writability while bytes are left.
+pub(super) fn write_available(
+    mut sock: &std::net::TcpStream,
+    buf: &[u8],
+) -> std::io::Result<usize> {
+    use std::io::{ErrorKind, Write};
+    let mut done = 0;
+    while done < buf.len() {
+        match sock.write(&buf[done..]) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::WriteZero,
+                    "the broker stopped reading",
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// `mqtt`.
 #[derive(Args, Debug, Clone, serde::Serialize)]
 pub(crate) struct MqttArgs {

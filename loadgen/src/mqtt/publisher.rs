@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::epoll::{epoll_ctl, TOKEN_PUBLISHER};
+use super::epoll::{connection_events, epoll_ctl, TOKEN_PUBLISHER};
 use super::wire::{
     check_connack, connect_frame, kind_name, puback_id, put_publish, FrameStream, CONNACK,
     KEEPALIVE_S, PINGRESP, PUBACK,
 };
-use super::{Config, Shared, MEASURE, MEASURED, WARMUP};
+use super::{write_available, Config, Shared, MEASURE, MEASURED, WARMUP};
 
 /// Publishes built per write at most.
 const PUBLISH_BATCH: u64 = 256;
@@ -217,39 +217,23 @@ impl Publisher {
 
     /// Writes what it can of `out`; true when all of it went.
     pub(super) fn flush(&mut self, ep: &OwnedFd) -> Result<bool> {
-        while self.out_pos < self.out.len() {
-            match (&self.sock).write(&self.out[self.out_pos..]) {
-                Ok(0) => bail!("publisher: the broker {} stopped reading", self.broker),
-                Ok(n) => self.out_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !self.want_out {
-                        self.want_out = true;
-                        self.register(ep)?;
-                    }
-                    return Ok(false);
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("publisher: writing to the broker {}", self.broker)
-                    })
-                }
-            }
+        self.out_pos += write_available(&self.sock, &self.out[self.out_pos..])
+            .with_context(|| format!("publisher: writing to the broker {}", self.broker))?;
+        let flushed = self.out_pos == self.out.len();
+        if flushed {
+            self.out.clear();
+            self.out_pos = 0;
         }
-        self.out.clear();
-        self.out_pos = 0;
-        if self.want_out {
-            self.want_out = false;
+        // Writable events while bytes wait, none once all are out.
+        if self.want_out == flushed {
+            self.want_out = !flushed;
             self.register(ep)?;
         }
-        Ok(true)
+        Ok(flushed)
     }
 
     fn register(&self, ep: &OwnedFd) -> Result<()> {
-        let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-        if self.want_out {
-            events |= libc::EPOLLOUT as u32;
-        }
+        let events = connection_events(self.want_out);
         epoll_ctl(
             ep,
             libc::EPOLL_CTL_MOD,

@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 
-use super::epoll::{epoll_ctl, epoll_new, TOKEN_PUBLISHER, TOKEN_WAKE};
+use super::epoll::{connection_events, epoll_ctl, epoll_new, TOKEN_PUBLISHER, TOKEN_WAKE};
 use super::publisher::Publisher;
 use super::wire::{
     check_connack, check_suback, connect_frame, kind_name, publish_packet_id, publish_payload,
     put_puback, subscribe_frame, FrameStream, CONNACK, DISCONNECT, KEEPALIVE_S, PINGREQ, PINGRESP,
     PUBLISH, SUBACK, SUBSCRIBE_ID,
 };
-use super::{new_histogram, Config, Shared, MEASURED, STOP};
+use super::{new_histogram, write_available, Config, Shared, MEASURED, STOP};
 
 /// A subscriber's handshake must be done within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -190,7 +190,7 @@ impl Worker {
                 &ep,
                 libc::EPOLL_CTL_ADD,
                 p.sock.as_raw_fd(),
-                (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+                connection_events(false),
                 TOKEN_PUBLISHER,
             )?;
             epoll_ctl(
@@ -380,7 +380,7 @@ impl Worker {
             &self.ep,
             libc::EPOLL_CTL_ADD,
             stream.as_raw_fd(),
-            (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP) as u32,
+            connection_events(true),
             idx as u64,
         )?;
         sub.sock = Some(stream);
@@ -405,7 +405,7 @@ impl Worker {
             &self.ep,
             libc::EPOLL_CTL_MOD,
             sock.as_raw_fd(),
-            (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            connection_events(false),
             idx as u64,
         )?;
         sub.state = State::AwaitConnack;
@@ -513,40 +513,22 @@ impl Worker {
             sub.acks.clear();
             return Ok(());
         };
-        let mut done = 0;
-        let mut failed = None;
-        while done < sub.acks.len() {
-            match (&*sock).write(&sub.acks[done..]) {
-                Ok(0) => {
-                    failed = Some("the broker stopped reading".to_string());
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    break;
-                }
+        let done = match write_available(sock, &sub.acks) {
+            Ok(n) => n,
+            Err(e) => {
+                sub.acks.clear();
+                return self.lost(idx, e.to_string());
             }
-        }
-        if let Some(why) = failed {
-            sub.acks.clear();
-            return self.lost(idx, why);
-        }
+        };
         sub.acks.drain(..done);
         let want_out = !sub.acks.is_empty();
         if want_out != sub.want_out {
             sub.want_out = want_out;
-            let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-            if want_out {
-                events |= libc::EPOLLOUT as u32;
-            }
             epoll_ctl(
                 &self.ep,
                 libc::EPOLL_CTL_MOD,
                 sock.as_raw_fd(),
-                events,
+                connection_events(want_out),
                 idx as u64,
             )?;
         }
