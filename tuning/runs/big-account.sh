@@ -17,15 +17,15 @@ BIN="${BIN:-$ROOT/target/release}"
 WORK="${WORK:-/tmp/big}"
 rm -rf "$WORK/data"
 mkdir -p "$WORK/data"
-port() { python3 -c "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1]=='udp' else socket.SOCK_STREAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])" "$1"; }
-udp="$(port udp)"
-http="$(port tcp)"
+source "$(dirname "$0")/lib.sh"
+udp="$(free_port udp)"
+http="$(free_port tcp)"
 "$BIN/mppd" --threads 1 --cpus 0 --data-dir "$WORK/data" --udp "127.0.0.1:$udp" \
     --http "127.0.0.1:$http" --log-level warn >"$WORK/mppd.log" 2>&1 &
 NP=$!
 BIGP=""
 trap 'kill $BIGP $NP 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-for _ in $(seq 50); do curl -sf "http://127.0.0.1:$http/healthz" >/dev/null && break; sleep 0.1; done
+wait_healthz "$http" "$NP" || exit 1
 C=(--node "127.0.0.1:$udp" --control "http://127.0.0.1:$http" --data-dir "$WORK/data" --no-progress --cpus 1)
 echo "commit $(git -C "$ROOT" rev-parse --short HEAD), $(date -u +%FT%TZ); big account: ${NOBIG:+none}${NOBIG:-100,000 devices, ${BIGRATE:-0.5} publishes/s}"
 if [[ -z "${NOBIG:-}" ]]; then

@@ -32,6 +32,8 @@ mkdir -p "$WORK/out"
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true' EXIT
 
+source "$(dirname "$0")/lib.sh"
+
 start() { # start IO UDP_PORT [KEY_FROM] -> pid in $started
     local io="$1" port="$2" data="$WORK/data-$1"
     rm -rf "$data"
@@ -44,12 +46,7 @@ start() { # start IO UDP_PORT [KEY_FROM] -> pid in $started
         >"$WORK/out/mppd-$io.log" 2>&1 &
     started=$!
     PIDS+=("$started")
-    for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$((port + 1))/healthz" >/dev/null && return 0
-        sleep 0.1
-    done
-    echo "mppd --io $io did not start" >&2
-    exit 1
+    wait_healthz "$((port + 1))" "$started" || { echo "mppd --io $io did not start: $(tail -1 "$WORK/out/mppd-$io.log")" >&2; exit 1; }
 }
 
 start uring 27300

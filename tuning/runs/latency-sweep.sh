@@ -40,10 +40,7 @@ mkdir -p "$WORK/out"
 NODE=""
 trap '[[ -z "$NODE" ]] || kill "$NODE" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 
-# A loopback port nobody holds now: free_port udp|tcp
-free_port() {
-    python3 -c "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1]=='udp' else socket.SOCK_STREAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])" "$1"
-}
+source "$(dirname "$0")/lib.sh"
 
 # run SIZE RATE TAG: one fresh node, one loadgen run; prints one line.
 run() {
@@ -56,11 +53,7 @@ run() {
     "$MPPD" --threads 1 --cpus "$NODE_CPU" --data-dir "$data" --udp "127.0.0.1:$udp" \
         --http "127.0.0.1:$http" --log-level warn "${EXTRA[@]}" >"$WORK/out/mppd.log" 2>&1 &
     NODE=$!
-    for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$http/healthz" >/dev/null && break
-        kill -0 "$NODE" 2>/dev/null || { echo "mppd did not start: $(tail -1 "$WORK/out/mppd.log")" >&2; exit 1; }
-        sleep 0.1
-    done
+    wait_healthz "$http" "$NODE" || { echo "mppd did not start: $(tail -1 "$WORK/out/mppd.log")" >&2; exit 1; }
     [[ "$rate" == 0 ]] && extra=(--ahead 0)
     taskset -c "$LOADGEN_CPU" "$LOADGEN" --no-progress --cpus "$LOADGEN_CPU" \
         --node "127.0.0.1:$udp" --control "http://127.0.0.1:$http" --data-dir "$data" \

@@ -21,7 +21,7 @@ ECHO="${ECHO:-$ROOT/target/tokio-uring-echo/release/tokio-uring-echo}"
 TMP="$(mktemp -d)"
 SERVER=""
 trap '[[ -z "$SERVER" ]] || kill "$SERVER" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$TMP"' EXIT
-port() { python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
+source "$(dirname "$0")/lib.sh"
 line() { # NAME JSON
     python3 - "$1" "$2" <<'PY'
 import json, sys
@@ -42,25 +42,25 @@ load() { # NAME PID SCENARIO-ARGS...
 stop() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=""; }
 echo "commit $(git -C "$ROOT" rev-parse --short HEAD), $(date -u +%FT%TZ); servers on CPU 0, loadgen on CPU 1, $DEVICES devices, $DURATION"
 for _ in $(seq "$REPEAT"); do
-    p="$(port)"
+    p="$(free_port udp)"
     taskset -c 0 "$ECHO" "127.0.0.1:$p" "$TASKS" 2>"$TMP/echo.log" &
     SERVER=$!
     sleep 0.3
     load "tokio-uring echo" "$SERVER" --node "127.0.0.1:$p" echo
     stop
-    p="$(port)"
+    p="$(free_port udp)"
     "$BIN/mpp-loadgen" reflector --listen "127.0.0.1:$p" --cpu 0 >/dev/null 2>&1 &
     SERVER=$!
     sleep 0.3
     load "raw mmsg reflector" "$SERVER" --node "127.0.0.1:$p" echo
     stop
-    p="$(port)"
-    h="$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")"
+    p="$(free_port udp)"
+    h="$(free_port tcp)"
     mkdir -p "$TMP/data"
     "$BIN/mppd" --threads 1 --cpus 0 --data-dir "$TMP/data" --udp "127.0.0.1:$p" --http "127.0.0.1:$h" \
         --log-level warn >/dev/null 2>&1 &
     SERVER=$!
-    for _ in $(seq 50); do curl -sf "http://127.0.0.1:$h/healthz" >/dev/null && break; sleep 0.1; done
+    wait_healthz "$h" "$SERVER" || exit 1
     load "mppd heartbeat" "$SERVER" --node "127.0.0.1:$p" --control "http://127.0.0.1:$h" --data-dir "$TMP/data" heartbeat
     stop
 done
