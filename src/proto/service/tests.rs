@@ -755,7 +755,7 @@ fn challenge_of(m: &Message<'static>) -> [u8; 8] {
 /// Connects `dev` and echoes the connect answer's challenge in a
 /// heartbeat that acknowledges the connect's catch-up, so its endpoint is
 /// validated and nothing is pending; takes the heartbeat's answer.
-fn validated(dev: &mut Dev, s: &mut Service, now: UnixMillis) {
+fn validated(dev: &mut Dev, s: &mut Service, now: UnixMillis) -> [u8; 8] {
     let r = dev.connected(s, now);
     let echo = challenge_of(&r);
     let serial = connect_response(&r).serial;
@@ -765,6 +765,7 @@ fn validated(dev: &mut Dev, s: &mut Service, now: UnixMillis) {
     let out = sent(s, now, &[&*dev]);
     assert_eq!(out.len(), 1);
     assert_eq!(header(&out[0].1).id, None, "validated: no challenge");
+    echo
 }
 
 /// Refused connects say why in `Status` and `StatusDescription`, answer
@@ -918,6 +919,11 @@ fn notifies_merge_publishes_and_clear_on_the_latest_serial() {
     );
     a.send(&mut s, T0, &Request::Acknowledge(first));
     assert_eq!(s.stats().catch_ups_acked, 1);
+    assert_eq!(
+        s.stats().dropped_unexpected,
+        0,
+        "an Acknowledge is expected"
+    );
     let p = b.connect_packet(Some(first));
     s.handle_datagram(T0, b.addr, &p);
     let out = sent(&mut s, T0, &[&a, &b]);
@@ -1182,7 +1188,7 @@ fn retransmissions_wait_for_a_validated_endpoint() {
 fn a_moved_endpoint_is_validated_again() {
     let mut s = service(ServiceConfig::default());
     let mut dev = Dev::new("alice", "phone", 4000);
-    validated(&mut dev, &mut s, T0);
+    let first_challenge = validated(&mut dev, &mut s, T0);
     let moved = SocketAddr::from(([198, 51, 100, 7], 9999));
     let p = dev.packet(None, &Request::Endpoint);
     s.handle_datagram(T0, moved, &p);
@@ -1191,7 +1197,14 @@ fn a_moved_endpoint_is_validated_again() {
     assert_eq!(out[0].0.destination, moved);
     assert!(matches!(out[0].1, Message::EndpointResponse(_)));
     assert_eq!(header(&out[0].1).endpoint, Some(moved));
-    assert!(header(&out[0].1).id.is_some());
+    let challenge = challenge_of(&out[0].1);
+    assert_ne!(challenge, first_challenge, "each address its own challenge");
+    // The old address's challenge does not validate the new one.
+    dev.serial += 1;
+    let p = dev.packet_with(dev.serial, None, Some(first_challenge), &Request::Heartbeat);
+    s.handle_datagram(T0, moved, &p);
+    assert_eq!(s.stats().validations, 1);
+    assert_eq!(challenge_of(&sent(&mut s, T0, &[&dev])[0].1), challenge);
     s.handle_publish(T0, "alice", &[1]).expect("published");
     let out = sent(&mut s, T0, &[&dev]);
     assert_eq!(out[0].0.destination, moved);
@@ -1231,8 +1244,8 @@ fn resolves_are_answered_refused_or_timed_out() {
     let mut dev = Dev::new("alice", "phone", 4000);
     validated(&mut dev, &mut s, T0);
     let a = resolve(&mut dev, &mut s, T0, b"query a");
-    let a_serial = dev.serial;
     let b = resolve(&mut dev, &mut s, T0, b"query b");
+    let b_serial = dev.serial;
     dev.send(&mut s, T0, &Request::Resolve(b"query c"));
     dev.send(&mut s, T0, &Request::Resolve(b""));
     assert_eq!(s.poll_event(), None);
@@ -1240,17 +1253,18 @@ fn resolves_are_answered_refused_or_timed_out() {
     let out = sent(&mut s, T0, &[&dev]);
     let codes: Vec<_> = out.iter().map(|(_, m)| resolved(m).header.status).collect();
     assert_eq!(codes, vec![Some(503), Some(502)]);
+    assert_ne!(a, b);
     s.handle_resolve_answer(ResolveToken(b.0 + 7), Ok(b"nobody's"));
-    s.handle_resolve_answer(a, Ok(b"answer a"));
+    s.handle_resolve_answer(b, Ok(b"answer b"));
     let out = sent(&mut s, T0, &[&dev]);
     assert_eq!(out.len(), 1);
     let r = resolved(&out[0].1);
-    assert_eq!(r.dns_response.as_deref(), Some(&b"answer a"[..]));
+    assert_eq!(r.dns_response.as_deref(), Some(&b"answer b"[..]));
     assert_eq!(
         (r.header.status, r.header.acknowledge),
-        (None, Some(a_serial))
+        (None, Some(b_serial))
     );
-    s.handle_resolve_answer(a, Ok(b"again"));
+    s.handle_resolve_answer(b, Ok(b"again"));
     assert!(sent(&mut s, T0, &[&dev]).is_empty());
     s.handle_timeout(T0.plus_millis(2_999));
     assert!(sent(&mut s, T0, &[&dev]).is_empty());
@@ -1260,7 +1274,12 @@ fn resolves_are_answered_refused_or_timed_out() {
     assert_eq!(out.len(), 1);
     assert_eq!(resolved(&out[0].1).header.status, Some(504));
     assert_eq!(resolved(&out[0].1).dns_response, None);
-    s.handle_resolve_answer(b, Err(502));
+    assert_eq!(
+        header(&out[0].1).acknowledge,
+        Some(b_serial - 1),
+        "a's request"
+    );
+    s.handle_resolve_answer(a, Err(502));
     assert!(sent(&mut s, late, &[&dev]).is_empty());
     let c = resolve(&mut dev, &mut s, late, b"query d");
     s.handle_resolve_answer(c, Err(502));
@@ -1427,6 +1446,12 @@ fn stun_limits_can_be_changed() {
         s.handle_datagram(T0, from, &stun_request(id));
     }
     assert_eq!((s.stats().stun_answered, s.stats().stun_dropped), (5, 1));
+    // A Binding indication is STUN but gets no answer.
+    let mut indication = stun_request(7);
+    indication[1] = 0x11;
+    s.set_stun_limits(100, 200);
+    s.handle_datagram(T0, from, &indication);
+    assert_eq!((s.stats().stun_answered, s.stats().stun_dropped), (5, 2));
     let mut buf = vec![0u8; MAX_PACKET];
     let mut n = 0;
     while let Some(t) = s.poll_transmit(T0, &mut buf) {
@@ -1907,4 +1932,105 @@ fn a_restored_connection_with_pending_bits_is_notified_at_once() {
         }
         m => panic!("{m:?}"),
     }
+}
+
+/// `set_keys` files the current key under the parity the key set names
+/// (0 or 1): a connection opened with it records that parity, and one
+/// opened with the previous key the other.
+#[test]
+fn a_connection_records_the_parity_of_the_key_that_opened_it() {
+    for parity in [0u8, 1] {
+        let old = master();
+        let new = MasterKey::new([9; 32]);
+        let mut s = service(ServiceConfig::default());
+        s.set_keys(KeySet {
+            current: new.clone(),
+            parity,
+            previous: Some((old, T0.plus_millis(10_000))),
+        });
+        let mut fresh = Dev::issued(&new, 0, "bob", "phone", 4001);
+        fresh.connected(&mut s, T0);
+        let mut dev = Dev::new("alice", "phone", 4000);
+        dev.connected(&mut s, T0);
+        let mut parities: Vec<(AccountKey, u8)> = s
+            .saved_connections()
+            .map(|(_, c)| (c.account, c.key_parity))
+            .collect();
+        parities.sort_by_key(|&(a, _)| a != AccountKey::of("bob"));
+        assert_eq!(
+            parities,
+            vec![
+                (AccountKey::of("bob"), parity),
+                (AccountKey::of("alice"), parity ^ 1)
+            ],
+            "key set parity {parity}"
+        );
+    }
+}
+
+/// docs/PROTOCOL.md §7.11: a new revocation drops every held connection
+/// of the account it names (counted), and no other; a credential issued
+/// at the new generation connects again, the revoked one is refused 401.
+#[test]
+fn a_revocation_drops_the_accounts_connections_and_only_those() {
+    let mut s = service(ServiceConfig::default());
+    let mut a = Dev::new("alice", "phone", 4000);
+    let mut b = Dev::new("alice", "tablet", 4001);
+    let mut c = Dev::new("bob", "phone", 4002);
+    for d in [&mut a, &mut b, &mut c] {
+        d.connected(&mut s, T0);
+    }
+    let mut r = Revocations::new();
+    let generation = r.revoke_device("alice", "phone");
+    s.set_revocations(T0, std::sync::Arc::new(r.clone()));
+    assert_eq!((s.connections(), s.stats().revoked), (1, 2));
+    // The same table again revokes nothing new.
+    s.set_revocations(T0, std::sync::Arc::new(r));
+    assert_eq!((s.connections(), s.stats().revoked), (1, 2));
+    let c = a.connect_packet(None);
+    s.handle_datagram(T0, a.addr, &c);
+    let out = sent(&mut s, T0, &[&a]);
+    assert_eq!(status(&out[0].1), Some(401));
+    let mut again = Dev::issued(&master(), u64::from(generation), "alice", "phone", 4003);
+    again.connected(&mut s, T0);
+    b.connected(&mut s, T0);
+    assert_eq!(s.connections(), 3);
+}
+
+/// docs/PROTOCOL.md §7.9: a connection's resolves are rate-limited (a
+/// burst of 20): the 21st at once is refused 429 and counted, and is not
+/// handed upstream.
+#[test]
+fn resolves_beyond_the_burst_are_refused_429() {
+    let mut s = service(ServiceConfig::default());
+    let mut dev = Dev::new("alice", "phone", 4000);
+    validated(&mut dev, &mut s, T0);
+    for _ in 0..21 {
+        dev.send(&mut s, T0, &Request::Resolve(b"q"));
+    }
+    let mut events = 0;
+    while s.poll_event().is_some() {
+        events += 1;
+    }
+    assert_eq!(events, 20);
+    assert_eq!((s.stats().resolves, s.stats().resolves_limited), (20, 1));
+    let out = sent(&mut s, T0, &[&dev]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(status(&out[0].1), Some(429));
+}
+
+/// docs/PROTOCOL.md §7: a held connection's packet replayed is dropped
+/// (counted) with no answer and changes nothing.
+#[test]
+fn a_replayed_packet_is_dropped_and_counted() {
+    let mut s = service(ServiceConfig::default());
+    let mut dev = Dev::new("alice", "phone", 4000);
+    dev.connected(&mut s, T0);
+    let p = dev.packet(None, &Request::Endpoint);
+    s.handle_datagram(T0, dev.addr, &p);
+    assert_eq!(sent(&mut s, T0, &[&dev]).len(), 1);
+    let elsewhere = SocketAddr::from(([198, 51, 100, 7], 9999));
+    s.handle_datagram(T0, elsewhere, &p);
+    assert!(sent(&mut s, T0, &[&dev]).is_empty());
+    assert_eq!((s.stats().dropped_replay, s.stats().migrations), (1, 0));
 }
