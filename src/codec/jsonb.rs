@@ -769,4 +769,90 @@ mod tests {
         w.string("hello");
         assert_eq!(w.finish(), Err(EncodeError { needed: 7 }));
     }
+
+    #[test]
+    fn writer_len_counts_every_byte_even_past_the_end() {
+        let mut buf = [0u8; 4];
+        let mut w = Writer::new(&mut buf);
+        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
+        w.int(5);
+        assert!(!w.is_empty());
+        assert_eq!(w.len(), 2);
+        w.string("abc");
+        assert_eq!(w.len(), 7, "counted past the end of the buffer");
+        assert_eq!(w.finish(), Err(EncodeError { needed: 7 }));
+    }
+
+    #[test]
+    fn text_fixed_escapes_quotes_and_backslashes_alone() {
+        // Every byte needs an escape: nothing may go through the fixed copy.
+        assert_eq!(written(|w| w.text_fixed(b"\"\"")), br#""\"\"""#);
+        assert_eq!(written(|w| w.text_fixed(b"\\\\")), br#""\\\\""#);
+    }
+
+    #[test]
+    fn reader_keeps_its_mode_and_knows_its_end() {
+        assert_eq!(Reader::new(&[]).mode(), Mode::Strict);
+        assert_eq!(Reader::with_mode(&[], Mode::Liberal).mode(), Mode::Liberal);
+        let mut r = Reader::new(&[0xA0, 5]);
+        assert!(!r.at_end());
+        assert_eq!(r.int(), Ok(5));
+        assert!(r.at_end());
+    }
+
+    #[test]
+    fn only_a_name_tag_or_a_closing_brace_is_a_field() {
+        let mut r = Reader::new(&[0xB4, 1, b'x', b'}']);
+        assert_eq!(r.next_name(), Ok(Some(&b"x"[..])));
+        assert_eq!(r.next_name(), Ok(None));
+        assert_eq!(Reader::new(b"]").next_name(), Err(DecodeError::NotAMessage));
+        assert_eq!(
+            Reader::new(&[0xA0, 0, 0]).next_name(),
+            Err(DecodeError::UnknownTag(0xA0))
+        );
+        assert_eq!(
+            Reader::new(&[0x80, 0, 0]).next_name(),
+            Err(DecodeError::UnknownTag(0x80))
+        );
+    }
+
+    #[test]
+    fn null_is_consumed_only_when_it_is_next() {
+        let mut r = Reader::new(&[TAG_NULL, 0xA0, 5]);
+        assert!(r.null());
+        assert_eq!(r.int(), Ok(5));
+        let mut r = Reader::new(&[0xA0, 5]);
+        assert!(!r.null());
+        assert_eq!(r.int(), Ok(5), "a value that is not null is left in place");
+        assert!(!Reader::new(&[]).null());
+    }
+
+    #[test]
+    fn skip_value_steps_over_exactly_one_item() {
+        for item in [
+            &b"[]"[..],
+            b"[[]]",
+            &[b'[', 0xA0, 1, 0x80, 1, b'x', b']'],
+            &[0x88, 2, 1, 2],
+            &[0x8B, 0, 0, 0, 0, 0, 0, 0, 1, 9],
+            &[b'{', 0xB4, 1, b'a', 0x88, 0, b'}'],
+            br#""t""#,
+            &[TAG_TRUE],
+        ] {
+            let bytes = [item, &[0xA0, 7]].concat();
+            let mut r = Reader::new(&bytes);
+            assert_eq!(r.skip_value(), Ok(()), "{item:02x?}");
+            assert_eq!(r.int(), Ok(7), "{item:02x?}: stopped inside or past it");
+        }
+        // A tag this protocol does not use is not the start of a text string.
+        assert_eq!(
+            Reader::new(&[0xB3, b'"']).skip_value(),
+            Err(DecodeError::UnknownTag(0xB3))
+        );
+        assert_eq!(
+            Reader::new(&[0x01, b'"']).skip_value(),
+            Err(DecodeError::UnknownTag(0x01))
+        );
+    }
 }
