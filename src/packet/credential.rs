@@ -392,6 +392,8 @@ mod tests {
             "host:65536",
             "host:+80",
             "::1:80",
+            "[::1:80",
+            "::1]:80",
             "a b:1",
         ] {
             assert_eq!(
@@ -404,6 +406,7 @@ mod tests {
             issue("a", "d", vec!["h:1".into(); MAX_ENDPOINTS + 1]),
             Err(CredentialError::TooManyEndpoints)
         );
+        assert!(issue("a", "d", vec!["h:1".into(); MAX_ENDPOINTS]).is_ok());
         assert!(issue("a", "d", vec!["10.0.0.1:65535".into()]).is_ok());
     }
 

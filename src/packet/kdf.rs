@@ -361,4 +361,35 @@ mod tests {
             s.key_bytes(Direction::ServerToClient, id)
         );
     }
+
+    /// `as_bytes` is the secret itself (what a credential writes in hex).
+    #[test]
+    fn conn_secret_as_bytes_are_its_bytes() {
+        let id = ConnId([1, 2, 3, 4, 5, 6, 7, 8]);
+        let s = master().secret(id);
+        let raw: [u8; 32] = core::array::from_fn(|i| i as u8);
+        assert_eq!(s.as_bytes(), &kdf(&raw, b"sec ", &id.0));
+        assert_eq!(hex::encode(s.as_bytes()), s.to_hex());
+    }
+
+    /// An expanded secret shows its conn id, never its keys.
+    #[test]
+    fn expanded_secret_debug_shows_only_the_conn_id() {
+        let id = ConnId([3; 8]);
+        let x = master().expanded_secret(id);
+        assert_eq!(format!("{x:?}"), format!("ExpandedSecret({id}, ..)"));
+    }
+
+    /// Secrets are equal only when every byte is: two that differ in two
+    /// bytes by the same bits are not equal (the differences are OR-ed,
+    /// not XOR-ed, into the result).
+    #[test]
+    fn secrets_differing_in_two_bytes_alike_are_not_equal() {
+        let a = ConnSecret([0; 32]);
+        let mut b = [0; 32];
+        b[0] = 1;
+        b[9] = 1;
+        assert!(a != ConnSecret(b));
+        assert!(a == ConnSecret([0; 32]));
+    }
 }
