@@ -690,6 +690,12 @@ fn the_previous_key_opens_packets_until_its_grace_ends() {
     assert_eq!(s.stats().connects, 2);
 }
 
+/// The first Serial of the first account a shard seeded with `seed`
+/// creates: 2^20 plus its first draw below 2^30 (docs/PROTOCOL.md D4).
+fn first_serial(seed: [u8; 32]) -> u32 {
+    (1 << 20) + StdRng::from_seed(seed).next_u32() % (1 << 30)
+}
+
 /// A new account's notify Serials start at 2^20 plus a random number
 /// below 2^30 (docs/PROTOCOL.md D4): the shard's first draw from its seed.
 #[test]
@@ -697,9 +703,110 @@ fn a_new_accounts_serials_start_above_two_to_the_twenty() {
     let mut s = Service::new(ServiceConfig::default(), master(), [5; 32], T0);
     let mut dev = Dev::new("alice", "phone", 4000);
     let r = dev.connected(&mut s, T0);
-    let draw = StdRng::from_seed([5; 32]).next_u32();
-    let first = (1 << 20) + draw % (1 << 30);
-    assert_eq!(connect_response(&r).serial, Some(i64::from(first)));
+    assert_eq!(
+        connect_response(&r).serial,
+        Some(i64::from(first_serial([5; 32])))
+    );
+}
+
+/// A device whose connect creates the account resynchronises whatever its
+/// mark, even a mark equal to the new record's first Serial (a Serial of
+/// an earlier life that happens to match): the node had no state for it.
+#[test]
+fn a_new_account_resyncs_even_a_mark_equal_to_its_first_serial() {
+    let mut s = service(ServiceConfig::default());
+    let first = i64::from(first_serial([1; 32]));
+    let mut dev = Dev::new("alice", "phone", 4000);
+    let c = dev.connect_packet(Some(first));
+    s.handle_datagram(T0, dev.addr, &c);
+    let out = sent(&mut s, T0, &[&dev]);
+    let r = connect_response(&out[0].1);
+    assert_eq!(r.serial, Some(first));
+    assert_eq!(r.bitmask.as_deref(), Some(&[0xFF; MAX_BITMASK][..]));
+    assert_eq!((s.stats().resyncs, s.stats().catch_ups), (1, 0));
+}
+
+/// Connects `dev` with `mark` and takes the catch-up request the shard
+/// asks of the cluster for it (nothing is sent to the device yet).
+fn parked(dev: &mut Dev, s: &mut Service, mark: i64) -> CatchUpToken {
+    let c = dev.connect_packet(Some(mark));
+    s.handle_datagram(T0, dev.addr, &c);
+    assert!(sent(s, T0, &[&*dev]).is_empty(), "parked");
+    match s.poll_event() {
+        Some(ServiceEvent::CatchUpRequest { token, mark: m, .. }) => {
+            assert_eq!(i64::from(m), mark);
+            token
+        }
+        e => panic!("no catch-up request: {e:?}"),
+    }
+}
+
+/// In a cluster, the device that creates the account has its mark asked
+/// of the other nodes, even a mark equal to the new record's first Serial
+/// (this node's record is new: it cannot place any mark).
+#[test]
+fn a_new_accounts_mark_is_asked_of_the_cluster() {
+    let mut s = cluster_service();
+    s.set_hearing(T0, &[partition_of("alice")], true);
+    let first = i64::from(first_serial([1; 32]));
+    let mut dev = Dev::new("alice", "phone", 4000);
+    let token = parked(&mut dev, &mut s, first);
+    s.handle_catch_up_answer(token, Some(&[0x20]));
+    let out = sent(&mut s, T0, &[&dev]);
+    assert_eq!(
+        connect_response(&out[0].1).bitmask.as_deref(),
+        Some(&[0x20][..])
+    );
+}
+
+/// Each parked connect has its own token, and the cluster's answer goes
+/// to the connect it names; a catch-up answered so is acknowledged as a
+/// catch-up, and bits already pending when the answer came (a publish
+/// meanwhile) as a notify.
+#[test]
+fn parked_connects_take_their_own_answers() {
+    let mut s = cluster_service();
+    s.set_hearing(T0, &[partition_of("alice")], true);
+    let mut a = Dev::new("alice", "phone", 4000);
+    let r = a.connected(&mut s, T0);
+    let mut serial = connect_response(&r).serial.expect("a Serial");
+    a.send(&mut s, T0, &Request::Acknowledge(serial));
+    let mut b = Dev::new("alice", "tablet", 4001);
+    let mut c = Dev::new("alice", "watch", 4002);
+    let tb = parked(&mut b, &mut s, 5);
+    let tc = parked(&mut c, &mut s, 6);
+    assert_ne!(tb, tc);
+    s.handle_catch_up_answer(tc, Some(&[0x10]));
+    let out = sent(&mut s, T0, &[&a, &b, &c]);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].0.destination, c.addr);
+    assert_eq!(
+        connect_response(&out[0].1).bitmask.as_deref(),
+        Some(&[0x10][..])
+    );
+    c.send(&mut s, T0, &Request::Acknowledge(serial));
+    assert_eq!(
+        (s.stats().catch_ups_acked, s.stats().notifies_acked),
+        (2, 0)
+    );
+    // A publish reaches b while it waits: its answer adds to a notify.
+    assert_eq!(s.handle_publish(T0, "alice", &[0x01]), Ok(3));
+    serial += 1;
+    s.handle_catch_up_answer(tb, Some(&[0x02]));
+    let out = sent(&mut s, T0, &[&a, &b, &c]);
+    let answer = out
+        .iter()
+        .find(|(t, m)| t.destination == b.addr && matches!(m, Message::ConnectResponse(_)))
+        .expect("b's connect answered");
+    assert_eq!(
+        connect_response(&answer.1).bitmask.as_deref(),
+        Some(&[0x03][..])
+    );
+    b.send(&mut s, T0, &Request::Acknowledge(serial));
+    assert_eq!(
+        (s.stats().catch_ups_acked, s.stats().notifies_acked),
+        (2, 1)
+    );
 }
 
 /// `max_queued_replies` bounds the reply queue: more are dropped and
