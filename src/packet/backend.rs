@@ -726,4 +726,42 @@ mod tests {
             assert_eq!(use_fast(), first);
         }
     }
+
+    /// The names the node's metrics report the implementations by (`name`
+    /// and `Display` agree).
+    #[test]
+    fn implementations_are_named_aes_ni_and_portable() {
+        assert_eq!(AesGcmImplementation::AesNi.name(), "aes-ni");
+        assert_eq!(AesGcmImplementation::Portable.name(), "portable");
+        assert_eq!(AesGcmImplementation::AesNi.to_string(), "aes-ni");
+        assert_eq!(AesGcmImplementation::Portable.to_string(), "portable");
+    }
+
+    /// The fast path is available exactly where the CPU has AES-NI,
+    /// PCLMULQDQ, SSSE3 and SSE4.1 (so on a CPU that has them the gcm.rs
+    /// tests do run).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_fast_path_is_available_where_the_cpu_has_its_instructions() {
+        let cpu = std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+            && std::arch::is_x86_feature_detected!("ssse3")
+            && std::arch::is_x86_feature_detected!("sse4.1");
+        assert_eq!(fast_available(), cpu);
+    }
+
+    /// `MPP_CRYPTO=portable` (any case) forces the portable path; without
+    /// it the fast path runs wherever it is available. (CI runs the lib's
+    /// packet tests both ways, so each half is checked by one run.)
+    #[test]
+    fn the_choice_follows_the_environment() {
+        let forced =
+            std::env::var_os(CRYPTO_ENV).is_some_and(|v| v.eq_ignore_ascii_case("portable"));
+        let expected = if !forced && fast_available() {
+            AesGcmImplementation::AesNi
+        } else {
+            AesGcmImplementation::Portable
+        };
+        assert_eq!(aes_gcm_implementation(), expected);
+    }
 }
