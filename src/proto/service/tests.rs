@@ -443,6 +443,11 @@ fn a_bus_gap_resyncs_the_partitions_devices_only() {
     assert_eq!(out.len(), 1, "{out:?}");
     assert!(matches!(&out[0].1, Message::Notify(n)
         if n.bitmask.as_deref() == Some(&[0xFF; MAX_BITMASK][..])));
+    // No longer heard: a gap in its stream is left to hearing it again.
+    s.set_hearing(T0, &[p], false);
+    s.bus_gap(T0, p);
+    assert_eq!(s.stats().partition_gaps, 1);
+    assert!(sent(&mut s, T0, &[&dev]).is_empty());
 
     let mut alone = service(ServiceConfig::default());
     let mut dev = Dev::new("alice", "phone", 4000);
@@ -2140,4 +2145,89 @@ fn a_replayed_packet_is_dropped_and_counted() {
     s.handle_datagram(T0, elsewhere, &p);
     assert!(sent(&mut s, T0, &[&dev]).is_empty());
     assert_eq!((s.stats().dropped_replay, s.stats().migrations), (1, 0));
+}
+
+/// A shard of a cluster counts its connections per partition (for the
+/// node's partition table); outside a cluster it counts nothing.
+#[test]
+fn partition_devices_counts_connections_per_partition() {
+    let mut s = cluster_service();
+    let p = partition_of("alice");
+    let other = (0..)
+        .map(|i| format!("user{i}"))
+        .find(|a| partition_of(a) != p)
+        .expect("an account in another partition");
+    s.set_hearing(T0, &[0, 1, 2, 3], true);
+    let mut devs = [
+        Dev::new("alice", "phone", 4000),
+        Dev::new("alice", "tablet", 4001),
+        Dev::new(&other, "phone", 4002),
+    ];
+    for d in &mut devs {
+        d.connected(&mut s, T0);
+    }
+    let mut want = [0u32; 4];
+    want[p as usize] = 2;
+    want[partition_of(&other) as usize] = 1;
+    assert_eq!(s.partition_devices(), &want[..]);
+    devs[0].send(&mut s, T0, &Request::Disconnect);
+    want[p as usize] = 1;
+    assert_eq!(s.partition_devices(), &want[..]);
+
+    let mut alone = service(ServiceConfig::default());
+    Dev::new("alice", "phone", 4000).connected(&mut alone, T0);
+    assert_eq!(alone.partition_devices(), &[] as &[u32]);
+}
+
+/// An account whose devices all left keeps the sweep running (its
+/// catch-up window must end): `poll_timeout` names the next sweep step
+/// while the shard holds an account record and no connection.
+#[test]
+fn poll_timeout_runs_the_sweep_for_an_account_without_devices() {
+    let mut s = service(ServiceConfig {
+        catch_up_window_secs: 5,
+        ..ServiceConfig::default()
+    });
+    let mut dev = Dev::new("alice", "phone", 4000);
+    dev.connected(&mut s, T0);
+    dev.send(&mut s, T0, &Request::Disconnect);
+    sent(&mut s, T0, &[&dev]);
+    assert_eq!((s.connections(), s.table().accounts_len()), (0, 1));
+    assert_eq!(s.poll_timeout(), Some(T0.plus_millis(1_000)));
+    // Run by poll_timeout alone, the sweep removes the account once its
+    // window has passed, and then nothing is left to time.
+    let mut now = T0;
+    for _ in 0..60 {
+        let Some(t) = s.poll_timeout() else { break };
+        now = t;
+        s.handle_timeout(now);
+    }
+    assert_eq!(s.poll_timeout(), None);
+    assert_eq!(s.stats().accounts_expired, 1);
+    assert_eq!(now, T0.plus_millis(6_000));
+}
+
+/// A retransmission timer of a connection that left is stale for the
+/// connection that takes its slot, even one of the same account at the
+/// same Serial with bits pending (its catch-up): it sends and counts
+/// nothing.
+#[test]
+fn a_timer_of_a_gone_connection_does_not_retransmit_to_its_slots_new_owner() {
+    let mut s = service(ServiceConfig::default());
+    let mut a = Dev::new("alice", "phone", 4000);
+    validated(&mut a, &mut s, T0);
+    s.handle_publish(T0, "alice", &[1]).expect("published");
+    assert_eq!(sent(&mut s, T0, &[&a]).len(), 1);
+    let out = run_timers(&mut s, T0, T0.plus_millis(1_000), &[&a]);
+    assert_eq!(out.len(), 1, "the first retransmission");
+    let later = T0.plus_millis(1_500);
+    a.send(&mut s, later, &Request::Disconnect);
+    sent(&mut s, later, &[&a]);
+    let mut b = Dev::new("alice", "tablet", 4001);
+    b.connected(&mut s, later);
+    assert_eq!(s.table().slot_bound(), 1, "b took a's slot");
+    let out = run_timers(&mut s, later, T0.plus_millis(10_000), &[&a, &b]);
+    assert!(out.is_empty(), "{out:?}");
+    let st = s.stats();
+    assert_eq!((st.notifies_retransmitted, st.retransmits_held), (1, 0));
 }
