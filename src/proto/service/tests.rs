@@ -2231,3 +2231,48 @@ fn a_timer_of_a_gone_connection_does_not_retransmit_to_its_slots_new_owner() {
     let st = s.stats();
     assert_eq!((st.notifies_retransmitted, st.retransmits_held), (1, 0));
 }
+
+/// docs/PROTOCOL.md §7.9: an answer that needs fragments is never sent to
+/// an endpoint not validated, even one within three times its request (a
+/// `MAX_PACKET` resolve): it is dropped and counted.
+#[test]
+fn a_fragmented_answer_to_an_unvalidated_endpoint_is_dropped_and_counted() {
+    let mut s = service(ServiceConfig::default());
+    let mut dev = Dev::new("alice", "phone", 4000);
+    dev.connected(&mut s, T0);
+    let p = full_size_resolve(&mut dev);
+    s.handle_datagram(T0, dev.addr, &p);
+    let Some(ServiceEvent::ResolveUpstream { token, .. }) = s.poll_event() else {
+        panic!("no resolve");
+    };
+    let answer = vec![0x61; 2 * MAX_PACKET];
+    assert!(answer.len() + RESOLVE_OVERHEAD <= 3 * MAX_PACKET);
+    s.handle_resolve_answer(token, Ok(&answer));
+    assert!(sent(&mut s, T0, &[&dev]).is_empty());
+    assert_eq!(s.stats().replies_capped, 1);
+    assert_eq!(s.stats().datagrams_out, 1, "the connect's answer only");
+}
+
+/// Once the last fragment of a message is out, nothing of it is left in
+/// the backlog: `transmit_backlog` falls to 0 with the last
+/// `poll_transmit` that sends something.
+#[test]
+fn the_backlog_is_empty_once_the_last_fragment_is_out() {
+    let mut s = service(ServiceConfig::default());
+    let mut dev = Dev::new("alice", "phone", 4000);
+    validated(&mut dev, &mut s, T0);
+    let t = resolve(&mut dev, &mut s, T0, b"big");
+    s.handle_resolve_answer(t, Ok(&[0x62; 3000]));
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut fragments = 0;
+    while s.transmit_backlog() > 0 {
+        assert!(
+            s.poll_transmit(T0, &mut buf).is_some(),
+            "the backlog is real"
+        );
+        fragments += 1;
+        assert!(fragments < 100);
+    }
+    assert!(fragments > 1);
+    assert_eq!(s.poll_transmit(T0, &mut buf), None);
+}
