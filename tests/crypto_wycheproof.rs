@@ -3,7 +3,8 @@
 //! vectors, a known-answer packet and `aes_gcm` itself, each selected
 //! explicitly whatever the process chose. Also: the process's choice follows
 //! the CPU and `MPP_CRYPTO`, and (run by CI, needs `qemu-x86_64`) this very
-//! binary passes on an emulated CPU without AES-NI, on the portable path.
+//! binary passes on the portable path on emulated CPUs that each lack one of
+//! the fast path's instruction sets.
 //!
 //! On a CPU without AES-NI the fast implementation cannot run: these tests
 //! then say so on stderr and check the portable one.
@@ -243,30 +244,52 @@ fn emulated_cpu_child() {
     println!("emulated CPU: portable path, Wycheproof {counts:?}");
 }
 
-/// This test binary, run by `qemu-x86_64 -cpu qemu64,-aes,-pclmulqdq`
-/// (a CPU without AES-NI, PCLMULQDQ, SSSE3 and SSE4.1), passes
-/// [`emulated_cpu_child`] on the portable path: no illegal instruction.
-/// Needs `qemu-x86_64` (Debian: `qemu-user`) and fails without it; CI
-/// installs it and runs this with `--ignored`.
+/// Emulated CPUs that each lack at least one of the four instruction sets
+/// the fast path needs (AES-NI, PCLMULQDQ, SSSE3, SSE4.1): none at all;
+/// SSSE3 and SSE4.1 but neither AES-NI nor PCLMULQDQ (`Nehalem`);
+/// PCLMULQDQ without AES-NI; AES-NI without PCLMULQDQ. A process that took
+/// any of them for one with all four would run an AES-NI or PCLMULQDQ
+/// instruction the emulator refuses (illegal instruction).
+const CPUS_WITHOUT_THE_FAST_PATH: [&str; 4] = [
+    "qemu64,-aes,-pclmulqdq",
+    "Nehalem",
+    "Nehalem,+pclmulqdq",
+    "Westmere,-pclmulqdq",
+];
+
+/// This test binary, run by `qemu-x86_64 -cpu MODEL` for each model of
+/// [`CPUS_WITHOUT_THE_FAST_PATH`], passes [`emulated_cpu_child`] on the
+/// portable path: no illegal instruction. Needs `qemu-x86_64` (Debian:
+/// `qemu-user`) and fails without it; CI installs it and runs this with
+/// `--ignored`.
 #[test]
 #[ignore = "needs qemu-x86_64 (Debian qemu-user); CI runs it"]
 fn qemu_without_aes_ni() {
     let exe = std::env::current_exe().expect("this test binary");
-    let out = std::process::Command::new("qemu-x86_64")
-        .args(["-cpu", "qemu64,-aes,-pclmulqdq"])
-        .arg(&exe)
-        .args(["--ignored", "--exact", "emulated_cpu_child", "--nocapture"])
-        .env_remove(CRYPTO_ENV)
-        .env(IN_QEMU, "1")
-        .output()
-        .expect("qemu-x86_64 runs (install Debian's qemu-user)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}");
-    assert!(out.status.success(), "under qemu: {:?}", out.status);
-    assert!(
-        stdout.contains("emulated CPU: portable path"),
-        "the child test ran"
-    );
-    assert!(stdout.contains("1 passed"), "the child test passed");
+    for cpu in CPUS_WITHOUT_THE_FAST_PATH {
+        let out = std::process::Command::new("qemu-x86_64")
+            .args(["-cpu", cpu])
+            .arg(&exe)
+            .args(["--ignored", "--exact", "emulated_cpu_child", "--nocapture"])
+            .env_remove(CRYPTO_ENV)
+            .env(IN_QEMU, "1")
+            .output()
+            .expect("qemu-x86_64 runs (install Debian's qemu-user)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("-cpu {cpu}:\n{stdout}{stderr}");
+        assert!(
+            out.status.success(),
+            "under qemu -cpu {cpu}: {:?}",
+            out.status
+        );
+        assert!(
+            stdout.contains("emulated CPU: portable path"),
+            "the child test ran under -cpu {cpu}"
+        );
+        assert!(
+            stdout.contains("1 passed"),
+            "the child test passed under -cpu {cpu}"
+        );
+    }
 }
