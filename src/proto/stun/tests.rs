@@ -422,6 +422,34 @@ fn only_binding_requests_are_answered() {
     assert_eq!(answer(&e420, rfc_v4()), Err(StunError::NotBindingRequest));
 }
 
+#[test]
+fn indications_and_responses_need_a_sensible_length_too() {
+    // §6.3 checks the length before the method and class: a Binding
+    // indication, a response or another method's request whose length field
+    // does not match the datagram is malformed, not an indication or an
+    // unsupported message.
+    for kind in [0x0011u16, 0x0101, 0x0111, 0x0002] {
+        let good = message_padded(kind, RFC5769_TXID, &[(SOFTWARE, b"abcd")], false, 0);
+        for delta in [-8i32, -4, -1, 1, 2, 4] {
+            let mut m = good.clone();
+            let len = (m.len() as i32 - 20 + delta) as u16;
+            m[2..4].copy_from_slice(&len.to_be_bytes());
+            assert_eq!(
+                answer(&m, rfc_v4()),
+                Err(StunError::Malformed),
+                "{kind:#06x} {delta}"
+            );
+        }
+        let mut m = good.clone();
+        m.extend_from_slice(&[0; 4]);
+        assert_eq!(
+            answer(&m, rfc_v4()),
+            Err(StunError::Malformed),
+            "{kind:#06x}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Attributes (§14) and FINGERPRINT (§7, §14.7)
 // ---------------------------------------------------------------------------
@@ -692,6 +720,20 @@ fn layout_420_tiers() {
     // Overflow means more than the 16 kept: never the phrase.
     assert_eq!(layout_420(1, true, false).0, "");
     assert_eq!(super::request::MAX_UNKNOWN, 16);
+}
+
+#[test]
+fn unknown_attributes_keeps_sixteen_types_and_flags_more() {
+    use super::request::{unknown_attributes, MAX_UNKNOWN};
+    for n in [1u16, 15, 16, 17, 40] {
+        let types: Vec<u16> = (0..n).map(|i| 0x4000 + i).collect();
+        // Each type twice: listed once.
+        let attrs: Vec<(u16, &[u8])> = types.iter().chain(&types).map(|&t| (t, &[][..])).collect();
+        let list = unknown_attributes(&request(RFC5769_TXID, &attrs, false));
+        let n = usize::from(n);
+        assert_eq!(list.as_slice(), &types[..n.min(MAX_UNKNOWN)], "n={n}");
+        assert_eq!(list.overflowed(), n > MAX_UNKNOWN, "n={n}");
+    }
 }
 
 #[test]
