@@ -209,3 +209,229 @@ fn key_parity_and_the_pending_length_share_a_byte_without_colliding() {
     assert!(!r.has_pending());
     assert_eq!(r.key_parity(), 1);
 }
+
+#[test]
+fn affinity_is_the_conn_ids_last_four_bytes() {
+    let r = Connection {
+        conn_id: [9, 9, 9, 9, 0x12, 0x34, 0x56, 0x78],
+        ..Connection::default()
+    };
+    assert_eq!(r.affinity(), 0x1234_5678);
+}
+
+/// An account's connections in list order (newest first).
+fn account_chain(t: &Table, account: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut cur = t.account_head(AccountKey::of(account));
+    while let Some(s) = cur {
+        out.push(s.0);
+        cur = t.next_in_account(s);
+    }
+    out
+}
+
+#[test]
+fn removing_from_the_middle_or_the_end_keeps_the_rest_of_the_list_in_order() {
+    let mut t = Table::new(10);
+    let s: Vec<Slot> = (1..=5)
+        .map(|id| insert(&mut t, id, "alice").expect("room"))
+        .collect();
+    let ids = |v: &[usize]| v.iter().map(|&i| s[i].0).collect::<Vec<_>>();
+    assert_eq!(account_chain(&t, "alice"), ids(&[4, 3, 2, 1, 0]));
+    t.remove(s[2], 1); // the middle
+    assert_eq!(account_chain(&t, "alice"), ids(&[4, 3, 1, 0]));
+    t.remove(s[0], 2); // the end
+    assert_eq!(account_chain(&t, "alice"), ids(&[4, 3, 1]));
+    t.remove(s[3], 3); // second
+    assert_eq!(account_chain(&t, "alice"), ids(&[4, 1]));
+    t.remove(s[4], 4); // the head
+    assert_eq!(account_chain(&t, "alice"), ids(&[1]));
+    assert_eq!(t.len(), 1);
+    assert_eq!(t.by_conn.len(), 1, "removed connections leave the index");
+    assert_eq!(t.find(&ConnId(record(2, "alice").conn_id)), Some(s[1]));
+    for id in [1, 3, 4, 5] {
+        assert_eq!(t.find(&ConnId(record(id, "alice").conn_id)), None);
+    }
+}
+
+#[test]
+fn sizes_and_bounds_follow_inserts_and_removals() {
+    let mut t = Table::new(10);
+    assert_eq!(t.limit(), 10);
+    assert!(t.is_empty());
+    assert_eq!((t.len(), t.accounts_len()), (0, 0));
+    assert_eq!((t.slot_bound(), t.account_bound()), (0, 0));
+    let a = insert(&mut t, 1, "alice").expect("room");
+    insert(&mut t, 2, "alice").expect("room");
+    insert(&mut t, 3, "bob").expect("room");
+    assert!(!t.is_empty());
+    assert_eq!((t.len(), t.accounts_len()), (3, 2));
+    assert_eq!((t.slot_bound(), t.account_bound()), (3, 2));
+    t.remove(a, 0);
+    assert_eq!((t.len(), t.accounts_len()), (2, 2));
+    assert_eq!(
+        (t.slot_bound(), t.account_bound()),
+        (3, 2),
+        "bounds never shrink"
+    );
+    insert(&mut t, 4, "carol").expect("room");
+    assert_eq!((t.len(), t.accounts_len()), (3, 3));
+    assert_eq!(
+        (t.slot_bound(), t.account_bound()),
+        (3, 3),
+        "the freed slot is reused"
+    );
+    for id in [2, 3, 4] {
+        let name = ["", "", "alice", "bob", "carol"][id as usize];
+        let s = t.find(&ConnId(record(id, name).conn_id)).expect("held");
+        t.remove(s, 0);
+    }
+    assert!(t.is_empty());
+}
+
+#[test]
+fn a_new_page_is_added_only_when_one_is_full() {
+    let mut t = Table::new(PAGE + 1);
+    let a = account(&mut t, "alice");
+    let conn = |i: u32| {
+        let mut r = record(0, "alice");
+        r.conn_id[..4].copy_from_slice(&i.to_be_bytes());
+        r
+    };
+    for i in 0..PAGE as u32 {
+        assert_eq!(t.insert(conn(i), a), Ok(Slot(i)));
+    }
+    assert_eq!(t.conns.pages.len(), 1);
+    let last = PAGE as u32;
+    assert_eq!(t.insert(conn(last), a), Ok(Slot(last)));
+    assert_eq!(t.conns.pages.len(), 2);
+    for i in [0, 1, last - 1, last] {
+        assert_eq!(t.find(&ConnId(conn(i).conn_id)), Some(Slot(i)));
+        assert_eq!(t.get(Slot(i)).expect("held").conn_id, conn(i).conn_id);
+    }
+    assert_eq!(t.insert(conn(last + 1), a), Err(TableFull));
+}
+
+#[test]
+fn reserve_makes_room_in_both_indexes_up_to_the_limits() {
+    let mut t = Table::new(5000);
+    t.reserve(1000, 300);
+    assert!(t.by_conn.capacity() >= 1000, "{}", t.by_conn.capacity());
+    assert!(
+        t.by_account.capacity() >= 300,
+        "{}",
+        t.by_account.capacity()
+    );
+    let mut small = Table::new(10);
+    small.reserve(1000, 1000);
+    assert!(
+        small.by_conn.capacity() < 1000,
+        "{}",
+        small.by_conn.capacity()
+    );
+    assert!(
+        small.by_account.capacity() < 1000,
+        "{}",
+        small.by_account.capacity()
+    );
+}
+
+#[test]
+fn accounts_sharing_an_affinity_are_told_apart_by_the_low_bits() {
+    let mut t = Table::new(1000);
+    // Fixed hash keys, so the outcome does not depend on the run.
+    t.hasher = ahash::RandomState::with_seeds(1, 2, 3, 4);
+    let slots: Vec<AccountSlot> = (0..1000)
+        .map(|low| t.insert_account(Account::new(7, low, 1, 0)).expect("room"))
+        .collect();
+    for (low, &slot) in slots.iter().enumerate() {
+        let key = AccountKey {
+            affinity: 7,
+            low: low as u32,
+        };
+        assert_eq!(t.find_account(key), Some(slot), "low {low}");
+    }
+    assert_eq!(
+        t.find_account(AccountKey {
+            affinity: 8,
+            low: 0
+        }),
+        None
+    );
+    assert_eq!(
+        t.find_account(AccountKey {
+            affinity: 7,
+            low: 1000
+        }),
+        None
+    );
+}
+
+#[test]
+fn removed_accounts_leave_the_index() {
+    let mut t = Table::new(10);
+    let alice = account(&mut t, "alice");
+    let bob = account(&mut t, "bob");
+    assert_eq!(t.by_account.len(), 2);
+    t.remove_account(alice);
+    assert_eq!(t.by_account.len(), 1);
+    assert_eq!(t.find_account(AccountKey::of("alice")), None);
+    assert_eq!(t.find_account(AccountKey::of("bob")), Some(bob));
+    t.remove_account(bob);
+    assert_eq!(t.by_account.len(), 0);
+    assert_eq!(t.accounts_len(), 0);
+}
+
+#[test]
+fn partitions_count_the_connections_held_before_and_after() {
+    let part = |name: &str| (AccountKey::of(name).affinity % 5) as usize;
+    let mut t = Table::new(10);
+    assert_eq!(t.partition_devices(), &[] as &[u32]);
+    insert(&mut t, 1, "alice").expect("room");
+    insert(&mut t, 2, "alice").expect("room");
+    let b = insert(&mut t, 3, "bob").expect("room");
+    t.count_partitions(5);
+    let mut want = [0u32; 5];
+    want[part("alice")] += 2;
+    want[part("bob")] += 1;
+    assert_eq!(t.partition_devices(), &want);
+    insert(&mut t, 4, "carol").expect("room");
+    want[part("carol")] += 1;
+    assert_eq!(t.partition_devices(), &want);
+    t.remove(b, 0);
+    want[part("bob")] -= 1;
+    assert_eq!(t.partition_devices(), &want);
+    t.count_partitions(5); // counted again: the free slot is skipped
+    assert_eq!(t.partition_devices(), &want);
+    t.count_partitions(0);
+    assert_eq!(t.partition_devices(), &[] as &[u32]);
+}
+
+#[test]
+fn an_endpoint_matches_only_its_own_address_and_port() {
+    let mut t = Table::new(10);
+    let s = insert(&mut t, 1, "alice").expect("room");
+    let ep = |a: &str| a.parse::<SocketAddr>().expect("addr");
+    t.set_endpoint(s, ep("10.1.2.3:80"));
+    assert!(t.endpoint_is(s, ep("10.1.2.3:80")));
+    assert!(!t.endpoint_is(s, ep("10.1.2.4:80")));
+    assert!(!t.endpoint_is(s, ep("[::ffff:10.1.2.3]:80")));
+    t.set_endpoint(s, ep("[2001:db8::1]:80"));
+    assert!(t.endpoint_is(s, ep("[2001:db8::1]:80")));
+    assert!(!t.endpoint_is(s, ep("[2001:db8::2]:80")));
+    assert!(
+        !t.endpoint_is(s, ep("0.0.0.0:80")),
+        "the v4 bytes of a v6 record are zero"
+    );
+    let fresh = insert(&mut t, 2, "bob").expect("room");
+    t.get_mut(fresh).expect("live").port = [0, 0];
+    t.get_mut(fresh).expect("live").addr_v4 = [0; 4];
+    assert!(
+        !t.endpoint_is(fresh, ep("0.0.0.0:0")),
+        "no endpoint is no match"
+    );
+    assert!(
+        !t.endpoint_is(Slot(PAGE as u32), ep("0.0.0.0:0")),
+        "no record"
+    );
+}
