@@ -283,4 +283,29 @@ mod tests {
         a.publish(&[0x00], 1, 60);
         assert_eq!(a.catch_up(Some(7)), CatchUp::Resync);
     }
+
+    #[test]
+    fn zero_bytes_past_the_fourth_are_no_high_store() {
+        // A mask padded with zero bytes changed no store ≥ 32: the union
+        // stays exact.
+        let mut a = Account::new(1, 2, 10, 0);
+        a.publish(&[0x01, 0, 0, 0, 0, 0, 0, 0], 1, 3600);
+        let m = a.catch_up(Some(10)).mask().expect("bits");
+        assert_eq!(m.as_bytes(), &[0x01]);
+        // One byte past the fourth with every bit set: the high group.
+        let mut b = Account::new(1, 2, 10, 0);
+        b.publish(&[0x01, 0, 0, 0, 0xFF], 1, 3600);
+        let m = b.catch_up(Some(10)).mask().expect("bits");
+        assert_eq!(&m.as_bytes()[..4], &[0x01, 0, 0, 0x80]);
+        assert_eq!(m.as_bytes().len(), 32);
+    }
+
+    #[test]
+    fn the_union_restarts_only_after_a_whole_window() {
+        let mut a = Account::new(1, 2, 100, 0);
+        a.publish(&[0x01], 60, 60); // 101, a window after the epoch: no restart
+        assert_eq!((a.since, a.epoch, a.catch_up), (100, 0, 0x01));
+        a.publish(&[0x02], 121, 60); // 102, 121 s after it: restart at 101
+        assert_eq!((a.since, a.epoch, a.catch_up), (101, 121, 0x02));
+    }
 }

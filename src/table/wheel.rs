@@ -161,4 +161,89 @@ mod tests {
         w.expire(now.plus_millis(100), |_| fired += 1);
         assert_eq!(fired, 10_000);
     }
+
+    #[test]
+    fn len_counts_the_timers_armed() {
+        let mut w = TimerWheel::new(4, 64);
+        let t0 = UnixMillis(4_000);
+        assert_eq!((w.len(), w.is_empty()), (0, true));
+        w.insert(t0, t0.plus_millis(4), 'a');
+        w.insert(t0, t0.plus_millis(4), 'b');
+        w.insert(t0, t0.plus_millis(8), 'c');
+        assert_eq!((w.len(), w.is_empty()), (3, false));
+        let mut fired = Vec::new();
+        w.expire(t0.plus_millis(4), |x| fired.push(x));
+        assert_eq!(fired, ['a', 'b']);
+        assert_eq!((w.len(), w.is_empty()), (1, false));
+        w.expire(t0.plus_millis(8), |x| fired.push(x));
+        assert_eq!(fired, ['a', 'b', 'c']);
+        assert_eq!((w.len(), w.is_empty()), (0, true));
+    }
+
+    #[test]
+    fn a_tick_already_expired_is_not_reopened() {
+        // An expire that empties the wheel, or finds it empty, has done every
+        // tick up to `now`: a timer armed then for `now` or earlier is due at
+        // the next tick, not in that one again.
+        let mut w = TimerWheel::new(4, 64);
+        let t0 = UnixMillis(4_000);
+        w.insert(t0, t0.plus_millis(8), 1);
+        let mut fired = Vec::new();
+        let now = t0.plus_millis(100);
+        w.expire(now, |x| fired.push(x));
+        assert_eq!(fired, [1]);
+        w.insert(now, now, 2);
+        w.insert(now, t0, 3);
+        assert_eq!(w.next_deadline(), Some(now.plus_millis(4)));
+        w.expire(now, |x| fired.push(x));
+        assert_eq!(fired, [1]);
+        w.expire(now.plus_millis(4), |x| fired.push(x));
+        assert_eq!(fired, [1, 2, 3]);
+        let later = now.plus_millis(40);
+        w.expire(later, |x| fired.push(x));
+        w.insert(later, later, 4);
+        assert_eq!(w.next_deadline(), Some(later.plus_millis(4)));
+    }
+
+    #[test]
+    fn next_deadline_is_exact_from_any_bucket_to_any_other() {
+        // 256 buckets: four words of the occupancy bitmap. From the first, a
+        // middle and the last bit of a word, a timer in every bucket ahead,
+        // wrapped ones included, is found at its tick and fires then.
+        for start in [0u64, 64 * 5 + 5, 1000 * 256 + 63, 7 * 256 + 200] {
+            for ahead in 0..256u64 {
+                let mut w = TimerWheel::new(4, 256);
+                let due = UnixMillis((start + ahead) * 4);
+                w.insert(UnixMillis(start * 4), due, ahead);
+                assert_eq!(w.next_deadline(), Some(due), "{start} + {ahead}");
+                let mut fired = Vec::new();
+                if ahead > 0 {
+                    w.expire(UnixMillis(due.0 - 1), |x| fired.push(x));
+                    assert!(fired.is_empty(), "{start} + {ahead}: early");
+                    assert_eq!(w.next_deadline(), Some(due), "{start} + {ahead}");
+                }
+                w.expire(due, |x| fired.push(x));
+                assert_eq!(fired, [ahead], "{start} + {ahead}");
+                assert_eq!((w.len(), w.next_deadline()), (0, None));
+            }
+        }
+    }
+
+    #[test]
+    fn a_fired_bucket_is_not_reported_again() {
+        // The bucket of a timer that fired is behind `current`: reached by
+        // the scan only after it wraps, where a bit left set would come
+        // before the timer armed since.
+        let mut w = TimerWheel::new(1, 64);
+        w.insert(UnixMillis(0), UnixMillis(10), 'a');
+        let mut fired = Vec::new();
+        w.expire(UnixMillis(20), |x| fired.push(x));
+        assert_eq!(fired, ['a']);
+        w.insert(UnixMillis(20), UnixMillis(80), 'b');
+        assert_eq!(w.next_deadline(), Some(UnixMillis(80)));
+        w.expire(UnixMillis(79), |x| fired.push(x));
+        assert_eq!((fired.len(), w.next_deadline()), (1, Some(UnixMillis(80))));
+        w.expire(UnixMillis(80), |x| fired.push(x));
+        assert_eq!(fired, ['a', 'b']);
+    }
 }
