@@ -543,3 +543,107 @@ impl<'a> Message<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn heartbeat() -> Message<'static> {
+        Message::Heartbeat(PresenceHeartbeat {
+            header: ClientHeader {
+                serial: Some(5),
+                acknowledge: Some(3),
+                ..ClientHeader::default()
+            },
+        })
+    }
+
+    #[test]
+    fn json_text_form_is_the_name_then_the_fields_in_schema_order() {
+        assert_eq!(
+            heartbeat().to_json(),
+            json!({ "PresenceHeartbeat": { "Serial": 5, "Acknowledge": 3 } })
+        );
+        assert_eq!(
+            heartbeat().to_json_string(),
+            r#"{"PresenceHeartbeat":{"Serial":5,"Acknowledge":3}}"#
+        );
+        assert_eq!(
+            heartbeat().to_json_pretty(),
+            "{\n \"PresenceHeartbeat\": {\n  \"Serial\": 5,\n  \"Acknowledge\": 3\n }\n}"
+        );
+    }
+
+    #[test]
+    fn json_text_fields_are_read_and_null_is_absent() {
+        assert_eq!(
+            Message::from_json_str(r#"{"PresenceHeartbeat":{"Serial":5,"Acknowledge":3}}"#),
+            Ok(heartbeat())
+        );
+        assert_eq!(
+            Message::from_json_str(
+                r#"{"PresenceHeartbeat":{"Serial":5,"Acknowledge":3,"Service":null}}"#
+            ),
+            Ok(heartbeat())
+        );
+        assert_eq!(
+            Message::from_json_str(r#"{"PresenceHeartbeat":{"Serial":"5"}}"#),
+            Err(TextError(
+                "PresenceHeartbeat.Serial: expected an integer, found \"5\"".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn service_header_is_found_in_every_service_message_and_only_there() {
+        let header = ServiceHeader {
+            acknowledge: Some(7),
+            ..ServiceHeader::default()
+        };
+        let service: [Message<'_>; 8] = [
+            PresenceConnectResponse {
+                header: header.clone(),
+                ..Default::default()
+            }
+            .into(),
+            PresenceStatus {
+                header: header.clone(),
+                ..Default::default()
+            }
+            .into(),
+            PresenceEndpointResponse {
+                header: header.clone(),
+            }
+            .into(),
+            PresenceNotify {
+                header: header.clone(),
+                ..Default::default()
+            }
+            .into(),
+            PresenceResolveResponse {
+                header: header.clone(),
+                ..Default::default()
+            }
+            .into(),
+            PresenceErrorInvalidSerial {
+                header: header.clone(),
+                ..Default::default()
+            }
+            .into(),
+            PresenceDisconnectResponse {
+                header: header.clone(),
+            }
+            .into(),
+            PresenceErrorRefused {
+                header: header.clone(),
+            }
+            .into(),
+        ];
+        for m in &service {
+            assert_eq!(m.service_header(), Some(&header), "{}", m.name());
+            assert_eq!(m.client_header(), None, "{}", m.name());
+        }
+        assert_eq!(heartbeat().service_header(), None);
+    }
+}

@@ -209,3 +209,113 @@ fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn endpoint_v4() -> SocketAddr {
+        "192.0.2.1:15099".parse().expect("an address")
+    }
+
+    fn endpoint_v6() -> SocketAddr {
+        "[2001:db8::1]:443".parse().expect("an address")
+    }
+
+    #[test]
+    fn integers_are_json_numbers() {
+        assert_eq!(FieldValue::to_json(&-60_000i64), json!(-60_000));
+        assert_eq!(<i64 as FieldValue>::from_json(&json!(42)), Ok(42));
+        assert_eq!(
+            <i64 as FieldValue>::from_json(&json!("42")),
+            Err("expected an integer, found \"42\"".into())
+        );
+    }
+
+    #[test]
+    fn strings_are_json_strings() {
+        let s: Cow<'_, str> = Cow::Borrowed("alice@example.com");
+        assert_eq!(FieldValue::to_json(&s), json!("alice@example.com"));
+        assert_eq!(
+            <Cow<'_, str> as FieldValue>::from_json(&json!("phone")),
+            Ok(Cow::Borrowed("phone"))
+        );
+        assert_eq!(
+            <Cow<'_, str> as FieldValue>::from_json(&json!(7)),
+            Err("expected a string, found 7".into())
+        );
+    }
+
+    #[test]
+    fn binaries_are_unpadded_base64url() {
+        let b: Cow<'_, [u8]> = Cow::Borrowed(&[0xFB, 0xFF]);
+        assert_eq!(FieldValue::to_json(&b), json!("-_8"));
+        assert_eq!(
+            <Cow<'_, [u8]> as FieldValue>::from_json(&json!("-_8")),
+            Ok(Cow::Borrowed(&[0xFB, 0xFF][..]))
+        );
+        assert_eq!(
+            <Cow<'_, [u8]> as FieldValue>::from_json(&json!("-_8=")),
+            Ok(Cow::Borrowed(&[0xFB, 0xFF][..]))
+        );
+        assert!(<Cow<'_, [u8]> as FieldValue>::from_json(&json!("+/8")).is_err());
+    }
+
+    #[test]
+    fn datetimes_are_utc_text() {
+        let t = UnixSeconds(1_795_262_400);
+        assert_eq!(FieldValue::to_json(&t), json!("2026-11-21T12:00:00Z"));
+        assert_eq!(
+            <UnixSeconds as FieldValue>::from_json(&json!("2026-11-21T12:00:00Z")),
+            Ok(t)
+        );
+        assert_eq!(
+            <UnixSeconds as FieldValue>::from_json(&json!(1_795_262_400)),
+            Err("expected a DateTime string, found 1795262400".into())
+        );
+    }
+
+    #[test]
+    fn endpoints_are_an_address_and_a_port() {
+        assert_eq!(
+            FieldValue::to_json(&endpoint_v4()),
+            json!({ "IpAddress": "wAACAQ", "Port": 15099 })
+        );
+        assert_eq!(
+            FieldValue::to_json(&endpoint_v6()),
+            json!({ "IpAddress": "IAENuAAAAAAAAAAAAAAAAQ", "Port": 443 })
+        );
+        assert_eq!(
+            <SocketAddr as FieldValue>::from_json(&json!({ "IpAddress": "wAACAQ", "Port": 15099 })),
+            Ok(endpoint_v4())
+        );
+        assert_eq!(
+            <SocketAddr as FieldValue>::from_json(
+                &json!({ "Port": 443, "IpAddress": "IAENuAAAAAAAAAAAAAAAAQ" })
+            ),
+            Ok(endpoint_v6())
+        );
+        assert_eq!(
+            <SocketAddr as FieldValue>::from_json(
+                &json!({ "IpAddress": "wAACAQ", "Port": 15099, "Host": "x" })
+            ),
+            Err("unknown EndPoint field \"Host\"".into())
+        );
+    }
+
+    #[test]
+    fn an_ip_address_is_4_or_16_bytes() {
+        assert_eq!(
+            ip_from_bytes(&[192, 0, 2, 1]),
+            Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))
+        );
+        let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(
+            ip_from_bytes(&v6),
+            Some(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)))
+        );
+        assert_eq!(ip_from_bytes(&[0; 5]), None);
+        assert_eq!(ip_from_bytes(&[0; 15]), None);
+    }
+}
