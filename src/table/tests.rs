@@ -29,13 +29,20 @@ fn insert(t: &mut Table, id: u8, name: &str) -> Result<Slot, TableFull> {
     Ok(s)
 }
 
-fn account_slots(t: &Table, account: &str) -> Vec<u32> {
+/// An account's connections in list order (newest first).
+fn account_chain(t: &Table, account: &str) -> Vec<u32> {
     let mut out = Vec::new();
     let mut cur = t.account_head(AccountKey::of(account));
     while let Some(s) = cur {
         out.push(s.0);
         cur = t.next_in_account(s);
     }
+    out
+}
+
+/// An account's connections, sorted by slot.
+fn account_slots(t: &Table, account: &str) -> Vec<u32> {
+    let mut out = account_chain(t, account);
     out.sort();
     out
 }
@@ -217,17 +224,6 @@ fn affinity_is_the_conn_ids_last_four_bytes() {
         ..Connection::default()
     };
     assert_eq!(r.affinity(), 0x1234_5678);
-}
-
-/// An account's connections in list order (newest first).
-fn account_chain(t: &Table, account: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut cur = t.account_head(AccountKey::of(account));
-    while let Some(s) = cur {
-        out.push(s.0);
-        cur = t.next_in_account(s);
-    }
-    out
 }
 
 #[test]
